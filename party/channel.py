@@ -1,0 +1,163 @@
+"""Typed messages over any trio stream, with byte and round counters per phase.
+
+The same protocol code runs over a TLS socket between two processes and over an in-memory
+stream pair in one test process: it only ever sees a :class:`Channel`.
+
+Counting: ``bytes_sent``/``bytes_received`` count whole frames (header + payload). A *round*
+is one flight: a maximal run of messages this party sends before it next receives. A
+request/response exchange is one round on each side, so "4L+1 rounds per token" reads the
+same from either end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+
+import trio
+
+from ..wire import codec, frames
+from ..wire.errors import ConnectionClosed, ErrorCode, ProtocolError, RemoteError
+from ..wire.msgtypes import MsgType, is_known
+from .transcript import TranscriptRecorder
+
+# Below this size a frame is joined into one write (one TLS record); above, the tensor buffers
+# are written as they are, without a copy.
+_JOIN_BELOW = 64 * 1024
+
+
+@dataclasses.dataclass
+class PhaseStats:
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    messages_sent: int = 0
+    messages_received: int = 0
+    rounds: int = 0
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class Message:
+    type: MsgType
+    body: dict
+    seq: int
+    nbytes: int
+
+
+class Channel:
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        *,
+        limits: frames.Limits = frames.Limits(),
+        recorder: TranscriptRecorder | None = None,
+    ):
+        self.stream = stream
+        self.limits = limits
+        self.recorder = recorder
+        self._decoder = frames.FrameDecoder(limits)
+        self._send_seq = 0
+        self._recv_seq = 0
+        self._last_direction: str | None = None
+        self.phase_name = "setup"
+        self.stats: dict[str, PhaseStats] = {}
+
+    # -- accounting ---------------------------------------------------------------------
+    def _phase_stats(self) -> PhaseStats:
+        return self.stats.setdefault(self.phase_name, PhaseStats())
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        """Attribute traffic inside the block to phase ``name``."""
+        previous, self.phase_name = self.phase_name, name
+        try:
+            yield self._phase_stats()
+        finally:
+            self.phase_name = previous
+
+    def totals(self) -> PhaseStats:
+        total = PhaseStats()
+        for s in self.stats.values():
+            for f in dataclasses.fields(PhaseStats):
+                setattr(total, f.name, getattr(total, f.name) + getattr(s, f.name))
+        return total
+
+    # -- sending --------------------------------------------------------------------------
+    async def send(self, msg_type: MsgType, body: dict | None = None) -> int:
+        """Send one message; return its size on the wire."""
+        parts = codec.encode_body(body or {})
+        header = frames.encode_header(int(msg_type), self._send_seq, parts)
+        size = len(header) + sum(memoryview(p).nbytes for p in parts)
+        try:
+            if size < _JOIN_BELOW:
+                await self.stream.send_all(b"".join([header, *parts]))
+            else:
+                await self.stream.send_all(header)
+                for part in parts:
+                    await self.stream.send_all(part)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise ConnectionClosed(f"connection lost while sending {msg_type.name}") from exc
+        self._send_seq += 1
+        st = self._phase_stats()
+        st.bytes_sent += size
+        st.messages_sent += 1
+        if self._last_direction != "send":
+            st.rounds += 1
+            self._last_direction = "send"
+        return size
+
+    async def send_error(self, code: ErrorCode, message: str) -> None:
+        """Best effort: the peer may already be gone."""
+        with contextlib.suppress(ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
+            await self.send(MsgType.ERROR, {"code": code.value, "message": message})
+
+    # -- receiving ------------------------------------------------------------------------
+    async def recv(self) -> Message:
+        """The next message. Raises RemoteError for an ERROR frame, ProtocolError for a bad one,
+        ConnectionClosed at end of stream."""
+        while True:
+            frame = self._decoder.next_frame()
+            if frame is not None:
+                break
+            try:
+                data = await self.stream.receive_some(1 << 20)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                raise ConnectionClosed("connection lost") from exc
+            if not data:
+                raise ConnectionClosed("peer closed the connection")
+            self._decoder.feed(data)
+        if frame.seq != self._recv_seq & 0xFFFFFFFF:
+            raise ProtocolError(ErrorCode.MALFORMED, f"sequence number {frame.seq}, expected {self._recv_seq}")
+        self._recv_seq += 1
+        if self.recorder is not None:
+            self.recorder.record(frame, self.phase_name)
+        if not is_known(frame.type):
+            raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"unknown message type 0x{frame.type:04x}")
+        body = codec.decode_body(frame.payload, self.limits)
+        st = self._phase_stats()
+        st.bytes_received += frames.HEADER_SIZE + len(frame.payload)
+        st.messages_received += 1
+        self._last_direction = "recv"
+        msg_type = MsgType(frame.type)
+        if msg_type == MsgType.ERROR:
+            raise RemoteError(str(body.get("code", "?")), str(body.get("message", "")))
+        return Message(msg_type, body, frame.seq, frames.HEADER_SIZE + len(frame.payload))
+
+    async def expect(self, *types: MsgType) -> Message:
+        msg = await self.recv()
+        if msg.type not in types:
+            names = "/".join(t.name for t in types)
+            raise ProtocolError(ErrorCode.WRONG_STATE, f"expected {names}, got {msg.type.name}")
+        return msg
+
+    async def request(self, msg_type: MsgType, body: dict | None, reply: MsgType) -> dict:
+        await self.send(msg_type, body)
+        return (await self.expect(reply)).body
+
+    async def aclose(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.stream.aclose()
+        if self.recorder is not None:
+            self.recorder.close()

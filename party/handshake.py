@@ -1,0 +1,86 @@
+"""The session handshake: both sides agree on version, protocol and model before anything else.
+
+HELLO (client -> server)::
+
+    {"version": PROTOCOL_VERSION, "protocol": name, "model_fingerprint": "sha256:..." | "none",
+     "max_seq_len": int}
+
+HELLO_OK (server -> client)::
+
+    {"version", "session_id", "protocol", "private", "model", "model_fingerprint", "max_seq_len"}
+
+The checks are pure functions so they are tested without sockets; each mismatch raises a
+ProtocolError whose message tells the user what to change.
+"""
+
+from __future__ import annotations
+
+from .. import __version__
+from ..wire.errors import ErrorCode, ProtocolError
+
+PROTOCOL_VERSION = 1
+
+
+def hello(protocol: str, model_fingerprint: str, max_seq_len: int) -> dict:
+    return {
+        "version": PROTOCOL_VERSION, "protocol": protocol,
+        "model_fingerprint": model_fingerprint, "max_seq_len": int(max_seq_len),
+    }
+
+
+def _field(body: dict, name: str, kind):
+    value = body.get(name)
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is int:
+        raise ProtocolError(ErrorCode.MALFORMED, f"HELLO field {name!r} missing or not {kind.__name__}")
+    return value
+
+
+def check_hello(body: dict, *, offered: dict, model_fingerprint: str, max_seq_len: int) -> str:
+    """Server side: validate a HELLO; return the protocol name. ``offered``: name -> spec."""
+    version = _field(body, "version", int)
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(
+            ErrorCode.VERSION_MISMATCH,
+            f"client speaks protocol version {version}, this server speaks {PROTOCOL_VERSION} "
+            f"(shardlm {__version__}); upgrade the older side",
+        )
+    protocol = _field(body, "protocol", str)
+    if protocol not in offered:
+        raise ProtocolError(
+            ErrorCode.UNKNOWN_PROTOCOL,
+            f"protocol {protocol!r} is not offered here; this server offers: {', '.join(sorted(offered))}",
+        )
+    fp = _field(body, "model_fingerprint", str)
+    if fp != model_fingerprint:
+        raise ProtocolError(
+            ErrorCode.MODEL_MISMATCH,
+            f"client model {fp} differs from the server's {model_fingerprint}; both sides must load "
+            f"the same model files",
+        )
+    requested = _field(body, "max_seq_len", int)
+    if requested > max_seq_len or requested < 1:
+        raise ProtocolError(
+            ErrorCode.SEQ_TOO_LONG,
+            f"requested max_seq_len {requested}, the server allows 1..{max_seq_len}",
+        )
+    return protocol
+
+
+def hello_ok(*, session_id: str, protocol: str, private: bool, model: str, model_fingerprint: str,
+             max_seq_len: int) -> dict:
+    return {
+        "version": PROTOCOL_VERSION, "session_id": session_id, "protocol": protocol, "private": private,
+        "model": model, "model_fingerprint": model_fingerprint, "max_seq_len": max_seq_len,
+    }
+
+
+def check_hello_ok(body: dict, *, protocol: str) -> dict:
+    """Client side: the server must have accepted exactly what was asked."""
+    if body.get("version") != PROTOCOL_VERSION or body.get("protocol") != protocol:
+        raise ProtocolError(
+            ErrorCode.WRONG_STATE,
+            f"server accepted {body.get('protocol')!r} v{body.get('version')}, asked {protocol!r} v{PROTOCOL_VERSION}",
+        )
+    if not isinstance(body.get("session_id"), str):
+        raise ProtocolError(ErrorCode.MALFORMED, "HELLO_OK without a session id")
+    return body

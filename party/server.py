@@ -1,0 +1,214 @@
+"""The server: one trio task per connection, each a small state machine.
+
+Connection states and the messages each accepts (anything else is WRONG_STATE)::
+
+    new      HEALTH -> HEALTH_OK (stay), INFO -> INFO_OK (stay), HELLO -> HELLO_OK (session)
+    session  PING -> PONG, BYE (close), the session protocol's own message types
+
+Every violation (bad frame, unknown type, wrong state, limit) is answered with an ERROR frame
+carrying a code and a human message, then that connection is closed; other connections are
+unaffected. Timeouts: ``handshake_timeout`` covers TLS plus the first message,
+``idle_timeout`` any later wait for the client, ``session_ttl`` the whole session.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import secrets
+import ssl
+import time
+
+import trio
+
+from .. import __version__
+from ..protocols import registry
+from ..wire import frames
+from ..wire.errors import ConnectionClosed, ErrorCode, ProtocolError, RemoteError
+from ..wire.msgtypes import MsgType
+from . import handshake
+from .channel import Channel, Message
+from .transcript import TranscriptRecorder
+
+log = logging.getLogger("shardlm.server")
+
+
+@dataclasses.dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 9090
+    max_sessions: int = 16
+    session_ttl: float = 300.0
+    handshake_timeout: float = 10.0
+    idle_timeout: float = 300.0
+    max_seq_len: int = 8192
+    limits: frames.Limits = dataclasses.field(default_factory=frames.Limits)
+    device: str = "cpu"
+    record_dir: str | None = None
+
+
+@dataclasses.dataclass
+class ServerSession:
+    """What a protocol handler sees of its session."""
+
+    session_id: str
+    channel: Channel
+    protocol: str
+    server: "Server"
+    max_seq_len: int
+    state: dict = dataclasses.field(default_factory=dict)  # the protocol's own per-session state
+
+
+class Server:
+    def __init__(self, config: ServerConfig, ssl_context: ssl.SSLContext, model=None):
+        self.config = config
+        self.ssl_context = ssl_context
+        self.model = model
+        self.offered = registry.offered(model is not None)
+        self.active = 0
+        self.served = 0
+        self.started = time.time()
+        self.fingerprint = model.fingerprint() if model is not None else "none"
+
+    def info(self) -> dict:
+        return {
+            "name": "shardlm", "version": __version__,
+            "protocol_version": handshake.PROTOCOL_VERSION,
+            "protocols": {n: {"private": s.private, "summary": s.summary} for n, s in sorted(self.offered.items())},
+            "model": getattr(self.model, "name", None),
+            "model_fingerprint": self.fingerprint,
+            "device": self.config.device,
+            "limits": {
+                "max_sessions": self.config.max_sessions, "max_seq_len": self.config.max_seq_len,
+                "max_frame_bytes": self.config.limits.max_frame_bytes,
+                "max_tensor_elements": self.config.limits.max_tensor_elements,
+                "session_ttl_secs": self.config.session_ttl, "idle_timeout_secs": self.config.idle_timeout,
+            },
+        }
+
+    def health(self) -> dict:
+        return {"status": "ok", "uptime_secs": round(time.time() - self.started, 3),
+                "active_sessions": self.active, "served": self.served}
+
+    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(self.config.port, host=self.config.host)
+        ports = sorted({ln.socket.getsockname()[1] for ln in listeners})
+        async with trio.open_nursery() as nursery:
+            for listener in listeners:
+                nursery.start_soon(trio.serve_listeners, self._handle_tcp, [listener])
+            task_status.started(ports[0])
+            await trio.sleep_forever()
+
+    async def _handle_tcp(self, tcp: trio.SocketStream) -> None:
+        try:
+            peer = "%s:%s" % tcp.socket.getpeername()[:2]
+        except OSError:
+            peer = "?"
+        stream = trio.SSLStream(tcp, self.ssl_context, server_side=True)
+        self.active += 1
+        try:
+            await self.handle_stream(stream, peer)
+        finally:
+            self.active -= 1
+            self.served += 1
+
+    async def handle_stream(self, stream: trio.abc.Stream, peer: str) -> None:
+        """Serve one connection on ``stream`` (an SSLStream in production, anything in tests)."""
+        session_id = secrets.token_hex(8)
+        started = trio.current_time()
+        try:
+            with trio.fail_after(self.config.handshake_timeout):
+                if isinstance(stream, trio.SSLStream):
+                    await stream.do_handshake()
+        except (trio.TooSlowError, trio.BrokenResourceError, ssl.SSLError, OSError) as exc:
+            log.info("%s: TLS handshake failed: %s", peer, exc or type(exc).__name__)
+            await _close(stream)
+            return
+        recorder = None
+        if self.config.record_dir:
+            recorder = TranscriptRecorder(self.config.record_dir, session_id, role="server", peer=peer)
+        channel = Channel(stream, limits=self.config.limits, recorder=recorder)
+        try:
+            if self.active > self.config.max_sessions:
+                raise ProtocolError(ErrorCode.BUSY, f"server is at its limit of {self.config.max_sessions} sessions; retry later")
+            await self._run(channel, session_id, started)
+        except ProtocolError as exc:
+            log.info("%s [%s]: %s", peer, session_id, exc)
+            await channel.send_error(exc.code, exc.message)
+        except (ConnectionClosed, RemoteError) as exc:
+            log.info("%s [%s]: closed: %s", peer, session_id, exc)
+        except Exception as exc:  # a bug in one session must not take the server down
+            log.exception("%s [%s]: internal error", peer, session_id)
+            await channel.send_error(ErrorCode.INTERNAL, f"internal server error: {type(exc).__name__}")
+        finally:
+            await channel.aclose()
+
+    async def _recv(self, channel: Channel, deadline: float, code: ErrorCode, what: str) -> Message:
+        with trio.move_on_at(deadline) as scope:
+            return await channel.recv()
+        assert scope.cancelled_caught
+        raise ProtocolError(code, what)
+
+    async def _run(self, channel: Channel, session_id: str, started: float) -> None:
+        cfg = self.config
+        deadline = started + cfg.handshake_timeout
+        code, what = ErrorCode.HANDSHAKE_TIMEOUT, f"no message within {cfg.handshake_timeout:g} s of connecting"
+        session: ServerSession | None = None
+        handler = None
+        ttl_end = float("inf")
+        while True:
+            if session is not None:
+                idle_end = trio.current_time() + cfg.idle_timeout
+                deadline = min(idle_end, ttl_end)
+                if ttl_end <= idle_end:
+                    code, what = ErrorCode.SESSION_EXPIRED, f"session exceeded its TTL of {cfg.session_ttl:g} s; start a new one"
+                else:
+                    code, what = ErrorCode.IDLE_TIMEOUT, f"no message for {cfg.idle_timeout:g} s"
+            msg = await self._recv(channel, deadline, code, what)
+            if session is None:
+                if msg.type == MsgType.HEALTH:
+                    await channel.send(MsgType.HEALTH_OK, self.health())
+                elif msg.type == MsgType.INFO:
+                    await channel.send(MsgType.INFO_OK, self.info())
+                elif msg.type == MsgType.HELLO:
+                    protocol = handshake.check_hello(
+                        msg.body, offered=self.offered, model_fingerprint=self.fingerprint,
+                        max_seq_len=cfg.max_seq_len,
+                    )
+                    spec = self.offered[protocol]
+                    session = ServerSession(session_id, channel, protocol, self, int(msg.body["max_seq_len"]))
+                    handler = spec.server_handler(session) if spec.server_handler else None
+                    ttl_end = trio.current_time() + cfg.session_ttl
+                    if channel.recorder is not None:
+                        channel.recorder.update_meta(protocol=protocol, model_fingerprint=self.fingerprint)
+                    await channel.send(MsgType.HELLO_OK, handshake.hello_ok(
+                        session_id=session_id, protocol=protocol, private=spec.private,
+                        model=getattr(self.model, "name", None) or "none", model_fingerprint=self.fingerprint,
+                        max_seq_len=session.max_seq_len,
+                    ))
+                else:
+                    raise ProtocolError(ErrorCode.WRONG_STATE, f"{msg.type.name} before HELLO; send HELLO first")
+                continue
+            if msg.type == MsgType.PING:
+                await channel.send(MsgType.PONG, _pong(msg.body))
+            elif msg.type == MsgType.BYE:
+                return
+            elif handler is not None and msg.type in handler.message_types:
+                await handler.handle(msg)
+            else:
+                raise ProtocolError(ErrorCode.WRONG_STATE, f"{msg.type.name} is not valid in a {session.protocol} session")
+
+
+def _pong(body: dict) -> dict:
+    """Echo the ping's data, or with ``echo: False`` only its size (for throughput tests)."""
+    if body.get("echo", True):
+        return body
+    data = body.get("data")
+    return {"nbytes": int(getattr(data, "nbytes", 0))}
+
+
+async def _close(stream) -> None:
+    try:
+        await trio.aclose_forcefully(stream)
+    except Exception:
+        pass

@@ -1,0 +1,56 @@
+"""Error codes shared by both parties, and the exceptions that carry them.
+
+An error travels as an ERROR frame whose body is ``{"code": <name>, "message": <text>}``;
+the receiver raises :class:`RemoteError`. Local violations raise :class:`ProtocolError`
+(or its subclass :class:`FrameError` for framing problems).
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class ErrorCode(str, enum.Enum):
+    BAD_MAGIC = "bad_magic"
+    BAD_VERSION = "bad_version"
+    BAD_CRC = "bad_crc"
+    FRAME_TOO_LARGE = "frame_too_large"
+    TENSOR_TOO_LARGE = "tensor_too_large"
+    MALFORMED = "malformed"
+    UNKNOWN_TYPE = "unknown_type"
+    WRONG_STATE = "wrong_state"
+    VERSION_MISMATCH = "version_mismatch"
+    UNKNOWN_PROTOCOL = "unknown_protocol"
+    MODEL_MISMATCH = "model_mismatch"
+    SEQ_TOO_LONG = "seq_too_long"
+    BUSY = "busy"
+    HANDSHAKE_TIMEOUT = "handshake_timeout"
+    IDLE_TIMEOUT = "idle_timeout"
+    SESSION_EXPIRED = "session_expired"
+    INTERNAL = "internal"
+
+
+class ProtocolError(Exception):
+    """A violation of the wire protocol detected locally; ``code`` says which rule."""
+
+    def __init__(self, code: ErrorCode, message: str):
+        super().__init__(f"{code.value}: {message}")
+        self.code = code
+        self.message = message
+
+
+class FrameError(ProtocolError):
+    """The byte stream does not hold a valid frame (magic, version, length, CRC)."""
+
+
+class RemoteError(Exception):
+    """The peer sent an ERROR frame."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(f"peer reported {code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class ConnectionClosed(Exception):
+    """The peer closed the stream (cleanly or not) where a message was expected."""

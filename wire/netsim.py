@@ -1,0 +1,150 @@
+"""Network simulation in user space: a trio stream wrapper adding latency and a bandwidth cap.
+
+The kernel here has no netem qdisc (DESIGN.md s10), so latency and bandwidth are simulated on
+one side of the connection, below TLS. Wrapping one endpoint models the whole path: bytes it
+sends are held for ``rtt/2`` after being serialised at ``bw``, and bytes it receives are released
+``rtt/2`` after they would have finished arriving at ``bw``. Back-to-back writes queue behind
+each other on the link, so large transfers pay the bandwidth and small ones pay the latency.
+
+Spec strings (CLI ``--net``, env ``SHARDLM_NET``): ``rtt=50ms,bw=100mbit`` (either part may be
+omitted; units ms/s/us and bit/kbit/mbit/gbit per second).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import re
+
+import trio
+
+
+@dataclasses.dataclass(frozen=True)
+class NetSpec:
+    rtt: float = 0.0  # seconds
+    bandwidth: float = math.inf  # bits per second, each direction
+
+    @property
+    def one_way(self) -> float:
+        return self.rtt / 2
+
+    def transfer_time(self, nbytes: int) -> float:
+        return 0.0 if math.isinf(self.bandwidth) else nbytes * 8 / self.bandwidth
+
+    def describe(self) -> str:
+        bw = "unlimited" if math.isinf(self.bandwidth) else f"{self.bandwidth / 1e6:g} Mbit/s"
+        return f"rtt={self.rtt * 1e3:g} ms, bandwidth={bw}"
+
+
+_TIME = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
+_RATE = {"bit": 1.0, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9}
+
+
+def parse_netspec(text: str) -> NetSpec:
+    """Parse ``rtt=50ms,bw=100mbit``; raise ValueError with the accepted forms on bad input."""
+    rtt, bw = 0.0, math.inf
+    for item in filter(None, (p.strip() for p in text.lower().split(","))):
+        key, _, value = item.partition("=")
+        if key == "rtt":
+            m = re.fullmatch(r"([0-9.]+)(us|ms|s)", value)
+            if not m:
+                raise ValueError(f"bad rtt {value!r}: use e.g. rtt=50ms, rtt=0.2s, rtt=500us")
+            rtt = float(m.group(1)) * _TIME[m.group(2)]
+        elif key in ("bw", "bandwidth"):
+            m = re.fullmatch(r"([0-9.]+)(bit|kbit|mbit|gbit)", value)
+            if not m or float(m.group(1)) <= 0:
+                raise ValueError(f"bad bandwidth {value!r}: use e.g. bw=100mbit, bw=512kbit")
+            bw = float(m.group(1)) * _RATE[m.group(2)]
+        else:
+            raise ValueError(f"unknown netsim key {key!r} in {text!r}: expected rtt=..., bw=...")
+    return NetSpec(rtt=rtt, bandwidth=bw)
+
+
+class NetsimStream(trio.abc.HalfCloseableStream):
+    """Use through :func:`simulate`, which runs the two delivery pumps."""
+
+    def __init__(self, inner: trio.abc.Stream, spec: NetSpec):
+        self.inner = inner
+        self.spec = spec
+        self._out_send, self._out_recv = trio.open_memory_channel(math.inf)
+        self._in_send, self._in_recv = trio.open_memory_channel(math.inf)
+        self._tx_free = 0.0
+        self._rx_free = 0.0
+        self._pending = b""
+        self._eof = False
+        self._drained = trio.Event()
+
+    async def send_all(self, data) -> None:
+        data = bytes(data)
+        start = max(trio.current_time(), self._tx_free)
+        self._tx_free = start + self.spec.transfer_time(len(data))
+        # The link is busy while the bytes serialise: the sender waits like a full socket buffer.
+        await trio.sleep_until(self._tx_free)
+        self._out_send.send_nowait((self._tx_free + self.spec.one_way, data))
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await trio.sleep_until(self._tx_free)
+
+    async def send_eof(self) -> None:
+        self._out_send.send_nowait((self._tx_free + self.spec.one_way, None))
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if not self._pending and not self._eof:
+            ready_at, data = await self._in_recv.receive()
+            await trio.sleep_until(ready_at)
+            if not data:
+                self._eof = True
+            self._pending = data or b""
+        if max_bytes is None:
+            max_bytes = len(self._pending)
+        out, self._pending = self._pending[:max_bytes], self._pending[max_bytes:]
+        return out
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+    async def _pump_out(self) -> None:
+        async for deliver_at, data in self._out_recv:
+            await trio.sleep_until(deliver_at)
+            if data is None:
+                if isinstance(self.inner, trio.abc.HalfCloseableStream):
+                    await self.inner.send_eof()
+                continue
+            try:
+                await self.inner.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                break
+        self._drained.set()
+
+    async def _pump_in(self) -> None:
+        while True:
+            try:
+                data = await self.inner.receive_some()
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                data = b""
+            start = max(trio.current_time(), self._rx_free)
+            self._rx_free = start + self.spec.transfer_time(len(data))
+            self._in_send.send_nowait((self._rx_free + self.spec.one_way, data))
+            if not data:
+                return
+
+
+@contextlib.asynccontextmanager
+async def simulate(stream: trio.abc.Stream, spec: NetSpec | None):
+    """Yield ``stream`` wrapped in a simulated link (or unchanged when ``spec`` is None)."""
+    if spec is None:
+        yield stream
+        return
+    sim = NetsimStream(stream, spec)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sim._pump_out)
+        nursery.start_soon(sim._pump_in)
+        try:
+            yield sim
+        finally:
+            # Deliver what is still in flight (a closing BYE, say), then stop the pumps.
+            sim._out_send.close()
+            with trio.move_on_after(spec.one_way + 1.0):
+                await sim._drained.wait()
+            nursery.cancel_scope.cancel()
