@@ -1,15 +1,26 @@
 """Protocol name -> what the server runs for a session of that protocol.
 
-A protocol contributes a server-side session handler: an object with
-``message_types`` (the MsgTypes it accepts after the handshake) and
-``async handle(session, message)``. Session-level messages (PING, BYE) are handled by the
-server itself for every protocol. Later protocols (plain, v2, v3, ...) register here.
+A protocol module calls :func:`register` at import time with a :class:`ProtocolSpec` whose
+``server_handler(session)`` builds the per-session handler: an object with
+
+- ``message_types``: the set of MsgTypes it accepts after the handshake, and
+- ``async handle(message)``: called by the server loop for each such message; it may reply and
+  may also ``recv``/``send`` further messages on ``session.channel`` itself (multi-message
+  sub-protocols such as OT extension run to completion inside one call).
+
+Session-level messages (PING, BYE) are handled by the server for every protocol. Protocol
+modules are listed in ``_MODULES`` and imported on first use, so importing the registry never
+drags in torch or a protocol's dependencies by accident.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from typing import Callable
+
+# Modules that register protocols when imported.
+_MODULES: list[str] = []
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +50,13 @@ register(ProtocolSpec(
 ))
 
 
+def load_all() -> dict[str, ProtocolSpec]:
+    for module in _MODULES:
+        importlib.import_module(module)
+    return PROTOCOLS
+
+
 def offered(has_model: bool) -> dict[str, ProtocolSpec]:
     """The protocols a server can run: those needing a model only when it has one."""
+    load_all()
     return {n: s for n, s in PROTOCOLS.items() if has_model or not s.needs_model}
