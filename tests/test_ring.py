@@ -1,0 +1,77 @@
+"""protocols/ring: fixed point, CSPRNG masks, and the exact limb product mod 2^64."""
+import numpy as np
+import pytest
+import torch
+
+from shardlm.protocols import ring
+
+
+@pytest.mark.parametrize("max_w,k", [(2**8, 7), (606208, 64), (606208, 1536), (2**23, 300), (2**30, 50)])
+def test_limb_product_is_exact_mod_2_64(max_w, k):
+    g = torch.Generator().manual_seed(k)
+    w = torch.randint(-max_w, max_w + 1, (5, k), generator=g)
+    w[0, 0] = max_w  # make sure the bound is actually reached
+    m = ring.random_ring(3, k)
+    m[0, :] = -1  # all-ones words: the limb split's worst case
+    m[1, :] = -(2**63)
+    got = ring.RingMatrix(w).matmul(m)
+    want = ring.exact_matmul_reference(m.numpy(), w.numpy())
+    assert np.array_equal(got.numpy(), want)
+
+
+def test_limb_width_follows_the_exactness_bound():
+    assert ring.RingMatrix(torch.full((2, 1536), 606208)).limb_bits == 22
+    assert ring.RingMatrix(torch.full((2, 1536), 2**23)).limb_bits == 16
+    with pytest.raises(OverflowError):
+        ring.limb_bits_for(2**50, 2**10)
+
+
+def test_masking_then_unmasking_recovers_the_plain_fixed_point_product():
+    fx = ring.FixedPoint(16, 16)
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(40, 64, generator=g) * 0.1
+    x = torch.randn(4, 64, generator=g) * 3
+    W = ring.RingMatrix.from_float(w, fx)
+    r = ring.random_ring(4, 64)
+    masked = fx.encode(x) - r  # what the server sees
+    y = fx.decode(W.matmul(masked) + W.matmul(r))
+    assert torch.allclose(y, x @ w.T, atol=1e-3)
+    # and it equals the fixed-point product exactly, bit for bit
+    exact = W.matmul(fx.encode(x))
+    assert torch.equal(W.matmul(masked) + W.matmul(r), exact)
+
+
+def test_fixed_point_round_trip_and_overflow():
+    fx = ring.FixedPoint(16, 16)
+    x = torch.tensor([0.0, 1.5, -2.25, 1e-6, -30000.0])
+    assert torch.allclose(fx.decode(fx.encode(x), bits=16), x, atol=2**-16)
+    with pytest.raises(OverflowError):
+        fx.encode(torch.tensor([2.0**50]))
+
+
+def test_mask_prg_is_seeded_uniform_and_fresh():
+    a = ring.MaskPRG()
+    b = ring.MaskPRG(a.seed)
+    x = a.ring(1000, 64)
+    assert torch.equal(x, b.ring(1000, 64))  # reproducible from the seed
+    assert not torch.equal(x, ring.MaskPRG().ring(1000, 64))  # fresh seeds differ
+    bits = np.unpackbits(x.numpy().view(np.uint8))
+    # 512k bits: the balance is within 5 standard deviations of a fair coin
+    assert abs(bits.mean() - 0.5) < 5 * 0.5 / np.sqrt(bits.size)
+    # every byte position is uniform (chi-square, 255 dof; the 1e-6 tail is ~370)
+    by_pos = x.numpy().view(np.uint8).reshape(-1, 8)
+    for pos in range(8):
+        counts = np.bincount(by_pos[:, pos], minlength=256)
+        expected = by_pos.shape[0] / 256
+        assert ((counts - expected) ** 2 / expected).sum() < 370
+    with pytest.raises(ValueError):
+        ring.MaskPRG(b"short")
+
+
+def test_mask_rows_slices_the_same_stream():
+    seed = ring.MaskPRG().seed
+    full = ring.MaskPRG(seed).ring(10, 6)
+    for start, n in [(0, 10), (3, 4), (9, 1), (1, 2)]:
+        assert torch.equal(ring.mask_rows(seed, start, n, 6), full[start:start + n])
+    odd = ring.MaskPRG(seed).ring(7, 5)  # 40-byte rows: slices start mid AES block
+    assert torch.equal(ring.mask_rows(seed, 3, 3, 5), odd[3:6])
