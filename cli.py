@@ -316,6 +316,10 @@ def demo(as_json):
     ]))
 
 
+from .protocols.ot.bench import ot_bench  # noqa: E402
+cli.add_command(ot_bench)
+
+
 def main():
     cli(prog_name="shardlm")
 

@@ -59,6 +59,17 @@ def _bits(choices) -> np.ndarray:
     return c
 
 
+def _scratch(owner, name: str, shape: tuple) -> np.ndarray:
+    """A reusable uint8 buffer (memory touched for the first time is slow here, DESIGN s10).
+    Safe to reuse across chunks: Channel.send has handed the bytes to the stream when it returns."""
+    bufs = owner.__dict__.setdefault("_bufs", {})
+    size = shape[0] * shape[1]
+    buf = bufs.get(name)
+    if buf is None or buf.size < size:
+        buf = bufs[name] = np.empty(size, dtype=np.uint8)
+    return buf[:size].reshape(shape)
+
+
 def pad_bytes(blocks: np.ndarray, nbytes: int, domain: int = 1) -> np.ndarray:
     """Pads of ``nbytes`` from each random OT block: the block itself if it is long enough,
     else its expansion (prims.expand)."""
@@ -94,11 +105,11 @@ class IknpSender:
             if not isinstance(u, np.ndarray) or u.dtype != np.uint8 or u.shape != (KAPPA, mp // 8):
                 raise ProtocolError(ErrorCode.MALFORMED, f"OT_EXT_U: expected a {KAPPA} x {mp // 8} uint8 matrix")
             zeros = bytes(mp // 8)
-            q = np.empty((KAPPA, mp // 8), dtype=np.uint8)
+            q = _scratch(self, "q", (KAPPA, mp // 8))
             for i, prg in enumerate(self._prgs):
                 prg.next_into(q[i], zeros)
             q[self._sel] ^= u[self._sel]
-            rows = prims.transpose_128xm(q)[:m]
+            rows = prims.transpose_128xm(q, inplace=True)[:m]
             tw = prims.tweaks(self.count, m)
             m0 = prims.tccr_hash(rows, tw)
             rows ^= self.delta
@@ -180,15 +191,15 @@ class IknpReceiver:
             rbits[:m] = r[done:done + m]
             rpacked = np.packbits(rbits, bitorder="little")
             zeros = bytes(mp // 8)
-            t = np.empty((KAPPA, mp // 8), dtype=np.uint8)
-            u = np.empty((KAPPA, mp // 8), dtype=np.uint8)
+            t = _scratch(self, "t", (KAPPA, mp // 8))
+            u = _scratch(self, "u", (KAPPA, mp // 8))
             for i in range(KAPPA):
                 self._prg0[i].next_into(t[i], zeros)
                 self._prg1[i].next_into(u[i], zeros)
             u ^= t
             u ^= rpacked
             await ch.send(MsgType.OT_EXT_U, {"u": u})
-            rows = prims.transpose_128xm(t)[:m]
+            rows = prims.transpose_128xm(t, inplace=True)[:m]
             mc = prims.tccr_hash(rows, prims.tweaks(self.count, m))
             self.count += m
             yield done, mc

@@ -25,8 +25,8 @@ PRG. ``ColumnPRG`` is AES-128-CTR keyed by a 16-byte base-OT seed (nonce 0); it 
 so successive chunks continue where the previous one stopped.
 
 Transpose. ``transpose_128xm`` turns 128 rows of m bits into m rows of 128 bits (the IKNP
-matrix flip) with two blocked byte shuffles and an 8x8 bit transpose done by three
-delta-swaps on uint64 words, instead of unpackbits/packbits (13x slower here).
+matrix flip) with a recursive 64x64 bit transpose by delta swaps on uint64 words, vectorised
+over all blocks (about 1 ms per 2^16 OTs), instead of unpackbits/packbits (~25x slower).
 """
 
 from __future__ import annotations
@@ -129,37 +129,42 @@ def random_bits(n: int) -> np.ndarray:
 
 
 # -- the 128 x m bit transpose -------------------------------------------------------------------
-_M1 = np.uint64(0x00AA00AA00AA00AA)
-_M2 = np.uint64(0x0000CCCC0000CCCC)
-_M3 = np.uint64(0x00000000F0F0F0F0)
+# (shift j, mask of the low j bits of every 2j-bit lane): the stages of a recursive 64x64 transpose
+_STAGES = [(np.uint64(j), np.uint64(m), j) for j, m in (
+    (32, 0x00000000FFFFFFFF), (16, 0x0000FFFF0000FFFF), (8, 0x00FF00FF00FF00FF),
+    (4, 0x0F0F0F0F0F0F0F0F), (2, 0x3333333333333333), (1, 0x5555555555555555))]
 
 
-def _transpose8x8_inplace(x: np.ndarray) -> None:
-    """Transpose the 8x8 bit matrix in every uint64 (byte r = row r, bit c of it = column c)."""
-    t = np.empty_like(x)
-    for shift, mask in ((7, _M1), (14, _M2), (28, _M3)):
-        s = np.uint64(shift)
-        np.right_shift(x, s, out=t)
-        t ^= x
-        t &= mask
-        x ^= t
-        np.left_shift(t, s, out=t)
-        x ^= t
-
-
-def transpose_128xm(rows: np.ndarray) -> np.ndarray:
+def transpose_128xm(rows: np.ndarray, inplace: bool = False) -> np.ndarray:
     """(128, m/8) uint8 (row i = bits of column i, little-endian bit order) -> (m, 2) uint64.
 
     Output row j holds bit j of every input row: bit i of the 128-bit output block j is bit j
-    of input row i. m must be a multiple of 8.
+    of input row i. m must be a multiple of 64. With ``inplace`` the input is used as scratch.
+
+    Method: view the matrix as (128, m/64) uint64 words, i.e. two stacked rows of 64x64 bit
+    blocks, and transpose every block at once with six delta-swap stages (block j swaps the
+    off-diagonal j x j sub-blocks of every 2j x 2j block: t = ((lo >> j) ^ hi) & mask;
+    hi ^= t; lo ^= t << j), vectorised over all blocks; then one uint64 copy interleaves the
+    two 64-bit halves of each output row.
     """
     k, nbytes = rows.shape
-    if k != KAPPA:
-        raise ValueError(f"expected {KAPPA} rows, got {k}")
-    # gather 8x8 byte blocks: word (g, b) = bytes rows[8g + r, b] for r = 0..7
-    words = np.ascontiguousarray(rows.reshape(16, 8, nbytes).transpose(0, 2, 1)).view(np.uint64)
-    words = words.reshape(16, nbytes)
-    _transpose8x8_inplace(words)
-    # now byte l of word (g, b) = bits 8g..8g+7 of output row 8b + l
-    out = np.ascontiguousarray(words.view(np.uint8).reshape(16, nbytes, 8).transpose(1, 2, 0))
-    return out.reshape(nbytes * 8, 16).view(np.uint64)
+    if k != KAPPA or nbytes % 8:
+        raise ValueError(f"expected a {KAPPA} x (multiple of 8) byte matrix, got {rows.shape}")
+    if inplace and rows.flags.c_contiguous:
+        words = rows.view(np.uint64)
+    else:
+        words = np.array(rows, dtype=np.uint8, order="C", copy=True).view(np.uint64)
+    W = nbytes // 8
+    scratch = np.empty(64 * W, dtype=np.uint64)
+    for shift, mask, j in _STAGES:
+        v = words.reshape(2, 64 // (2 * j), 2, j, W)
+        lo, hi = v[:, :, 0], v[:, :, 1]
+        t = scratch.reshape(lo.shape)
+        np.right_shift(lo, shift, out=t)
+        t ^= hi
+        t &= mask
+        hi ^= t
+        np.left_shift(t, shift, out=t)
+        lo ^= t
+    # words[64h + c, w] now has bit r = input bit (row 64h + r, column 64w + c)
+    return np.ascontiguousarray(words.reshape(2, 64, W).transpose(2, 1, 0)).reshape(W * 64, 2)
