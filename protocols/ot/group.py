@@ -9,7 +9,8 @@ site must remember to. Ristretto255 is the prime-order quotient group of edwards
 canonical encoding: every 32-byte string either decodes to exactly one element of a group of
 prime order L = 2^252 + 27742317777372353535851937790883648493 or is rejected, so there is no
 cofactor to forget. The only element of small order left is the identity, which
-:func:`decode_point` rejects explicitly (libsodium's validity check accepts it).
+:func:`decode_point` rejects explicitly (libsodium's validity check accepts it), as it rejects
+encodings with bit 255 set (libsodium ignores that bit; RFC 9496 calls them non-canonical).
 
 Cost (DESIGN.md s10): a base plus a variable-base multiplication take ~0.24 ms, so the 128
 base OTs of one IKNP set-up cost tens of milliseconds. ``rbcl`` ships its own libsodium, so
@@ -48,6 +49,10 @@ def decode_point(data, what: str = "group element") -> bytes:
         raise InvalidPoint(f"{what}: expected {POINT_BYTES} bytes, got {len(data)}")
     if data == IDENTITY:
         raise InvalidPoint(f"{what} is the identity element (small order): refusing it")
+    if data[31] & 0x80:
+        # s >= 2^255 > p is not canonical (RFC 9496 4.3.1); libsodium ignores this bit, so two
+        # strings would name one element and the transcript hash could be steered: refuse it
+        raise InvalidPoint(f"{what} is not canonical (bit 255 set)")
     if not rbcl.crypto_core_ristretto255_is_valid_point(data):
         raise InvalidPoint(f"{what} is not a canonical ristretto255 encoding of a group element")
     return data
