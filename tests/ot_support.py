@@ -1,0 +1,49 @@
+"""Helpers for the OT tests: run two parties over an in-memory stream pair (optionally through
+netsim) and record what each party receives."""
+from __future__ import annotations
+
+import trio
+import trio.testing
+
+from shardlm.party.channel import Channel
+from shardlm.wire import netsim
+
+
+class RecordingChannel(Channel):
+    """A Channel that keeps every message it receives: the party's view."""
+
+    def __init__(self, stream, **kw):
+        super().__init__(stream, **kw)
+        self.view = []
+
+    async def recv(self):
+        msg = await super().recv()
+        self.view.append(msg)
+        return msg
+
+
+def run_pair(party_a, party_b, net: str | None = None, record: bool = False):
+    """Run ``party_a(channel)`` and ``party_b(channel)`` concurrently; return (result_a,
+    result_b, channel_a, channel_b). ``net`` simulates a link on a's side."""
+    out = {}
+
+    async def main():
+        sa, sb = trio.testing.memory_stream_pair()
+        spec = netsim.parse_netspec(net) if net else None
+        async with netsim.simulate(sa, spec) as sa2:
+            kind = RecordingChannel if record else Channel
+            ca, cb = kind(sa2), kind(sb)
+            out["ca"], out["cb"] = ca, cb
+
+            async def a():
+                out["a"] = await party_a(ca)
+
+            async def b():
+                out["b"] = await party_b(cb)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(a)
+                nursery.start_soon(b)
+
+    trio.run(main)
+    return out["a"], out["b"], out["ca"], out["cb"]

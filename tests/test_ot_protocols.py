@@ -1,0 +1,240 @@
+"""OT protocols over the in-memory channel (mostly through netsim): correctness for random
+choices, edge sizes, chunking, and rejection of bad group elements in the base OT."""
+import numpy as np
+import pytest
+
+from shardlm.protocols.ot import base, embedding, group, iknp, nofn, prims
+from shardlm.protocols.ot.iknp import IknpReceiver, IknpSender
+from shardlm.wire.errors import ProtocolError
+from shardlm.wire.msgtypes import MsgType
+
+from ot_support import run_pair
+
+NET = "rtt=10ms,bw=1gbit"
+
+
+def _choices(n):
+    return prims.random_bits(n)
+
+
+def test_base_ot_gives_the_chosen_keys_only():
+    c = _choices(128)
+
+    async def sender(ch):
+        return await base.send(ch, 128)
+
+    async def receiver(ch):
+        return await base.receive(ch, c)
+
+    pairs, got, _, _ = run_pair(sender, receiver, net=NET)
+    assert all(len(k0) == 16 and len(k1) == 16 and k0 != k1 for k0, k1 in pairs)
+    assert got == [pair[ci] for pair, ci in zip(pairs, c)]
+    assert all(g != pair[1 - ci] for g, pair, ci in zip(got, pairs, c))
+
+
+@pytest.mark.parametrize("n", [1, 127, 1000, iknp.CHUNK + 300])
+def test_random_ot(n):
+    c = _choices(n)
+
+    async def sender(ch):
+        s = await IknpSender.setup(ch)
+        return await s.random(ch, n)
+
+    async def receiver(ch):
+        r = await IknpReceiver.setup(ch)
+        return await r.random(ch, c)
+
+    (m0, m1), mc, cs, cr = run_pair(sender, receiver, net=NET)
+    assert m0.shape == m1.shape == mc.shape == (n, 2)
+    assert np.array_equal(mc, np.where(c[:, None].astype(bool), m1, m0))
+    assert (m0 != m1).any(axis=1).all()
+    # 16 bytes per OT (rounded up to 128 OTs per chunk) plus a few header bytes per chunk
+    chunks = -(-n // iknp.CHUNK)
+    ext_bytes = cr.totals().bytes_sent - cr.stats["ot-base"].bytes_sent
+    assert 16 * n <= ext_bytes <= 16 * (n + 128 * chunks) + 200 * chunks
+    # random OT: after the base OTs nothing flows from sender to receiver
+    assert cs.totals().bytes_sent - cs.stats["ot-base"].bytes_sent == 0
+
+
+def test_extension_is_reusable_and_indices_advance():
+    c1, c2 = _choices(500), _choices(700)
+
+    async def sender(ch):
+        s = await IknpSender.setup(ch)
+        return [await s.random(ch, 500), await s.random(ch, 700), s.count]
+
+    async def receiver(ch):
+        r = await IknpReceiver.setup(ch)
+        return [await r.random(ch, c1), await r.random(ch, c2), r.count]
+
+    (a, b, ns), (x, y, nr), _, _ = run_pair(sender, receiver)
+    assert ns == nr == 1200
+    assert np.array_equal(x, np.where(c1[:, None].astype(bool), a[1], a[0]))
+    assert np.array_equal(y, np.where(c2[:, None].astype(bool), b[1], b[0]))
+    assert not np.isin(a[0][:, 0], b[0][:, 0]).any()  # fresh outputs, not a replay
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_correlated_ot_over_z2_64(k):
+    n = 3000
+    c = _choices(n)
+    rng = np.random.default_rng(3)
+    delta = rng.integers(0, 2**64, (n,) if k == 1 else (n, k), dtype=np.uint64, endpoint=False)
+    delta[:4] = [0, 1, 2**63, 2**64 - 1] if k == 1 else np.array([0, 1, 2**63, 2**64 - 1], dtype=np.uint64)[:, None]
+
+    async def sender(ch):
+        s = await IknpSender.setup(ch)
+        return await s.correlated(ch, delta)
+
+    async def receiver(ch):
+        r = await IknpReceiver.setup(ch)
+        return await r.correlated(ch, c, k=k)
+
+    x, y, _, _ = run_pair(sender, receiver, net=NET)
+    cc = c.astype(np.uint64) if k == 1 else c.astype(np.uint64)[:, None]
+    assert y.dtype == np.uint64 and y.shape == delta.shape
+    assert np.array_equal(y, x + cc * delta)  # wraps mod 2^64
+    # Gilboa shares: (-x) + y = c·Δ
+    assert np.array_equal((-x) + y, cc * delta)
+
+
+@pytest.mark.parametrize("L", [1, 16, 100])
+def test_chosen_message_ot(L):
+    n = 2000
+    c = _choices(n)
+    msg0 = prims.random_bytes(n * L).reshape(n, L)
+    msg1 = prims.random_bytes(n * L).reshape(n, L)
+
+    async def sender(ch):
+        s = await IknpSender.setup(ch)
+        await s.chosen(ch, msg0, msg1)
+
+    async def receiver(ch):
+        r = await IknpReceiver.setup(ch)
+        return await r.chosen(ch, c, L)
+
+    _, got, _, cr = run_pair(sender, receiver, net=NET)
+    assert np.array_equal(got, np.where(c[:, None].astype(bool), msg1, msg0))
+    ext = cr.totals()
+    assert ext.bytes_received >= 2 * n * L  # both ciphertexts travel
+
+
+@pytest.mark.parametrize("N,L", [(1, 4), (2, 16), (5, 3), (256, 16), (1000, 40), (4097, 8)])
+def test_one_of_n(N, L):
+    T = 6
+    msgs = prims.random_bytes(T * N * L).reshape(T, N, L)
+    ch_idx = np.random.default_rng(N).integers(0, N, T)
+    ch_idx[0] = N - 1
+
+    async def sender(ch):
+        s = await IknpSender.setup(ch)
+        await nofn.send(ch, s, msgs)
+
+    async def receiver(ch):
+        r = await IknpReceiver.setup(ch)
+        return await nofn.receive(ch, r, ch_idx, N, L)
+
+    _, got, _, _ = run_pair(sender, receiver, net=NET)
+    assert np.array_equal(got, msgs[np.arange(T), ch_idx])
+
+
+def test_one_of_n_with_a_shared_message_list():
+    N, L, T = 300, 24, 10
+    msgs = prims.random_bytes(N * L).reshape(N, L)
+    idx = np.random.default_rng(1).integers(0, N, T)
+
+    async def sender(ch):
+        s = await IknpSender.setup(ch)
+        await nofn.send(ch, s, msgs, count=T)
+
+    async def receiver(ch):
+        r = await IknpReceiver.setup(ch)
+        return await nofn.receive(ch, r, idx, N, L)
+
+    _, got, _, _ = run_pair(sender, receiver)
+    assert np.array_equal(got, msgs[idx])
+
+
+def test_embedding_retrieval_random_table_and_its_cost():
+    V, d = 3000, 96
+    table = np.random.default_rng(5).standard_normal((V, d)).astype(np.float32)
+    ids = np.array([0, V - 1, 17, 17, 2048, 999])
+
+    async def server(ch):
+        s = await embedding.serve_rows(ch, table)
+        # a second request reuses the extension (no new base OTs)
+        await embedding.serve_rows(ch, table, sender=s)
+
+    async def client(ch):
+        rows, r = await embedding.retrieve_rows(ch, ids, return_receiver=True)
+        before = ch.totals()
+        rows2 = await embedding.retrieve_rows(ch, ids[:2], receiver=r)
+        after = ch.totals()
+        return rows, rows2, after.bytes_received - before.bytes_received, after.bytes_sent - before.bytes_sent
+
+    _, (rows, rows2, down, up), _, cc = run_pair(server, client, net=NET)
+    assert rows.dtype == np.float32 and np.array_equal(rows, table[ids])
+    assert np.array_equal(rows2, table[ids[:2]])
+    # the traffic is what cost_bytes says, plus framing: table + V·16 per token down, IKNP up
+    cost = embedding.cost_bytes(V, d, 2)
+    assert cost["table"] + cost["keys"] <= down <= cost["table"] + cost["keys"] + 4096
+    assert cost["iknp"] <= up <= cost["iknp"] + 512
+    assert cc.stats["ot-base"].bytes_received > 128 * 32  # one set of base OTs, 128 points
+
+
+def test_cost_formula_for_smollm2():
+    c = embedding.cost_bytes(49152, 576, 1)
+    assert c["table"] == 49152 * 576 * 4 == 113_246_208
+    assert c["keys"] == 49152 * 16
+    assert c["iknp"] == 128 * 16  # 16 OTs, padded to one 128-OT column block
+
+
+# -- malformed group elements in the protocol -----------------------------------------------------
+def test_receiver_rejects_identity_from_the_sender():
+    async def evil_sender(ch):
+        await ch.send(MsgType.OT_BASE_A, {"A": bytes(32), "n": 4})
+
+    async def receiver(ch):
+        with pytest.raises(group.InvalidPoint, match="identity"):
+            await base.receive(ch, [0, 1, 0, 1])
+        return True
+
+    assert run_pair(evil_sender, receiver)[1]
+
+
+@pytest.mark.parametrize("bad", ["identity", "noncanonical", "garbage_shape"])
+def test_sender_rejects_bad_points_from_the_receiver(bad):
+    async def sender(ch):
+        with pytest.raises(ProtocolError) as info:
+            await base.send(ch, 4)
+        return str(info.value)
+
+    async def evil_receiver(ch):
+        await ch.expect(MsgType.OT_BASE_A)
+        Bs = np.stack([np.frombuffer(group.base_mul(group.random_scalar()), np.uint8) for _ in range(4)])
+        if bad == "identity":
+            Bs[2] = 0
+        elif bad == "noncanonical":
+            Bs[1] = np.frombuffer((2**255 - 19).to_bytes(32, "little"), np.uint8)
+        else:
+            Bs = Bs[:3]
+        await ch.send(MsgType.OT_BASE_B, {"B": Bs})
+
+    msg = run_pair(sender, evil_receiver)[0]
+    want = {"identity": "base OT 2: receiver's B is the identity", "noncanonical": "base OT 1",
+            "garbage_shape": "expected 4 x 32"}[bad]
+    assert want in msg
+
+
+def test_extension_sender_rejects_a_malformed_u_matrix():
+    async def sender(ch):
+        s = await IknpSender.setup(ch)
+        with pytest.raises(ProtocolError, match="OT_EXT_U"):
+            await s.random(ch, 256)
+        return True
+
+    async def evil_receiver(ch):
+        await IknpReceiver.setup(ch)
+        await ch.send(MsgType.OT_EXT_U, {"u": np.zeros((128, 31), np.uint8)})
+
+    assert run_pair(sender, evil_receiver)[0]
