@@ -47,3 +47,17 @@ def run_pair(party_a, party_b, net: str | None = None, record: bool = False):
 
     trio.run(main)
     return out["a"], out["b"], out["ca"], out["cb"]
+
+
+def run_ext(on_sender, on_receiver, **kw):
+    """run_pair for two parties that first set up IKNP: ``on_sender(channel, IknpSender)`` and
+    ``on_receiver(channel, IknpReceiver)`` return awaitables."""
+    from shardlm.protocols.ot.iknp import IknpReceiver, IknpSender
+
+    async def a(ch):
+        return await on_sender(ch, await IknpSender.setup(ch))
+
+    async def b(ch):
+        return await on_receiver(ch, await IknpReceiver.setup(ch))
+
+    return run_pair(a, b, **kw)

@@ -8,7 +8,7 @@ from shardlm.protocols.ot.iknp import IknpReceiver, IknpSender
 from shardlm.wire.errors import ProtocolError
 from shardlm.wire.msgtypes import MsgType
 
-from ot_support import run_pair
+from ot_support import run_ext, run_pair
 
 NET = "rtt=10ms,bw=1gbit"
 
@@ -36,15 +36,8 @@ def test_base_ot_gives_the_chosen_keys_only():
 def test_random_ot(n):
     c = _choices(n)
 
-    async def sender(ch):
-        s = await IknpSender.setup(ch)
-        return await s.random(ch, n)
-
-    async def receiver(ch):
-        r = await IknpReceiver.setup(ch)
-        return await r.random(ch, c)
-
-    (m0, m1), mc, cs, cr = run_pair(sender, receiver, net=NET)
+    (m0, m1), mc, cs, cr = run_ext(lambda ch, s: s.random(ch, n),
+                                   lambda ch, r: r.random(ch, c), net=NET)
     assert m0.shape == m1.shape == mc.shape == (n, 2)
     assert np.array_equal(mc, np.where(c[:, None].astype(bool), m1, m0))
     assert (m0 != m1).any(axis=1).all()
@@ -82,15 +75,8 @@ def test_correlated_ot_over_z2_64(k):
     delta = rng.integers(0, 2**64, (n,) if k == 1 else (n, k), dtype=np.uint64, endpoint=False)
     delta[:4] = [0, 1, 2**63, 2**64 - 1] if k == 1 else np.array([0, 1, 2**63, 2**64 - 1], dtype=np.uint64)[:, None]
 
-    async def sender(ch):
-        s = await IknpSender.setup(ch)
-        return await s.correlated(ch, delta)
-
-    async def receiver(ch):
-        r = await IknpReceiver.setup(ch)
-        return await r.correlated(ch, c, k=k)
-
-    x, y, _, _ = run_pair(sender, receiver, net=NET)
+    x, y, _, _ = run_ext(lambda ch, s: s.correlated(ch, delta),
+                         lambda ch, r: r.correlated(ch, c, k=k), net=NET)
     cc = c.astype(np.uint64) if k == 1 else c.astype(np.uint64)[:, None]
     assert y.dtype == np.uint64 and y.shape == delta.shape
     assert np.array_equal(y, x + cc * delta)  # wraps mod 2^64
@@ -105,15 +91,8 @@ def test_chosen_message_ot(L):
     msg0 = prims.random_bytes(n * L).reshape(n, L)
     msg1 = prims.random_bytes(n * L).reshape(n, L)
 
-    async def sender(ch):
-        s = await IknpSender.setup(ch)
-        await s.chosen(ch, msg0, msg1)
-
-    async def receiver(ch):
-        r = await IknpReceiver.setup(ch)
-        return await r.chosen(ch, c, L)
-
-    _, got, _, cr = run_pair(sender, receiver, net=NET)
+    _, got, _, cr = run_ext(lambda ch, s: s.chosen(ch, msg0, msg1),
+                            lambda ch, r: r.chosen(ch, c, L), net=NET)
     assert np.array_equal(got, np.where(c[:, None].astype(bool), msg1, msg0))
     ext = cr.totals()
     assert ext.bytes_received >= 2 * n * L  # both ciphertexts travel
@@ -126,15 +105,8 @@ def test_one_of_n(N, L):
     ch_idx = np.random.default_rng(N).integers(0, N, T)
     ch_idx[0] = N - 1
 
-    async def sender(ch):
-        s = await IknpSender.setup(ch)
-        await nofn.send(ch, s, msgs)
-
-    async def receiver(ch):
-        r = await IknpReceiver.setup(ch)
-        return await nofn.receive(ch, r, ch_idx, N, L)
-
-    _, got, _, _ = run_pair(sender, receiver, net=NET)
+    _, got, _, _ = run_ext(lambda ch, s: nofn.send(ch, s, msgs),
+                           lambda ch, r: nofn.receive(ch, r, ch_idx, N, L), net=NET)
     assert np.array_equal(got, msgs[np.arange(T), ch_idx])
 
 
@@ -143,15 +115,8 @@ def test_one_of_n_with_a_shared_message_list():
     msgs = prims.random_bytes(N * L).reshape(N, L)
     idx = np.random.default_rng(1).integers(0, N, T)
 
-    async def sender(ch):
-        s = await IknpSender.setup(ch)
-        await nofn.send(ch, s, msgs, count=T)
-
-    async def receiver(ch):
-        r = await IknpReceiver.setup(ch)
-        return await nofn.receive(ch, r, idx, N, L)
-
-    _, got, _, _ = run_pair(sender, receiver)
+    _, got, _, _ = run_ext(lambda ch, s: nofn.send(ch, s, msgs, count=T),
+                           lambda ch, r: nofn.receive(ch, r, idx, N, L))
     assert np.array_equal(got, msgs[idx])
 
 

@@ -14,7 +14,7 @@ from shardlm.protocols.ot import embedding, nofn, prims
 from shardlm.protocols.ot.iknp import IknpReceiver, IknpSender
 from shardlm.wire.msgtypes import MsgType
 
-from ot_support import run_pair
+from ot_support import run_ext, run_pair
 
 # chi-square with 255 degrees of freedom: mean 255, sd 22.6; 400 is p < 1e-10
 CHI2_LIMIT = 400
@@ -98,15 +98,8 @@ def test_a_wrong_key_opens_nothing_in_chosen_message_ot():
     c = prims.random_bits(n)
     zeros = np.zeros((n, L), np.uint8)
 
-    async def sender(ch):
-        s = await IknpSender.setup(ch)
-        await s.chosen(ch, zeros, zeros)
-
-    async def receiver(ch):
-        r = await IknpReceiver.setup(ch)
-        return await r.chosen(ch, c, L)
-
-    _, got, _, cr = run_pair(sender, receiver, record=True)
+    _, got, _, cr = run_ext(lambda ch, s: s.chosen(ch, zeros, zeros),
+                            lambda ch, r: r.chosen(ch, c, L), record=True)
     assert not got.any()  # the chosen (all-zero) messages arrive
     corr = [m.body for m in cr.view if m.type == MsgType.OT_EXT_CORR]
     e0 = np.concatenate([b["e0"] for b in corr])
@@ -124,15 +117,8 @@ def test_correlated_ot_corrections_are_uniform_for_a_constant_delta():
     c = prims.random_bits(n)
     delta = np.full(n, 0x0123456789ABCDEF, dtype=np.uint64)
 
-    async def sender(ch):
-        s = await IknpSender.setup(ch)
-        return await s.correlated(ch, delta)
-
-    async def receiver(ch):
-        r = await IknpReceiver.setup(ch)
-        return await r.correlated(ch, c)
-
-    x, y, _, cr = run_pair(sender, receiver, record=True)
+    x, y, _, cr = run_ext(lambda ch, s: s.correlated(ch, delta),
+                          lambda ch, r: r.correlated(ch, c), record=True)
     d = np.concatenate([m.body["d"] for m in cr.view if m.type == MsgType.OT_EXT_CORR])
     # what the receiver sees of Δ where it chose 0 is padded by the other message
     assert_uniform(d[c == 0].view(np.uint8), "corrections where c = 0")
@@ -144,15 +130,8 @@ def test_one_of_n_receiver_cannot_open_other_messages():
     msgs = np.zeros((T, N, L), np.uint8)
     idx = np.array([0, 1, 2345, N - 1])
 
-    async def sender(ch):
-        s = await IknpSender.setup(ch)
-        await nofn.send(ch, s, msgs)
-
-    async def receiver(ch):
-        r = await IknpReceiver.setup(ch)
-        return await nofn.receive(ch, r, idx, N, L)
-
-    _, got, cs, cr = run_pair(sender, receiver, record=True)
+    _, got, cs, cr = run_ext(lambda ch, s: nofn.send(ch, s, msgs),
+                             lambda ch, r: nofn.receive(ch, r, idx, N, L), record=True)
     assert not got.any()
     cts = np.concatenate([m.body["ct"] for m in cr.view if m.type == MsgType.OT_NOFN_CT and "ct" in m.body])
     cts = cts.reshape(T, N, L)
