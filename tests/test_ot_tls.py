@@ -106,3 +106,12 @@ def test_ot_bench_command():
     assert out["count"] == 65536 and out["ots_per_s"] > 0 and out["base_ot_seconds"] > 0
     assert 16.0 <= out["bytes_per_ot"] < 16.1
     assert out["transport"].startswith("TLS")
+
+
+def test_ot_bench_embedding_mode_reports_the_cost_formula():
+    result = CliRunner().invoke(cli, ["ot-bench", "--embedding", "1000x8", "--count", "3", "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.output.strip().splitlines()[-1])
+    assert out["rows_correct"] and out["tokens"] == 3
+    # measured traffic = the formula plus a little framing
+    assert out["formula"]["total"] <= out["bytes_per_token"] * 3 <= out["formula"]["total"] + 2048
