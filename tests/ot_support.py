@@ -22,13 +22,15 @@ class RecordingChannel(Channel):
         return msg
 
 
-def run_pair(party_a, party_b, net: str | None = None, record: bool = False):
+def run_pair(party_a, party_b, net: str | None = None, record: bool = False, lockstep: bool = False):
     """Run ``party_a(channel)`` and ``party_b(channel)`` concurrently; return (result_a,
-    result_b, channel_a, channel_b). ``net`` simulates a link on a's side."""
+    result_b, channel_a, channel_b). ``net`` simulates a link on a's side; ``lockstep`` uses
+    streams without any buffer (every send waits for the peer to read: deadlocks show)."""
     out = {}
 
     async def main():
-        sa, sb = trio.testing.memory_stream_pair()
+        pair = trio.testing.lockstep_stream_pair if lockstep else trio.testing.memory_stream_pair
+        sa, sb = pair()
         spec = netsim.parse_netspec(net) if net else None
         async with netsim.simulate(sa, spec) as sa2:
             kind = RecordingChannel if record else Channel

@@ -98,6 +98,22 @@ def test_chosen_message_ot(L):
     assert ext.bytes_received >= 2 * n * L  # both ciphertexts travel
 
 
+@pytest.mark.parametrize("kind", ["correlated", "chosen"])
+def test_pipelined_corrections_cannot_deadlock_without_buffers(kind):
+    n = 2 * iknp.CHUNK + 77  # several chunks, each answered while the next u is in flight
+    c = _choices(n)
+    msgs = prims.random_bytes(2 * n * 24).reshape(2, n, 24)
+    delta = np.arange(n, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    if kind == "correlated":
+        x, y, _, _ = run_ext(lambda ch, s: s.correlated(ch, delta),
+                             lambda ch, r: r.correlated(ch, c), lockstep=True)
+        assert np.array_equal(y, x + c.astype(np.uint64) * delta)
+    else:
+        _, got, _, _ = run_ext(lambda ch, s: s.chosen(ch, msgs[0], msgs[1]),
+                               lambda ch, r: r.chosen(ch, c, 24), lockstep=True)
+        assert np.array_equal(got, np.where(c[:, None].astype(bool), msgs[1], msgs[0]))
+
+
 @pytest.mark.parametrize("N,L", [(1, 4), (2, 16), (5, 3), (256, 16), (1000, 40), (4097, 8)])
 def test_one_of_n(N, L):
     T = 6

@@ -27,19 +27,31 @@ hash is already the tweakable one KOS needs.
 
 Streaming: batches are processed in chunks of ``CHUNK`` OTs (a multiple of 128), so memory is
 bounded by the chunk for random OT (``*_chunks`` generators) and by the caller's own inputs
-and outputs for the other flavours. Random OT is one flight (R -> S); correlated and
-chosen-message OT add one flight of corrections S -> R after all u chunks (never interleaved,
-so neither side can block on a full socket buffer while its peer does the same).
+and outputs for the other flavours. Random OT is one flight (R -> S). Correlated and
+chosen-message OT are pipelined: the sender answers each u chunk with that chunk's
+corrections (S -> R) at once, while the receiver keeps streaming u from one task and reads
+corrections from another (``_pipelined``), so nobody waits for a reply and no socket buffer can
+fill up on both sides at once. The channel counts each change of direction as a round; the
+latency cost is still one round trip.
+
+A ``*_chunks`` generator must be run to the end: both parties' PRG streams and OT indices
+advance per chunk, and stopping early on one side desynchronises the extension.
 """
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
+import trio
 
 from ...party.channel import Channel
 from ...wire.errors import ErrorCode, ProtocolError
 from ...wire.msgtypes import MsgType
 from . import base, prims
+
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup
 
 KAPPA = prims.KAPPA
 CHUNK = 1 << 16
@@ -146,7 +158,7 @@ class IknpSender:
             sl = slice(off, off + len(m0))
             x[sl] = pad_bytes(m0, 8 * k).view(np.uint64)
             corr[sl] = x[sl] + d2[sl] - pad_bytes(m1, 8 * k).view(np.uint64)
-        await _send_rows(ch, {"d": corr})
+            await _send_rows(ch, {"d": corr[sl]})
         return x.reshape(shape)
 
     async def chosen(self, ch: Channel, msg0: np.ndarray, msg1: np.ndarray) -> None:
@@ -162,7 +174,7 @@ class IknpSender:
             sl = slice(off, off + len(m0))
             np.bitwise_xor(msg0[sl], pad_bytes(m0, L), out=e0[sl])
             np.bitwise_xor(msg1[sl], pad_bytes(m1, L), out=e1[sl])
-        await _send_rows(ch, {"e0": e0, "e1": e1})
+            await _send_rows(ch, {"e0": e0[sl], "e1": e1[sl]})
 
 
 class IknpReceiver:
@@ -220,11 +232,12 @@ class IknpReceiver:
         """Correlated OT over Z_2^64: x + c_j·Δ_j (shape (n,) for k = 1, else (n, k))."""
         r = _bits(choices)
         y = np.empty((r.size, k), dtype=np.uint64)
-        async for off, mc in self.random_chunks(ch, r):
-            y[off:off + len(mc)] = pad_bytes(mc, 8 * k).view(np.uint64)
-        corr = (await _recv_rows(ch, ("d",), r.size))["d"]
-        if corr.shape != (r.size, k) or corr.dtype != np.uint64:
-            raise ProtocolError(ErrorCode.MALFORMED, f"OT_EXT_CORR: expected {r.size} x {k} uint64")
+
+        async def produce():
+            async for off, mc in self.random_chunks(ch, r):
+                y[off:off + len(mc)] = pad_bytes(mc, 8 * k).view(np.uint64)
+
+        corr = (await _pipelined(ch, produce, {"d": np.empty((r.size, k), dtype=np.uint64)}))["d"]
         sel = r.astype(bool)
         y[sel] += corr[sel]
         return y.reshape(-1) if k == 1 else y
@@ -233,12 +246,14 @@ class IknpReceiver:
         """Chosen-message OT: return (n, nbytes) uint8, row j = the sender's msg_{c_j}[j]."""
         r = _bits(choices)
         pads = np.empty((r.size, nbytes), dtype=np.uint8)
-        async for off, mc in self.random_chunks(ch, r):
-            pads[off:off + len(mc)] = pad_bytes(mc, nbytes)
-        got = await _recv_rows(ch, ("e0", "e1"), r.size)
+
+        async def produce():
+            async for off, mc in self.random_chunks(ch, r):
+                pads[off:off + len(mc)] = pad_bytes(mc, nbytes)
+
+        got = await _pipelined(ch, produce, {"e0": np.empty((r.size, nbytes), dtype=np.uint8),
+                                             "e1": np.empty((r.size, nbytes), dtype=np.uint8)})
         e0, e1 = got["e0"], got["e1"]
-        if e0.shape != (r.size, nbytes) or e1.shape != e0.shape or e0.dtype != np.uint8:
-            raise ProtocolError(ErrorCode.MALFORMED, f"OT_EXT_CORR: expected {r.size} x {nbytes} uint8")
         out = np.where(r.astype(bool)[:, None], e1, e0)
         out ^= pads
         return out
@@ -252,23 +267,53 @@ async def _send_rows(ch: Channel, arrays: dict) -> None:
     n = len(next(iter(arrays.values())))
     row_bytes = sum(a[:1].nbytes for a in arrays.values()) or 1
     step = max(1, _ROW_BYTES_PER_MESSAGE // row_bytes)
-    for off in range(0, max(n, 1), step):
+    for off in range(0, n, step):
         await ch.send(MsgType.OT_EXT_CORR, {k: a[off:off + step] for k, a in arrays.items()})
 
 
-async def _recv_rows(ch: Channel, names, n: int) -> dict:
-    parts: dict = {k: [] for k in names}
-    got = 0
-    while True:
-        body = (await ch.expect(MsgType.OT_EXT_CORR)).body
-        arrays = [body.get(k) for k in names]
-        if not all(isinstance(a, np.ndarray) for a in arrays) or len({len(a) for a in arrays}) != 1:
-            raise ProtocolError(ErrorCode.MALFORMED, "OT_EXT_CORR: missing or ragged arrays")
-        for k, a in zip(names, arrays):
-            parts[k].append(a)
-        got += len(arrays[0])
-        if got >= n:
-            break
-    if got != n:
-        raise ProtocolError(ErrorCode.MALFORMED, f"OT_EXT_CORR: {got} rows for {n} OTs")
-    return {k: np.concatenate(v) for k, v in parts.items()}
+async def _pipelined(ch: Channel, produce, into: dict) -> dict:
+    """Run ``produce`` (which streams u chunks) while a second task fills the preallocated
+    arrays ``into`` from OT_EXT_CORR messages, in order, until every row has arrived.
+
+    The sender answers each u chunk with its corrections at once, so both directions flow
+    together; because this side always reads, neither side can block for good on a full
+    socket buffer."""
+    n = len(next(iter(into.values())))
+
+    async def consume():
+        got = 0
+        while got < n:
+            body = (await ch.expect(MsgType.OT_EXT_CORR)).body
+            parts = [body.get(k) for k in into]
+            rows = len(parts[0]) if isinstance(parts[0], np.ndarray) else -1
+            for (k, dst), a in zip(into.items(), parts):
+                if not isinstance(a, np.ndarray) or a.dtype != dst.dtype or a.shape[1:] != dst.shape[1:] \
+                        or len(a) != rows or not 0 < rows <= n - got:
+                    raise ProtocolError(ErrorCode.MALFORMED, f"OT_EXT_CORR: bad {k!r} block at row {got} of {n}")
+                dst[got:got + rows] = a
+            got += rows
+
+    await concurrently(produce, consume)
+    return into
+
+
+async def concurrently(*fns) -> None:
+    """Run async callables in one nursery; re-raise the first real error itself (not wrapped
+    in an exception group), so callers and the server see ProtocolError and friends."""
+    try:
+        async with trio.open_nursery() as nursery:
+            for fn in fns:
+                nursery.start_soon(fn)
+    except BaseExceptionGroup as group:
+        leaves = [e for e in _leaves(group) if not isinstance(e, trio.Cancelled)]
+        if leaves:
+            raise leaves[0] from None
+        raise
+
+
+def _leaves(exc):
+    if isinstance(exc, BaseExceptionGroup):
+        for e in exc.exceptions:
+            yield from _leaves(e)
+    else:
+        yield exc
