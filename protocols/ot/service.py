@@ -7,8 +7,9 @@ Each client request is one message; the server runs the whole sub-protocol insid
   (``sender`` or ``receiver``), ``kind`` one of random / correlated / chosen. ``setup`` asks for
   fresh base OTs in that direction (the first request of each direction must set up; later ones
   reuse the extension). The server's own inputs (correlations, messages, choice bits) are
-  synthetic, drawn from ``seed`` with numpy's PCG64: this protocol exists for benchmarks and
-  interoperability tests, never for private data. ``reveal`` (at most 2^20 OTs) makes the server
+  synthetic and public, drawn from ``seed`` with numpy's PCG64 so the client can check its
+  outputs; the client's inputs are its own (fresh CSPRNG bytes by default) and stay private.
+  These batches exist for benchmarks and interoperability tests. ``reveal`` (at most 2^20 OTs) makes the server
   send its outputs back in OT_DONE so a test can check them; it deliberately forfeits the
   privacy of that batch. Otherwise OT_DONE carries only the count and the server's time.
 - ``OT_EMB_REQ``: embedding retrieval (embedding.serve_rows) from the server model's embedding
@@ -26,7 +27,7 @@ from ...party.channel import Channel
 from ...wire.errors import ErrorCode, ProtocolError
 from ...wire.msgtypes import MsgType
 from .. import registry
-from . import embedding
+from . import embedding, prims
 from .iknp import IknpReceiver, IknpSender
 
 KINDS = ("random", "correlated", "chosen")
@@ -35,17 +36,27 @@ MAX_REVEAL = 1 << 20
 MAX_NBYTES = 1 << 12
 
 
-def synthetic_inputs(kind: str, role: str, count: int, seed: int, nbytes: int = 16) -> dict:
-    """The public, seeded inputs a party uses in the ``ot`` protocol (both sides can recompute)."""
-    rng = np.random.default_rng([seed, 0 if role == "sender" else 1])
+def _inputs(kind: str, role: str, count: int, nbytes: int, draw) -> dict:
+    """A party's inputs for one batch from ``draw(n) -> n uint8``."""
     if role == "receiver":
-        return {"choices": rng.integers(0, 2, count, dtype=np.uint8)}
+        return {"choices": draw(count) & 1}
     if kind == "correlated":
-        return {"delta": rng.integers(0, 2**64 - 1, count, dtype=np.uint64, endpoint=True)}
+        return {"delta": draw(8 * count).view(np.uint64)}
     if kind == "chosen":
-        return {"msg0": rng.integers(0, 256, (count, nbytes), dtype=np.uint8),
-                "msg1": rng.integers(0, 256, (count, nbytes), dtype=np.uint8)}
+        return {"msg0": draw(count * nbytes).reshape(count, nbytes),
+                "msg1": draw(count * nbytes).reshape(count, nbytes)}
     return {}
+
+
+def synthetic_inputs(kind: str, role: str, count: int, seed: int, nbytes: int = 16) -> dict:
+    """The server's public, seeded inputs in the ``ot`` protocol (the client can recompute them)."""
+    rng = np.random.default_rng([seed, 0 if role == "sender" else 1])
+    return _inputs(kind, role, count, nbytes, lambda n: rng.integers(0, 256, n, dtype=np.uint8))
+
+
+def fresh_inputs(kind: str, role: str, count: int, nbytes: int = 16) -> dict:
+    """The client's inputs: fresh from the CSPRNG, so the server cannot know them."""
+    return _inputs(kind, role, count, nbytes, prims.random_bytes)
 
 
 def synthetic_table(rows: int, cols: int, seed: int) -> np.ndarray:
@@ -154,14 +165,14 @@ class OtClient:
     async def batch(self, kind: str, count: int, *, server_role: str = "sender", seed: int = 0,
                     nbytes: int = 16, reveal: bool = False, inputs: dict | None = None, keep: bool = True) -> dict:
         """Run one batch; return {"mine": this side's outputs, "done": the server's OT_DONE body,
-        "setup_seconds", "seconds"}. The client's inputs default to the seeded synthetic ones."""
+        "setup_seconds", "seconds"}. The client's inputs default to fresh CSPRNG bytes."""
         ch = self.channel
         my_role = "receiver" if server_role == "sender" else "sender"
         setup = (self.receiver if my_role == "receiver" else self.sender) is None
         await ch.send(MsgType.OT_REQ, {"role": server_role, "kind": kind, "count": count, "seed": seed,
                                        "nbytes": nbytes, "reveal": reveal, "setup": setup})
         if inputs is None:
-            inputs = synthetic_inputs(kind, my_role, count, seed ^ 0x5EED, nbytes)
+            inputs = fresh_inputs(kind, my_role, count, nbytes)
         t0 = time.perf_counter()
         if my_role == "receiver":
             if setup:
