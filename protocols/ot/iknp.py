@@ -15,15 +15,14 @@ circular-correlation-robust fixed-key-AES hash of prims.tccr_hash with the globa
 tweak. Security: the sender sees u_i = G(k_i^0) ⊕ G(k_i^1) ⊕ r and holds only k_i^{Δ_i}, so the
 other PRG output G(k_i^{1-Δ_i}) one-time-pads r: its view is independent of the choices. The
 receiver's other message H(j, t_j ⊕ Δ) is a correlation-robust hash at an offset Δ it does not
-know. Assumptions: those of the base OT (CDH in
-ristretto255, ROM), a secure PRG (AES-CTR), and correlation robustness of H (fixed-key AES as
-an ideal permutation). Semi-honest only.
+know. Assumptions: those of the base OT (CDH in ristretto255, ROM), a secure PRG (AES-CTR),
+and correlation robustness of H (fixed-key AES as an ideal permutation). Semi-honest only.
 
 Malicious security (KOS15) is not implemented. Its place is :meth:`IknpSender._consistency_check`
 / :meth:`IknpReceiver._consistency_check`, called once per batch after the u chunks: the
-sender would send a random seed χ, the receiver reply x = Σ χ_j·r_j and t = Σ χ_j·t_j over
-GF(2^128) (on 128 + 40 extra OTs that are discarded), and the sender check q = t ⊕ x·Δ. The
-hash is already the tweakable one KOS needs.
+sender would send a random seed for coefficients χ_j, the receiver reply x = Σ χ_j·r_j and
+t = Σ χ_j·t_j over GF(2^128) (on 128 + 40 extra OTs that are then discarded), and the sender
+check Σ χ_j·q_j = t ⊕ x·Δ. The hash is already the tweakable one KOS needs.
 
 Streaming: batches are processed in chunks of ``CHUNK`` OTs (a multiple of 128), so memory is
 bounded by the chunk for random OT (``*_chunks`` generators) and by the caller's own inputs
