@@ -219,3 +219,99 @@ def test_extension_sender_rejects_a_malformed_u_matrix():
         await ch.send(MsgType.OT_EXT_U, {"u": np.zeros((128, 31), np.uint8)})
 
     assert run_pair(sender, evil_receiver)[0]
+
+
+def test_iknp_matches_its_definition_written_out_per_row():
+    """Given fixed base-OT keys, Δ and choices, the wire matrix u and every output equal the
+    IKNP definition computed here row by row with single-block AES (no shared code)."""
+    import os
+
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    n = 300
+    mp = 384  # padded to a multiple of 128
+    pairs = [(os.urandom(16), os.urandom(16)) for _ in range(128)]
+    delta_bits = prims.random_bits(128)
+    r = _choices(n)
+
+    def stream(key, nbytes):
+        return Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor().update(bytes(nbytes))
+
+    def bit(data, j):
+        return (data[j // 8] >> (j % 8)) & 1
+
+    key = prims.FIXED_KEY
+
+    def aes(block_int):
+        out = Cipher(algorithms.AES(key), modes.ECB()).encryptor().update(block_int.to_bytes(16, "little"))
+        return int.from_bytes(out, "little")
+
+    def tccr(j, x):
+        px = aes(x)
+        return aes(px ^ j) ^ px
+
+    t_cols = [stream(k0, mp // 8) for k0, _ in pairs]
+    g1_cols = [stream(k1, mp // 8) for _, k1 in pairs]
+    rr = list(r) + [0] * (mp - n)
+    u_want = np.array([[sum((bit(t_cols[i], 8 * b + l) ^ bit(g1_cols[i], 8 * b + l) ^ rr[8 * b + l]) << l
+                            for l in range(8)) for b in range(mp // 8)] for i in range(128)], dtype=np.uint8)
+    delta = sum(int(delta_bits[i]) << i for i in range(128))
+    t_rows = [sum(bit(t_cols[i], j) << i for i in range(128)) for j in range(n)]
+
+    async def sender(ch):
+        s = IknpSender(delta_bits, [pair[b] for pair, b in zip(pairs, delta_bits)])
+        return await s.random(ch, n)
+
+    async def receiver(ch):
+        return await IknpReceiver(pairs).random(ch, r)
+
+    (m0, m1), mc, cs, _ = run_pair(sender, receiver, record=True)
+    assert np.array_equal(cs.view[0].body["u"], u_want)
+
+    def as_int(block):
+        return int.from_bytes(block.tobytes(), "little")
+
+    for j in range(n):
+        q = t_rows[j] ^ (delta if r[j] else 0)
+        assert as_int(m0[j]) == tccr(j, q)
+        assert as_int(m1[j]) == tccr(j, q ^ delta)
+        assert as_int(mc[j]) == tccr(j, t_rows[j])
+
+
+def test_base_ot_keys_match_the_chou_orlandi_definition(monkeypatch):
+    """With the scalars fixed, the keys equal BLAKE2b-128(i ‖ A ‖ B_i ‖ shared) with the shared
+    points of the definition: k^0 from a·B_i, k^1 from a·(B_i − A), the receiver's from b_i·A."""
+    import hashlib
+
+    import rbcl
+
+    L = group.ORDER
+    a = 1234567 * 10**30 % L
+    bs = [(99991 * (i + 7) ** 5) % L for i in range(4)]
+    scalars = iter([a, *bs])
+    monkeypatch.setattr(group, "random_scalar", lambda: group.scalar_from_int(next(scalars)))
+    c = [0, 1, 1, 0]
+
+    async def sender(ch):
+        return await base.send(ch, 4)
+
+    async def receiver(ch):
+        return await base.receive(ch, c)
+
+    pairs, got, _, _ = run_pair(sender, receiver)
+
+    def mul_base(k):
+        return rbcl.crypto_scalarmult_ristretto255_base(group.scalar_from_int(k))
+
+    def kdf(i, A, B, shared):
+        h = hashlib.blake2b(digest_size=16, person=b"shardlm-co-ot-v1")
+        h.update(i.to_bytes(8, "little") + A + B + shared)
+        return h.digest()
+
+    A = mul_base(a)
+    for i, (b, ci) in enumerate(zip(bs, c)):
+        B = mul_base((b + ci * a) % L)  # b·G + c·A
+        k0 = kdf(i, A, B, mul_base(a * (b + ci * a) % L))
+        k1 = kdf(i, A, B, mul_base(a * (b + ci * a - a) % L))
+        assert pairs[i] == (k0, k1)
+        assert got[i] == kdf(i, A, B, mul_base(b * a % L)) == (k0, k1)[ci]
