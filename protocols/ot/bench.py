@@ -21,7 +21,7 @@ import trio
 from ...party.client import ClientConfig, connect
 from ...wire import netsim, tls
 from . import embedding, prims
-from .service import KINDS, OtClient, synthetic_table
+from .service import KINDS, MAX_COUNT, OtClient, synthetic_table
 
 
 def parse_count(text: str) -> int:
@@ -108,6 +108,9 @@ def ot_bench(count, kind, nbytes, net, embedding_shape, as_json):
     from ...cli import start_server_process  # here: cli imports this module
 
     n = parse_count(count)
+    if not 1 <= n <= MAX_COUNT:
+        raise click.BadParameter(f"{n}: between 1 and {MAX_COUNT} (2^{MAX_COUNT.bit_length() - 1}) OTs per batch",
+                                 param_hint="--count")
     spec = None
     if net:
         try:
