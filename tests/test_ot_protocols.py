@@ -315,3 +315,24 @@ def test_base_ot_keys_match_the_chou_orlandi_definition(monkeypatch):
         k1 = kdf(i, A, B, mul_base(a * (b + ci * a - a) % L))
         assert pairs[i] == (k0, k1)
         assert got[i] == kdf(i, A, B, mul_base(b * a % L)) == (k0, k1)[ci]
+
+
+def test_embedding_retrieval_at_smollm2_size():
+    """V = 49152 (not a power of two: 16 OTs per token, 49152 ciphertexts, no padding rows),
+    d = 576, float32: rows come back bit-exact, including both ends and the 2^15 boundary."""
+    V, d = 49152, 576
+    table = np.random.default_rng(0).standard_normal((V, d), dtype=np.float32)
+    table[7, :3] = [np.nan, -0.0, np.inf]  # any bit pattern survives
+    ids = np.array([0, V - 1, 32767, 32768, 7, 40000, 7])
+
+    async def server(ch):
+        await embedding.serve_rows(ch, table)
+
+    async def client(ch):
+        return await embedding.retrieve_rows(ch, ids)
+
+    _, rows, _, cc = run_pair(server, client)
+    assert rows.view(np.uint32).tobytes() == table[ids].view(np.uint32).tobytes()
+    cost = embedding.cost_bytes(V, d, len(ids))
+    down = cc.stats["emb-table"].bytes_received + cc.stats["emb-keys"].bytes_received
+    assert cost["table"] + cost["keys"] <= down <= cost["table"] + cost["keys"] + 8192
