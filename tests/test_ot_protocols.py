@@ -336,3 +336,18 @@ def test_embedding_retrieval_at_smollm2_size():
     cost = embedding.cost_bytes(V, d, len(ids))
     down = cc.stats["emb-table"].bytes_received + cc.stats["emb-keys"].bytes_received
     assert cost["table"] + cost["keys"] <= down <= cost["table"] + cost["keys"] + 8192
+
+
+@pytest.mark.parametrize("kind", ["random", "correlated", "chosen", "nofn"])
+def test_empty_batches(kind):
+    none = np.zeros(0, np.uint8)
+    ops = {
+        "random": (lambda ch, s: s.random(ch, 0), lambda ch, r: r.random(ch, none)),
+        "correlated": (lambda ch, s: s.correlated(ch, np.zeros(0, np.uint64)), lambda ch, r: r.correlated(ch, none)),
+        "chosen": (lambda ch, s: s.chosen(ch, np.zeros((0, 4), np.uint8), np.zeros((0, 4), np.uint8)),
+                   lambda ch, r: r.chosen(ch, none, 4)),
+        "nofn": (lambda ch, s: nofn.send(ch, s, np.zeros((0, 10, 4), np.uint8)),
+                 lambda ch, r: nofn.receive(ch, r, np.zeros(0, np.int64), 10, 4)),
+    }
+    _, got, _, _ = run_ext(*ops[kind])
+    assert len(got) == 0

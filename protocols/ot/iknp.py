@@ -149,7 +149,9 @@ class IknpSender:
         """
         delta = np.asarray(delta, dtype=np.uint64)
         shape = delta.shape
-        d2 = delta.reshape(shape[0], -1)
+        if delta.ndim not in (1, 2):
+            raise ValueError("delta must be (n,) or (n, k) uint64")
+        d2 = delta.reshape(shape[0], 1) if delta.ndim == 1 else delta
         k = d2.shape[1]
         x = np.empty_like(d2)
         corr = np.empty_like(d2)

@@ -52,6 +52,8 @@ def as_blocks(data) -> np.ndarray:
 def pi(blocks: np.ndarray) -> np.ndarray:
     """The fixed-key permutation on every block of an (n, 2) uint64 array."""
     blocks = np.ascontiguousarray(blocks, dtype=np.uint64)
+    if blocks.size == 0:
+        return blocks.copy()
     return np.frombuffer(_PI.update(memoryview(blocks).cast("B")), dtype=np.uint64).reshape(blocks.shape)
 
 
