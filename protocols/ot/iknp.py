@@ -70,15 +70,15 @@ def _bits(choices) -> np.ndarray:
     return c
 
 
-def _scratch(owner, name: str, shape: tuple) -> np.ndarray:
-    """A reusable uint8 buffer (memory touched for the first time is slow here, DESIGN s10).
-    Safe to reuse across chunks: Channel.send has handed the bytes to the stream when it returns."""
+def _scratch(owner, name: str, size: int) -> np.ndarray:
+    """A reusable flat uint8 buffer (memory touched for the first time is slow here, DESIGN
+    s10). Safe to reuse across chunks: Channel.send has handed the bytes to the stream when it
+    returns."""
     bufs = owner.__dict__.setdefault("_bufs", {})
-    size = shape[0] * shape[1]
     buf = bufs.get(name)
     if buf is None or buf.size < size:
         buf = bufs[name] = np.empty(size, dtype=np.uint8)
-    return buf[:size].reshape(shape)
+    return buf[:size]
 
 
 def pad_bytes(blocks: np.ndarray, nbytes: int, domain: int = 1) -> np.ndarray:
@@ -116,11 +116,8 @@ class IknpSender:
             u = (await ch.expect(MsgType.OT_EXT_U)).body.get("u")
             if not isinstance(u, np.ndarray) or u.dtype != np.uint8 or u.shape != (KAPPA, mp // 8):
                 raise ProtocolError(ErrorCode.MALFORMED, f"OT_EXT_U: expected a {KAPPA} x {mp // 8} uint8 matrix")
-            zeros = bytes(mp // 8)
-            q = _scratch(self, "q", (KAPPA, mp // 8))
-            for i, prg in enumerate(self._prgs):
-                prg.next_into(q[i], zeros)
-            tmp = _scratch(self, "tmp", (KAPPA, mp // 8))
+            q = prims.fill_rows(self._prgs, _scratch(self, "q", KAPPA * mp // 8 + 16), mp // 8)
+            tmp = _scratch(self, "tmp", KAPPA * mp // 8)[:q.size].reshape(q.shape)
             np.bitwise_and(u, self._mask, out=tmp)
             q ^= tmp
             rows = prims.transpose_128xm(q, inplace=True)[:m]
@@ -206,12 +203,8 @@ class IknpReceiver:
             rbits = np.zeros(mp, dtype=np.uint8)
             rbits[:m] = r[done:done + m]
             rpacked = np.packbits(rbits, bitorder="little")
-            zeros = bytes(mp // 8)
-            t = _scratch(self, "t", (KAPPA, mp // 8))
-            u = _scratch(self, "u", (KAPPA, mp // 8))
-            for i in range(KAPPA):
-                self._prg0[i].next_into(t[i], zeros)
-                self._prg1[i].next_into(u[i], zeros)
+            t = prims.fill_rows(self._prg0, _scratch(self, "t", KAPPA * mp // 8 + 16), mp // 8)
+            u = prims.fill_rows(self._prg1, _scratch(self, "u", KAPPA * mp // 8 + 16), mp // 8)
             u ^= t
             u ^= rpacked
             await ch.send(MsgType.OT_EXT_U, {"u": u})

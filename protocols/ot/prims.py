@@ -119,6 +119,16 @@ class ColumnPRG:
         out[:] = np.frombuffer(self._enc.update(zeros), dtype=np.uint8)
 
 
+def fill_rows(prgs: list[ColumnPRG], flat: np.ndarray, row_bytes: int) -> np.ndarray:
+    """Write the next ``row_bytes`` of each PRG's stream as consecutive rows of ``flat`` (a
+    uint8 buffer with at least 16 bytes to spare after the rows: AES ``update_into`` asks for
+    a block of slack) without intermediate copies; return the (len(prgs), row_bytes) view."""
+    zeros = bytes(row_bytes)
+    for i, prg in enumerate(prgs):
+        prg._enc.update_into(zeros, flat[i * row_bytes:])
+    return flat[:len(prgs) * row_bytes].reshape(len(prgs), row_bytes)
+
+
 def random_bytes(n: int) -> np.ndarray:
     """n bytes from a CSPRNG (AES-CTR under an os.urandom key: fast for large n)."""
     if n <= 4096:
