@@ -47,11 +47,11 @@ def _index_bits(x: np.ndarray, k: int) -> np.ndarray:
 
 
 def _keys(kpairs: np.ndarray, xs: np.ndarray) -> np.ndarray:
-    """Keys of indices xs for every instance.
+    """The sender's keys of indices xs for every instance: key_x = ⊕_i F(K_i^{x_i}, x).
 
     kpairs: (T, k, 2 [branch], 2 [words]) random-OT outputs; xs: (X,) int64 indices.
-    Returns (T, X, 2) uint64. (A receiver passes only its own branch for each instance, by
-    giving kpairs with its chosen keys in both branch slots, and xs = its indices.)
+    Returns (T, X, 2) uint64. (The receiver computes the same sum for its own index only, from
+    the keys it chose; see :func:`receive`.)
     """
     T, k = kpairs.shape[:2]
     bits = _index_bits(xs, k)
