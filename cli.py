@@ -315,6 +315,8 @@ def demo(as_json):
         "(private generation arrives with the protocol issues)",
     ]))
 
+from .protocols.ot.bench import ot_bench  # noqa: E402
+cli.add_command(ot_bench)
 
 def main():
     cli(prog_name="shardlm")

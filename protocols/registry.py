@@ -20,7 +20,7 @@ import importlib
 from typing import Callable
 
 # Modules that register protocols when imported.
-_MODULES: list[str] = []
+_MODULES: list[str] = ["shardlm.protocols.ot.service"]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,6 +22,16 @@ class MsgType(enum.IntEnum):
     PING = 0x0110
     PONG = 0x0111
     BYE = 0x0120
+    # OT engine (protocols/ot)
+    OT_BASE_A = 0x1100      # Chou-Orlandi sender's A = aG
+    OT_BASE_B = 0x1101      # Chou-Orlandi receiver's B_i, one per base OT
+    OT_EXT_U = 0x1110       # IKNP receiver -> sender: one chunk of the 128 x m matrix u
+    OT_EXT_CORR = 0x1111    # IKNP sender -> receiver: corrections (correlated / chosen-message OT)
+    OT_NOFN_CT = 0x1120     # 1-of-N sender -> receiver: masked messages
+    OT_EMB_REQ = 0x1130     # embedding retrieval: client asks for rows (a count, never ids)
+    OT_EMB_TABLE = 0x1131   # embedding retrieval: server's table encrypted under fresh row keys
+    OT_REQ = 0x1180         # `ot` session: client asks for a batch of OTs (kind, count, server role)
+    OT_DONE = 0x1181        # `ot` session: server's end-of-batch report
 
 
 def is_known(code: int) -> bool:
