@@ -1,7 +1,8 @@
 """Every message type on the wire, in one table.
 
 Codes are stable (they appear in recorded transcripts and golden tests); add new ones at
-the end of a block, never renumber. 0x00xx: control, 0x01xx: session, 0x1xxx: protocols.
+the end of a block, never renumber. 0x00xx: control, 0x01xx: session, 0x1xxx: protocols
+(0x10xx plain/v2/v3, 0x11xx OT, 0x12xx MPC, 0x13xx CC, 0x14xx split).
 """
 
 from __future__ import annotations
@@ -22,6 +23,12 @@ class MsgType(enum.IntEnum):
     PING = 0x0110
     PONG = 0x0111
     BYE = 0x0120
+    # plain (0x10xx): the insecure baseline
+    PLAIN_FORWARD = 0x1000
+    PLAIN_LOGITS = 0x1001
+    # v2 / v3 (0x101x): masked linear offload
+    MASKED_LINEAR = 0x1010
+    MASKED_LINEAR_OK = 0x1011
     # OT engine (protocols/ot)
     OT_BASE_A = 0x1100      # Chou-Orlandi sender's A = aG
     OT_BASE_B = 0x1101      # Chou-Orlandi receiver's B_i, one per base OT
