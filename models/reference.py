@@ -1,0 +1,114 @@
+"""The plaintext reference: an executor of the model's plan (models/plan.py) in torch.
+
+It is the correctness oracle for every private protocol and the engine of the `plain` baseline,
+so it runs exactly the plan the protocol executors run: linear steps are `F.linear`, nonlinear
+stages are the functions of models/nonlinear.py.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+
+from . import nonlinear as nl
+from .nonlinear import KVCache
+from .plan import Activation, Add, Attention, Embed, Linear, Norm
+from .sampling import SamplingParams, sample
+
+__all__ = ["KVCache", "Reference", "generate"]
+
+
+class Reference:
+    def __init__(self, model):
+        self.model = model
+        self.plan = model.plan
+        self.w = model.weights
+        self.device = next(iter(self.w.values())).device
+        self.rope = nl.Rope(model.config, self.device) if model.config.uses_rope else None
+
+    def new_cache(self, capacity: int = 256) -> KVCache:
+        return KVCache(self.model.config, capacity, device=self.device)
+
+    @torch.inference_mode()
+    def forward(self, ids: torch.Tensor, cache: KVCache, all_logits: bool = False) -> torch.Tensor:
+        """Run the plan over T new token ids after the cache; logits (T or 1, vocab)."""
+        ids = ids.to(self.device).reshape(-1)
+        start = cache.length
+        env: dict[str, torch.Tensor] = {}
+        w = self.w
+        for i, step in enumerate(self.plan.steps):
+            if i == self.plan.head_start and not all_logits:
+                env[step.inp] = env[step.inp][-1:]
+            if isinstance(step, Linear):
+                env[step.out] = F.linear(env[step.inp], w[step.weight], w[step.bias] if step.bias else None)
+            elif isinstance(step, Norm):
+                x = env[step.inp]
+                if step.kind == "rms":
+                    env[step.out] = nl.rms_norm(x, w[step.weight], step.eps)
+                else:
+                    env[step.out] = nl.layer_norm(x, w[step.weight], w[step.bias], step.eps)
+            elif isinstance(step, Attention):
+                env[step.out] = nl.attention(
+                    env[step.q], env[step.k], env[step.v], layer=step.layer, n_heads=step.n_heads,
+                    n_kv_heads=step.n_kv_heads, head_dim=step.head_dim, cache=cache,
+                    rope=self.rope if step.rope else None)
+            elif isinstance(step, Add):
+                a, b = step.inputs
+                env[step.out] = env[a] + env[b]
+            elif isinstance(step, Activation):
+                if step.kind == "silu_gate":
+                    env[step.out] = nl.silu_gate(env[step.inputs[0]], env[step.inputs[1]])
+                else:
+                    env[step.out] = nl.gelu_tanh(env[step.inputs[0]])
+            elif isinstance(step, Embed):
+                x = F.embedding(ids, w[step.weight])
+                if step.pos_weight:
+                    x = x + w[step.pos_weight][start:start + ids.numel()]
+                env[step.out] = x
+            else:  # pragma: no cover - a new step kind must be taught to every executor
+                raise TypeError(f"unknown plan step {step!r}")
+        cache.advance(ids.numel())
+        return env["logits"]
+
+    def prefill(self, ids, cache: KVCache, all_logits: bool = False) -> torch.Tensor:
+        """Logits of the last position (vocab,), or of every position (T, vocab)."""
+        ids = torch.as_tensor(list(ids) if not isinstance(ids, torch.Tensor) else ids, dtype=torch.long)
+        if ids.numel() == 0:
+            raise ValueError("prefill needs at least one token")
+        logits = self.forward(ids, cache, all_logits)
+        return logits if all_logits else logits[-1]
+
+    def decode(self, token_id: int, cache: KVCache) -> torch.Tensor:
+        return self.forward(torch.tensor([int(token_id)]), cache)[-1]
+
+
+def generate(model, prompt_ids: Iterable[int], max_tokens: int, sampling: SamplingParams | None = None,
+             on_token: Callable[[int], None] | None = None, stop_ids: Iterable[int] | None = None,
+             reference: Reference | None = None) -> list[int]:
+    """Generate up to max_tokens after the prompt; stop at a stop id (default: the model's EOS ids).
+
+    Each new token is passed to `on_token` as soon as it is chosen (streaming). The stop token
+    itself is neither streamed nor returned.
+    """
+    sampling = sampling or SamplingParams()
+    ref = reference or Reference(model)
+    stops = set(model.eos_ids if stop_ids is None else stop_ids)
+    prompt = list(prompt_ids)
+    cache = ref.new_cache(len(prompt) + max_tokens)
+    gen = sampling.generator()
+    out: list[int] = []
+    if max_tokens <= 0:
+        return out
+    logits = ref.prefill(prompt, cache)
+    while True:
+        tok = sample(logits, sampling, gen)
+        if tok in stops:
+            break
+        out.append(tok)
+        if on_token is not None:
+            on_token(tok)
+        if len(out) >= max_tokens:
+            break
+        logits = ref.decode(tok, cache)
+    return out
