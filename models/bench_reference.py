@@ -33,6 +33,7 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
     ap.add_argument("--decode-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of text")
@@ -46,7 +47,7 @@ def main(argv=None) -> dict:
     if args.model in KNOWN:
         fetch(args.model, progress=True)
     t0 = time.perf_counter()
-    model = load_model(args.model)
+    model = load_model(args.model, device=args.device)
     load_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     model.fingerprint()
@@ -58,7 +59,7 @@ def main(argv=None) -> dict:
         raise SystemExit(f"benchmark text encodes to only {len(ids)} tokens")
     prompts = {"prefill_19_s": ids[:19], "prefill_100_s": ids[:100]}
     ref.prefill(ids[:19], ref.new_cache())  # warm-up (allocator, rope tables)
-    result = {"model": args.model, "threads": args.threads, "load_s": load_s, "fingerprint_s": fingerprint_s}
+    result = {"model": args.model, "device": args.device, "threads": args.threads, "load_s": load_s, "fingerprint_s": fingerprint_s}
     for key, p in prompts.items():
         result[key] = _median_time(lambda: ref.prefill(p, ref.new_cache(len(p))), args.repeats)
 

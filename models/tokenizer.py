@@ -7,9 +7,11 @@ converter rebuilds it.
 Digit rule (SmolLM2, GGUF pre-tokenizer "smollm"): llama.cpp, like the original SmolLM2
 tokenizer.json, splits digits one by one (`Digits(individual_digits=True)`) before the
 byte-level regex; transformers' GGUF converter does not. The two disagree only when two or more
-whitespace characters precede a digit ("a  1": the GPT-2 regex yields " " + " 1"; with the digit
-split first it yields "  " + "1"). We deliberately match transformers' GGUF tokenizer, the oracle
-our tests compare against, and pin that choice in tests/test_models_smollm2.py.
+whitespace characters precede a digit: for "a  1" the GPT-2 regex gives the pieces "a", " ", " 1",
+hence tokens "a", " ", " ", "1" (there is no " 1" token); splitting digits first gives "a", "  ",
+"1" (one token for the run). We deliberately match transformers' GGUF tokenizer, the oracle our
+tests compare against, and pin both behaviours in tests/test_models_smollm2.py. Runs of digits
+come out one digit per token either way (the vocabulary has no multi-digit tokens).
 """
 from __future__ import annotations
 
@@ -173,17 +175,20 @@ def _compile_template(source: str):
 
 class StreamDecoder:
     """Incremental detokenisation: `push(id)` returns the new text, holding back a partial
-    UTF-8 character (byte-level tokens may split one) until it is complete."""
+    UTF-8 character (byte-level tokens may split one) until it is complete. Decodes only a
+    short window (from the previous emission point), so a long stream stays linear."""
 
     def __init__(self, tokenizer: Tokenizer):
         self.tok = tokenizer
         self.ids: list[int] = []
-        self.emitted = 0  # characters of decode(self.ids) already returned
+        self.prefix = 0  # window start: decoding from here gives stable leading text
+        self.read = 0  # ids up to here are already emitted
 
     def push(self, token_id: int) -> str:
         self.ids.append(int(token_id))
-        text = self.tok.decode(self.ids)
-        if text.endswith("\ufffd"):
+        done = self.tok.decode(self.ids[self.prefix:self.read])
+        text = self.tok.decode(self.ids[self.prefix:])
+        if text.endswith("\ufffd") or len(text) <= len(done):
             return ""
-        new, self.emitted = text[self.emitted:], len(text)
-        return new
+        self.prefix, self.read = self.read, len(self.ids)
+        return text[len(done):]
