@@ -111,7 +111,6 @@ def read_gguf(path: Path, progress: bool = False):
         "max_position_embeddings": int(need("context_length")),
         "rms_norm_eps": float(need("attention.layer_norm_rms_epsilon")),
         "rope_theta": float(meta.get(f"{arch}.rope.freq_base", 10000.0)),
-        "vocab_size": len(meta["tokenizer.ggml.tokens"]),
         "tie_word_embeddings": "output.weight" not in names,
         "hidden_act": "silu",
         "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
@@ -137,4 +136,8 @@ def read_gguf(path: Path, progress: bool = False):
             print(f"\r  dequantizing tensors {i + 1}/{total}", end="", file=sys.stderr, flush=True)
     if progress:
         print(file=sys.stderr)
+    if "model.embed_tokens.weight" not in tensors:
+        raise ModelError(f"{path}: GGUF lacks the token embedding tensor token_embd.weight")
+    # The embedding's rows, not the token list: a model's vocabulary may be padded past it.
+    cfg["vocab_size"] = int(tensors["model.embed_tokens.weight"].shape[0])
     return cfg, tensors, tokenizer

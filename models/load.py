@@ -24,9 +24,9 @@ from .tokenizer import Tokenizer
 class Model:
     name: str
     config: ModelConfig
-    weights: dict[str, torch.Tensor]  # canonical name -> float32, linear weights (out, in)
+    weights: dict[str, torch.Tensor] = field(repr=False)  # canonical name -> float32, linear (out, in)
     tokenizer: Tokenizer | None  # None for a weights-only directory (a server needs no tokenizer)
-    plan: Plan
+    plan: Plan = field(repr=False)
     source: Path | None = None
     _fingerprint: str | None = field(default=None, repr=False)
 
