@@ -12,11 +12,12 @@ import torch
 import torch.nn.functional as F
 
 from . import nonlinear as nl
+from .config import ModelError
 from .nonlinear import KVCache
 from .plan import Activation, Add, Attention, Embed, Linear, Norm
 from .sampling import SamplingParams, sample
 
-__all__ = ["KVCache", "Reference", "generate"]
+__all__ = ["KVCache", "Reference", "complete", "generate"]
 
 
 class Reference:
@@ -130,3 +131,29 @@ def generate(model, prompt_ids: Iterable[int], max_tokens: int, sampling: Sampli
             break
         logits = ref.decode(tok, cache)
     return out
+
+
+def complete(model, prompt: str, max_tokens: int, sampling: SamplingParams | None = None, *,
+             chat: bool = True, system: str | None = None, on_text: Callable[[str], None] | None = None) -> str:
+    """Text in, text out: the prompt as a user message through the chat template (when `chat` and
+    the model has one; raw text otherwise), generated with streaming text to `on_text`."""
+    tok = model.tokenizer
+    if tok is None:
+        raise ModelError(f"{model.name}: no tokenizer, cannot generate from text")
+    if chat and tok.chat_template:
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        ids = tok.encode_chat(messages)
+    else:
+        ids = tok.encode(prompt)
+    stream = tok.stream()
+    pieces: list[str] = []
+
+    def emit(text: str) -> None:
+        if text:
+            pieces.append(text)
+            if on_text is not None:
+                on_text(text)
+
+    generate(model, ids, max_tokens, sampling, on_token=lambda t: emit(stream.push(t)))
+    emit(stream.flush())
+    return "".join(pieces)

@@ -192,3 +192,10 @@ class StreamDecoder:
             return ""
         self.prefix, self.read = self.read, len(self.ids)
         return text[len(done):]
+
+    def flush(self) -> str:
+        """At the end of the stream: whatever is held back, incomplete characters and all."""
+        done = self.tok.decode(self.ids[self.prefix:self.read])
+        text = self.tok.decode(self.ids[self.prefix:])
+        self.prefix = self.read = len(self.ids)
+        return text[len(done):]

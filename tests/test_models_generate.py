@@ -11,7 +11,7 @@ from shardlm.models.commands import models
 from shardlm.models.config import ModelError
 from shardlm.models.load import load_model
 from shardlm.models.plan import Activation, Attention, Linear, Norm
-from shardlm.models.reference import Reference, generate
+from shardlm.models.reference import Reference, complete, generate
 from shardlm.models.sampling import SamplingParams, sample
 
 
@@ -92,6 +92,15 @@ def test_generate_seeded_sampling_reproducible(tiny):
     assert a != generate(tiny, [1, 2], 15, SamplingParams(temperature=1.0, top_p=0.95, seed=43), stop_ids=())
 
 
+def test_complete_raw_and_chat(tiny):
+    tok = tiny.tokenizer
+    raw = complete(tiny, "hello", 6, chat=False)
+    assert raw == tok.decode(generate(tiny, tok.encode("hello"), 6))
+    chat = complete(tiny, "hello", 6, system="Be brief.")
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello"}]
+    assert chat == tok.decode(generate(tiny, tok.encode_chat(msgs), 6))
+
+
 def test_max_positions_enforced(tiny):
     ref = Reference(tiny)
     with pytest.raises(ModelError, match="exceeds the model's maximum 64"):
@@ -105,6 +114,11 @@ def test_stream_decoder_holds_partial_characters(tiny):
     stream = tok.stream()
     pieces = [stream.push(i) for i in ids]
     assert "".join(pieces) == "é🎉 ok" and all("\ufffd" not in p for p in pieces)
+    # A stream cut inside a character: held back until flush, then given as decode() gives it.
+    cut = tok.stream()
+    emoji = tok.encode("🎉")
+    assert [cut.push(i) for i in emoji[:-1]] == [""] * (len(emoji) - 1)
+    assert cut.flush() == tok.decode(emoji[:-1]) and cut.flush() == ""
 
 
 # --- the plan -----------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from shardlm.models.load import load_model
-from shardlm.models.reference import Reference, generate
+from shardlm.models.reference import Reference, complete, generate
 from shardlm.models.sampling import SamplingParams
 
 pytestmark = pytest.mark.slow
@@ -124,3 +124,11 @@ def test_gguf_direct_load_equals_converted(smollm2, smollm2_gguf):
     text = "Ünïcödé and code: x = [1, 2]"
     assert direct.tokenizer.encode(text) == smollm2.tokenizer.encode(text)
     assert direct.tokenizer.chat_template == smollm2.tokenizer.chat_template
+
+
+def test_complete_streams_chat_text(smollm2):
+    pieces = []
+    text = complete(smollm2, "What is the capital of France? Answer in one sentence.", 30, on_text=pieces.append)
+    assert text == "".join(pieces) and len(pieces) > 3
+    assert text == smollm2.tokenizer.decode(generate(smollm2, smollm2.tokenizer.encode_chat(CHAT), 30))
+    assert "Paris" in text
