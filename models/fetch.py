@@ -109,11 +109,14 @@ def fetch_smollm2(progress: bool = True) -> Path:
                                               "gguf_sha256": SMOLLM2_SHA256}, indent=2))
         for f in [tmp, *tmp.iterdir()]:  # mkdtemp makes the directory private; the cache is not
             f.chmod(0o755 if f.is_dir() else 0o644)
-        if target.exists():  # an earlier interrupted attempt, or another process won the race
-            if (target / MARKER).is_file():
-                return target
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+        if target.exists() and not (target / MARKER).is_file():
+            shutil.rmtree(target)  # not ours and incomplete: nothing else writes this name
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not (target / MARKER).is_file():
+                raise
+            # another process finished the same conversion first: use its copy
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     _say(progress, f"shardlm: smollm2 ready in {target} ({time.perf_counter() - t0:.1f} s)")

@@ -132,3 +132,32 @@ def test_complete_streams_chat_text(smollm2):
     assert text == "".join(pieces) and len(pieces) > 3
     assert text == smollm2.tokenizer.decode(generate(smollm2, smollm2.tokenizer.encode_chat(CHAT), 30))
     assert "Paris" in text
+
+
+def test_conversion_from_cached_gguf(smollm2, smollm2_gguf, tmp_path, monkeypatch):
+    """The GGUF -> safetensors conversion in a fresh home (the GGUF copied in, so no download):
+    a crashed attempt's leftovers do not matter, the result is the same model, a rerun is a no-op."""
+    import json
+    import shutil
+    import time
+
+    from click.testing import CliRunner
+
+    from shardlm.models import fetch
+    from shardlm.models.commands import models
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("SHARDLM_HOME", str(home))
+    (home / "gguf").mkdir(parents=True)
+    shutil.copy(smollm2_gguf, home / "gguf" / smollm2_gguf.name)
+    (home / "models" / ".smollm2-crashed").mkdir(parents=True)  # an interrupted conversion
+    result = CliRunner().invoke(models, ["fetch", "smollm2", "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)  # progress went to stderr, stdout is one JSON object
+    assert out == {"ok": True, "name": "smollm2", "path": str(home / "models" / "smollm2")}
+    assert "converting" in result.stderr
+    assert load_model("smollm2").fingerprint() == smollm2.fingerprint()
+    t0 = time.perf_counter()
+    assert fetch.fetch_smollm2(progress=False) == home / "models" / "smollm2"
+    assert time.perf_counter() - t0 < 1.0
+    assert [m["name"] for m in fetch.list_cached()] == ["smollm2"]
