@@ -1,4 +1,5 @@
-"""The nonlinear stages of a plan (models/plan.py) as plain torch functions, and the KV cache.
+"""The nonlinear stages of a plan (models/plan.py) as plain torch functions, the KV cache, and
+`run_stage`, which runs any nonlinear step on an executor's named activations.
 
 These run wherever the plaintext lives: in the reference executor, and on the client side of
 a private protocol. Each matches the Hugging Face implementation's float32 arithmetic order
@@ -12,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import ModelConfig, ModelError
+from .plan import Activation, Add, Attention, Embed, Norm, Step
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -141,3 +143,35 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layer: int, 
     probs = torch.softmax(scores, dim=-1)
     out = torch.matmul(probs, values).view(n_heads, T, head_dim)
     return out.transpose(0, 1).reshape(T, n_heads * head_dim)
+
+
+def run_stage(step: Step, env: dict[str, torch.Tensor], weights: dict[str, torch.Tensor], ids: torch.Tensor,
+              cache: KVCache, rope: Rope | None) -> None:
+    """Run one nonlinear plan step on the named activations in `env` (in place). `ids` are this
+    pass's token ids; positions start at `cache.length` (advanced by the caller after the pass)."""
+    w = weights
+    if isinstance(step, Norm):
+        x = env[step.inp]
+        if step.kind == "rms":
+            env[step.out] = rms_norm(x, w[step.weight], step.eps)
+        else:
+            env[step.out] = layer_norm(x, w[step.weight], w[step.bias], step.eps)
+    elif isinstance(step, Attention):
+        env[step.out] = attention(env[step.q], env[step.k], env[step.v], layer=step.layer, n_heads=step.n_heads,
+                                  n_kv_heads=step.n_kv_heads, head_dim=step.head_dim, cache=cache,
+                                  rope=rope if step.rope else None)
+    elif isinstance(step, Add):
+        a, b = step.inputs
+        env[step.out] = env[a] + env[b]
+    elif isinstance(step, Activation):
+        if step.kind == "silu_gate":
+            env[step.out] = silu_gate(env[step.inputs[0]], env[step.inputs[1]])
+        else:
+            env[step.out] = gelu_tanh(env[step.inputs[0]])
+    elif isinstance(step, Embed):
+        x = F.embedding(ids, w[step.weight])
+        if step.pos_weight:
+            x = x + w[step.pos_weight][cache.length:cache.length + ids.numel()]
+        env[step.out] = x
+    else:  # a new step kind must be taught to every executor
+        raise TypeError(f"not a nonlinear plan step: {step!r}")

@@ -9,12 +9,11 @@ from __future__ import annotations
 from typing import Callable, Iterable
 
 import torch
-import torch.nn.functional as F
 
 from . import nonlinear as nl
 from .config import ModelError
 from .nonlinear import KVCache
-from .plan import Activation, Add, Attention, Embed, Linear, Norm
+from .plan import Linear
 from .sampling import SamplingParams, sample
 
 __all__ = ["KVCache", "Reference", "complete", "generate"]
@@ -56,40 +55,14 @@ class Reference:
     def forward(self, ids: torch.Tensor, cache: KVCache, all_logits: bool = False) -> torch.Tensor:
         """Run the plan over T new token ids after the cache; logits (T or 1, vocab)."""
         ids = ids.to(self.device).reshape(-1)
-        start = cache.length
         env: dict[str, torch.Tensor] = {}
-        w = self.w
         for i, step in enumerate(self.plan.steps):
             if i == self.plan.head_start and not all_logits:
                 env[step.inp] = env[step.inp][-1:]
             if isinstance(step, Linear):
                 env[step.out] = self.linear(step, env[step.inp])
-            elif isinstance(step, Norm):
-                x = env[step.inp]
-                if step.kind == "rms":
-                    env[step.out] = nl.rms_norm(x, w[step.weight], step.eps)
-                else:
-                    env[step.out] = nl.layer_norm(x, w[step.weight], w[step.bias], step.eps)
-            elif isinstance(step, Attention):
-                env[step.out] = nl.attention(
-                    env[step.q], env[step.k], env[step.v], layer=step.layer, n_heads=step.n_heads,
-                    n_kv_heads=step.n_kv_heads, head_dim=step.head_dim, cache=cache,
-                    rope=self.rope if step.rope else None)
-            elif isinstance(step, Add):
-                a, b = step.inputs
-                env[step.out] = env[a] + env[b]
-            elif isinstance(step, Activation):
-                if step.kind == "silu_gate":
-                    env[step.out] = nl.silu_gate(env[step.inputs[0]], env[step.inputs[1]])
-                else:
-                    env[step.out] = nl.gelu_tanh(env[step.inputs[0]])
-            elif isinstance(step, Embed):
-                x = F.embedding(ids, w[step.weight])
-                if step.pos_weight:
-                    x = x + w[step.pos_weight][start:start + ids.numel()]
-                env[step.out] = x
-            else:  # pragma: no cover - a new step kind must be taught to every executor
-                raise TypeError(f"unknown plan step {step!r}")
+            else:
+                nl.run_stage(step, env, self.w, ids, cache, self.rope)
         cache.advance(ids.numel())
         return env["logits"]
 
