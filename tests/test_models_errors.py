@@ -171,3 +171,19 @@ def test_gguf_missing_tensor(tmp_path):
     write_gguf(f)  # only token_embd: every block tensor is missing
     with pytest.raises(ModelError, match=r"missing tensor\(s\) final_norm\.weight, layers\.0\.attn_norm\.weight"):
         load_model(str(f))
+
+
+def test_sliding_window_beyond_its_size_is_refused(tmp_path):
+    build_tiny("mistral", tmp_path, sliding_window=8)
+    ref = Reference(load_model(str(tmp_path)))
+    ref.prefill(list(range(8)), ref.new_cache())  # within the window: exact, allowed
+    with pytest.raises(ModelError, match="exceeds the sliding window 8"):
+        ref.prefill(list(range(9)), ref.new_cache())
+
+
+def test_unsupported_rope_scaling(copy):
+    cfg = json.loads((copy / "config.json").read_text())
+    cfg["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}
+    (copy / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelError, match="unsupported rope scaling type 'yarn'"):
+        load_model(str(copy))

@@ -114,7 +114,7 @@ def test_logits_match_transformers(smollm2, hf_model):
     ours = ref.prefill(ids, ref.new_cache(), all_logits=True)
     with torch.no_grad():
         theirs = hf_model(torch.tensor([ids])).logits[0]
-    torch.testing.assert_close(ours, theirs, atol=2e-3, rtol=0)
+    torch.testing.assert_close(ours, theirs, atol=2e-4, rtol=0)  # measured: 6e-5 of logits up to ~38
 
 
 def test_gguf_direct_load_equals_converted(smollm2, smollm2_gguf):
