@@ -122,8 +122,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layer: int, 
     c = cache.config
     if end > c.max_positions:
         raise ModelError(f"sequence of {end} positions exceeds the model's maximum {c.max_positions}")
-    if c.sliding_window is not None and end > c.sliding_window:
-        raise ModelError(f"sequence of {end} positions exceeds the sliding window {c.sliding_window} (unsupported)")
     q = q.view(T, n_heads, head_dim).transpose(0, 1)
     k = k.view(T, n_kv_heads, head_dim).transpose(0, 1)
     v = v.view(T, n_kv_heads, head_dim).transpose(0, 1)
@@ -135,9 +133,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layer: int, 
     group = n_heads // n_kv_heads
     q = q.reshape(n_kv_heads, group * T, head_dim)
     scores = torch.matmul(q, keys.transpose(1, 2)) * (1.0 / math.sqrt(head_dim))
-    if T > 1:
-        # Query row t (position start+t) sees keys 0..start+t.
-        allowed = torch.arange(end, device=q.device)[None, :] <= torch.arange(start, end, device=q.device)[:, None]
+    window = c.sliding_window
+    if T > 1 or (window is not None and end > window):
+        # Query row t (position start+t) sees keys 0..start+t, and with a sliding window (Mistral)
+        # only the last `window` of them. The cache keeps every key; the mask does the sliding.
+        kpos, qpos = torch.arange(end, device=q.device)[None, :], torch.arange(start, end, device=q.device)[:, None]
+        allowed = kpos <= qpos
+        if window is not None:
+            allowed &= kpos > qpos - window
         scores = scores.view(n_kv_heads, group, T, end).masked_fill(~allowed, float("-inf"))
         scores = scores.view(n_kv_heads, group * T, end)
     probs = torch.softmax(scores, dim=-1)

@@ -173,14 +173,6 @@ def test_gguf_missing_tensor(tmp_path):
         load_model(str(f))
 
 
-def test_sliding_window_beyond_its_size_is_refused(tmp_path):
-    build_tiny("mistral", tmp_path, sliding_window=8)
-    ref = Reference(load_model(str(tmp_path)))
-    ref.prefill(list(range(8)), ref.new_cache())  # within the window: exact, allowed
-    with pytest.raises(ModelError, match="exceeds the sliding window 8"):
-        ref.prefill(list(range(9)), ref.new_cache())
-
-
 def test_unsupported_rope_scaling(copy):
     cfg = json.loads((copy / "config.json").read_text())
     cfg["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}

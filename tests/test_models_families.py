@@ -14,6 +14,7 @@ CASES = {
         "high_freq_factor": 4.0, "original_max_position_embeddings": 16}}),
     "qwen2": ("qwen2", {"rope_theta": 1000000.0, "tie_word_embeddings": False}),
     "mistral": ("mistral", {"sliding_window": 4096}),
+    "mistral-sliding-window": ("mistral", {"sliding_window": 4}),  # shorter than the test sequences
     "gpt2": ("gpt2", {}),
 }
 
