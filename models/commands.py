@@ -16,7 +16,7 @@ def models() -> None:
 
 
 @models.command("fetch")
-@click.argument("name", type=click.Choice(sorted(KNOWN)))
+@click.argument("name", metavar=f"NAME ({'|'.join(sorted(KNOWN))})")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def fetch_cmd(name: str, as_json: bool) -> None:
     """Download and convert NAME into the cache (a no-op when it is already there).
@@ -29,10 +29,7 @@ def fetch_cmd(name: str, as_json: bool) -> None:
         if as_json:
             click.echo(json.dumps({"ok": False, "name": name, "error": str(e)}))
         raise click.ClickException(str(e)) from None
-    if as_json:
-        click.echo(json.dumps({"ok": True, "name": name, "path": str(path)}))
-    else:
-        click.echo(str(path))
+    click.echo(json.dumps({"ok": True, "name": name, "path": str(path)}) if as_json else str(path))
 
 
 @models.command("list")

@@ -200,7 +200,9 @@ def test_home_and_list(tmp_path, monkeypatch):
     # fetch is a no-op on a complete cache entry and prints the path.
     result = CliRunner().invoke(models, ["fetch", "smollm2", "--json"])
     assert result.exit_code == 0 and json.loads(result.output) == {"ok": True, "name": "smollm2", "path": str(done)}
-    assert CliRunner().invoke(models, ["fetch", "gpt5"]).exit_code != 0
+    bad = CliRunner().invoke(models, ["fetch", "gpt5", "--json"])
+    assert bad.exit_code == 1 and json.loads(bad.stdout) == {
+        "ok": False, "name": "gpt5", "error": "unknown model 'gpt5' (known: smollm2)"}
 
 
 def test_default_home(monkeypatch, tmp_path):
