@@ -161,3 +161,18 @@ def test_conversion_from_cached_gguf(smollm2, smollm2_gguf, tmp_path, monkeypatc
     assert fetch.fetch_smollm2(progress=False) == home / "models" / "smollm2"
     assert time.perf_counter() - t0 < 1.0
     assert [m["name"] for m in fetch.list_cached()] == ["smollm2"]
+
+
+def test_converted_directory_is_a_valid_hf_directory(smollm2, smollm2_dir):
+    """transformers reads our conversion (config.json, fp32 safetensors, tokenizer files) as an
+    ordinary HF model: same chat ids, same logits as our reference."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    hf = AutoModelForCausalLM.from_pretrained(str(smollm2_dir), dtype=torch.float32).eval()
+    hf_tok = AutoTokenizer.from_pretrained(str(smollm2_dir))
+    ids = smollm2.tokenizer.encode_chat(CHAT)
+    assert hf_tok.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=True, return_dict=False) == ids
+    ref = Reference(smollm2)
+    with torch.no_grad():
+        theirs = hf(torch.tensor([ids])).logits[0]
+    torch.testing.assert_close(ref.prefill(ids, ref.new_cache(), all_logits=True), theirs, atol=2e-4, rtol=0)
