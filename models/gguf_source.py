@@ -132,7 +132,7 @@ def read_gguf(path: Path, progress: bool = False):
         if arch == "llama" and t.name.endswith(("attn_q.weight", "attn_k.weight")):
             w = _unpermute(w, n_heads if "attn_q" in t.name else n_kv)
         tensors[name] = torch.from_numpy(np.ascontiguousarray(w))
-        if progress and (i + 1) % 32 == 0 or progress and i + 1 == total:
+        if progress and ((i + 1) % 32 == 0 or i + 1 == total):
             print(f"\r  dequantizing tensors {i + 1}/{total}", end="", file=sys.stderr, flush=True)
     if progress:
         print(file=sys.stderr)

@@ -45,9 +45,9 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if params.top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
-        cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+        p = torch.softmax(sorted_logits, dim=-1)
         # Drop a token once the tokens before it already reach top_p (the first always stays).
-        drop = (cum - torch.softmax(sorted_logits, dim=-1)) >= params.top_p
+        drop = (p.cumsum(-1) - p) >= params.top_p
         logits = logits.clone()
         logits[order[drop]] = float("-inf")
     probs = torch.softmax(logits, dim=-1)
