@@ -13,6 +13,7 @@ import torch
 from . import nonlinear as nl
 from .config import ModelError
 from .nonlinear import KVCache
+from .executor import forward_steps, run_sync
 from .plan import Linear
 from .sampling import SamplingParams, sample
 
@@ -54,17 +55,8 @@ class Reference:
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, cache: KVCache, all_logits: bool = False) -> torch.Tensor:
         """Run the plan over T new token ids after the cache; logits (T or 1, vocab)."""
-        ids = ids.to(self.device).reshape(-1)
-        env: dict[str, torch.Tensor] = {}
-        for i, step in enumerate(self.plan.steps):
-            if i == self.plan.head_start and not all_logits:
-                env[step.inp] = env[step.inp][-1:]
-            if isinstance(step, Linear):
-                env[step.out] = self.linear(step, env[step.inp])
-            else:
-                nl.run_stage(step, env, self.w, ids, cache, self.rope)
-        cache.advance(ids.numel())
-        return env["logits"]
+        gen = forward_steps(self.plan, self.w, ids.to(self.device), cache, self.rope, all_logits=all_logits)
+        return run_sync(gen, lambda ops, x: [self.linear(op, x) for op in ops])
 
     def prefill(self, ids, cache: KVCache, all_logits: bool = False) -> torch.Tensor:
         """Logits of the last position (vocab,), or of every position (T, vocab)."""

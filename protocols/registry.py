@@ -20,7 +20,7 @@ import importlib
 from typing import Callable
 
 # Modules that register protocols when imported.
-_MODULES: list[str] = ["shardlm.protocols.ot.service"]
+_MODULES: list[str] = ["shardlm.protocols.plain", "shardlm.protocols.masked", "shardlm.protocols.ot.service"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +31,9 @@ class ProtocolSpec:
     # (server_session) -> handler; None for protocols with no messages of their own
     server_handler: Callable | None = None
     needs_model: bool = False
+    # (channel, model, *, prompt_tokens, max_tokens, material, progress) -> a client with
+    # new_cache(n), async forward(ids) -> logits, timings, offline_ms (see party/generation.py)
+    client_factory: Callable | None = None
 
 
 PROTOCOLS: dict[str, ProtocolSpec] = {}

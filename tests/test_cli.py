@@ -80,7 +80,16 @@ def test_net_option_applies_latency(server):
     assert json.loads(out.stdout)["status"] == "ok"
 
 
-def test_demo_runs_end_to_end():
-    out = json.loads(shardlm("demo", "--json").stdout)
-    assert out["health"]["status"] == "ok" and out["session"]["protocol"] == "echo"
-    assert out["median_rtt_ms"] > 0
+def test_demo_generates_privately_and_matches_the_reference(smollm2):
+    from shardlm.models.reference import generate
+    from shardlm.models.sampling import SamplingParams
+
+    out = json.loads(shardlm("demo", "--json", "--max-tokens", "8").stdout)
+    assert out["protocol"] == "v3" and out["private"] is True
+    prompt = smollm2.tokenizer.encode_chat([{"role": "user", "content": "Hello, how are you?"}])
+    assert out["prompt_tokens"] == len(prompt)
+    assert out["token_ids"] == generate(smollm2, prompt, 8, SamplingParams(), stop_ids=())
+    assert out["text"] == smollm2.tokenizer.decode(out["token_ids"], skip_special_tokens=True)
+    # 4L+1 = 121 rounds per forward: the prefill, then 7 decode steps
+    assert out["phases"]["prefill"]["rounds"] == 121 and out["phases"]["decode"]["rounds"] == 121 * 7
+    assert out["offline_ms"] > 0 and out["bytes_sent"] > 0 and out["transcript"]

@@ -1,0 +1,77 @@
+"""The one interpreter of a model's plan, with the linear work left to the caller.
+
+:func:`forward_steps` is a generator: it runs every nonlinear stage itself and, at each linear
+step, *yields* ``(ops, x)`` — the Linear steps to apply to input rows ``x`` (one op, or all
+ops of a fuse group when ``fuse=True``) — and expects to be sent back the list of their outputs
+(bias included). It returns the logits. Who computes the linear ops, and how, is the caller's
+business: the plaintext reference does ``F.linear``; a private protocol's client masks ``x``
+and asks the server; a test can count the calls. Because the generator never does I/O, the same
+code is driven synchronously (:func:`run_sync`) or from trio (:func:`run_async`).
+"""
+from __future__ import annotations
+
+import time
+from typing import Awaitable, Callable, Generator
+
+import torch
+
+from . import nonlinear as nl
+from .nonlinear import KVCache
+from .plan import Embed, Linear, Plan
+
+LinearRequest = tuple[tuple[Linear, ...], torch.Tensor]
+Forward = Generator[LinearRequest, list[torch.Tensor], torch.Tensor]
+
+
+def forward_steps(plan: Plan, weights: dict[str, torch.Tensor], ids: torch.Tensor, cache: KVCache,
+                  rope: nl.Rope | None, *, fuse: bool = False, all_logits: bool = False,
+                  timings: dict[str, float] | None = None) -> Forward:
+    """Run the plan over the T token ids after the cache; return logits (T or 1, vocab).
+
+    ``timings`` (optional) accumulates seconds spent in the embedding and in nonlinear stages.
+    """
+    ids = ids.reshape(-1)
+    env: dict[str, torch.Tensor] = {}
+    steps = plan.steps
+    i = 0
+    while i < len(steps):
+        step = steps[i]
+        if i == plan.head_start and not all_logits:
+            env[step.inp] = env[step.inp][-1:]  # only the last position's logits are wanted
+        if isinstance(step, Linear):
+            ops = [step]
+            if fuse and step.fuse_group:
+                while i + len(ops) < len(steps) and getattr(steps[i + len(ops)], "fuse_group", None) == step.fuse_group:
+                    ops.append(steps[i + len(ops)])
+            outs = yield tuple(ops), env[step.inp]
+            for op, out in zip(ops, outs):
+                env[op.out] = out
+            i += len(ops)
+            continue
+        t0 = time.perf_counter()
+        nl.run_stage(step, env, weights, ids, cache, rope)
+        if timings is not None:
+            key = "embed" if isinstance(step, Embed) else "nonlinear"
+            timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
+        i += 1
+    cache.advance(ids.numel())
+    return env["logits"]
+
+
+def run_sync(gen: Forward, linear: Callable[[tuple[Linear, ...], torch.Tensor], list[torch.Tensor]]) -> torch.Tensor:
+    try:
+        request = next(gen)
+        while True:
+            request = gen.send(linear(*request))
+    except StopIteration as stop:
+        return stop.value
+
+
+async def run_async(gen: Forward,
+                    linear: Callable[[tuple[Linear, ...], torch.Tensor], Awaitable[list[torch.Tensor]]]) -> torch.Tensor:
+    try:
+        request = next(gen)
+        while True:
+            request = gen.send(await linear(*request))
+    except StopIteration as stop:
+        return stop.value

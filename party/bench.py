@@ -1,0 +1,116 @@
+"""``shardlm bench``: every protocol measured side by side in one run, in the seeds' JSON format.
+
+Each run is one whole generation in a fresh session (handshake, offline phase, prefill,
+decode of exactly ``max_tokens`` tokens: EOS is ignored so runs are comparable). Per protocol
+the output follows seed 001 Appendix A (``model``, ``version``, ``config``, ``results`` with
+``embedding``/``prefill``/``total`` statistics and ``tokens_per_second``), extended with
+``decode`` statistics, decode tokens/s, bytes each way and rounds (per run and per decode
+token), offline time, and ``ratio_to_plain`` when ``plain`` ran in the same invocation.
+"""
+
+from __future__ import annotations
+
+import datetime
+import platform
+import statistics
+from typing import Callable
+
+from ..models.sampling import SamplingParams
+from .client import ClientConfig
+from .run import run_generation
+
+
+def timing_stats(values: list[float]) -> dict:
+    xs = sorted(values)
+
+    def pct(p: float) -> float:
+        return xs[min(len(xs) - 1, max(0, round(p / 100 * (len(xs) - 1))))]
+
+    return {
+        "mean_ms": statistics.fmean(xs), "std_ms": statistics.pstdev(xs) if len(xs) > 1 else 0.0,
+        "min_ms": xs[0], "max_ms": xs[-1], "p50_ms": pct(50), "p95_ms": pct(95), "p99_ms": pct(99),
+    }
+
+
+async def bench_protocol(cfg: ClientConfig, model, protocol: str, prompt_ids: list[int], max_tokens: int,
+                         runs: int, warmup: int, sampling: SamplingParams,
+                         progress: Callable[[str], None] | None = None) -> dict:
+    reports = []
+    for i in range(warmup + runs):
+        rep = await run_generation(cfg, model, protocol, prompt_ids, max_tokens, sampling, ignore_eos=True)
+        if progress is not None:
+            kind = "warmup" if i < warmup else "run"
+            progress(f"{protocol}: {kind} {i + 1 - (warmup if i >= warmup else 0)}/{warmup if i < warmup else runs} "
+                     f"prefill {rep.result.prefill_ms:.0f} ms, decode {rep.result.decode_tokens_per_s:.2f} tok/s")
+        if i >= warmup:
+            reports.append(rep.as_dict())
+    t = [r["timing"] for r in reports]
+    decode_tps = [x["decode_tokens_per_s"] for x in t]
+    n_decode = max(1, max_tokens - 1)
+    return {
+        "model": model.name, "gpu": None, "device": cfg_device_note(),
+        "version": protocol, "endpoint": protocol, "private": reports[0]["private"],
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds"),
+        "config": {"prompt_tokens": len(prompt_ids), "max_new_tokens": max_tokens,
+                   "temperature": sampling.temperature, "runs": runs, "warmup": warmup, "endpoint": protocol,
+                   "net": cfg.net.describe() if cfg.net else "none"},
+        "results": {
+            "embedding": timing_stats([x["embedding_ms"] for x in t]),
+            "prefill": timing_stats([x["prefill_ms"] for x in t]),
+            "decode": timing_stats([x["decode_ms"] for x in t]),
+            "total": timing_stats([x["total_ms"] for x in t]),
+            "tokens_per_second": statistics.fmean(
+                (r["generated_tokens"]) / (r["timing"]["total_ms"] / 1e3) for r in reports),
+            "decode_tokens_per_second": statistics.fmean(decode_tps),
+            "offline_ms": statistics.fmean(r["offline_ms"] for r in reports),
+            "offline_ms_per_token": statistics.fmean(r["offline_ms"] for r in reports) / (len(prompt_ids) + max_tokens),
+            "bytes_sent": statistics.fmean(r["bytes_sent"] for r in reports),
+            "bytes_received": statistics.fmean(r["bytes_received"] for r in reports),
+            "rounds": statistics.fmean(r["rounds"] for r in reports),
+            "prefill_rounds": reports[0]["prefill_rounds"],
+            "per_decode_token": {
+                k: statistics.fmean(r["phases"].get("decode", {}).get(k, 0) / n_decode for r in reports)
+                for k in ("bytes_sent", "bytes_received", "rounds")
+            },
+        },
+    }
+
+
+def cfg_device_note() -> str:
+    return f"{platform.machine()} CPU"
+
+
+def add_ratios(results: list[dict]) -> None:
+    """``ratio_to_plain``: speed relative to plain in the same run (>1 is faster than plain)."""
+    plain = next((r for r in results if r["version"] == "plain"), None)
+    if plain is None:
+        return
+    p = plain["results"]
+    for r in results:
+        x = r["results"]
+        x["ratio_to_plain"] = {
+            "prefill_speed": p["prefill"]["mean_ms"] / x["prefill"]["mean_ms"],
+            "decode_tokens_per_second": x["decode_tokens_per_second"] / p["decode_tokens_per_second"],
+        }
+
+
+def plot(results: list[dict], path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise RuntimeError("--plot needs matplotlib: pip install matplotlib") from exc
+    names = [r["version"] for r in results]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
+    a.bar(names, [r["results"]["prefill"]["mean_ms"] for r in results],
+          yerr=[r["results"]["prefill"]["std_ms"] for r in results], color="tab:blue")
+    a.set_ylabel("prefill ms (mean)")
+    a.set_title(f"prefill, {results[0]['config']['prompt_tokens']} tokens")
+    b.bar(names, [r["results"]["decode_tokens_per_second"] for r in results], color="tab:green")
+    b.set_ylabel("decode tokens/s")
+    b.set_title(f"decode, net: {results[0]['config']['net']}")
+    fig.suptitle(f"shardlm bench: {results[0]['model']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)

@@ -1,0 +1,71 @@
+"""One private generation from the client's side: connect, handshake, offline phase, online phase.
+
+Used by ``shardlm generate``, ``chat``, ``bench`` and ``demo``; returns everything they report
+(text, ids, timings, bytes and rounds per phase, offline time).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+from ..models.sampling import SamplingParams
+from ..protocols import registry
+from .client import ClientConfig, connect
+from .generation import GenerationResult, generate
+
+
+@dataclasses.dataclass
+class RunReport:
+    protocol: str
+    private: bool
+    session_id: str
+    prompt_tokens: int
+    result: GenerationResult
+    offline_ms: float
+    stats: dict  # phase -> PhaseStats.as_dict()
+
+    def as_dict(self, tokenizer=None) -> dict:
+        r = self.result
+        prefill, decode = self.stats.get("prefill", {}), self.stats.get("decode", {})
+        out = {
+            "protocol": self.protocol, "private": self.private, "session_id": self.session_id,
+            "prompt_tokens": self.prompt_tokens, "token_ids": r.token_ids, "generated_tokens": len(r.token_ids),
+            "stop_reason": r.stop_reason,
+            "timing": {"embedding_ms": r.embedding_ms, "prefill_ms": r.prefill_ms, "decode_ms": r.decode_ms,
+                       "total_ms": r.total_ms, "decode_tokens_per_s": r.decode_tokens_per_s},
+            "offline_ms": self.offline_ms,
+            "bytes_sent": sum(s["bytes_sent"] for s in self.stats.values()),
+            "bytes_received": sum(s["bytes_received"] for s in self.stats.values()),
+            "rounds": sum(s["rounds"] for s in self.stats.values()),
+            "phases": self.stats,
+            "per_decode_token": {
+                k: (decode.get(k, 0) / r.decode_steps if r.decode_steps else None)
+                for k in ("bytes_sent", "bytes_received", "rounds")
+            },
+            "prefill_rounds": prefill.get("rounds", 0),
+        }
+        if tokenizer is not None:
+            out["text"] = tokenizer.decode(r.token_ids, skip_special_tokens=True)
+        return out
+
+
+async def run_generation(cfg: ClientConfig, model, protocol: str, prompt_ids: list[int], max_tokens: int,
+                         sampling: SamplingParams, *, material: str | None = None,
+                         on_token: Callable[[int], None] | None = None,
+                         progress: Callable | None = None, ignore_eos: bool = False) -> RunReport:
+    spec = registry.load_all().get(protocol)
+    if spec is None or spec.client_factory is None:
+        raise ValueError(f"unknown protocol {protocol!r}; choose from "
+                         f"{', '.join(n for n, s in sorted(registry.load_all().items()) if s.client_factory)}")
+    async with connect(cfg) as conn:
+        session = await conn.open_session(protocol, model.fingerprint(), len(prompt_ids) + max_tokens)
+        channel = conn.channel
+        with channel.phase("offline"):
+            client = spec.client_factory(channel, model, prompt_tokens=len(prompt_ids), max_tokens=max_tokens,
+                                         material=material, progress=progress)
+        stops = () if ignore_eos else model.eos_ids
+        result = await generate(client, prompt_ids, max_tokens, sampling, stops, on_token=on_token, channel=channel)
+        stats = {name: s.as_dict() for name, s in channel.stats.items() if name not in ("setup", "offline")
+                 or s.messages_sent or s.messages_received}
+    return RunReport(protocol, spec.private, session["session_id"], len(prompt_ids), result, client.offline_ms, stats)

@@ -1,0 +1,162 @@
+"""v2 / v3 / plain end to end: exactness against the reference, and the server's view (DESIGN.md s6)."""
+import math
+
+import numpy as np
+import pytest
+import torch
+import trio
+
+from conftest import build_tiny
+from shardlm.models.load import load_model
+from shardlm.models.reference import generate as reference_generate
+from shardlm.models.sampling import SamplingParams
+from shardlm.party.client import connect
+from shardlm.party.run import run_generation
+from shardlm.party.transcript import load_transcript, session_dirs
+from shardlm.protocols import masked
+from shardlm.wire.errors import RemoteError
+from shardlm.wire.msgtypes import MsgType
+
+from support import tls_server
+
+GREEDY = SamplingParams()
+FAMILIES = ["llama", "qwen2", "mistral", "gpt2"]
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    out = {}
+    for fam in FAMILIES:
+        d = tmp_path_factory.mktemp(fam)
+        build_tiny(fam, d, seed=3)
+        out[fam] = load_model(str(d))
+    return out
+
+
+async def _generate(server_model, client_model, tmp_path, protocol, prompt, n, **server_cfg):
+    async with tls_server(tmp_path, model=server_model, **server_cfg) as (server, cfg):
+        return await run_generation(cfg, client_model, protocol, prompt, n, GREEDY, ignore_eos=True)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("protocol", ["plain", "v2", "v3"])
+def test_greedy_generation_equals_the_reference_on_tiny_models(tiny_models, tmp_path, family, protocol):
+    model = tiny_models[family]
+    prompt = [5, 77, 31, 200, 9, 14, 150]
+    want = reference_generate(model, prompt, 30, GREEDY, stop_ids=())
+    rep = trio.run(_generate, model, model, tmp_path, protocol, prompt, 30)
+    assert rep.result.token_ids == want
+    L = model.config.n_layers
+    per_layer = {"plain": None, "v2": 7 if family != "gpt2" else 6, "v3": 4}[protocol]
+    decode = rep.stats["decode"]
+    if per_layer is None:
+        assert decode["rounds"] == 29  # one round per decode step
+    else:
+        assert decode["rounds"] == 29 * (per_layer * L + 1)
+        assert rep.stats["prefill"]["rounds"] == per_layer * L + 1
+
+
+def _ring_view(msgs):
+    return [m for m in msgs if m.type == MsgType.MASKED_LINEAR]
+
+
+def test_server_view_structure_uniformity_and_no_plaintext(tiny_models, tmp_path):
+    model = tiny_models["llama"]
+    rec = tmp_path / "rec"
+    prompts = [[5, 77, 31, 200, 9, 14, 150, 3], [250, 1, 1, 1, 99, 42, 7, 8]]
+    plaintext_rows = []
+
+    async def main():
+        async with tls_server(tmp_path, model=model, record_dir=str(rec)) as (server, cfg):
+            for p in prompts:
+                await run_generation(cfg, model, "v3", p, 12, GREEDY, ignore_eos=True)
+            # a plaintext activation, or anything but the two fields, is refused
+            async with connect(cfg) as conn:
+                await conn.open_session("v3", model.fingerprint(), 64)
+                with pytest.raises(RemoteError) as e:
+                    await conn.channel.request(MsgType.MASKED_LINEAR, {
+                        "unit": "layers.0.qkv", "m": np.zeros((1, 64), np.float32)}, MsgType.MASKED_LINEAR_OK)
+                assert e.value.code == "malformed"
+            async with connect(cfg) as conn:
+                await conn.open_session("v3", model.fingerprint(), 64)
+                with pytest.raises(RemoteError) as e:
+                    await conn.channel.request(MsgType.MASKED_LINEAR, {
+                        "unit": "layers.0.qkv", "m": np.zeros((1, 64), np.int64), "x": np.zeros(3)},
+                        MsgType.MASKED_LINEAR_OK)
+                assert e.value.code == "malformed"
+            async with connect(cfg) as conn:  # requests of another protocol are refused in a v3 session
+                await conn.open_session("v3", model.fingerprint(), 64)
+                with pytest.raises(RemoteError) as e:
+                    await conn.channel.request(MsgType.PLAIN_FORWARD, {"ids": np.array([1])}, MsgType.PLAIN_LOGITS)
+                assert e.value.code == "wrong_state"
+
+    trio.run(main)
+    views = [load_transcript(d)[1] for d in session_dirs(rec)[:2]]
+    # (1) structure: same types, units, shapes and byte counts for two different prompts
+    def shape_of(msgs):
+        return [(m.type, m.body.get("unit"), getattr(m.body.get("m"), "shape", None), m.frame_bytes) for m in msgs]
+    assert shape_of(views[0]) == shape_of(views[1])
+    # (3) no path for plaintext: only the handshake, masked products and BYE reach the server
+    for msgs in views:
+        assert {m.type for m in msgs} == {MsgType.HELLO, MsgType.MASKED_LINEAR, MsgType.BYE}
+        hello = next(m for m in msgs if m.type == MsgType.HELLO).body
+        assert set(hello) == {"version", "protocol", "model_fingerprint", "max_seq_len"}
+        for m in _ring_view(msgs):
+            assert set(m.body) == {"unit", "m"} and m.body["m"].dtype == np.int64
+            assert m.body["unit"] in masked.units_for(model.plan, "v3")
+    # (2) uniformity of everything the server received in the ring
+    ring_bytes = np.concatenate([m.body["m"].reshape(-1) for v in views for m in _ring_view(v)]).view(np.uint8)
+    by_pos = ring_bytes.reshape(-1, 8)
+    for pos in range(8):
+        counts = np.bincount(by_pos[:, pos], minlength=256)
+        expected = by_pos.shape[0] / 256
+        chi2 = ((counts - expected) ** 2 / expected).sum()
+        assert chi2 < 370, (pos, chi2)  # 255 dof: p < 1e-6 above 370
+    bits = np.unpackbits(ring_bytes)
+    assert abs(bits.mean() - 0.5) < 5 * 0.5 / math.sqrt(bits.size)
+
+
+def test_masked_inputs_are_uncorrelated_with_the_plaintext(tiny_models, tmp_path, monkeypatch):
+    """Record the client's plaintext inputs next to what the server got: no linear relation."""
+    model = tiny_models["llama"]
+    pairs = []
+    orig = masked.MaskedClient.linear
+
+    async def spy(self, ops, x):  # the real client, with its plaintext inputs noted on the side
+        pairs.append(self.fx.encode(x))
+        return await orig(self, ops, x)
+
+    rec = tmp_path / "rec"
+    monkeypatch.setattr(masked.MaskedClient, "linear", spy)
+    trio.run(lambda: _generate(model, model, tmp_path, "v3", [5, 77, 31, 200, 9], 8, record_dir=str(rec)))
+    (d,) = session_dirs(rec)
+    sent = [m.body["m"] for m in _ring_view(load_transcript(d)[1])]
+    assert len(sent) == len(pairs)
+    x = np.concatenate([p.numpy().reshape(-1) for p in pairs]).astype(np.float64)
+    m = np.concatenate([s.reshape(-1) for s in sent]).astype(np.float64)
+    corr = np.corrcoef(x, m)[0, 1]
+    assert abs(corr) < 5 / math.sqrt(x.size)
+    # while the plaintext itself is far from uniform: its top bytes are almost all 0x00 or 0xff
+    top = np.concatenate([p.numpy().reshape(-1) for p in pairs]).view(np.uint8).reshape(-1, 8)[:, 7]
+    assert np.isin(top, [0, 255]).mean() > 0.99
+
+
+def test_client_disconnecting_mid_generation_frees_the_session(tiny_models, tmp_path):
+    model = tiny_models["llama"]
+
+    async def main():
+        async with tls_server(tmp_path, model=model) as (server, cfg):
+            async with connect(cfg) as conn:
+                await conn.open_session("v3", model.fingerprint(), 64)
+                await conn.channel.request(MsgType.MASKED_LINEAR, {
+                    "unit": "layers.0.qkv", "m": np.zeros((3, 64), np.int64)}, MsgType.MASKED_LINEAR_OK)
+                await conn.channel.send(MsgType.MASKED_LINEAR, {"unit": "layers.0.o", "m": np.zeros((3, 64), np.int64)})
+                await conn.channel.stream.aclose()  # vanish without BYE, a reply in flight
+                conn.session = None
+            with trio.fail_after(10):
+                while server.active:
+                    await trio.sleep(0.01)
+            rep = await run_generation(cfg, model, "v3", [1, 2, 3], 5, GREEDY, ignore_eos=True)
+            return rep.result.token_ids
+
+    assert trio.run(main) == reference_generate(model, [1, 2, 3], 5, GREEDY, stop_ids=())
