@@ -321,7 +321,8 @@ def _progress_printer(enabled: bool):
     return show
 
 
-def _generate_remote(cfg, model, protocol, prompt_ids, max_tokens, sampling, material, *, stream: bool):
+def _generate_remote(cfg, model, protocol, prompt_ids, max_tokens, sampling, material, *, stream: bool,
+                     options: dict | None = None):
     from .party.run import run_generation
 
     decoder = model.tokenizer.stream() if stream else None
@@ -334,7 +335,7 @@ def _generate_remote(cfg, model, protocol, prompt_ids, max_tokens, sampling, mat
         with trio.fail_after(cfg.timeout * (max_tokens + 10)):
             return await run_generation(cfg, model, protocol, prompt_ids, max_tokens, sampling, material=material,
                                         on_token=on_token if stream else None,
-                                        progress=_progress_printer(stream))
+                                        progress=_progress_printer(stream), options=options)
 
     from .protocols.preprocess import MaterialError
 

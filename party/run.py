@@ -53,7 +53,9 @@ class RunReport:
 async def run_generation(cfg: ClientConfig, model, protocol: str, prompt_ids: list[int], max_tokens: int,
                          sampling: SamplingParams, *, material: str | None = None,
                          on_token: Callable[[int], None] | None = None,
-                         progress: Callable | None = None, ignore_eos: bool = False) -> RunReport:
+                         progress: Callable | None = None, ignore_eos: bool = False,
+                         options: dict | None = None) -> RunReport:
+    """``options``: protocol-specific settings passed to the protocol's client factory."""
     spec = registry.load_all().get(protocol)
     if spec is None or spec.client_factory is None:
         raise ValueError(f"unknown protocol {protocol!r}; choose from "
@@ -63,9 +65,18 @@ async def run_generation(cfg: ClientConfig, model, protocol: str, prompt_ids: li
         channel = conn.channel
         with channel.phase("offline"):
             client = spec.client_factory(channel, model, prompt_tokens=len(prompt_ids), max_tokens=max_tokens,
-                                         material=material, progress=progress)
+                                         material=material, progress=progress, **(options or {}))
+            if hasattr(client, "setup"):  # a protocol's own set-up exchange (e.g. attestation)
+                await client.setup()
         stops = () if ignore_eos else model.eos_ids
-        result = await generate(client, prompt_ids, max_tokens, sampling, stops, on_token=on_token, channel=channel)
+        # A protocol may bring its own decoding loop (e.g. Jacobi decoding); the default is
+        # one forward per token.
+        own_loop = getattr(client, "generate", None)
+        if own_loop is not None:
+            result = await own_loop(prompt_ids, max_tokens, sampling, stops, on_token=on_token, channel=channel)
+        else:
+            result = await generate(client, prompt_ids, max_tokens, sampling, stops, on_token=on_token,
+                                    channel=channel)
         stats = {name: s.as_dict() for name, s in channel.stats.items() if name not in ("setup", "offline")
                  or s.messages_sent or s.messages_received}
     return RunReport(protocol, spec.private, session["session_id"], len(prompt_ids), result, client.offline_ms, stats)

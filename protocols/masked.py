@@ -172,7 +172,7 @@ class MaskedClient:
 
 def client_factory(variant: str):
     def make(channel, model, *, prompt_tokens: int, max_tokens: int, material: str | None = None,
-             progress=None) -> MaskedClient:
+             progress=None, **_options) -> MaskedClient:
         """Online client with its material: loaded from a store, or dealt now (the offline phase)."""
         t0 = time.perf_counter()
         if material:

@@ -38,7 +38,7 @@ class PlainServerHandler:
 
 
 class PlainClient:
-    def __init__(self, channel, model, **_shape):
+    def __init__(self, channel, model, **_settings):
         self.channel = channel
         self.model = model
         self.timings: dict[str, float] = {}

@@ -31,8 +31,10 @@ class ProtocolSpec:
     # (server_session) -> handler; None for protocols with no messages of their own
     server_handler: Callable | None = None
     needs_model: bool = False
-    # (channel, model, *, prompt_tokens, max_tokens, material, progress) -> a client with
-    # new_cache(n), async forward(ids) -> logits, timings, offline_ms (see party/generation.py)
+    # (channel, model, *, prompt_tokens, max_tokens, material, progress, **options) -> a client
+    # with new_cache(n), async forward(ids) -> logits, timings, offline_ms (party/generation.py);
+    # optionally async setup() (run before the prompt is used) and async generate(prompt_ids,
+    # max_tokens, sampling, stop_ids, on_token=, channel=) -> GenerationResult (its own loop).
     client_factory: Callable | None = None
 
 
