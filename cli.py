@@ -380,10 +380,20 @@ def generation_options(fn):
         click.option("--system", help="System message for the chat template."),
         click.option("--raw", is_flag=True, help="Send the prompt as is, without the chat template."),
         click.option("--threads", type=int, envvar="SHARDLM_THREADS", show_envvar=True, help="torch CPU threads."),
+        click.option("--embedding", "embedding_source", type=click.Choice(["local", "ot"]), default="local",
+                     show_default=True,
+                     help="v2/v3: look token embeddings up locally, or fetch the rows by 1-of-V oblivious "
+                          "transfer from the server (it learns nothing about which rows; costs the whole "
+                          "encrypted table per request: 113 MB for SmolLM2)."),
     ]
+
+    @functools.wraps(fn)
+    def wrapper(*args, embedding_source, **kwargs):
+        return fn(*args, protocol_options={"embedding_source": embedding_source}, **kwargs)
+
     for opt in reversed(opts):
-        fn = opt(fn)
-    return fn
+        wrapper = opt(wrapper)
+    return wrapper
 
 
 @cli.command()
@@ -397,7 +407,7 @@ def generation_options(fn):
 @_json_option
 @_reports_errors
 def generate(prompt, model_spec, protocol, max_tokens, temperature, top_k, top_p, seed, system, raw, threads,
-             material, local, timing, client_config, as_json):
+             protocol_options, material, local, timing, client_config, as_json):
     """Generate a completion, streaming tokens as they come.
 
     With --protocol v2/v3 the server only ever sees one-time-padded ring elements; `plain`
@@ -428,7 +438,7 @@ def generate(prompt, model_spec, protocol, max_tokens, temperature, top_k, top_p
             click.echo(f"local reference: {len(out_ids)} tokens in {ms:.0f} ms", err=True)
         return
     report = _generate_remote(client_config(), model, protocol, ids, max_tokens, sampling, material,
-                              stream=not as_json)
+                              stream=not as_json, options=protocol_options)
     out = report.as_dict(model.tokenizer)
     if as_json:
         _emit(out, True)
@@ -442,7 +452,7 @@ def generate(prompt, model_spec, protocol, max_tokens, temperature, top_k, top_p
 @_json_option
 @_reports_errors
 def chat(model_spec, protocol, max_tokens, temperature, top_k, top_p, seed, system, raw, threads,
-         client_config, as_json):
+         protocol_options, client_config, as_json):
     """Interactive chat; reads one user turn per line from stdin when it is not a terminal.
 
     Each turn is a fresh private session over the whole conversation so far (the client keeps
@@ -470,7 +480,8 @@ def chat(model_spec, protocol, max_tokens, temperature, top_k, top_p, seed, syst
         ids = model.tokenizer.encode_chat(history)
         if not as_json:
             click.echo("assistant: ", nl=False)
-        report = _generate_remote(cfg, model, protocol, ids, max_tokens, sampling, None, stream=not as_json)
+        report = _generate_remote(cfg, model, protocol, ids, max_tokens, sampling, None, stream=not as_json,
+                                  options=protocol_options)
         out = report.as_dict(model.tokenizer)
         history.append({"role": "assistant", "content": out["text"]})
         turns.append({"user": line, "assistant": out["text"], "timing": out["timing"],

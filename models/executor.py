@@ -25,10 +25,12 @@ Forward = Generator[LinearRequest, list[torch.Tensor], torch.Tensor]
 
 def forward_steps(plan: Plan, weights: dict[str, torch.Tensor], ids: torch.Tensor, cache: KVCache,
                   rope: nl.Rope | None, *, fuse: bool = False, all_logits: bool = False,
-                  timings: dict[str, float] | None = None) -> Forward:
+                  timings: dict[str, float] | None = None, embedded: torch.Tensor | None = None) -> Forward:
     """Run the plan over the T token ids after the cache; return logits (T or 1, vocab).
 
     ``timings`` (optional) accumulates seconds spent in the embedding and in nonlinear stages.
+    ``embedded`` (optional): the T embedding rows obtained elsewhere (e.g. by oblivious transfer),
+    used instead of looking ``ids`` up in the table.
     """
     ids = ids.reshape(-1)
     env: dict[str, torch.Tensor] = {}
@@ -49,7 +51,13 @@ def forward_steps(plan: Plan, weights: dict[str, torch.Tensor], ids: torch.Tenso
             i += len(ops)
             continue
         t0 = time.perf_counter()
-        nl.run_stage(step, env, weights, ids, cache, rope)
+        if isinstance(step, Embed) and embedded is not None:
+            x = embedded.to(torch.float32)
+            if step.pos_weight:
+                x = x + weights[step.pos_weight][cache.length:cache.length + x.shape[0]]
+            env[step.out] = x
+        else:
+            nl.run_stage(step, env, weights, ids, cache, rope)
         if timings is not None:
             key = "embed" if isinstance(step, Embed) else "nonlinear"
             timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0

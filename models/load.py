@@ -35,6 +35,14 @@ class Model:
         extra = self.tokenizer.eos_ids if self.tokenizer else ()
         return tuple(dict.fromkeys(self.config.eos_ids + extra))
 
+    def embedding_table(self):
+        """The token embedding rows as a contiguous float32 numpy array (vocab, hidden): what the
+        OT embedding retrieval (protocols/ot/embedding.py) serves."""
+        table = self.__dict__.get("_embedding_np")
+        if table is None:
+            table = self.__dict__["_embedding_np"] = self.weights["embed"].detach().to("cpu", torch.float32).contiguous().numpy()
+        return table
+
     def fingerprint(self) -> str:
         """sha256 of the config and every weight (name, dtype, shape, bytes): equal iff same model."""
         if self._fingerprint is None:

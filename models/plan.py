@@ -9,19 +9,10 @@ Two kinds of step:
 
 Activations are rows: a (T, dim) float tensor per name, T = positions in this forward pass.
 Names are reused layer after layer (`x` is the residual stream), so an executor's environment
-stays small. models/reference.py is the plaintext executor; protocol executors are others, and
-have the same shape:
-
-    env = {}
-    for i, step in enumerate(plan.steps):
-        if i == plan.head_start and last_only:
-            env[step.inp] = env[step.inp][-1:]
-        if isinstance(step, Linear):
-            env[step.out] = <x @ W.T + b, however the protocol computes it>(env[step.inp])
-        else:
-            nonlinear.run_stage(step, env, weights, ids, cache, rope)
-    cache.advance(len(ids))
-    logits = env["logits"]
+stays small. The plan is interpreted in exactly one place, models/executor.py (`forward_steps`):
+it runs the nonlinear stages and hands each linear step (or fused group) to its caller — the
+plaintext reference computes `x @ W.T + b`, a private protocol's client masks `x` and asks the
+server.
 """
 from __future__ import annotations
 

@@ -30,11 +30,12 @@ from ..models.plan import Linear, Plan
 from ..wire.errors import ErrorCode, ProtocolError
 from ..wire.msgtypes import MsgType
 from . import preprocess, ring
+from .ot import embedding
 from .registry import ProtocolSpec, register
 
 FUSED = {"v2": False, "v3": True}
 # Part of the protocol: the server encodes weights with these bits, the client decodes with them.
-FIXED_POINT = ring.FixedPoint(act_bits=16, weight_bits=16)
+FIXED_POINT = ring.FixedPoint(act_bits=16)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,12 +62,28 @@ def units_for(plan: Plan, variant: str) -> dict[str, Unit]:
     }
 
 
-def ring_matrices(units: dict[str, Unit], weights: dict[str, torch.Tensor], fx: ring.FixedPoint,
-                  device="cpu") -> dict[str, ring.RingMatrix]:
-    return {
-        name: ring.RingMatrix.from_float(torch.cat([weights[op.weight] for op in u.ops]), fx, device)
-        for name, u in units.items()
-    }
+def unit_weight(unit: Unit, weights: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.cat([weights[op.weight] for op in unit.ops])
+
+
+def _cached(model, key, make):
+    cache = model.__dict__.setdefault("_masked_cache", {})
+    if key not in cache:
+        cache[key] = make()
+    return cache[key]
+
+
+def matrices_for(model, variant: str, device="cpu") -> dict[str, ring.RingMatrix]:
+    """The model's ring weights for ``variant``, built once per process (server and dealer alike)."""
+    return _cached(model, ("matrices", variant, str(device)), lambda: {
+        name: ring.RingMatrix.from_float(unit_weight(u, model.weights), device)
+        for name, u in units_for(model.plan, variant).items()})
+
+
+def scales_for(model, variant: str) -> dict[str, torch.Tensor]:
+    """Per-unit row scales, all the client needs of the weights' encoding to decode products."""
+    return _cached(model, ("scales", variant), lambda: {
+        name: ring.row_scales(unit_weight(u, model.weights)) for name, u in units_for(model.plan, variant).items()})
 
 
 def rows_needed(units: dict[str, Unit], prompt_tokens: int, max_tokens: int) -> dict[str, int]:
@@ -74,15 +91,6 @@ def rows_needed(units: dict[str, Unit], prompt_tokens: int, max_tokens: int) -> 
     of them); the head one row per forward."""
     body = prompt_tokens + max(max_tokens - 1, 0)
     return {name: (max(max_tokens, 1) if u.head else body) for name, u in units.items()}
-
-
-def matrices_for(model, variant: str, device="cpu") -> dict[str, ring.RingMatrix]:
-    """The model's ring weights for ``variant``, built once per process (server and dealer alike)."""
-    cache = model.__dict__.setdefault("_ring_matrices", {})
-    key = (variant, str(device))
-    if key not in cache:
-        cache[key] = ring_matrices(units_for(model.plan, variant), model.weights, FIXED_POINT, device)
-    return cache[key]
 
 
 def deal_for(model, variant: str, prompt_tokens: int, max_tokens: int, progress=None) -> preprocess.MaterialStore:
@@ -97,13 +105,18 @@ def deal_for(model, variant: str, prompt_tokens: int, max_tokens: int, progress=
 class MaskedServerHandler:
     """Per session: answers MASKED_LINEAR with ``W m mod 2^64``. Accepts nothing but ring tensors."""
 
-    message_types = frozenset({MsgType.MASKED_LINEAR})
+    message_types = frozenset({MsgType.MASKED_LINEAR, MsgType.OT_EMB_REQ})
 
     def __init__(self, session, variant: str):
         self.session = session
         self.matrices = matrices_for(session.server.model, variant, session.server.config.device)
+        self.ot_sender = None
 
     async def handle(self, msg) -> None:
+        if msg.type == MsgType.OT_EMB_REQ:  # --embedding ot: rows by 1-of-V OT, ids never sent
+            self.ot_sender = await embedding.serve_rows(self.session.channel, self.session.server.model.embedding_table(),
+                                                        request=msg.body, sender=self.ot_sender)
+            return
         body = msg.body
         if set(body) != {"unit", "m"}:
             raise ProtocolError(ErrorCode.MALFORMED, f"MASKED_LINEAR takes exactly 'unit' and 'm', got {sorted(body)}")
@@ -126,7 +139,7 @@ class MaskedClient:
     """The client side of a v2/v3 session: drives the plan, offloading each linear unit."""
 
     def __init__(self, channel, model, variant: str, store: preprocess.MaterialStore,
-                 fx: ring.FixedPoint = FIXED_POINT):
+                 fx: ring.FixedPoint = FIXED_POINT, embedding_source: str = "local"):
         store.check_for(model.fingerprint(), variant, fx)
         self.channel = channel
         self.model = model
@@ -135,6 +148,11 @@ class MaskedClient:
         self.fx = fx
         self.units = units_for(model.plan, variant)
         self.unit_of = {u.ops[0].name: u for u in self.units.values()}
+        self.scales = scales_for(model, variant)
+        if embedding_source not in ("local", "ot"):
+            raise ValueError(f"embedding source must be 'local' or 'ot', not {embedding_source!r}")
+        self.embedding_source = embedding_source
+        self.ot_receiver = None
         self.ref = Reference.of(model)  # for its KV cache and RoPE tables
         self.cache = None
         self.timings: dict[str, float] = {}
@@ -155,7 +173,7 @@ class MaskedClient:
         y = reply.get("y")
         if not isinstance(y, np.ndarray) or y.dtype != np.int64 or y.shape != (x.shape[0], unit.out_dim):
             raise ProtocolError(ErrorCode.MALFORMED, f"server returned a bad product for {unit.name}")
-        full = self.fx.decode(torch.from_numpy(y) + wr)
+        full = self.fx.decode_product(torch.from_numpy(y) + wr, self.scales[unit.name])
         outs, at = [], 0
         w = self.model.weights
         for op in ops:
@@ -165,21 +183,29 @@ class MaskedClient:
         return outs
 
     async def forward(self, ids: list[int]) -> torch.Tensor:
+        embedded = None
+        if self.embedding_source == "ot":
+            t0 = time.perf_counter()
+            with self.channel.phase("embedding-ot"):
+                rows, self.ot_receiver = await embedding.retrieve_rows(self.channel, ids, receiver=self.ot_receiver,
+                                                                       return_receiver=True)
+            embedded = torch.from_numpy(rows)
+            self.timings["embed"] = self.timings.get("embed", 0.0) + time.perf_counter() - t0
         gen = forward_steps(self.model.plan, self.model.weights, torch.tensor(ids, dtype=torch.long), self.cache,
-                            self.ref.rope, fuse=FUSED[self.variant], timings=self.timings)
+                            self.ref.rope, fuse=FUSED[self.variant], timings=self.timings, embedded=embedded)
         return (await run_async(gen, self.linear))[-1]
 
 
 def client_factory(variant: str):
     def make(channel, model, *, prompt_tokens: int, max_tokens: int, material: str | None = None,
-             progress=None, **_options) -> MaskedClient:
+             progress=None, embedding_source: str = "local", **_options) -> MaskedClient:
         """Online client with its material: loaded from a store, or dealt now (the offline phase)."""
         t0 = time.perf_counter()
         if material:
             store = preprocess.MaterialStore.load(material)
         else:
             store = deal_for(model, variant, prompt_tokens, max_tokens, progress=progress)
-        client = MaskedClient(channel, model, variant, store)
+        client = MaskedClient(channel, model, variant, store, embedding_source=embedding_source)
         client.offline_ms = (store.meta["dealer_seconds"] if material else time.perf_counter() - t0) * 1e3
         return client
     return make

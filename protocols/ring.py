@@ -1,21 +1,34 @@
 """The ring Z_2^64: fixed-point encoding, CSPRNG masks, and the exact masked matrix product.
 
 Values are int64 tensors whose bits *are* the ring element (two's complement = mod 2^64
-arithmetic; torch int64 add/mul wrap). A real ``x`` with ``f`` fractional bits encodes as
-``round(x * 2^f)``; a product of an activation (``f_a`` bits) and a weight (``f_w``) carries
-``f_a + f_w`` bits and decodes by dividing by ``2^(f_a + f_w)``.
+arithmetic; torch int64 add/mul wrap). An activation ``x`` encodes as ``round(x * 2^f)``
+(``f = FixedPoint.act_bits``). A weight row ``j`` encodes as ``round(W_j * s_j)`` with a public
+per-row scale ``s_j = WMAX / max|W_j|``, so every integer weight fits 16 signed bits and each
+row keeps ~15 significant bits whatever its magnitude. The product then decodes as
+``y_j / (2^f * s_j)``.
 
-Masks come from AES-256-CTR keyed by a 32-byte seed from ``os.urandom`` (``MaskPRG``): uniform
-over the ring, reproducible from the seed so the preprocessing store keeps seeds, not masks.
-torch / numpy default generators are never used for anything secret.
+Masks come from AES-256-CTR keyed by a 32-byte seed from ``os.urandom`` (:class:`MaskPRG`,
+:func:`mask_rows`): uniform over the ring, reproducible from the seed so the preprocessing store
+keeps seeds, not masks. torch / numpy default generators are never used for anything secret.
 
 The exact product (:class:`RingMatrix`): the server multiplies a uniform ring tensor ``m`` by
-an integer weight matrix ``W`` mod 2^64. torch has no fast exact int64 GEMM on CPU (17-47x a
-float32 matmul, DESIGN.md s10), so ``m`` is split into limbs of ``b`` bits, all limbs are
-stacked into one float64 GEMM (one pass over the weights) and the partial products, exact as
-long as ``2^b * max|W| * K < 2^53``, are recombined with wrapping int64 shifts. ``b`` is chosen
-per matrix as the widest limb that keeps that bound (3 limbs of 22 bits for SmolLM2 with 16
-fractional weight bits; 4 of 16 bits when weights are larger).
+the integer weights mod 2^64. There is no fast exact int64 GEMM on CPU (17-47x a float32
+matmul, DESIGN.md s10), and float64 limb products stream 8 bytes per weight (measured here
+2.3x a float32 decode step, memory-bound). So both operands are cut into int8 digits and one
+int8 GEMM with int32 accumulation (``torch._int_mm``) does all partial products in a single
+pass over 2 bytes per weight:
+
+- ``m`` into 10 limbs of 7 bits (0..127): ``m = sum_l m_l 2^(7l) mod 2^64``;
+- ``W`` into 2 balanced base-256 digits (-128..127): ``W = d_0 + 256 d_1``;
+- ``P = [m_l rows] @ [d_0 | d_1]`` exactly in int32 while ``128 * 127 * K < 2^31`` (K <= 132k);
+- ``m W^T = sum_{l,p} P_{l,p} 2^(7l + 8p) mod 2^64`` with wrapping int64 arithmetic.
+
+That is 20 multiply-adds per weight and row: right for a decode step (memory-bound; measured
+1.3x a float32 step), wrong for a long prefill (compute-bound; int8 GEMM here runs no faster per
+operation than float32). Above ``INT8_MAX_ROWS`` rows the product instead splits ``m`` into 3
+limbs of 22 bits and runs one float64 GEMM (exact while ``2^22 * WMAX * K < 2^53``, K <= 65k):
+3 float64 multiply-adds per weight and row. Both paths give identical results; the tests check
+each against Python integers.
 """
 
 from __future__ import annotations
@@ -28,33 +41,38 @@ import numpy as np
 import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-FLOAT64_EXACT = 2**53
-
-
 @dataclasses.dataclass(frozen=True)
 class FixedPoint:
     act_bits: int = 16
-    weight_bits: int = 16
 
-    @property
-    def product_bits(self) -> int:
-        return self.act_bits + self.weight_bits
-
-    def encode(self, x: torch.Tensor, bits: int | None = None) -> torch.Tensor:
-        """float -> ring (int64 bits), rounding to nearest."""
-        scale = float(2 ** (self.act_bits if bits is None else bits))
-        y = torch.round(x.to(torch.float64) * scale)
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """float activations -> ring (int64 bits), rounding to nearest."""
+        y = torch.round(x.to(torch.float64) * float(2**self.act_bits))
         if y.numel() and y.abs().max() >= 2**62:
-            raise OverflowError(f"value {float(y.abs().max() / scale):.3g} too large for the fixed-point ring")
+            raise OverflowError(f"activation {float(y.abs().max()) / 2**self.act_bits:.3g} too large for the ring")
         return y.to(torch.int64)
 
-    def encode_weight(self, w: torch.Tensor) -> torch.Tensor:
-        return self.encode(w, self.weight_bits)
+    def decode_activation(self, v: torch.Tensor) -> torch.Tensor:
+        return (v.to(torch.float64) / float(2**self.act_bits)).to(torch.float32)
 
-    def decode(self, v: torch.Tensor, bits: int | None = None, dtype=torch.float32) -> torch.Tensor:
-        """ring -> float, reading the int64 bits as a signed value."""
-        scale = float(2 ** (self.product_bits if bits is None else bits))
-        return (v.to(torch.float64) / scale).to(dtype)
+    def decode_product(self, v: torch.Tensor, row_scales: torch.Tensor) -> torch.Tensor:
+        """ring products (n, out) -> float, reading the int64 bits as signed values."""
+        return (v.to(torch.float64) / (float(2**self.act_bits) * row_scales.to(torch.float64))).to(torch.float32)
+
+
+WMAX = 32639  # largest |d_0 + 256 d_1| with both balanced digits in -128..127
+
+
+def row_scales(w: torch.Tensor) -> torch.Tensor:
+    """Public per-row scales ``WMAX / max|W_j|`` (1 for an all-zero row), float64."""
+    peak = w.to(torch.float64).abs().amax(dim=1)
+    return torch.where(peak > 0, WMAX / peak.clamp_min(1e-300), torch.ones_like(peak))
+
+
+def encode_weights(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float (out, in) -> (int64 weights with |W| <= WMAX, float64 per-row scales)."""
+    scales = row_scales(w)
+    return torch.round(w.to(torch.float64) * scales[:, None]).to(torch.int64).clamp_(-WMAX, WMAX), scales
 
 
 class MaskPRG:
@@ -92,49 +110,72 @@ def random_ring(*shape: int) -> torch.Tensor:
     return MaskPRG().ring(*shape)
 
 
-def limb_bits_for(max_abs_weight: int, k: int) -> int:
-    """The widest limb (<= 22 bits) for which every partial product stays exact in float64."""
-    for bits in (22, 21, 16, 13, 11, 8):
-        if (2**bits) * max(1, max_abs_weight) * k < FLOAT64_EXACT:
-            return bits
-    raise OverflowError(f"weights up to {max_abs_weight} with K={k} cannot be multiplied exactly")
+INT8_MAX_ROWS = 8  # measured crossover (bench_ring): int8 wins below ~12 rows, float64 above
+LIMB_BITS = 7
+N_LIMBS = 10  # 10 x 7 bits cover 64
+_LIMB_SHIFTS = torch.arange(N_LIMBS, dtype=torch.int64) * LIMB_BITS
+# 2^(7l + 8p) for limb l and weight digit p, as wrapping int64 factors, shaped (l, 1, p, 1)
+def _signed64(v: int) -> int:
+    v %= 2**64
+    return v - 2**64 if v >= 2**63 else v
+
+
+_FACTORS = torch.tensor([[_signed64(1 << (LIMB_BITS * l + 8 * p)) for p in range(2)] for l in range(N_LIMBS)],
+                        dtype=torch.int64).view(N_LIMBS, 1, 2, 1)
 
 
 class RingMatrix:
-    """An integer weight matrix (out, in) ready for exact products with ring tensors."""
+    """Integer weights (out, in), |W| <= WMAX, ready for exact products with ring tensors."""
 
-    def __init__(self, w_int: torch.Tensor, device: str | torch.device = "cpu"):
+    def __init__(self, w_int: torch.Tensor, device: str | torch.device = "cpu",
+                 row_scales: torch.Tensor | None = None):
         if w_int.dtype != torch.int64 or w_int.dim() != 2:
             raise TypeError("RingMatrix takes a 2-D int64 matrix")
+        if w_int.numel() and int(w_int.abs().max()) > WMAX:
+            raise OverflowError(f"integer weights must satisfy |W| <= {WMAX}")
         self.out_dim, self.in_dim = w_int.shape
-        self.max_abs = int(w_int.abs().max()) if w_int.numel() else 0
-        self.limb_bits = limb_bits_for(self.max_abs, self.in_dim)
-        self.n_limbs = math.ceil(64 / self.limb_bits)
-        # (in, out) float64: limbs (rows) @ W^T in one GEMM; contiguous for the BLAS.
-        self.wt = w_int.to(device=device, dtype=torch.float64).t().contiguous()
-        self.device = self.wt.device
+        if self.in_dim >= 2**16:  # int32 accumulation (int8 path) and 2^53 (float64 path) bounds
+            raise OverflowError(f"K={self.in_dim} is too large for exact products (limit 65535)")
+        d0 = torch.remainder(w_int + 128, 256) - 128
+        d1 = (w_int - d0) // 256
+        # (in, 2*out): both digit planes side by side, one GEMM pass over 2 bytes per weight
+        self.digits = torch.cat([d0, d1], dim=0).t().contiguous().to(device=device, dtype=torch.int8)
+        self.device = self.digits.device
+        self.row_scales = row_scales
+        self._w_int = w_int  # for the float64 path, converted on first use
+        self._wt64: torch.Tensor | None = None
+        self._shifts = _LIMB_SHIFTS.to(self.device).view(N_LIMBS, 1, 1)
+        self._shifts64 = torch.tensor([0, 22, 44], device=self.device).view(3, 1, 1)
+        # the top limb holds bits 44..63: its mask also drops the sign bits the shift dragged in
+        self._masks64 = torch.tensor([(1 << 22) - 1, (1 << 22) - 1, (1 << 20) - 1], device=self.device).view(3, 1, 1)
+        self._factors = _FACTORS.to(self.device)
 
     @classmethod
-    def from_float(cls, w: torch.Tensor, fx: FixedPoint, device="cpu") -> "RingMatrix":
-        return cls(fx.encode_weight(w), device)
+    def from_float(cls, w: torch.Tensor, device="cpu") -> "RingMatrix":
+        w_int, scales = encode_weights(w)
+        return cls(w_int, device, scales)
 
     def matmul(self, m: torch.Tensor) -> torch.Tensor:
         """(n, in) ring -> (n, out) ring: exactly ``m @ W^T mod 2^64``."""
         m = m.to(self.device)
+        return self._matmul_int8(m) if m.shape[0] <= INT8_MAX_ROWS else self._matmul_f64(m)
+
+    def _matmul_f64(self, m: torch.Tensor) -> torch.Tensor:
+        if self._wt64 is None:
+            self._wt64 = self._w_int.to(device=self.device, dtype=torch.float64).t().contiguous()
         n = m.shape[0]
-        b, nl = self.limb_bits, self.n_limbs
-        limbs = torch.empty((nl, n, self.in_dim), dtype=torch.float64, device=self.device)
-        for i in range(nl):
-            shift = b * i
-            width = min(b, 64 - shift)
-            # Arithmetic shift drags the sign in from the top; the mask keeps only this limb.
-            limbs[i] = torch.bitwise_and(torch.bitwise_right_shift(m, shift), (1 << width) - 1)
-        partial = torch.matmul(limbs.view(nl * n, self.in_dim), self.wt).view(nl, n, self.out_dim)
-        partial = partial.to(torch.int64)
-        out = partial[0].clone()
-        for i in range(1, nl):
-            out += torch.bitwise_left_shift(partial[i], b * i)  # wraps mod 2^64
-        return out
+        limbs = torch.bitwise_and(torch.bitwise_right_shift(m.unsqueeze(0), self._shifts64), self._masks64)
+        partial = torch.matmul(limbs.to(torch.float64).view(3 * n, self.in_dim), self._wt64)
+        partial = partial.view(3, n, self.out_dim).to(torch.int64)
+        return partial[0] + torch.bitwise_left_shift(partial[1], 22) + torch.bitwise_left_shift(partial[2], 44)
+
+    def _matmul_int8(self, m: torch.Tensor) -> torch.Tensor:
+        n = m.shape[0]
+        # Arithmetic shift drags the sign in from the top; the mask keeps only each limb.
+        limbs = torch.bitwise_and(torch.bitwise_right_shift(m.unsqueeze(0), self._shifts), 127)
+        partial = torch._int_mm(limbs.to(torch.int8).view(N_LIMBS * n, self.in_dim), self.digits)
+        partial = partial.view(N_LIMBS, n, 2, self.out_dim).to(torch.int64)
+        return (partial * self._factors).sum(dim=(0, 2))  # int64 products and sums wrap mod 2^64
 
 
 def exact_matmul_reference(m: np.ndarray, w_int: np.ndarray) -> np.ndarray:

@@ -10,8 +10,8 @@ FX = ring.FixedPoint()
 
 def _units():
     g = torch.Generator().manual_seed(0)
-    return {"a": ring.RingMatrix.from_float(torch.randn(8, 6, generator=g), FX),
-            "b": ring.RingMatrix.from_float(torch.randn(3, 10, generator=g), FX)}
+    return {"a": ring.RingMatrix.from_float(torch.randn(8, 6, generator=g)),
+            "b": ring.RingMatrix.from_float(torch.randn(3, 10, generator=g))}
 
 
 def test_material_products_are_exact_and_masks_unmask():

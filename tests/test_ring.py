@@ -6,45 +6,58 @@ import torch
 from shardlm.protocols import ring
 
 
-@pytest.mark.parametrize("max_w,k", [(2**8, 7), (606208, 64), (606208, 1536), (2**23, 300), (2**30, 50)])
-def test_limb_product_is_exact_mod_2_64(max_w, k):
+@pytest.mark.parametrize("rows", [4, ring.INT8_MAX_ROWS + 3])  # the int8 and the float64 path
+@pytest.mark.parametrize("max_w,k", [(1, 7), (127, 64), (ring.WMAX, 1536), (ring.WMAX, 300), (300, 5000)])
+def test_ring_product_is_exact_mod_2_64(max_w, k, rows):
     g = torch.Generator().manual_seed(k)
     w = torch.randint(-max_w, max_w + 1, (5, k), generator=g)
-    w[0, 0] = max_w  # make sure the bound is actually reached
-    m = ring.random_ring(3, k)
-    m[0, :] = -1  # all-ones words: the limb split's worst case
+    w[0, :] = max_w  # the bounds are reached: a full row of extreme weights ...
+    w[1, :] = -max_w
+    m = ring.random_ring(rows, k)
+    m[0, :] = -1  # ... times all-ones words, the limb split's worst case
     m[1, :] = -(2**63)
+    m[2, :] = 2**63 - 1
     got = ring.RingMatrix(w).matmul(m)
     want = ring.exact_matmul_reference(m.numpy(), w.numpy())
     assert np.array_equal(got.numpy(), want)
 
 
-def test_limb_width_follows_the_exactness_bound():
-    assert ring.RingMatrix(torch.full((2, 1536), 606208)).limb_bits == 22
-    assert ring.RingMatrix(torch.full((2, 1536), 2**23)).limb_bits == 16
+def test_weights_outside_the_digit_range_are_refused():
     with pytest.raises(OverflowError):
-        ring.limb_bits_for(2**50, 2**10)
+        ring.RingMatrix(torch.full((2, 3), ring.WMAX + 1))
+    with pytest.raises(OverflowError):
+        ring.RingMatrix(torch.ones((2, 70000), dtype=torch.int64))  # accumulation bounds
+
+
+def test_weight_encoding_keeps_every_row_precise():
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(6, 50, generator=g) * torch.tensor([1e-3, 0.02, 0.5, 9.25, 100.0, 0.0])[:, None]
+    w_int, scales = ring.encode_weights(w)
+    assert int(w_int.abs().max()) <= ring.WMAX
+    back = w_int.double() / scales[:, None]
+    rel = (back - w).abs().amax(dim=1) / w.abs().amax(dim=1).clamp_min(1e-30)
+    assert (rel[:5] <= 0.5 / ring.WMAX + 1e-12).all()  # half a step of each row's own scale
+    assert (w_int[5] == 0).all()
 
 
 def test_masking_then_unmasking_recovers_the_plain_fixed_point_product():
-    fx = ring.FixedPoint(16, 16)
+    fx = ring.FixedPoint(16)
     g = torch.Generator().manual_seed(0)
     w = torch.randn(40, 64, generator=g) * 0.1
     x = torch.randn(4, 64, generator=g) * 3
-    W = ring.RingMatrix.from_float(w, fx)
+    W = ring.RingMatrix.from_float(w)
     r = ring.random_ring(4, 64)
     masked = fx.encode(x) - r  # what the server sees
-    y = fx.decode(W.matmul(masked) + W.matmul(r))
+    y = fx.decode_product(W.matmul(masked) + W.matmul(r), W.row_scales)
     assert torch.allclose(y, x @ w.T, atol=1e-3)
-    # and it equals the fixed-point product exactly, bit for bit
-    exact = W.matmul(fx.encode(x))
-    assert torch.equal(W.matmul(masked) + W.matmul(r), exact)
+    # and it equals the unmasked fixed-point product exactly, bit for bit
+    assert torch.equal(W.matmul(masked) + W.matmul(r), W.matmul(fx.encode(x)))
 
 
 def test_fixed_point_round_trip_and_overflow():
-    fx = ring.FixedPoint(16, 16)
+    fx = ring.FixedPoint(16)
     x = torch.tensor([0.0, 1.5, -2.25, 1e-6, -30000.0])
-    assert torch.allclose(fx.decode(fx.encode(x), bits=16), x, atol=2**-16)
+    assert torch.allclose(fx.decode_activation(fx.encode(x)), x, atol=2**-16)
     with pytest.raises(OverflowError):
         fx.encode(torch.tensor([2.0**50]))
 
