@@ -35,7 +35,7 @@ from .registry import ProtocolSpec, register
 
 FUSED = {"v2": False, "v3": True}
 # Part of the protocol: the server encodes weights with these bits, the client decodes with them.
-FIXED_POINT = ring.FixedPoint(act_bits=16)
+FIXED_POINT = ring.FixedPoint()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,10 +80,17 @@ def matrices_for(model, variant: str, device="cpu") -> dict[str, ring.RingMatrix
         for name, u in units_for(model.plan, variant).items()})
 
 
-def scales_for(model, variant: str) -> dict[str, torch.Tensor]:
-    """Per-unit row scales, all the client needs of the weights' encoding to decode products."""
-    return _cached(model, ("scales", variant), lambda: {
-        name: ring.row_scales(unit_weight(u, model.weights)) for name, u in units_for(model.plan, variant).items()})
+def encoding_for(model, variant: str) -> dict[str, tuple[torch.Tensor, int]]:
+    """Per unit: the public row scales (to decode products) and the largest integer row L1 norm
+    (to refuse an input whose product could wrap past 2^63 instead of decoding garbage)."""
+    def make():
+        out = {}
+        for name, u in units_for(model.plan, variant).items():
+            w = unit_weight(u, model.weights).to(torch.float64)
+            scales = ring.row_scales(w)
+            out[name] = (scales, int(((w.abs().sum(dim=1) * scales).max()).ceil()))
+        return out
+    return _cached(model, ("encoding", variant), make)
 
 
 def rows_needed(units: dict[str, Unit], prompt_tokens: int, max_tokens: int) -> dict[str, int]:
@@ -148,7 +155,7 @@ class MaskedClient:
         self.fx = fx
         self.units = units_for(model.plan, variant)
         self.unit_of = {u.ops[0].name: u for u in self.units.values()}
-        self.scales = scales_for(model, variant)
+        self.encoding = encoding_for(model, variant)
         if embedding_source not in ("local", "ot"):
             raise ValueError(f"embedding source must be 'local' or 'ot', not {embedding_source!r}")
         self.embedding_source = embedding_source
@@ -164,8 +171,10 @@ class MaskedClient:
     async def linear(self, ops: tuple[Linear, ...], x: torch.Tensor) -> list[torch.Tensor]:
         unit = self.unit_of[ops[0].name]
         assert unit.ops == ops, "the executor's grouping and the unit table disagree"
+        scales, l1_bound = self.encoding[unit.name]
+        bits = self.fx.bits_for(float(x.abs().max()), l1_bound)
         r, wr = self.store.take(unit.name, x.shape[0])
-        m = self.fx.encode(x) - r
+        m = self.fx.encode(x, bits) - r
         t0 = time.perf_counter()
         reply = await self.channel.request(MsgType.MASKED_LINEAR, {"unit": unit.name, "m": m.numpy()},
                                            MsgType.MASKED_LINEAR_OK)
@@ -173,7 +182,7 @@ class MaskedClient:
         y = reply.get("y")
         if not isinstance(y, np.ndarray) or y.dtype != np.int64 or y.shape != (x.shape[0], unit.out_dim):
             raise ProtocolError(ErrorCode.MALFORMED, f"server returned a bad product for {unit.name}")
-        full = self.fx.decode_product(torch.from_numpy(y) + wr, self.scales[unit.name])
+        full = self.fx.decode_product(torch.from_numpy(y) + wr, bits, scales)
         outs, at = [], 0
         w = self.model.weights
         for op in ops:

@@ -1,10 +1,11 @@
 """The ring Z_2^64: fixed-point encoding, CSPRNG masks, and the exact masked matrix product.
 
 Values are int64 tensors whose bits *are* the ring element (two's complement = mod 2^64
-arithmetic; torch int64 add/mul wrap). An activation ``x`` encodes as ``round(x * 2^f)``
-(``f = FixedPoint.act_bits``). A weight row ``j`` encodes as ``round(W_j * s_j)`` with a public
-per-row scale ``s_j = WMAX / max|W_j|``, so every integer weight fits 16 signed bits and each
-row keeps ~15 significant bits whatever its magnitude. The product then decodes as
+arithmetic; torch int64 add/mul wrap). An activation ``x`` encodes as ``round(x * 2^f)`` with
+``f`` picked per product (:class:`FixedPoint`). A weight row ``j`` encodes as ``round(W_j * s_j)`` with a public
+per-row scale ``s_j = WMAX / max|W_j|`` (WMAX ~ 2^23), so each row keeps 23 significant bits whatever its
+magnitude. (15-bit weights and fixed 16-bit activations were not enough: the demo prompt's
+first token is a near-tie, 1.8e-4 apart in the float reference, and the rounding flipped it.) The product then decodes as
 ``y_j / (2^f * s_j)``.
 
 Masks come from AES-256-CTR keyed by a 32-byte seed from ``os.urandom`` (:class:`MaskPRG`,
@@ -16,19 +17,19 @@ the integer weights mod 2^64. There is no fast exact int64 GEMM on CPU (17-47x a
 matmul, DESIGN.md s10), and float64 limb products stream 8 bytes per weight (measured here
 2.3x a float32 decode step, memory-bound). So both operands are cut into int8 digits and one
 int8 GEMM with int32 accumulation (``torch._int_mm``) does all partial products in a single
-pass over 2 bytes per weight:
+pass over 3 bytes per weight:
 
 - ``m`` into 10 limbs of 7 bits (0..127): ``m = sum_l m_l 2^(7l) mod 2^64``;
-- ``W`` into 2 balanced base-256 digits (-128..127): ``W = d_0 + 256 d_1``;
-- ``P = [m_l rows] @ [d_0 | d_1]`` exactly in int32 while ``128 * 127 * K < 2^31`` (K <= 132k);
+- ``W`` into 3 balanced base-256 digits (-128..127): ``W = d_0 + 2^8 d_1 + 2^16 d_2``;
+- ``P = [m_l rows] @ [d_0 | d_1 | d_2]`` exactly in int32 while ``128 * 127 * K < 2^31``;
 - ``m W^T = sum_{l,p} P_{l,p} 2^(7l + 8p) mod 2^64`` with wrapping int64 arithmetic.
 
-That is 20 multiply-adds per weight and row: right for a decode step (memory-bound; measured
-1.3x a float32 step), wrong for a long prefill (compute-bound; int8 GEMM here runs no faster per
-operation than float32). Above ``INT8_MAX_ROWS`` rows the product instead splits ``m`` into 3
-limbs of 22 bits and runs one float64 GEMM (exact while ``2^22 * WMAX * K < 2^53``, K <= 65k):
-3 float64 multiply-adds per weight and row. Both paths give identical results; the tests check
-each against Python integers.
+That is 30 multiply-adds per weight and row: right for a decode step (memory-bound), wrong for
+a long prefill (compute-bound; int8 GEMM here runs no faster per operation than float32). Above
+``INT8_MAX_ROWS`` rows the product instead splits ``m`` into limbs of ``b`` bits (16 for
+SmolLM2's K, chosen so ``2^b * max|W| * K < 2^53``) and runs one float64 GEMM: 4 float64
+multiply-adds per weight and row. Both paths give identical results; the tests check each
+against Python integers.
 """
 
 from __future__ import annotations
@@ -43,30 +44,47 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 @dataclasses.dataclass(frozen=True)
 class FixedPoint:
-    act_bits: int = 16
+    """Activations in fixed point with a scale chosen per product by the client.
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
+    The client knows ``max|x|`` and each unit's largest integer row L1 norm, so it takes as many
+    fractional bits ``f`` as keep ``max|x| * 2^f * L1 < 2^62`` (capped at ``max_bits``): about
+    33 bits for normalised inputs, ~22 for SmolLM2's down projections that meet activations of
+    ~3000. The server never learns ``f`` (it multiplies uniform ring elements either way), and
+    the mask material does not depend on it.
+    """
+
+    max_bits: int = 40
+    min_bits: int = 8
+
+    def bits_for(self, amax: float, l1_bound: int) -> int:
+        budget = 62 - math.log2(max(amax, 2.0**-60) * max(l1_bound, 1))
+        bits = min(self.max_bits, math.floor(budget))
+        if bits < self.min_bits:
+            raise OverflowError(f"activations up to {amax:.3g} leave only {bits} fractional bits in the ring")
+        return bits
+
+    @staticmethod
+    def encode(x: torch.Tensor, bits: int) -> torch.Tensor:
         """float activations -> ring (int64 bits), rounding to nearest."""
-        y = torch.round(x.to(torch.float64) * float(2**self.act_bits))
-        if y.numel() and y.abs().max() >= 2**62:
-            raise OverflowError(f"activation {float(y.abs().max()) / 2**self.act_bits:.3g} too large for the ring")
-        return y.to(torch.int64)
+        return torch.round(x.to(torch.float64) * float(2**bits)).to(torch.int64)
 
-    def decode_activation(self, v: torch.Tensor) -> torch.Tensor:
-        return (v.to(torch.float64) / float(2**self.act_bits)).to(torch.float32)
-
-    def decode_product(self, v: torch.Tensor, row_scales: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def decode_product(v: torch.Tensor, bits: int, row_scales: torch.Tensor) -> torch.Tensor:
         """ring products (n, out) -> float, reading the int64 bits as signed values."""
-        return (v.to(torch.float64) / (float(2**self.act_bits) * row_scales.to(torch.float64))).to(torch.float32)
+        return (v.to(torch.float64) / (float(2**bits) * row_scales.to(torch.float64))).to(torch.float32)
 
 
-WMAX = 32639  # largest |d_0 + 256 d_1| with both balanced digits in -128..127
+N_DIGITS = 3
+WMAX = 127 * (1 + 2**8 + 2**16)  # 8355839: every |W| <= WMAX has balanced base-256 digits in -128..127
+
+
+WEIGHT_SCALE_MAX = WMAX  # what each row's largest weight encodes to (23 bits)
 
 
 def row_scales(w: torch.Tensor) -> torch.Tensor:
     """Public per-row scales ``WMAX / max|W_j|`` (1 for an all-zero row), float64."""
     peak = w.to(torch.float64).abs().amax(dim=1)
-    return torch.where(peak > 0, WMAX / peak.clamp_min(1e-300), torch.ones_like(peak))
+    return torch.where(peak > 0, WEIGHT_SCALE_MAX / peak.clamp_min(1e-300), torch.ones_like(peak))
 
 
 def encode_weights(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,8 +138,16 @@ def _signed64(v: int) -> int:
     return v - 2**64 if v >= 2**63 else v
 
 
-_FACTORS = torch.tensor([[_signed64(1 << (LIMB_BITS * l + 8 * p)) for p in range(2)] for l in range(N_LIMBS)],
-                        dtype=torch.int64).view(N_LIMBS, 1, 2, 1)
+_FACTORS = torch.tensor([[_signed64(1 << (LIMB_BITS * l + 8 * p)) for p in range(N_DIGITS)]
+                         for l in range(N_LIMBS)], dtype=torch.int64).view(N_LIMBS, 1, N_DIGITS, 1)
+
+
+def f64_limb_bits(max_abs: int, k: int) -> int:
+    """The widest limb for which every float64 partial product stays below 2^53."""
+    for bits in (22, 16, 13, 11, 8):
+        if 2**bits * max(max_abs, 1) * k < 2**53:
+            return bits
+    raise OverflowError(f"K={k} is too large for exact float64 products")
 
 
 class RingMatrix:
@@ -134,20 +160,29 @@ class RingMatrix:
         if w_int.numel() and int(w_int.abs().max()) > WMAX:
             raise OverflowError(f"integer weights must satisfy |W| <= {WMAX}")
         self.out_dim, self.in_dim = w_int.shape
-        if self.in_dim >= 2**16:  # int32 accumulation (int8 path) and 2^53 (float64 path) bounds
-            raise OverflowError(f"K={self.in_dim} is too large for exact products (limit 65535)")
-        d0 = torch.remainder(w_int + 128, 256) - 128
-        d1 = (w_int - d0) // 256
-        # (in, 2*out): both digit planes side by side, one GEMM pass over 2 bytes per weight
-        self.digits = torch.cat([d0, d1], dim=0).t().contiguous().to(device=device, dtype=torch.int8)
+        if 128 * 127 * self.in_dim >= 2**31:  # int32 accumulation of the int8 path
+            raise OverflowError(f"K={self.in_dim} is too large for exact int32 accumulation")
+        self.max_abs = int(w_int.abs().max()) if w_int.numel() else 0
+        # the largest |row . x| per unit |x|: the client's bound against wrapping past 2^63
+        self.max_row_l1 = int(w_int.abs().sum(dim=1).max()) if w_int.numel() else 0
+        self.f64_limb_bits = f64_limb_bits(self.max_abs, self.in_dim)
+        digits, rest = [], w_int
+        for _ in range(N_DIGITS):
+            d = torch.remainder(rest + 128, 256) - 128
+            digits.append(d)
+            rest = (rest - d) // 256
+        # (in, 3*out): the digit planes side by side, one GEMM pass over 3 bytes per weight
+        self.digits = torch.cat(digits, dim=0).t().contiguous().to(device=device, dtype=torch.int8)
         self.device = self.digits.device
         self.row_scales = row_scales
         self._w_int = w_int  # for the float64 path, converted on first use
         self._wt64: torch.Tensor | None = None
         self._shifts = _LIMB_SHIFTS.to(self.device).view(N_LIMBS, 1, 1)
-        self._shifts64 = torch.tensor([0, 22, 44], device=self.device).view(3, 1, 1)
-        # the top limb holds bits 44..63: its mask also drops the sign bits the shift dragged in
-        self._masks64 = torch.tensor([(1 << 22) - 1, (1 << 22) - 1, (1 << 20) - 1], device=self.device).view(3, 1, 1)
+        b = self.f64_limb_bits
+        shifts = list(range(0, 64, b))
+        self._shifts64 = torch.tensor(shifts, device=self.device).view(-1, 1, 1)
+        # the top limb's mask also drops the sign bits the arithmetic shift dragged in
+        self._masks64 = torch.tensor([(1 << min(b, 64 - s)) - 1 for s in shifts], device=self.device).view(-1, 1, 1)
         self._factors = _FACTORS.to(self.device)
 
     @classmethod
@@ -163,18 +198,18 @@ class RingMatrix:
     def _matmul_f64(self, m: torch.Tensor) -> torch.Tensor:
         if self._wt64 is None:
             self._wt64 = self._w_int.to(device=self.device, dtype=torch.float64).t().contiguous()
-        n = m.shape[0]
+        n, nl = m.shape[0], self._shifts64.shape[0]
         limbs = torch.bitwise_and(torch.bitwise_right_shift(m.unsqueeze(0), self._shifts64), self._masks64)
-        partial = torch.matmul(limbs.to(torch.float64).view(3 * n, self.in_dim), self._wt64)
-        partial = partial.view(3, n, self.out_dim).to(torch.int64)
-        return partial[0] + torch.bitwise_left_shift(partial[1], 22) + torch.bitwise_left_shift(partial[2], 44)
+        partial = torch.matmul(limbs.to(torch.float64).view(nl * n, self.in_dim), self._wt64)
+        partial = torch.bitwise_left_shift(partial.view(nl, n, self.out_dim).to(torch.int64), self._shifts64)
+        return partial.sum(dim=0)  # wraps mod 2^64
 
     def _matmul_int8(self, m: torch.Tensor) -> torch.Tensor:
         n = m.shape[0]
         # Arithmetic shift drags the sign in from the top; the mask keeps only each limb.
         limbs = torch.bitwise_and(torch.bitwise_right_shift(m.unsqueeze(0), self._shifts), 127)
         partial = torch._int_mm(limbs.to(torch.int8).view(N_LIMBS * n, self.in_dim), self.digits)
-        partial = partial.view(N_LIMBS, n, 2, self.out_dim).to(torch.int64)
+        partial = partial.view(N_LIMBS, n, N_DIGITS, self.out_dim).to(torch.int64)
         return (partial * self._factors).sum(dim=(0, 2))  # int64 products and sums wrap mod 2^64
 
 

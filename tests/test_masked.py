@@ -123,7 +123,8 @@ def test_masked_inputs_are_uncorrelated_with_the_plaintext(tiny_models, tmp_path
     orig = masked.MaskedClient.linear
 
     async def spy(self, ops, x):  # the real client, with its plaintext inputs noted on the side
-        pairs.append(self.fx.encode(x))
+        l1_bound = self.encoding[self.unit_of[ops[0].name].name][1]
+        pairs.append(self.fx.encode(x, self.fx.bits_for(float(x.abs().max()), l1_bound)))
         return await orig(self, ops, x)
 
     rec = tmp_path / "rec"

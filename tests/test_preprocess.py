@@ -19,7 +19,7 @@ def test_material_products_are_exact_and_masks_unmask():
     store = preprocess.deal(units, {"a": 5, "b": 2}, model_fingerprint="m", variant="v3", fx=FX)
     r, wr = store.take("a", 3)
     assert torch.equal(units["a"].matmul(r), wr)
-    x = FX.encode(torch.randn(3, 6))
+    x = FX.encode(torch.randn(3, 6), 30)
     assert torch.equal(units["a"].matmul(x - r) + wr, units["a"].matmul(x))
     r2, _ = store.take("a", 2)
     assert not (r2[:, None, :] == r[None, :, :]).all(-1).any()  # no row handed out twice

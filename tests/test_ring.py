@@ -7,7 +7,8 @@ from shardlm.protocols import ring
 
 
 @pytest.mark.parametrize("rows", [4, ring.INT8_MAX_ROWS + 3])  # the int8 and the float64 path
-@pytest.mark.parametrize("max_w,k", [(1, 7), (127, 64), (ring.WMAX, 1536), (ring.WMAX, 300), (300, 5000)])
+@pytest.mark.parametrize("max_w,k", [(1, 7), (127, 64), (ring.WMAX, 1536), (ring.WMAX, 300), (300, 5000),
+                                     (ring.WMAX, 20000)])
 def test_ring_product_is_exact_mod_2_64(max_w, k, rows):
     g = torch.Generator().manual_seed(k)
     w = torch.randint(-max_w, max_w + 1, (5, k), generator=g)
@@ -26,40 +27,43 @@ def test_weights_outside_the_digit_range_are_refused():
     with pytest.raises(OverflowError):
         ring.RingMatrix(torch.full((2, 3), ring.WMAX + 1))
     with pytest.raises(OverflowError):
-        ring.RingMatrix(torch.ones((2, 70000), dtype=torch.int64))  # accumulation bounds
+        ring.RingMatrix(torch.ones((2, 140000), dtype=torch.int64))  # int32 accumulation bound
 
 
 def test_weight_encoding_keeps_every_row_precise():
     g = torch.Generator().manual_seed(1)
     w = torch.randn(6, 50, generator=g) * torch.tensor([1e-3, 0.02, 0.5, 9.25, 100.0, 0.0])[:, None]
     w_int, scales = ring.encode_weights(w)
-    assert int(w_int.abs().max()) <= ring.WMAX
+    assert int(w_int.abs().max()) == ring.WEIGHT_SCALE_MAX
     back = w_int.double() / scales[:, None]
     rel = (back - w).abs().amax(dim=1) / w.abs().amax(dim=1).clamp_min(1e-30)
-    assert (rel[:5] <= 0.5 / ring.WMAX + 1e-12).all()  # half a step of each row's own scale
+    assert (rel[:5] <= 0.5 / ring.WEIGHT_SCALE_MAX + 1e-12).all()  # half a step of each row's own scale
     assert (w_int[5] == 0).all()
 
 
-def test_masking_then_unmasking_recovers_the_plain_fixed_point_product():
-    fx = ring.FixedPoint(16)
+def test_masking_then_unmasking_recovers_the_plain_product():
+    fx = ring.FixedPoint()
     g = torch.Generator().manual_seed(0)
     w = torch.randn(40, 64, generator=g) * 0.1
     x = torch.randn(4, 64, generator=g) * 3
     W = ring.RingMatrix.from_float(w)
+    bits = fx.bits_for(float(x.abs().max()), W.max_row_l1)
+    assert 20 <= bits <= fx.max_bits
     r = ring.random_ring(4, 64)
-    masked = fx.encode(x) - r  # what the server sees
-    y = fx.decode_product(W.matmul(masked) + W.matmul(r), W.row_scales)
-    assert torch.allclose(y, x @ w.T, atol=1e-3)
+    masked = fx.encode(x, bits) - r  # what the server sees
+    y = fx.decode_product(W.matmul(masked) + W.matmul(r), bits, W.row_scales)
+    assert torch.allclose(y, x @ w.T, atol=1e-5)
     # and it equals the unmasked fixed-point product exactly, bit for bit
-    assert torch.equal(W.matmul(masked) + W.matmul(r), W.matmul(fx.encode(x)))
+    assert torch.equal(W.matmul(masked) + W.matmul(r), W.matmul(fx.encode(x, bits)))
 
 
-def test_fixed_point_round_trip_and_overflow():
-    fx = ring.FixedPoint(16)
-    x = torch.tensor([0.0, 1.5, -2.25, 1e-6, -30000.0])
-    assert torch.allclose(fx.decode_activation(fx.encode(x)), x, atol=2**-16)
+def test_fixed_point_bits_keep_products_inside_the_ring():
+    fx = ring.FixedPoint()
+    assert fx.bits_for(1.0, 2**20) == fx.max_bits  # plenty of room: capped
+    bits = fx.bits_for(3000.0, 2**30)
+    assert 3000 * 2**bits * 2**30 < 2**62 <= 3000 * 2 ** (bits + 1) * 2**30
     with pytest.raises(OverflowError):
-        fx.encode(torch.tensor([2.0**50]))
+        fx.bits_for(2.0**40, 2**20)
 
 
 def test_mask_prg_is_seeded_uniform_and_fresh():
