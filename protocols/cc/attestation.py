@@ -187,3 +187,21 @@ def verify_report(signed: SignedReport, *, pin: tuple[str, object] | None, nonce
     if not isinstance(enclave_key, bytes) or len(enclave_key) != 32:
         raise AttestationError("format", "the report's enclave key is not a 32-byte X25519 key")
     return f
+
+
+def check_info_report(cc: dict, *, nonce: bytes, pin: tuple[str, object] | None, model_fingerprint: str) -> dict:
+    """``shardlm info --attest``: check the report the server signed over ``nonce`` (signature
+    against the pin, or only against the key the server advertises when nothing is pinned;
+    nonce; freshness; measurement against this machine's version and code and the server's
+    advertised model). Raises :class:`AttestationError`; returns what was checked."""
+    body = cc.get("report")
+    if not isinstance(body, dict):
+        raise AttestationError("format", "the server sent no attestation report")
+    signed = SignedReport.from_body(body)
+    pinned = pin is not None
+    f = verify_report(signed, pin=pin or ("key", bytes(signed.signer)), nonce=nonce, client_key=bytes(32),
+                      expected=local_components(model_fingerprint))
+    return {"provider": f["provider"], "simulated": f["simulated"], "measurement": f["measurement"],
+            "signer": key_fingerprint(signed.signer), "pinned": pinned,
+            "checks": ["signing key" if pinned else "signing key (NOT pinned: only the advertised key)",
+                       "signature", "nonce", "freshness", "measurement (version, code, model)"]}
