@@ -61,7 +61,13 @@ class Enclave:
         if self._channel is None:
             raise ProtocolError(ErrorCode.WRONG_STATE, "sealed request before attestation")
         plaintext = self._channel.open(counter, ciphertext)
-        return self._channel.seal(self._dispatch(plaintext))
+        try:
+            response = self._dispatch(plaintext)
+        except ProtocolError:
+            raise
+        except Exception as exc:  # no traceback or message out of the boundary: they may quote plaintext
+            raise ProtocolError(ErrorCode.INTERNAL, f"the enclave's forward failed ({type(exc).__name__})") from None
+        return self._channel.seal(response)
 
     # -- inside ------------------------------------------------------------------------------
     def _dispatch(self, plaintext: bytes) -> bytes:
