@@ -335,40 +335,76 @@ def test_refusals_over_tls_and_the_server_keeps_serving(tiny, tmp_path, cc_key, 
         assert [m.type for m in msgs] == [MsgType.HELLO, MsgType.CC_ATTEST, MsgType.BYE]
 
 
-# -- SmolLM2 between two processes, through the CLI ---------------------------------------------------
-@pytest.mark.slow
-def test_smollm2_cli_two_processes_equals_the_reference(smollm2, tmp_path, cc_key):
+# -- between two processes, through the CLI -----------------------------------------------------------
+@pytest.fixture
+def cli_server(tmp_path, cc_key):
+    """start(model_spec) -> (listening event, a function running the client CLI against it)."""
     import subprocess
     import sys
 
     from shardlm.cli import start_server_process
     from shardlm.wire import tls
 
-    fp = tls.generate_server_cert(tmp_path)
-    proc, event = start_server_process(["--port", "0", "--cert", f"{tmp_path}/server.crt", "--key",
-                                        f"{tmp_path}/server.key", "-m", "smollm2", "--threads", "1",
-                                        "--cc-key", cc_key[0]])
-    try:
-        assert event["cc"]["key_fingerprint"] == cc_key[1] and event["cc"]["simulated"]
+    procs = []
+
+    def start(spec):
+        fp = tls.generate_server_cert(tmp_path)
+        proc, event = start_server_process(["--port", "0", "--cert", f"{tmp_path}/server.crt", "--key",
+                                            f"{tmp_path}/server.key", "-m", spec, "--threads", "1",
+                                            "--cc-key", cc_key[0]])
+        procs.append(proc)
         common = ["-s", f"127.0.0.1:{event['port']}", "--tls-fingerprint", fp]
         env = {**os.environ, "SHARDLM_CC_TRUST": cc_key[1]}
 
         def cli(*args):
             return subprocess.run([sys.executable, "-m", "shardlm.cli", *args, *common], capture_output=True,
                                   text=True, timeout=120, env=env)
+        return event, cli
 
-        gen = cli("generate", "-p", "What is 2+2?", "--protocol", "v3-cc", "--max-tokens", "10", "--threads", "1",
-                  "--json")
-        assert gen.returncode == 0, gen.stderr
-        out = json.loads(gen.stdout)
-        ids = smollm2.tokenizer.encode_chat([{"role": "user", "content": "What is 2+2?"}])
-        assert out["token_ids"] == reference_generate(smollm2, ids, 10, GREEDY)
-        assert out["private"] and SIMULATED_NOTE in out["notes"][0]
-        info = cli("info", "--attest")
-        assert info.returncode == 0, info.stderr
-        assert SIMULATED_NOTE in info.stdout and "verified: signing key, signature, nonce" in info.stdout
-        bad = cli("generate", "-p", "secret", "--protocol", "v3-cc", "--cc-trust", "sha256:" + "00" * 32, "--json")
-        assert bad.returncode == 1 and json.loads(bad.stdout)["code"] == "attestation_failed"
-    finally:
+    yield start
+    for proc in procs:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_tiny_model_cli_two_processes_equals_the_reference(tiny, cli_server):
+    model = tiny["llama"]
+    event, cli = cli_server(str(model.source))
+    gen = cli("generate", "-p", "hello world", "--raw", "-m", str(model.source), "--protocol", "v3-cc",
+              "--max-tokens", "12", "--threads", "1", "--json")
+    assert gen.returncode == 0, gen.stderr
+    out = json.loads(gen.stdout)
+    assert out["token_ids"] == reference_generate(model, model.tokenizer.encode("hello world"), 12, GREEDY)
+    assert SIMULATED_NOTE in out["notes"][0]
+
+
+@pytest.mark.slow
+def test_smollm2_cli_two_processes_equals_the_reference(smollm2, cc_key, cli_server):
+    event, cli = cli_server("smollm2")
+    assert event["cc"]["key_fingerprint"] == cc_key[1] and event["cc"]["simulated"]
+    gen = cli("generate", "-p", "What is 2+2?", "--protocol", "v3-cc", "--max-tokens", "10", "--threads", "1",
+              "--json")
+    assert gen.returncode == 0, gen.stderr
+    out = json.loads(gen.stdout)
+    ids = smollm2.tokenizer.encode_chat([{"role": "user", "content": "What is 2+2?"}])
+    assert out["token_ids"] == reference_generate(smollm2, ids, 10, GREEDY)
+    assert out["private"] and SIMULATED_NOTE in out["notes"][0]
+    info = cli("info", "--attest")
+    assert info.returncode == 0, info.stderr
+    assert SIMULATED_NOTE in info.stdout and "verified: signing key, signature, nonce" in info.stdout
+    bad = cli("generate", "-p", "secret", "--protocol", "v3-cc", "--cc-trust", "sha256:" + "00" * 32, "--json")
+    assert bad.returncode == 1 and json.loads(bad.stdout)["code"] == "attestation_failed"
+
+
+def test_serve_with_the_nvidia_provider_refuses_to_start_here(tiny, tmp_path):
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PATH": os.path.dirname(sys.executable), "SHARDLM_HOME": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-m", "shardlm.cli", "serve", "--port", "0", "-m",
+                           str(tiny["llama"].source), "--cc-provider", "nvidia", "--json"],
+                          capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 1
+    err = json.loads(proc.stdout)
+    assert err["code"] == "cc_provider" and "nvidia-smi not found" in err["error"]
+    assert "Not falling back" in err["error"]
