@@ -52,19 +52,20 @@ class SealedChannel:
 
     @classmethod
     def client(cls, client_pk: bytes, client_sk: bytes, enclave_pk: bytes, session_id: str) -> "SealedChannel":
-        try:
-            rx, tx = sodium.crypto_kx_client_session_keys(client_pk, client_sk, enclave_pk)
-        except nacl.exceptions.CryptoError as exc:
-            raise AuthError(f"key exchange with the enclave key failed: {exc}") from None
-        return cls(rx, tx, session_id, enclave=False)
+        return cls._exchange(False, client_pk, client_sk, enclave_pk, session_id)
 
     @classmethod
     def enclave(cls, enclave_pk: bytes, enclave_sk: bytes, client_pk: bytes, session_id: str) -> "SealedChannel":
+        return cls._exchange(True, enclave_pk, enclave_sk, client_pk, session_id)
+
+    @classmethod
+    def _exchange(cls, enclave: bool, pk: bytes, sk: bytes, peer_pk: bytes, session_id: str) -> "SealedChannel":
+        kx = sodium.crypto_kx_server_session_keys if enclave else sodium.crypto_kx_client_session_keys
         try:
-            rx, tx = sodium.crypto_kx_server_session_keys(enclave_pk, enclave_sk, client_pk)
-        except nacl.exceptions.CryptoError as exc:
-            raise AuthError(f"key exchange with the client key failed: {exc}") from None
-        return cls(rx, tx, session_id, enclave=True)
+            rx, tx = kx(pk, sk, peer_pk)
+        except (nacl.exceptions.CryptoError, TypeError, ValueError) as exc:
+            raise AuthError(f"key exchange with the {'client' if enclave else 'enclave'} key failed: {exc}") from None
+        return cls(rx, tx, session_id, enclave=enclave)
 
     def _nonce_ad(self, direction: bytes, counter: int) -> tuple[bytes, bytes]:
         c = counter.to_bytes(8, "little")
