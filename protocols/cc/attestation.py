@@ -186,6 +186,8 @@ def verify_report(signed: SignedReport, *, pin: tuple[str, object] | None, nonce
     enclave_key = f.get("enclave_key")
     if not isinstance(enclave_key, bytes) or len(enclave_key) != 32:
         raise AttestationError("format", "the report's enclave key is not a 32-byte X25519 key")
+    if not isinstance(f.get("session_id"), str):
+        raise AttestationError("format", "the report names no session id")
     return f
 
 
