@@ -205,11 +205,18 @@ def _server_cert(cert, key) -> tuple[str, str]:
                    "model-free protocols (echo, ot) are offered.")
 @click.option("--threads", envvar="SHARDLM_THREADS", type=int, show_envvar=True,
               help="torch CPU threads (default: torch's choice).")
+@click.option("--cc-provider", type=click.Choice(["software", "nvidia"]), default="software", show_default=True,
+              envvar="SHARDLM_CC_PROVIDER", show_envvar=True,
+              help="v3-cc attestation provider. software: a simulated TEE (protects against network observers and "
+                   "unattested servers, not against the server's operator); nvidia: GPU CC mode, refused where absent.")
+@click.option("--cc-key", envvar="SHARDLM_CC_KEY", show_envvar=True, type=click.Path(dir_okay=False),
+              help="Ed25519 seed file of the software provider (default: $SHARDLM_HOME/cc/software-ed25519.key).")
 @click.option("-v", "--verbose", is_flag=True, help="Log each connection to stderr.")
 @_json_option
 @_reports_errors
 def serve(host, port, cert, key, client_ca, max_sessions, session_ttl, handshake_timeout, idle_timeout,
-          max_seq_len, max_frame_bytes, device, record_transcript, model_spec, threads, verbose, as_json):
+          max_seq_len, max_frame_bytes, device, record_transcript, model_spec, threads, cc_provider, cc_key, verbose,
+          as_json):
     """Run a server until interrupted.
 
     Prints the address and the certificate fingerprint clients must pin (with --json, one JSON
@@ -223,12 +230,14 @@ def serve(host, port, cert, key, client_ca, max_sessions, session_ttl, handshake
         host=host, port=port, max_sessions=max_sessions, session_ttl=session_ttl,
         handshake_timeout=handshake_timeout, idle_timeout=idle_timeout, max_seq_len=max_seq_len,
         limits=frames.Limits(max_frame_bytes=max_frame_bytes), device=device, record_dir=record_transcript,
+        cc_provider=cc_provider, cc_key=cc_key,
     )
     if threads:
         torch_threads(threads)
     model = load_model_for_cli(model_spec, device) if model_spec else None
     server = server_mod.Server(config, ctx, model)
     fp = tls.fingerprint_of(cert)
+    cc = _cc_info(server)
 
     async def main():
         async with trio.open_nursery() as nursery:
@@ -236,8 +245,11 @@ def serve(host, port, cert, key, client_ca, max_sessions, session_ttl, handshake
             event = {"event": "listening", "host": host, "port": bound, "fingerprint": fp,
                      "protocols": sorted(server.offered), "mutual_tls": client_ca is not None,
                      "model": model.name if model else None, "model_fingerprint": server.fingerprint}
+            if cc:
+                event["cc"] = {k: cc[k] for k in ("provider", "simulated", "note", "key_fingerprint", "measurement")}
             _emit(event, as_json, human=f"shardlm {__version__} listening on {host}:{bound}\n"
-                                        f"TLS fingerprint: {fp}\nprotocols: {', '.join(event['protocols'])}")
+                                        f"TLS fingerprint: {fp}\nprotocols: {', '.join(event['protocols'])}"
+                                        + ("\n" + "\n".join(_cc_lines(cc)) if cc else ""))
             sys.stdout.flush()
 
     try:
@@ -246,6 +258,25 @@ def serve(host, port, cert, key, client_ca, max_sessions, session_ttl, handshake
         pass
     except OSError as exc:
         raise Failure(f"cannot listen on {host}:{port}: {exc}", "listen") from None
+
+
+def _cc_info(server) -> dict | None:
+    """v3-cc's provider description, or None when v3-cc is not offered; an unavailable provider
+    (e.g. --cc-provider nvidia without a GPU in CC mode) stops the server here."""
+    if "v3-cc" not in server.offered:
+        return None
+    from .protocols.cc.provider import ProviderUnavailable
+
+    try:
+        return server.info()["protocols"]["v3-cc"]["cc"]
+    except ProviderUnavailable as exc:
+        raise Failure(str(exc), "cc_provider") from None
+
+
+def _cc_lines(cc: dict) -> list[str]:
+    kind = f"{cc['provider']} provider" + (f" ({cc['note']})" if cc.get("simulated") else "")
+    return [f"v3-cc: {kind}", f"  signing key {cc['key_fingerprint']} (clients pin it: --cc-trust)",
+            f"  measurement {cc['measurement']}"]
 
 
 # -- health / info -----------------------------------------------------------------------------
@@ -262,18 +293,43 @@ def health(client_config, as_json):
 
 
 @cli.command()
+@click.option("--attest", is_flag=True,
+              help="Ask for a v3-cc attestation report signed over a fresh nonce and check it (against --cc-trust "
+                   "when given; otherwise only against the key the server advertises).")
+@click.option("--cc-trust", envvar="SHARDLM_CC_TRUST", show_envvar=True,
+              help="Pinned v3-cc signing key: sha256:<fingerprint> or ed25519:<hex>, or a file holding one.")
 @client_options
 @_json_option
 @_reports_errors
-def info(client_config, as_json):
-    """Show the server's version, protocols, model, device and limits."""
+def info(attest, cc_trust, client_config, as_json):
+    """Show the server's version, protocols, model, device and limits, and the v3-cc provider,
+    its signing key and measurement (with --attest: a fresh signed report, checked)."""
     cfg = client_config()
-    result = _run_client(cfg, lambda conn: conn.info())
+    if attest:
+        from .protocols.cc import attestation
+        from .wire.msgtypes import MsgType
+
+        pin = attestation.parse_trust(cc_trust) if cc_trust else None
+        nonce = os.urandom(attestation.NONCE_BYTES)
+        result = _run_client(cfg, lambda conn: conn.channel.request(MsgType.INFO, {"cc_nonce": nonce}, MsgType.INFO_OK))
+        cc = result["protocols"].get("v3-cc", {}).get("cc")
+        if cc is None:
+            raise Failure(f"{cfg.server} does not offer v3-cc", "cc")
+        cc["verified"] = attestation.check_info_report(cc, nonce=nonce, pin=pin,
+                                                       model_fingerprint=result["model_fingerprint"])
+        cc["report"] = {k: v.hex() for k, v in cc["report"].items()}
+    else:
+        result = _run_client(cfg, lambda conn: conn.info())
     lines = [f"shardlm {result['version']} (protocol v{result['protocol_version']}) on {result['device']}",
              f"model: {result['model'] or 'none'} {result['model_fingerprint']}", "protocols:"]
     for name, p in result["protocols"].items():
         lines.append(f"  {name:8s} {'private' if p['private'] else 'NOT PRIVATE'}: {p['summary']}")
     lines.append("limits: " + ", ".join(f"{k}={v}" for k, v in result["limits"].items()))
+    cc = result["protocols"].get("v3-cc", {}).get("cc")
+    if cc:
+        lines += _cc_lines(cc)
+        if cc.get("verified"):
+            lines.append(f"  attestation report over a fresh nonce verified: {', '.join(cc['verified']['checks'])}")
     _emit(result, as_json, human="\n".join(lines))
 
 
@@ -361,6 +417,7 @@ def _human_report(out: dict) -> str:
         f"bytes sent {out['bytes_sent']:,} received {out['bytes_received']:,} | rounds {out['rounds']} "
         f"(prefill {out['prefill_rounds']}, per decode token {out['per_decode_token']['rounds']})",
     ]
+    lines += [f"note: {n}" for n in out.get("notes", [])]
     if out.get("transcript"):
         lines.append(f"server transcript: {out['transcript']}")
     return "\n".join(lines)
@@ -371,7 +428,7 @@ def generation_options(fn):
         click.option("-m", "--model", "model_spec", default="smollm2", show_default=True, envvar="SHARDLM_MODEL",
                      show_envvar=True, help="'smollm2' or a path; must be the same model the server holds."),
         click.option("--protocol", default="v3", show_default=True, envvar="SHARDLM_PROTOCOL", show_envvar=True,
-                     help="plain (insecure baseline), v2 or v3."),
+                     help="plain (insecure baseline), v2, v3 or v3-cc."),
         click.option("--max-tokens", default=64, show_default=True, help="Tokens to generate at most."),
         click.option("--temperature", default=0.0, show_default=True, help="0 is greedy."),
         click.option("--top-k", type=int, help="Sample from the k most likely tokens."),
@@ -385,15 +442,30 @@ def generation_options(fn):
                      help="v2/v3: look token embeddings up locally, or fetch the rows by 1-of-V oblivious "
                           "transfer from the server (it learns nothing about which rows; costs the whole "
                           "encrypted table per request: 113 MB for SmolLM2)."),
+        _CC_TRUST_OPTION,
     ]
 
     @functools.wraps(fn)
-    def wrapper(*args, embedding_source, **kwargs):
-        return fn(*args, protocol_options={"embedding_source": embedding_source}, **kwargs)
+    def wrapper(*args, embedding_source, cc_trust, **kwargs):
+        return fn(*args, protocol_options=_protocol_options(cc_trust, embedding_source), **kwargs)
 
     for opt in reversed(opts):
         wrapper = opt(wrapper)
     return wrapper
+
+
+_CC_TRUST_OPTION = click.option(
+    "--cc-trust", envvar="SHARDLM_CC_TRUST", show_envvar=True,
+    help="v3-cc: the server's attestation signing key to trust, sha256:<fingerprint> (printed by `serve`) or "
+         "ed25519:<hex>, or a file holding one. Without it v3-cc refuses to run.")
+
+
+def _protocol_options(cc_trust=None, embedding_source: str = "local") -> dict:
+    """Protocol-specific settings for the client factories (each takes what it knows)."""
+    options = {"embedding_source": embedding_source}
+    if cc_trust:
+        options["cc_trust"] = cc_trust
+    return options
 
 
 @cli.command()
@@ -442,7 +514,7 @@ def generate(prompt, model_spec, protocol, max_tokens, temperature, top_k, top_p
     out = report.as_dict(model.tokenizer)
     if as_json:
         _emit(out, True)
-    elif timing or not out["private"]:
+    elif timing or not out["private"] or out["notes"]:
         click.echo(_human_report(out), err=True)
 
 
@@ -483,10 +555,13 @@ def chat(model_spec, protocol, max_tokens, temperature, top_k, top_p, seed, syst
         report = _generate_remote(cfg, model, protocol, ids, max_tokens, sampling, None, stream=not as_json,
                                   options=protocol_options)
         out = report.as_dict(model.tokenizer)
+        if not as_json and len(turns) == 0:
+            for note in out["notes"]:
+                click.echo(f"note: {note}", err=True)
         history.append({"role": "assistant", "content": out["text"]})
         turns.append({"user": line, "assistant": out["text"], "timing": out["timing"],
                       "bytes_sent": out["bytes_sent"], "bytes_received": out["bytes_received"],
-                      "rounds": out["rounds"], "offline_ms": out["offline_ms"]})
+                      "rounds": out["rounds"], "offline_ms": out["offline_ms"], "notes": out["notes"]})
     if as_json:
         _emit({"protocol": protocol, "turns": turns}, True)
 
@@ -545,10 +620,11 @@ def preprocess(model_spec, protocol, tokens, out_dir, threads, as_json):
 @click.option("--output", type=click.Path(dir_okay=False), help="Write the results JSON here.")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Draw prefill and decode bars to this PNG.")
 @click.option("--threads", type=int, envvar="SHARDLM_THREADS", show_envvar=True)
+@_CC_TRUST_OPTION
 @client_options
 @_json_option
 @_reports_errors
-def bench(model_spec, protocols, prompt, prompt_tokens, max_tokens, runs, warmup, output, plot, threads,
+def bench(model_spec, protocols, prompt, prompt_tokens, max_tokens, runs, warmup, output, plot, threads, cc_trust,
           client_config, as_json):
     """Benchmark protocols side by side against a running server (seed JSON format, extended
     with decode tokens/s, bytes, rounds, offline time and the ratio to plain)."""
@@ -567,7 +643,7 @@ def bench(model_spec, protocols, prompt, prompt_tokens, max_tokens, runs, warmup
     results = []
     for proto in [p.strip() for p in protocols.split(",") if p.strip()]:
         results.append(trio.run(bench_mod.bench_protocol, cfg, model, proto, ids, max_tokens, runs, warmup,
-                                _sampling(0.0, None, None, None), say))
+                                _sampling(0.0, None, None, None), say, _protocol_options(cc_trust)))
     bench_mod.add_ratios(results)
     doc = {"benchmarks": results}
     if output:
@@ -583,6 +659,7 @@ def bench(model_spec, protocols, prompt, prompt_tokens, max_tokens, runs, warmup
                      f"{(f'{ratio:.2f}' if ratio else '-'):>6s} {x['per_decode_token']['bytes_sent']:11.0f} "
                      f"{x['per_decode_token']['bytes_received']:12.0f} {x['per_decode_token']['rounds']:10.1f} "
                      f"{x['offline_ms']:10.0f}")
+    lines += [f"note ({r['version']}): {n}" for r in results for n in r.get("notes", [])]
     _emit(doc, as_json, human="\n".join(lines))
 
 
@@ -631,8 +708,10 @@ def demo(model_spec, protocol, prompt, max_tokens, as_json):
         )
         try:
             cfg = client_mod.ClientConfig(server=f"127.0.0.1:{event['port']}", fingerprint=fp, timeout=300)
+            cc_fp = event.get("cc", {}).get("key_fingerprint")
             report = _generate_remote(cfg, model, protocol, _prompt_ids(model, prompt, None, True), max_tokens,
-                                      _sampling(0.0, None, None, None), None, stream=not as_json)
+                                      _sampling(0.0, None, None, None), None, stream=not as_json,
+                                      options=_protocol_options(cc_fp))
         finally:
             proc.terminate()
             proc.wait(timeout=10)

@@ -24,6 +24,7 @@ class RunReport:
     result: GenerationResult
     offline_ms: float
     stats: dict  # phase -> PhaseStats.as_dict()
+    notes: list = dataclasses.field(default_factory=list)  # what the protocol's guarantee rests on
 
     def as_dict(self, tokenizer=None) -> dict:
         r = self.result
@@ -44,6 +45,7 @@ class RunReport:
                 for k in ("bytes_sent", "bytes_received", "rounds")
             },
             "prefill_rounds": prefill.get("rounds", 0),
+            "notes": list(self.notes),
         }
         if tokenizer is not None:
             out["text"] = tokenizer.decode(r.token_ids, skip_special_tokens=True)
@@ -79,4 +81,5 @@ async def run_generation(cfg: ClientConfig, model, protocol: str, prompt_ids: li
                                     channel=channel)
         stats = {name: s.as_dict() for name, s in channel.stats.items() if name not in ("setup", "offline")
                  or s.messages_sent or s.messages_received}
-    return RunReport(protocol, spec.private, session["session_id"], len(prompt_ids), result, client.offline_ms, stats)
+    return RunReport(protocol, spec.private, session["session_id"], len(prompt_ids), result, client.offline_ms, stats,
+                     list(getattr(client, "notes", [])))

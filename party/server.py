@@ -45,6 +45,8 @@ class ServerConfig:
     limits: frames.Limits = dataclasses.field(default_factory=frames.Limits)
     device: str = "cpu"
     record_dir: str | None = None
+    cc_provider: str = "software"  # v3-cc: software (simulated TEE) or nvidia
+    cc_key: str | None = None      # v3-cc software provider's key file (default: $SHARDLM_HOME/cc)
 
 
 @dataclasses.dataclass
@@ -70,11 +72,15 @@ class Server:
         self.started = time.time()
         self.fingerprint = model.fingerprint() if model is not None else "none"
 
-    def info(self) -> dict:
+    def info(self, request: dict | None = None) -> dict:
+        protocols = {n: {"private": s.private, "summary": s.summary} for n, s in sorted(self.offered.items())}
+        for n, s in self.offered.items():
+            if s.server_info is not None:
+                protocols[n].update(s.server_info(self, request or {}))
         return {
             "name": "shardlm", "version": __version__,
             "protocol_version": handshake.PROTOCOL_VERSION,
-            "protocols": {n: {"private": s.private, "summary": s.summary} for n, s in sorted(self.offered.items())},
+            "protocols": protocols,
             "model": getattr(self.model, "name", None),
             "model_fingerprint": self.fingerprint,
             "device": self.config.device,
@@ -169,7 +175,7 @@ class Server:
                 if msg.type == MsgType.HEALTH:
                     await channel.send(MsgType.HEALTH_OK, self.health())
                 elif msg.type == MsgType.INFO:
-                    await channel.send(MsgType.INFO_OK, self.info())
+                    await channel.send(MsgType.INFO_OK, self.info(msg.body))
                 elif msg.type == MsgType.HELLO:
                     protocol = handshake.check_hello(
                         msg.body, offered=self.offered, model_fingerprint=self.fingerprint,

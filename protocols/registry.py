@@ -20,7 +20,8 @@ import importlib
 from typing import Callable
 
 # Modules that register protocols when imported.
-_MODULES: list[str] = ["shardlm.protocols.plain", "shardlm.protocols.masked", "shardlm.protocols.ot.service"]
+_MODULES: list[str] = ["shardlm.protocols.plain", "shardlm.protocols.masked", "shardlm.protocols.ot.service",
+                      "shardlm.protocols.cc.service"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +37,9 @@ class ProtocolSpec:
     # optionally async setup() (run before the prompt is used) and async generate(prompt_ids,
     # max_tokens, sampling, stop_ids, on_token=, channel=) -> GenerationResult (its own loop).
     client_factory: Callable | None = None
+    # (server, info_request_body) -> dict merged into this protocol's entry of the server's INFO
+    # reply (e.g. v3-cc's provider, key and, on request, a signed attestation report)
+    server_info: Callable | None = None
 
 
 PROTOCOLS: dict[str, ProtocolSpec] = {}

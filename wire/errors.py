@@ -28,6 +28,10 @@ class ErrorCode(str, enum.Enum):
     IDLE_TIMEOUT = "idle_timeout"
     SESSION_EXPIRED = "session_expired"
     INTERNAL = "internal"
+    # v3-cc (protocols/cc)
+    ATTESTATION_FAILED = "attestation_failed"
+    AUTH_FAILED = "auth_failed"
+    REPLAY = "replay"
 
 
 class ProtocolError(Exception):

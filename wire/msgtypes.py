@@ -39,6 +39,11 @@ class MsgType(enum.IntEnum):
     OT_EMB_TABLE = 0x1131   # embedding retrieval: server's table encrypted under fresh row keys
     OT_REQ = 0x1180         # `ot` session: client asks for a batch of OTs (kind, count, server role)
     OT_DONE = 0x1181        # `ot` session: server's end-of-batch report
+    # v3-cc (protocols/cc): attestation, then sealed requests into the enclave boundary
+    CC_ATTEST = 0x1300      # client -> server: fresh nonce + client X25519 public key
+    CC_REPORT = 0x1301      # server -> client: signed attestation report (enclave X25519 key)
+    CC_SEALED = 0x1310      # client -> enclave: counter + XChaCha20-Poly1305 ciphertext
+    CC_SEALED_OK = 0x1311   # enclave -> client: counter + ciphertext
 
 
 def is_known(code: int) -> bool:
