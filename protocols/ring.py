@@ -19,12 +19,13 @@ matmul, DESIGN.md s10), and float64 limb products stream 8 bytes per weight (mea
 int8 GEMM with int32 accumulation (``torch._int_mm``) does all partial products in a single
 pass over 3 bytes per weight:
 
-- ``m`` into 10 limbs of 7 bits (0..127): ``m = sum_l m_l 2^(7l) mod 2^64``;
+- ``m`` into 8 balanced base-256 digits (-128..127): ``m = sum_l m_l 2^(8l) mod 2^64`` (the
+  bytes of ``m + 0x8080...80``, each minus 128: no carries to propagate);
 - ``W`` into 3 balanced base-256 digits (-128..127): ``W = d_0 + 2^8 d_1 + 2^16 d_2``;
-- ``P = [m_l rows] @ [d_0 | d_1 | d_2]`` exactly in int32 while ``128 * 127 * K < 2^31``;
-- ``m W^T = sum_{l,p} P_{l,p} 2^(7l + 8p) mod 2^64`` with wrapping int64 arithmetic.
+- ``P = [m_l rows] @ [d_0 | d_1 | d_2]`` exactly in int32 while ``128 * 128 * K < 2^31``;
+- ``m W^T = sum_{l,p} P_{l,p} 2^(8(l + p)) mod 2^64`` with wrapping int64 arithmetic.
 
-That is 30 multiply-adds per weight and row: right for a decode step (memory-bound), wrong for
+That is 24 multiply-adds per weight and row: right for a decode step (memory-bound), wrong for
 a long prefill (compute-bound; int8 GEMM here runs no faster per operation than float32). Above
 ``INT8_MAX_ROWS`` rows the product instead splits ``m`` into limbs of ``b`` bits (16 for
 SmolLM2's K, chosen so ``2^b * max|W| * K < 2^53``) and runs one float64 GEMM: 4 float64
@@ -37,6 +38,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import sys
 
 import numpy as np
 import torch
@@ -129,16 +131,19 @@ def random_ring(*shape: int) -> torch.Tensor:
 
 
 INT8_MAX_ROWS = 8  # measured crossover (bench_ring): int8 wins below ~12 rows, float64 above
-LIMB_BITS = 7
-N_LIMBS = 10  # 10 x 7 bits cover 64
-_LIMB_SHIFTS = torch.arange(N_LIMBS, dtype=torch.int64) * LIMB_BITS
+N_LIMBS = 8  # balanced base-256 digits of the masked operand
 # 2^(7l + 8p) for limb l and weight digit p, as wrapping int64 factors, shaped (l, 1, p, 1)
 def _signed64(v: int) -> int:
     v %= 2**64
     return v - 2**64 if v >= 2**63 else v
 
 
-_FACTORS = torch.tensor([[_signed64(1 << (LIMB_BITS * l + 8 * p)) for p in range(N_DIGITS)]
+# m + 0x8080...80: its bytes b_i give m's balanced digits b_i - 128 (sum (b_i - 128) 256^i = m).
+# Reading an int64 tensor's bytes in that order needs a little-endian host.
+if sys.byteorder != "little":  # pragma: no cover
+    raise ImportError("shardlm's ring product assumes a little-endian host")
+_BALANCE = _signed64(0x8080808080808080)
+_FACTORS = torch.tensor([[_signed64(1 << (8 * (l + p))) for p in range(N_DIGITS)]
                          for l in range(N_LIMBS)], dtype=torch.int64).view(N_LIMBS, 1, N_DIGITS, 1)
 
 
@@ -160,7 +165,7 @@ class RingMatrix:
         if w_int.numel() and int(w_int.abs().max()) > WMAX:
             raise OverflowError(f"integer weights must satisfy |W| <= {WMAX}")
         self.out_dim, self.in_dim = w_int.shape
-        if 128 * 127 * self.in_dim >= 2**31:  # int32 accumulation of the int8 path
+        if 128 * 128 * self.in_dim >= 2**31:  # int32 accumulation of the int8 path
             raise OverflowError(f"K={self.in_dim} is too large for exact int32 accumulation")
         self.max_abs = int(w_int.abs().max()) if w_int.numel() else 0
         # the largest |row . x| per unit |x|: the client's bound against wrapping past 2^63
@@ -177,7 +182,6 @@ class RingMatrix:
         self.row_scales = row_scales
         self._w_int = w_int  # for the float64 path, converted on first use
         self._wt64: torch.Tensor | None = None
-        self._shifts = _LIMB_SHIFTS.to(self.device).view(N_LIMBS, 1, 1)
         b = self.f64_limb_bits
         shifts = list(range(0, 64, b))
         self._shifts64 = torch.tensor(shifts, device=self.device).view(-1, 1, 1)
@@ -207,8 +211,10 @@ class RingMatrix:
     def _matmul_int8(self, m: torch.Tensor) -> torch.Tensor:
         n = m.shape[0]
         # Arithmetic shift drags the sign in from the top; the mask keeps only each limb.
-        limbs = torch.bitwise_and(torch.bitwise_right_shift(m.unsqueeze(0), self._shifts), 127)
-        partial = torch._int_mm(limbs.to(torch.int8).view(N_LIMBS * n, self.in_dim), self.digits)
+        # balanced digits in one pass: bytes of m + 0x80..80, each XOR 0x80 read as int8 = byte - 128
+        raw = torch.add(m, _BALANCE).view(torch.uint8).view(n, self.in_dim, N_LIMBS)
+        limbs = torch.bitwise_xor(raw, 0x80).view(torch.int8).permute(2, 0, 1).reshape(N_LIMBS * n, self.in_dim)
+        partial = torch._int_mm(limbs, self.digits)
         partial = partial.view(N_LIMBS, n, N_DIGITS, self.out_dim).to(torch.int64)
         return (partial * self._factors).sum(dim=(0, 2))  # int64 products and sums wrap mod 2^64
 
