@@ -73,11 +73,25 @@ def _cached(model, key, make):
     return cache[key]
 
 
-def matrices_for(model, variant: str, device="cpu") -> dict[str, ring.RingMatrix]:
+class FusedMatrix:
+    """A unit of several ops: one product per op, concatenated (the ops' matrices are shared
+    with the unfused variant, so a server offering v2 and v3 holds the weights once)."""
+
+    def __init__(self, parts: list[ring.RingMatrix]):
+        self.parts = parts
+        self.in_dim = parts[0].in_dim
+        self.out_dim = sum(p.out_dim for p in parts)
+
+    def matmul(self, m: torch.Tensor) -> torch.Tensor:
+        return torch.cat([p.matmul(m) for p in self.parts], dim=1)
+
+
+def matrices_for(model, variant: str, device="cpu") -> dict[str, ring.RingMatrix | FusedMatrix]:
     """The model's ring weights for ``variant``, built once per process (server and dealer alike)."""
-    return _cached(model, ("matrices", variant, str(device)), lambda: {
-        name: ring.RingMatrix.from_float(unit_weight(u, model.weights), device)
-        for name, u in units_for(model.plan, variant).items()})
+    ops = _cached(model, ("op-matrices", str(device)), lambda: {
+        op.name: ring.RingMatrix.from_float(model.weights[op.weight], device) for op in model.plan.linears})
+    return {name: ops[u.ops[0].name] if len(u.ops) == 1 else FusedMatrix([ops[o.name] for o in u.ops])
+            for name, u in units_for(model.plan, variant).items()}
 
 
 def encoding_for(model, variant: str) -> dict[str, tuple[torch.Tensor, int]]:
@@ -87,7 +101,7 @@ def encoding_for(model, variant: str) -> dict[str, tuple[torch.Tensor, int]]:
         out = {}
         for name, u in units_for(model.plan, variant).items():
             w = unit_weight(u, model.weights).to(torch.float64)
-            scales = ring.row_scales(w)
+            scales = ring.row_scales(w)  # per row, so the same whether the unit is fused or not
             out[name] = (scales, int(((w.abs().sum(dim=1) * scales).max()).ceil()))
         return out
     return _cached(model, ("encoding", variant), make)

@@ -180,8 +180,7 @@ class RingMatrix:
         self.digits = torch.cat(digits, dim=0).t().contiguous().to(device=device, dtype=torch.int8)
         self.device = self.digits.device
         self.row_scales = row_scales
-        self._w_int = w_int  # for the float64 path, converted on first use
-        self._wt64: torch.Tensor | None = None
+        self._wt64: torch.Tensor | None = None  # the float64 path's weights, rebuilt from the digits on first use
         b = self.f64_limb_bits
         shifts = list(range(0, 64, b))
         self._shifts64 = torch.tensor(shifts, device=self.device).view(-1, 1, 1)
@@ -201,7 +200,11 @@ class RingMatrix:
 
     def _matmul_f64(self, m: torch.Tensor) -> torch.Tensor:
         if self._wt64 is None:
-            self._wt64 = self._w_int.to(device=self.device, dtype=torch.float64).t().contiguous()
+            o = self.out_dim
+            wt = self.digits[:, 2 * o:].to(torch.float64)
+            for p in (1, 0):  # Horner: ((d2 * 256) + d1) * 256 + d0, one float64 matrix at a time
+                wt.mul_(256.0).add_(self.digits[:, p * o:(p + 1) * o].to(torch.float64))
+            self._wt64 = wt
         n, nl = m.shape[0], self._shifts64.shape[0]
         limbs = torch.bitwise_and(torch.bitwise_right_shift(m.unsqueeze(0), self._shifts64), self._masks64)
         partial = torch.matmul(limbs.to(torch.float64).view(nl * n, self.in_dim), self._wt64)
