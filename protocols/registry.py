@@ -20,7 +20,8 @@ import importlib
 from typing import Callable
 
 # Modules that register protocols when imported.
-_MODULES: list[str] = ["shardlm.protocols.plain", "shardlm.protocols.masked", "shardlm.protocols.ot.service"]
+_MODULES: list[str] = ["shardlm.protocols.plain", "shardlm.protocols.masked", "shardlm.protocols.ot.service",
+                       "shardlm.protocols.split"]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -39,6 +39,11 @@ class MsgType(enum.IntEnum):
     OT_EMB_TABLE = 0x1131   # embedding retrieval: server's table encrypted under fresh row keys
     OT_REQ = 0x1180         # `ot` session: client asks for a batch of OTs (kind, count, server role)
     OT_DONE = 0x1181        # `ot` session: server's end-of-batch report
+    # split (0x14xx): layer-split inference, NOT private (the server sees hidden states)
+    SPLIT_OPEN = 0x1400     # client -> server: the layer range the server runs
+    SPLIT_OPEN_OK = 0x1401  # server -> client: accepted range, session TTL
+    SPLIT_FORWARD = 0x1410  # client -> server: hidden rows at position `start` (crops the server's KV cache to `start`)
+    SPLIT_HIDDEN = 0x1411   # server -> client: hidden rows after the server's layers, its KV cache length
 
 
 def is_known(code: int) -> bool:
