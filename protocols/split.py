@@ -218,7 +218,7 @@ class SplitClient:
         block_iters = 0
         while not done and len(out) < max_tokens:
             n = min(B, max_tokens - len(out))  # rows: the last committed token + n-1 guesses
-            g = (guesses + [out[-1]] * n)[:n - 1]
+            g = (lookup_guess(prompt_ids + out, n - 1) + guesses + [out[-1]] * n)[:n - 1]
             start = self.cache.length
             with phase("decode"):
                 logits = await self.forward_rows([out[-1]] + g, all_logits=True)
@@ -245,6 +245,18 @@ class SplitClient:
         return GenerationResult(token_ids=out, prefill_ms=(t1 - t0) * 1e3, decode_ms=(t2 - t1) * 1e3,
                                 total_ms=(t2 - t0) * 1e3, embedding_ms=self.timings.get("embed", 0.0) * 1e3,
                                 decode_steps=steps, stop_reason=reason)
+
+
+def lookup_guess(context: list[int], n: int, max_suffix: int = 3) -> list[int]:
+    """Guesses from the context itself (prompt lookup): after the latest earlier occurrence of the
+    context's last 3 (else 2, else 1) tokens, the tokens that followed it. Cheap, and a good seed
+    for Jacobi iterations when the output repeats the prompt or itself; any guess is verified."""
+    for s in range(min(max_suffix, len(context) - 1), 0, -1):
+        suffix = context[-s:]
+        for i in range(len(context) - s - 1, -1, -1):
+            if context[i:i + s] == suffix:
+                return context[i + s:i + s + n]
+    return []
 
 
 def client_factory(channel, model, *, prompt_tokens: int = 0, max_tokens: int = 0, material=None, progress=None,
