@@ -353,7 +353,7 @@ def _generate_remote(cfg, model, protocol, prompt_ids, max_tokens, sampling, mat
 def _human_report(out: dict) -> str:
     t = out["timing"]
     lines = [
-        f"protocol {out['protocol']} ({'private' if out['private'] else 'NOT PRIVATE: the server saw everything'}), "
+        f"protocol {out['protocol']} ({'private' if out['private'] else out.get('warning') or 'NOT PRIVATE'}), "
         f"session {out['session_id']}",
         f"prompt {out['prompt_tokens']} tokens, generated {out['generated_tokens']} ({out['stop_reason']})",
         f"offline {out['offline_ms']:.0f} ms | prefill {t['prefill_ms']:.0f} ms | decode {t['decode_ms']:.0f} ms "
@@ -366,12 +366,33 @@ def _human_report(out: dict) -> str:
     return "\n".join(lines)
 
 
+def split_options(fn):
+    """`split` protocol settings, handed to the protocol as ``protocol_options``."""
+    opts = [
+        click.option("--split-layers", default=2, show_default=True,
+                     help="split: blocks the client runs at each end (the server runs the rest). NOT private."),
+        click.option("--jacobi-block", default=0, show_default=True,
+                     help="split: Jacobi decoding with blocks of this many tokens (0: one token per round; greedy only)."),
+        click.option("--jacobi-iters", type=int, help="split: Jacobi iterations before the guesses restart (default: never)."),
+    ]
+
+    @functools.wraps(fn)
+    def wrapper(*args, split_layers, jacobi_block, jacobi_iters, **kwargs):
+        options = {"split_layers": split_layers, "jacobi_block": jacobi_block, "jacobi_iters": jacobi_iters}
+        return fn(*args, protocol_options=options, **kwargs)
+
+    for opt in reversed(opts):
+        wrapper = opt(wrapper)
+    return wrapper
+
+
 def generation_options(fn):
+    fn = split_options(fn)
     opts = [
         click.option("-m", "--model", "model_spec", default="smollm2", show_default=True, envvar="SHARDLM_MODEL",
                      show_envvar=True, help="'smollm2' or a path; must be the same model the server holds."),
         click.option("--protocol", default="v3", show_default=True, envvar="SHARDLM_PROTOCOL", show_envvar=True,
-                     help="plain (insecure baseline), v2 or v3."),
+                     help="plain (insecure baseline), v2, v3, or split (NOT private: layer split)."),
         click.option("--max-tokens", default=64, show_default=True, help="Tokens to generate at most."),
         click.option("--temperature", default=0.0, show_default=True, help="0 is greedy."),
         click.option("--top-k", type=int, help="Sample from the k most likely tokens."),
@@ -397,7 +418,7 @@ def generation_options(fn):
 @_json_option
 @_reports_errors
 def generate(prompt, model_spec, protocol, max_tokens, temperature, top_k, top_p, seed, system, raw, threads,
-             material, local, timing, client_config, as_json):
+             material, local, timing, client_config, as_json, protocol_options=None):
     """Generate a completion, streaming tokens as they come.
 
     With --protocol v2/v3 the server only ever sees one-time-padded ring elements; `plain`
@@ -428,7 +449,7 @@ def generate(prompt, model_spec, protocol, max_tokens, temperature, top_k, top_p
             click.echo(f"local reference: {len(out_ids)} tokens in {ms:.0f} ms", err=True)
         return
     report = _generate_remote(client_config(), model, protocol, ids, max_tokens, sampling, material,
-                              stream=not as_json)
+                              stream=not as_json, options=protocol_options)
     out = report.as_dict(model.tokenizer)
     if as_json:
         _emit(out, True)
@@ -442,7 +463,7 @@ def generate(prompt, model_spec, protocol, max_tokens, temperature, top_k, top_p
 @_json_option
 @_reports_errors
 def chat(model_spec, protocol, max_tokens, temperature, top_k, top_p, seed, system, raw, threads,
-         client_config, as_json):
+         client_config, as_json, protocol_options=None):
     """Interactive chat; reads one user turn per line from stdin when it is not a terminal.
 
     Each turn is a fresh private session over the whole conversation so far (the client keeps
@@ -470,7 +491,8 @@ def chat(model_spec, protocol, max_tokens, temperature, top_k, top_p, seed, syst
         ids = model.tokenizer.encode_chat(history)
         if not as_json:
             click.echo("assistant: ", nl=False)
-        report = _generate_remote(cfg, model, protocol, ids, max_tokens, sampling, None, stream=not as_json)
+        report = _generate_remote(cfg, model, protocol, ids, max_tokens, sampling, None, stream=not as_json,
+                                  options=protocol_options)
         out = report.as_dict(model.tokenizer)
         history.append({"role": "assistant", "content": out["text"]})
         turns.append({"user": line, "assistant": out["text"], "timing": out["timing"],
@@ -534,11 +556,12 @@ def preprocess(model_spec, protocol, tokens, out_dir, threads, as_json):
 @click.option("--output", type=click.Path(dir_okay=False), help="Write the results JSON here.")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Draw prefill and decode bars to this PNG.")
 @click.option("--threads", type=int, envvar="SHARDLM_THREADS", show_envvar=True)
+@split_options
 @client_options
 @_json_option
 @_reports_errors
 def bench(model_spec, protocols, prompt, prompt_tokens, max_tokens, runs, warmup, output, plot, threads,
-          client_config, as_json):
+          client_config, as_json, protocol_options=None):
     """Benchmark protocols side by side against a running server (seed JSON format, extended
     with decode tokens/s, bytes, rounds, offline time and the ratio to plain)."""
     from .party import bench as bench_mod
@@ -556,7 +579,7 @@ def bench(model_spec, protocols, prompt, prompt_tokens, max_tokens, runs, warmup
     results = []
     for proto in [p.strip() for p in protocols.split(",") if p.strip()]:
         results.append(trio.run(bench_mod.bench_protocol, cfg, model, proto, ids, max_tokens, runs, warmup,
-                                _sampling(0.0, None, None, None), say))
+                                _sampling(0.0, None, None, None), say, protocol_options))
     bench_mod.add_ratios(results)
     doc = {"benchmarks": results}
     if output:
@@ -572,12 +595,55 @@ def bench(model_spec, protocols, prompt, prompt_tokens, max_tokens, runs, warmup
                      f"{(f'{ratio:.2f}' if ratio else '-'):>6s} {x['per_decode_token']['bytes_sent']:11.0f} "
                      f"{x['per_decode_token']['bytes_received']:12.0f} {x['per_decode_token']['rounds']:10.1f} "
                      f"{x['offline_ms']:10.0f}")
+    exposed = [r["version"] for r in results if not r["private"]]
+    if exposed:
+        lines.append(f"NOT PRIVATE: {', '.join(exposed)} (the server sees tokens or hidden states)")
     _emit(doc, as_json, human="\n".join(lines))
 
 
 BENCH_TEXT = ("The history of cryptography begins with simple substitution ciphers and leads, through "
               "mechanical rotor machines and the theory of information, to public-key methods that let "
               "strangers agree on secrets over open channels. ")
+
+
+# -- audit -------------------------------------------------------------------------------------
+@cli.command()
+@click.option("--transcript", required=True, type=click.Path(exists=True, file_okay=False),
+              help="A recorded session directory, or a `serve --record-transcript` directory (newest session).")
+@click.option("-m", "--model", "model_spec", default="smollm2", show_default=True, envvar="SHARDLM_MODEL",
+              show_envvar=True, help="The public model the server holds.")
+@click.option("-p", "--prompt", help="The true prompt, to report the fraction recovered.")
+@click.option("--system", help="System message the prompt was sent with.")
+@click.option("--raw", is_flag=True, help="The prompt was sent without the chat template.")
+@click.option("--max-candidates", type=int, help="Candidate tokens tried per position at most (default: all).")
+@click.option("--threads", type=int, envvar="SHARDLM_THREADS", show_envvar=True)
+@_json_option
+@_reports_errors
+def audit(transcript, model_spec, prompt, system, raw, max_candidates, threads, as_json):
+    """Play the server: recover the prompt tokens from its recorded view, with the public model only.
+
+    Works on `split` (NOT private: recovers the prompt) and on v2/v3 (recovers nothing better
+    than chance). Prints the recovered text and, with --prompt, recovered_fraction.
+    """
+    from .protocols.audit import audit as run_audit
+
+    if threads:
+        torch_threads(threads)
+    model = load_model_for_cli(model_spec)
+    truth = _prompt_ids(model, prompt, system, not raw) if prompt is not None else None
+
+    def show(done: int, total: int) -> None:
+        click.echo(f"\raudit: position {done}/{total}".ljust(40), err=True, nl=done == total)
+
+    out = run_audit(model, transcript, truth, progress=None if as_json else show, max_candidates=max_candidates)
+    out.pop("candidates_per_position", None)
+    lines = [f"session {out['session']} ({out['protocol']}, "
+             f"{'private' if out['private'] else 'NOT PRIVATE'}): observed {out['observed']}",
+             f"recovered {out['tokens']} tokens ({out['exact_matches']} exact) in {out['seconds']:.1f} s:",
+             out.get("recovered_text", str(out["recovered_ids"]))]
+    if truth is not None:
+        lines.append(f"recovered_fraction {out['recovered_fraction']:.3f} (chance {out['chance_fraction']:.3f})")
+    _emit(out, as_json, human="\n".join(lines))
 
 
 # -- demo --------------------------------------------------------------------------------------

@@ -34,10 +34,11 @@ def timing_stats(values: list[float]) -> dict:
 
 async def bench_protocol(cfg: ClientConfig, model, protocol: str, prompt_ids: list[int], max_tokens: int,
                          runs: int, warmup: int, sampling: SamplingParams,
-                         progress: Callable[[str], None] | None = None) -> dict:
+                         progress: Callable[[str], None] | None = None, options: dict | None = None) -> dict:
     reports = []
     for i in range(warmup + runs):
-        rep = await run_generation(cfg, model, protocol, prompt_ids, max_tokens, sampling, ignore_eos=True)
+        rep = await run_generation(cfg, model, protocol, prompt_ids, max_tokens, sampling, ignore_eos=True,
+                                   options=options)
         if progress is not None:
             kind = "warmup" if i < warmup else "run"
             progress(f"{protocol}: {kind} {i + 1 - (warmup if i >= warmup else 0)}/{warmup if i < warmup else runs} "
@@ -53,7 +54,7 @@ async def bench_protocol(cfg: ClientConfig, model, protocol: str, prompt_ids: li
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds"),
         "config": {"prompt_tokens": len(prompt_ids), "max_new_tokens": max_tokens,
                    "temperature": sampling.temperature, "runs": runs, "warmup": warmup, "endpoint": protocol,
-                   "net": cfg.net.describe() if cfg.net else "none"},
+                   "net": cfg.net.describe() if cfg.net else "none", "options": options or {}},
         "results": {
             "embedding": timing_stats([x["embedding_ms"] for x in t]),
             "prefill": timing_stats([x["prefill_ms"] for x in t]),

@@ -46,8 +46,6 @@ from ..wire.errors import ErrorCode, ProtocolError
 from ..wire.msgtypes import MsgType
 from .registry import ProtocolSpec, register
 
-NOT_PRIVATE = "NOT PRIVATE: the server sees hidden states, which can be inverted to the prompt (shardlm audit)"
-
 
 def server_range(n_layers: int, k: int) -> tuple[int, int]:
     """The blocks the server runs when the client keeps ``k`` at each end."""
@@ -268,6 +266,6 @@ def client_factory(channel, model, *, prompt_tokens: int = 0, max_tokens: int = 
 
 register(ProtocolSpec(
     name="split", private=False, needs_model=True, server_handler=SplitServerHandler, client_factory=client_factory,
-    summary="NOT PRIVATE: layer-split inference (client: embedding, first and last k blocks, head; server: the "
-            "middle blocks and their KV cache); the server sees hidden states, invertible to the prompt",
+    summary="layer-split inference (client: embedding, first and last k blocks, head; server: the middle blocks "
+            "and their KV cache); the server sees hidden states, which invert to the prompt (shardlm audit)",
 ))
