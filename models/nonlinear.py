@@ -126,8 +126,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layer: int, 
     T, start = q.shape[0], cache.length
     end = start + T
     c = cache.config
-    if end > c.max_positions:
-        raise ModelError(f"sequence of {end} positions exceeds the model's maximum {c.max_positions}")
+    last = end if positions is None else int(positions.max()) + 1
+    if last > c.max_positions:
+        raise ModelError(f"sequence of {last} positions exceeds the model's maximum {c.max_positions}")
     q = q.view(T, n_heads, head_dim).transpose(0, 1)
     k = k.view(T, n_kv_heads, head_dim).transpose(0, 1)
     v = v.view(T, n_kv_heads, head_dim).transpose(0, 1)

@@ -42,7 +42,7 @@ import torch
 from ..models.executor import forward_steps, run_sync
 from ..models.reference import Reference
 from ..party.generation import GenerationResult, generate as sequential_generate
-from ..wire.errors import ErrorCode, ProtocolError
+from ..wire.errors import ConnectionClosed, ErrorCode, ProtocolError
 from ..wire.msgtypes import MsgType
 from .registry import ProtocolSpec, register
 
@@ -155,8 +155,12 @@ class SplitClient:
 
     async def _remote(self, x: torch.Tensor, start: int) -> torch.Tensor:
         t0 = time.perf_counter()
-        reply = await self.channel.request(MsgType.SPLIT_FORWARD, {"start": start, "h": x.numpy()},
-                                           MsgType.SPLIT_HIDDEN)
+        try:
+            reply = await self.channel.request(MsgType.SPLIT_FORWARD, {"start": start, "h": x.numpy()},
+                                               MsgType.SPLIT_HIDDEN)
+        except ConnectionClosed as exc:
+            raise ConnectionClosed(f"the server ended this split session ({exc}); its KV cache is gone (session "
+                                   f"TTL, idle timeout or restart): start a new generation") from exc
         self.timings["wait"] = self.timings.get("wait", 0.0) + time.perf_counter() - t0
         h = reply.get("h")
         if not isinstance(h, np.ndarray) or h.dtype != np.float32 or h.shape != tuple(x.shape):
