@@ -18,17 +18,22 @@ session ends with a clear error and its state is freed. The reply carries the se
 length, which the client checks against its own. The server's cache is freed when the session
 ends for any reason (BYE, disconnect, TTL expiry, error): see ``close`` and party/server.py.
 
-Jacobi decoding (``jacobi_block=B``, greedy only): the client keeps B-1 guesses of the next
-tokens, runs [last committed token, guesses] through the whole split model as one block (the
-attention's causal mask over the block's rows makes row j see the cache and rows 0..j only),
-takes the argmax of every row, and commits the longest prefix it can verify: the first
-prediction always, and prediction j+1 while guess j equals prediction j. The rest is cropped
-from both KV caches (the client truncates; the server crops at the next request), and the
-unverified predictions become the next guesses (the Jacobi fixed-point update). The committed
-tokens are exactly those sequential greedy decoding would choose, up to float rounding: a block
-of B rows goes through batched matmuls whose results can differ from one-row products in the
-last bits, so a near-tie between the top two logits could in principle flip. The tests compare
-Jacobi, sequential split and the reference token for token on real prompts.
+Jacobi decoding (``jacobi_block=B``, greedy only): the client keeps guesses of the next B-1
+tokens (a block), runs [last committed token, guesses] through the whole split model in one
+round (the attention's causal mask over the block's rows makes row j see the cache and rows
+0..j only), takes the argmax of every row, and commits the longest prefix it can verify: the
+first prediction always, and prediction j+1 while guess j equals prediction j. The rest is
+cropped from both KV caches (the client truncates; the server crops at the next request), and
+the unverified predictions become the next guesses (the Jacobi fixed-point update), so the
+block shrinks as its tokens are committed; a fresh block starts when it is used up or after
+``jacobi_iters`` iterations. Where the context already holds its last few tokens earlier on,
+the tokens that followed them there replace the Jacobi guesses (prompt lookup): vanilla Jacobi
+iterations on a model not trained for them rarely verify more than one token per round.
+
+The committed tokens are exactly those sequential greedy decoding would choose, up to float
+rounding: a block of rows goes through batched matmuls whose results can differ from one-row
+products in the last bits, so a near-tie between the top two logits could in principle flip.
+The tests compare Jacobi, sequential split and the reference token for token on real prompts.
 """
 
 from __future__ import annotations
@@ -219,8 +224,12 @@ class SplitClient:
         guesses: list[int] = []
         block_iters = 0
         while not done and len(out) < max_tokens:
-            n = min(B, max_tokens - len(out))  # rows: the last committed token + n-1 guesses
-            g = (lookup_guess(prompt_ids + out, n - 1) + guesses + [out[-1]] * n)[:n - 1]
+            if not guesses or (iters is not None and block_iters >= iters):
+                guesses, block_iters = [out[-1]] * (B - 1), 0  # a fresh block
+            # guesses[i] is for the i-th token after the last committed one; prompt lookup wins
+            seen = lookup_guess(prompt_ids + out, len(guesses))
+            g = (seen + guesses[len(seen):])[:max_tokens - len(out) - 1]
+            n = len(g) + 1  # rows: the last committed token + its guessed continuation
             start = self.cache.length
             with phase("decode"):
                 logits = await self.forward_rows([out[-1]] + g, all_logits=True)
@@ -238,10 +247,8 @@ class SplitClient:
                     continue
                 break
             self.cache.truncate(start + 1 + m)  # the server crops at the next request
-            guesses = preds[m + 1:]
+            guesses = preds[m + 1:]  # the Jacobi update of the unverified rest of the block
             block_iters += 1
-            if iters is not None and block_iters >= iters:
-                guesses, block_iters = [], 0  # a fresh block
         t2 = time.perf_counter()
         steps = max(len(out) - 1, 0)
         return GenerationResult(token_ids=out, prefill_ms=(t1 - t0) * 1e3, decode_ms=(t2 - t1) * 1e3,
