@@ -143,19 +143,25 @@ def _handler(server):
     return session.handler
 
 
+async def _prefilled(conn, server, model, k):
+    """A split session on ``conn`` with a 3-token prompt forwarded; (client, server handler)."""
+    await conn.open_session("split", model.fingerprint(), 64)
+    client = split.SplitClient(conn.channel, model, split_layers=k)
+    await client.setup()
+    client.new_cache(16)
+    await client.forward([5, 77, 31])
+    handler = _handler(server)
+    assert handler.cache.length == 3
+    return client, handler
+
+
 def test_expired_session_is_a_clear_error_and_is_freed(tiny_models, tmp_path):
     model = tiny_models["llama"]
 
     async def main():
         async with tls_server(tmp_path, model=model, session_ttl=1.0) as (server, cfg):
             async with connect(cfg) as conn:
-                await conn.open_session("split", model.fingerprint(), 64)
-                client = split.SplitClient(conn.channel, model, split_layers=1)
-                await client.setup()
-                client.new_cache(16)
-                await client.forward([5, 77, 31])
-                handler = _handler(server)
-                assert handler.cache.length == 3
+                client, handler = await _prefilled(conn, server, model, 1)
                 await trio.sleep(1.5)
                 with pytest.raises((RemoteError, ConnectionClosed)) as e:
                     await client.forward([9])
@@ -178,12 +184,7 @@ def test_disconnect_mid_decode_frees_the_session(tiny_models, tmp_path):
     async def main():
         async with tls_server(tmp_path, model=model) as (server, cfg):
             async with connect(cfg) as conn:
-                await conn.open_session("split", model.fingerprint(), 64)
-                client = split.SplitClient(conn.channel, model, split_layers=2)
-                await client.setup()
-                client.new_cache(16)
-                await client.forward([5, 77, 31])
-                handler = _handler(server)
+                client, handler = await _prefilled(conn, server, model, 2)
                 # a decode request in flight, then vanish without BYE
                 await conn.channel.send(MsgType.SPLIT_FORWARD, {"start": 3, "h": np.zeros((1, 64), np.float32)})
                 await conn.channel.stream.aclose()
