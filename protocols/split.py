@@ -26,7 +26,9 @@ first prediction always, and prediction j+1 while guess j equals prediction j. T
 cropped from both KV caches (the client truncates; the server crops at the next request), and
 the unverified predictions become the next guesses (the Jacobi fixed-point update), so the
 block shrinks as its tokens are committed; a fresh block starts when it is used up or after
-``jacobi_iters`` iterations. Where the context already holds its last few tokens earlier on,
+``jacobi_iters`` iterations. On a CPU every extra row costs compute, so the number of Jacobi
+rows per round adapts: doubled while they verify tokens, halved (down to none, with a probe
+now and then) while they do not. Where the context already holds its last few tokens earlier on,
 the tokens that followed them there replace the Jacobi guesses (prompt lookup): vanilla Jacobi
 iterations on a model not trained for them rarely verify more than one token per round.
 
@@ -50,6 +52,8 @@ from ..party.generation import GenerationResult, generate as sequential_generate
 from ..wire.errors import ConnectionClosed, ErrorCode, ProtocolError
 from ..wire.msgtypes import MsgType
 from .registry import ProtocolSpec, register
+
+PROBE_EVERY = 8  # with Jacobi rows narrowed to none, try one again every this many iterations
 
 
 def server_range(n_layers: int, k: int) -> tuple[int, int]:
@@ -223,12 +227,15 @@ class SplitClient:
                 commit(tok)
         guesses: list[int] = []
         block_iters = 0
+        width = B - 1
         while not done and len(out) < max_tokens:
             if not guesses or (iters is not None and block_iters >= iters):
                 guesses, block_iters = [out[-1]] * (B - 1), 0  # a fresh block
             # guesses[i] is for the i-th token after the last committed one; prompt lookup wins
             seen = lookup_guess(prompt_ids + out, len(guesses))
-            g = (seen + guesses[len(seen):])[:max_tokens - len(out) - 1]
+            # Jacobi rows beyond the looked-up ones, as many as have been paying off lately
+            extra = width if width else (1 if block_iters % PROBE_EVERY == 0 else 0)
+            g = (seen + guesses[len(seen):])[:min(len(seen) + extra, max_tokens - len(out) - 1)]
             n = len(g) + 1  # rows: the last committed token + its guessed continuation
             start = self.cache.length
             with phase("decode"):
@@ -249,6 +256,8 @@ class SplitClient:
             self.cache.truncate(start + 1 + m)  # the server crops at the next request
             guesses = preds[m + 1:]  # the Jacobi update of the unverified rest of the block
             block_iters += 1
+            if len(g) > len(seen):  # widen while Jacobi rows verify, narrow (to 0) while they do not
+                width = min(B - 1, max(1, 2 * width)) if m > len(seen) else width // 2
         t2 = time.perf_counter()
         steps = max(len(out) - 1, 0)
         return GenerationResult(token_ids=out, prefill_ms=(t1 - t0) * 1e3, decode_ms=(t2 - t1) * 1e3,
