@@ -409,7 +409,7 @@ def _generate_remote(cfg, model, protocol, prompt_ids, max_tokens, sampling, mat
 def _human_report(out: dict) -> str:
     t = out["timing"]
     lines = [
-        f"protocol {out['protocol']} ({'private' if out['private'] else 'NOT PRIVATE: the server saw everything'}), "
+        f"protocol {out['protocol']} ({'private' if out['private'] else out.get('warning') or 'NOT PRIVATE'}), "
         f"session {out['session_id']}",
         f"prompt {out['prompt_tokens']} tokens, generated {out['generated_tokens']} ({out['stop_reason']})",
         f"offline {out['offline_ms']:.0f} ms | prefill {t['prefill_ms']:.0f} ms | decode {t['decode_ms']:.0f} ms "
@@ -423,12 +423,34 @@ def _human_report(out: dict) -> str:
     return "\n".join(lines)
 
 
+def split_options(fn):
+    """`split` protocol settings, handed to the protocol as ``protocol_options``."""
+    opts = [
+        click.option("--split-layers", default=2, show_default=True,
+                     help="split: blocks the client runs at each end (the server runs the rest). NOT private."),
+        click.option("--jacobi-block", default=0, show_default=True,
+                     help="split: Jacobi decoding with blocks of this many tokens (0: one token per round; greedy only)."),
+        click.option("--jacobi-iters", type=int, help="split: Jacobi iterations before the guesses restart (default: never)."),
+    ]
+
+    @functools.wraps(fn)
+    def wrapper(*args, split_layers, jacobi_block, jacobi_iters, **kwargs):
+        options = dict(kwargs.pop("protocol_options", None) or {})
+        options.update(split_layers=split_layers, jacobi_block=jacobi_block, jacobi_iters=jacobi_iters)
+        return fn(*args, protocol_options=options, **kwargs)
+
+    for opt in reversed(opts):
+        wrapper = opt(wrapper)
+    return wrapper
+
+
 def generation_options(fn):
+    fn = split_options(fn)
     opts = [
         click.option("-m", "--model", "model_spec", default="smollm2", show_default=True, envvar="SHARDLM_MODEL",
                      show_envvar=True, help="'smollm2' or a path; must be the same model the server holds."),
         click.option("--protocol", default="v3", show_default=True, envvar="SHARDLM_PROTOCOL", show_envvar=True,
-                     help="plain (insecure baseline), v2, v3 or v3-cc."),
+                     help="plain (insecure baseline), v2, v3, v3-cc, or split (NOT private: layer split)."),
         click.option("--max-tokens", default=64, show_default=True, help="Tokens to generate at most."),
         click.option("--temperature", default=0.0, show_default=True, help="0 is greedy."),
         click.option("--top-k", type=int, help="Sample from the k most likely tokens."),
@@ -621,11 +643,12 @@ def preprocess(model_spec, protocol, tokens, out_dir, threads, as_json):
 @click.option("--plot", type=click.Path(dir_okay=False), help="Draw prefill and decode bars to this PNG.")
 @click.option("--threads", type=int, envvar="SHARDLM_THREADS", show_envvar=True)
 @_CC_TRUST_OPTION
+@split_options
 @client_options
 @_json_option
 @_reports_errors
 def bench(model_spec, protocols, prompt, prompt_tokens, max_tokens, runs, warmup, output, plot, threads, cc_trust,
-          client_config, as_json):
+          client_config, as_json, protocol_options=None):
     """Benchmark protocols side by side against a running server (seed JSON format, extended
     with decode tokens/s, bytes, rounds, offline time and the ratio to plain)."""
     from .party import bench as bench_mod
@@ -643,7 +666,8 @@ def bench(model_spec, protocols, prompt, prompt_tokens, max_tokens, runs, warmup
     results = []
     for proto in [p.strip() for p in protocols.split(",") if p.strip()]:
         results.append(trio.run(bench_mod.bench_protocol, cfg, model, proto, ids, max_tokens, runs, warmup,
-                                _sampling(0.0, None, None, None), say, _protocol_options(cc_trust)))
+                                _sampling(0.0, None, None, None), say,
+                                {**(protocol_options or {}), **_protocol_options(cc_trust)}))
     bench_mod.add_ratios(results)
     doc = {"benchmarks": results}
     if output:
@@ -660,12 +684,55 @@ def bench(model_spec, protocols, prompt, prompt_tokens, max_tokens, runs, warmup
                      f"{x['per_decode_token']['bytes_received']:12.0f} {x['per_decode_token']['rounds']:10.1f} "
                      f"{x['offline_ms']:10.0f}")
     lines += [f"note ({r['version']}): {n}" for r in results for n in r.get("notes", [])]
+    exposed = [r["version"] for r in results if not r["private"]]
+    if exposed:
+        lines.append(f"NOT PRIVATE: {', '.join(exposed)} (the server sees tokens or hidden states)")
     _emit(doc, as_json, human="\n".join(lines))
 
 
 BENCH_TEXT = ("The history of cryptography begins with simple substitution ciphers and leads, through "
               "mechanical rotor machines and the theory of information, to public-key methods that let "
               "strangers agree on secrets over open channels. ")
+
+
+# -- audit -------------------------------------------------------------------------------------
+@cli.command()
+@click.option("--transcript", required=True, type=click.Path(exists=True, file_okay=False),
+              help="A recorded session directory, or a `serve --record-transcript` directory (newest session).")
+@click.option("-m", "--model", "model_spec", default="smollm2", show_default=True, envvar="SHARDLM_MODEL",
+              show_envvar=True, help="The public model the server holds.")
+@click.option("-p", "--prompt", help="The true prompt, to report the fraction recovered.")
+@click.option("--system", help="System message the prompt was sent with.")
+@click.option("--raw", is_flag=True, help="The prompt was sent without the chat template.")
+@click.option("--max-candidates", type=int, help="Candidate tokens tried per position at most (default: all).")
+@click.option("--threads", type=int, envvar="SHARDLM_THREADS", show_envvar=True)
+@_json_option
+@_reports_errors
+def audit(transcript, model_spec, prompt, system, raw, max_candidates, threads, as_json):
+    """Play the server: recover the prompt tokens from its recorded view, with the public model only.
+
+    Works on `split` (NOT private: recovers the prompt) and on v2/v3 (recovers nothing better
+    than chance). Prints the recovered text and, with --prompt, recovered_fraction.
+    """
+    from .protocols.audit import audit as run_audit
+
+    if threads:
+        torch_threads(threads)
+    model = load_model_for_cli(model_spec)
+    truth = _prompt_ids(model, prompt, system, not raw) if prompt is not None else None
+
+    def show(done: int, total: int) -> None:
+        click.echo(f"\raudit: position {done}/{total}".ljust(40), err=True, nl=done == total)
+
+    out = run_audit(model, transcript, truth, progress=None if as_json else show, max_candidates=max_candidates)
+    out.pop("candidates_per_position", None)
+    lines = [f"session {out['session']} ({out['protocol']}, "
+             f"{'private' if out['private'] else 'NOT PRIVATE'}): observed {out['observed']}",
+             f"recovered {out['tokens']} tokens ({out['exact_matches']} exact) in {out['seconds']:.1f} s:",
+             out.get("recovered_text", str(out["recovered_ids"]))]
+    if truth is not None:
+        lines.append(f"recovered_fraction {out['recovered_fraction']:.3f} (chance {out['chance_fraction']:.3f})")
+    _emit(out, as_json, human="\n".join(lines))
 
 
 # -- demo --------------------------------------------------------------------------------------

@@ -23,20 +23,50 @@ LinearRequest = tuple[tuple[Linear, ...], torch.Tensor]
 Forward = Generator[LinearRequest, list[torch.Tensor], torch.Tensor]
 
 
-def forward_steps(plan: Plan, weights: dict[str, torch.Tensor], ids: torch.Tensor, cache: KVCache,
+def forward_steps(plan: Plan, weights: dict[str, torch.Tensor], ids: torch.Tensor | None, cache: KVCache,
                   rope: nl.Rope | None, *, fuse: bool = False, all_logits: bool = False,
-                  timings: dict[str, float] | None = None, embedded: torch.Tensor | None = None) -> Forward:
+                  timings: dict[str, float] | None = None, embedded: torch.Tensor | None = None,
+                  layers: tuple[int, int] | None = None, inputs: torch.Tensor | None = None,
+                  advance: bool = True, positions: torch.Tensor | None = None,
+                  mask: torch.Tensor | None = None) -> Forward:
     """Run the plan over the T token ids after the cache; return logits (T or 1, vocab).
 
     ``timings`` (optional) accumulates seconds spent in the embedding and in nonlinear stages.
+
+    A sub-range of the model (layer-split inference): ``layers=(a, b)`` runs only layers
+    a..b-1, starting from the residual-stream rows ``inputs`` (T, hidden) instead of the
+    embedding of ``ids`` (which runs only when ``inputs`` is None, and then ``a`` must be 0).
+    The final norm and head run when ``b`` is the last layer; otherwise the residual stream
+    after layer b-1 is returned. ``advance=False`` leaves ``cache.length`` alone (for a party
+    that runs two ranges of the same positions over one cache). ``positions`` (T,) and ``mask``
+    (T, cache.length + T; True = may attend) replace the default consecutive positions and
+    causal mask (see models/nonlinear.attention).
     ``embedded`` (optional): the T embedding rows obtained elsewhere (e.g. by oblivious transfer),
     used instead of looking ``ids`` up in the table.
     """
-    ids = ids.reshape(-1)
-    env: dict[str, torch.Tensor] = {}
     steps = plan.steps
-    i = 0
-    while i < len(steps):
+    lo, hi = 0, len(steps)
+    if layers is not None:
+        lo, hi = plan.layer_steps(*layers)
+        if layers[1] == plan.config.n_layers:
+            hi = len(steps)
+        if inputs is None:
+            if layers[0] != 0:
+                raise ValueError(f"layers {layers}: a range not starting at layer 0 needs the residual stream as inputs")
+            lo = 0
+    elif inputs is not None:
+        raise ValueError("inputs (residual-stream rows) need a layer range")
+    env: dict[str, torch.Tensor] = {}
+    residual = steps[0].out
+    if inputs is not None:
+        env[residual] = inputs
+        n = inputs.shape[0]
+    else:
+        ids = ids.reshape(-1)
+        n = ids.numel()
+    extra = {} if positions is None and mask is None else {"positions": positions, "mask": mask}
+    i = lo
+    while i < hi:
         step = steps[i]
         if i == plan.head_start and not all_logits:
             env[step.inp] = env[step.inp][-1:]  # only the last position's logits are wanted
@@ -57,13 +87,14 @@ def forward_steps(plan: Plan, weights: dict[str, torch.Tensor], ids: torch.Tenso
                 x = x + weights[step.pos_weight][cache.length:cache.length + x.shape[0]]
             env[step.out] = x
         else:
-            nl.run_stage(step, env, weights, ids, cache, rope)
+            nl.run_stage(step, env, weights, ids, cache, rope, **extra)
         if timings is not None:
             key = "embed" if isinstance(step, Embed) else "nonlinear"
             timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
         i += 1
-    cache.advance(ids.numel())
-    return env["logits"]
+    if advance:
+        cache.advance(n)
+    return env["logits"] if hi == len(steps) else env[residual]
 
 
 def run_sync(gen: Forward, linear: Callable[[tuple[Linear, ...], torch.Tensor], list[torch.Tensor]]) -> torch.Tensor:

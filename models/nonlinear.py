@@ -115,18 +115,29 @@ class KVCache:
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layer: int, n_heads: int,
-              n_kv_heads: int, head_dim: int, cache: KVCache, rope: Rope | None) -> torch.Tensor:
-    """Causal GQA attention of T new rows. q: (T, n_heads*d); k, v: (T, n_kv*d) -> (T, n_heads*d)."""
+              n_kv_heads: int, head_dim: int, cache: KVCache, rope: Rope | None,
+              positions: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal GQA attention of T new rows. q: (T, n_heads*d); k, v: (T, n_kv*d) -> (T, n_heads*d).
+
+    By default row t is position cache.length + t and sees keys 0..cache.length + t. ``positions``
+    (T,) and ``mask`` ((T, cache.length + T) bool, True = may attend) override both, e.g. to score
+    T alternative tokens for one position at once (each row sees the cache and its own key only).
+    """
     T, start = q.shape[0], cache.length
     end = start + T
     c = cache.config
-    if end > c.max_positions:
-        raise ModelError(f"sequence of {end} positions exceeds the model's maximum {c.max_positions}")
+    last = end if positions is None else int(positions.max()) + 1
+    if last > c.max_positions:
+        raise ModelError(f"sequence of {last} positions exceeds the model's maximum {c.max_positions}")
     q = q.view(T, n_heads, head_dim).transpose(0, 1)
     k = k.view(T, n_kv_heads, head_dim).transpose(0, 1)
     v = v.view(T, n_kv_heads, head_dim).transpose(0, 1)
     if rope is not None:
-        cos, sin = rope.tables(start, end)
+        if positions is None:
+            cos, sin = rope.tables(start, end)
+        else:
+            cos, sin = rope.tables(0, int(positions.max()) + 1)
+            cos, sin = cos[positions], sin[positions]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     keys, values = cache.write(layer, k, v)
     # GQA without copying keys: each KV head serves `group` query heads.
@@ -134,7 +145,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layer: int, 
     q = q.reshape(n_kv_heads, group * T, head_dim)
     scores = torch.matmul(q, keys.transpose(1, 2)) * (1.0 / math.sqrt(head_dim))
     window = c.sliding_window
-    if T > 1 or (window is not None and end > window):
+    if mask is not None:
+        if mask.shape != (T, end):
+            raise ValueError(f"attention mask of shape {tuple(mask.shape)}, expected {(T, end)}")
+        scores = scores.view(n_kv_heads, group, T, end).masked_fill(~mask, float("-inf"))
+        scores = scores.view(n_kv_heads, group * T, end)
+    elif T > 1 or (window is not None and end > window):
         # Query row t (position start+t) sees keys 0..start+t, and with a sliding window (Mistral)
         # only the last `window` of them. The cache keeps every key; the mask does the sliding.
         kpos, qpos = torch.arange(end, device=q.device)[None, :], torch.arange(start, end, device=q.device)[:, None]
@@ -149,9 +165,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layer: int, 
 
 
 def run_stage(step: Step, env: dict[str, torch.Tensor], weights: dict[str, torch.Tensor], ids: torch.Tensor,
-              cache: KVCache, rope: Rope | None) -> None:
+              cache: KVCache, rope: Rope | None, positions: torch.Tensor | None = None,
+              mask: torch.Tensor | None = None) -> None:
     """Run one nonlinear plan step on the named activations in `env` (in place). `ids` are this
-    pass's token ids; positions start at `cache.length` (advanced by the caller after the pass)."""
+    pass's token ids; positions start at `cache.length` (advanced by the caller after the pass),
+    unless ``positions``/``mask`` say otherwise (see :func:`attention`)."""
     w = weights
     if isinstance(step, Norm):
         x = env[step.inp]
@@ -162,7 +180,7 @@ def run_stage(step: Step, env: dict[str, torch.Tensor], weights: dict[str, torch
     elif isinstance(step, Attention):
         env[step.out] = attention(env[step.q], env[step.k], env[step.v], layer=step.layer, n_heads=step.n_heads,
                                   n_kv_heads=step.n_kv_heads, head_dim=step.head_dim, cache=cache,
-                                  rope=rope if step.rope else None)
+                                  rope=rope if step.rope else None, positions=positions, mask=mask)
     elif isinstance(step, Add):
         a, b = step.inputs
         env[step.out] = env[a] + env[b]
@@ -174,7 +192,8 @@ def run_stage(step: Step, env: dict[str, torch.Tensor], weights: dict[str, torch
     elif isinstance(step, Embed):
         x = F.embedding(ids, w[step.weight])
         if step.pos_weight:
-            x = x + w[step.pos_weight][cache.length:cache.length + ids.numel()]
+            pos = positions if positions is not None else slice(cache.length, cache.length + ids.numel())
+            x = x + w[step.pos_weight][pos]
         env[step.out] = x
     else:  # a new step kind must be taught to every executor
         raise TypeError(f"not a nonlinear plan step: {step!r}")

@@ -98,6 +98,16 @@ class Plan:
     def linears(self) -> list[Linear]:
         return [s for s in self.steps if isinstance(s, Linear)]
 
+    def layer_steps(self, a: int, b: int) -> tuple[int, int]:
+        """Step indices ``[lo, hi)`` of layers ``a..b-1`` (each layer's steps are contiguous and
+        named ``layers.<i>.*``); ``a == b`` gives an empty range where layer ``a`` would start."""
+        L = self.config.n_layers
+        if not 0 <= a <= b <= L:
+            raise ValueError(f"layer range [{a}, {b}) is not within the model's {L} layers")
+        starts = [i for i, s in enumerate(self.steps) if s.name.startswith("layers.") and s.name.endswith(".attn_norm")]
+        bounds = starts + [self.head_start]
+        return bounds[a], bounds[b]
+
     def fuse_groups(self) -> dict[str, list[Linear]]:
         groups: dict[str, list[Linear]] = {}
         for s in self.linears:

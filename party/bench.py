@@ -55,7 +55,7 @@ async def bench_protocol(cfg: ClientConfig, model, protocol: str, prompt_ids: li
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds"),
         "config": {"prompt_tokens": len(prompt_ids), "max_new_tokens": max_tokens,
                    "temperature": sampling.temperature, "runs": runs, "warmup": warmup, "endpoint": protocol,
-                   "net": cfg.net.describe() if cfg.net else "none"},
+                   "net": cfg.net.describe() if cfg.net else "none", "options": options or {}},
         "results": {
             "embedding": timing_stats([x["embedding_ms"] for x in t]),
             "prefill": timing_stats([x["prefill_ms"] for x in t]),

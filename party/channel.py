@@ -157,7 +157,9 @@ class Channel:
         return (await self.expect(reply)).body
 
     async def aclose(self) -> None:
-        with contextlib.suppress(Exception):
-            await self.stream.aclose()
-        if self.recorder is not None:
-            self.recorder.close()
+        try:
+            with contextlib.suppress(Exception):
+                await self.stream.aclose()
+        finally:  # even when cancelled (a server shutting down): flush the transcript
+            if self.recorder is not None:
+                self.recorder.close()

@@ -25,6 +25,7 @@ class RunReport:
     offline_ms: float
     stats: dict  # phase -> PhaseStats.as_dict()
     notes: list = dataclasses.field(default_factory=list)  # what the protocol's guarantee rests on
+    warning: str | None = None  # what a non-private protocol exposes
 
     def as_dict(self, tokenizer=None) -> dict:
         r = self.result
@@ -47,6 +48,8 @@ class RunReport:
             "prefill_rounds": prefill.get("rounds", 0),
             "notes": list(self.notes),
         }
+        if not self.private:
+            out["warning"] = self.warning or "NOT PRIVATE"
         if tokenizer is not None:
             out["text"] = tokenizer.decode(r.token_ids, skip_special_tokens=True)
         return out
@@ -82,4 +85,5 @@ async def run_generation(cfg: ClientConfig, model, protocol: str, prompt_ids: li
         stats = {name: s.as_dict() for name, s in channel.stats.items() if name not in ("setup", "offline")
                  or s.messages_sent or s.messages_received}
     return RunReport(protocol, spec.private, session["session_id"], len(prompt_ids), result, client.offline_ms, stats,
-                     list(getattr(client, "notes", [])))
+                     list(getattr(client, "notes", [])),
+                     warning=None if spec.private else f"NOT PRIVATE: {spec.summary}")

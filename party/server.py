@@ -59,6 +59,7 @@ class ServerSession:
     server: "Server"
     max_seq_len: int
     state: dict = dataclasses.field(default_factory=dict)  # the protocol's own per-session state
+    handler: object = None  # the protocol's handler; its optional close() runs when the session ends
 
 
 class Server:
@@ -71,6 +72,9 @@ class Server:
         self.served = 0
         self.started = time.time()
         self.fingerprint = model.fingerprint() if model is not None else "none"
+        # Open sessions by id; a session leaves (and its handler's close() runs) when its
+        # connection ends for any reason: BYE, error, expiry, disconnect.
+        self.sessions: dict[str, ServerSession] = {}
 
     def info(self, request: dict | None = None) -> dict:
         protocols = {n: {"private": s.private, "summary": s.summary} for n, s in sorted(self.offered.items())}
@@ -159,6 +163,15 @@ class Server:
         cfg = self.config
         deadline = started + cfg.handshake_timeout
         code, what = ErrorCode.HANDSHAKE_TIMEOUT, f"no message within {cfg.handshake_timeout:g} s of connecting"
+        try:
+            await self._loop(channel, session_id, deadline, code, what)
+        finally:
+            session = self.sessions.pop(session_id, None)
+            if session is not None and hasattr(session.handler, "close"):
+                session.handler.close()  # e.g. free a per-session KV cache
+
+    async def _loop(self, channel: Channel, session_id: str, deadline: float, code: ErrorCode, what: str) -> None:
+        cfg = self.config
         session: ServerSession | None = None
         handler = None
         ttl_end = float("inf")
@@ -184,6 +197,8 @@ class Server:
                     spec = self.offered[protocol]
                     session = ServerSession(session_id, channel, protocol, self, int(msg.body["max_seq_len"]))
                     handler = spec.server_handler(session) if spec.server_handler else None
+                    session.handler = handler
+                    self.sessions[session_id] = session
                     ttl_end = trio.current_time() + cfg.session_ttl
                     if channel.recorder is not None:
                         channel.recorder.update_meta(protocol=protocol, model_fingerprint=self.fingerprint)

@@ -21,7 +21,8 @@ from typing import Callable
 
 # Modules that register protocols when imported.
 _MODULES: list[str] = ["shardlm.protocols.plain", "shardlm.protocols.masked", "shardlm.protocols.ot.service",
-                      "shardlm.protocols.cc.service"]
+                      "shardlm.protocols.cc.service",
+                      "shardlm.protocols.split"]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -44,6 +44,11 @@ class MsgType(enum.IntEnum):
     CC_REPORT = 0x1301      # server -> client: signed attestation report (enclave X25519 key)
     CC_SEALED = 0x1310      # client -> enclave: counter + XChaCha20-Poly1305 ciphertext
     CC_SEALED_OK = 0x1311   # enclave -> client: counter + ciphertext
+    # split (0x14xx): layer-split inference, NOT private (the server sees hidden states)
+    SPLIT_OPEN = 0x1400     # client -> server: the layer range the server runs
+    SPLIT_OPEN_OK = 0x1401  # server -> client: accepted range, session TTL
+    SPLIT_FORWARD = 0x1410  # client -> server: hidden rows at position `start` (crops the server's KV cache to `start`)
+    SPLIT_HIDDEN = 0x1411   # server -> client: hidden rows after the server's layers, its KV cache length
 
 
 def is_known(code: int) -> bool:
