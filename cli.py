@@ -434,9 +434,9 @@ def split_options(fn):
     ]
 
     @functools.wraps(fn)
-    def wrapper(*args, split_layers, jacobi_block, jacobi_iters, **kwargs):
-        options = dict(kwargs.pop("protocol_options", None) or {})
-        options.update(split_layers=split_layers, jacobi_block=jacobi_block, jacobi_iters=jacobi_iters)
+    def wrapper(*args, split_layers, jacobi_block, jacobi_iters, protocol_options=None, **kwargs):
+        options = {**(protocol_options or {}), "split_layers": split_layers, "jacobi_block": jacobi_block,
+                   "jacobi_iters": jacobi_iters}
         return fn(*args, protocol_options=options, **kwargs)
 
     for opt in reversed(opts):
@@ -667,7 +667,7 @@ def bench(model_spec, protocols, prompt, prompt_tokens, max_tokens, runs, warmup
     for proto in [p.strip() for p in protocols.split(",") if p.strip()]:
         results.append(trio.run(bench_mod.bench_protocol, cfg, model, proto, ids, max_tokens, runs, warmup,
                                 _sampling(0.0, None, None, None), say,
-                                {**(protocol_options or {}), **_protocol_options(cc_trust)}))
+                                {**_protocol_options(cc_trust), **protocol_options}))
     bench_mod.add_ratios(results)
     doc = {"benchmarks": results}
     if output:

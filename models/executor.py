@@ -25,10 +25,10 @@ Forward = Generator[LinearRequest, list[torch.Tensor], torch.Tensor]
 
 def forward_steps(plan: Plan, weights: dict[str, torch.Tensor], ids: torch.Tensor | None, cache: KVCache,
                   rope: nl.Rope | None, *, fuse: bool = False, all_logits: bool = False,
-                  timings: dict[str, float] | None = None, embedded: torch.Tensor | None = None,
-                  layers: tuple[int, int] | None = None, inputs: torch.Tensor | None = None,
-                  advance: bool = True, positions: torch.Tensor | None = None,
-                  mask: torch.Tensor | None = None) -> Forward:
+                  timings: dict[str, float] | None = None, layers: tuple[int, int] | None = None,
+                  inputs: torch.Tensor | None = None, advance: bool = True,
+                  positions: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                  embedded: torch.Tensor | None = None) -> Forward:
     """Run the plan over the T token ids after the cache; return logits (T or 1, vocab).
 
     ``timings`` (optional) accumulates seconds spent in the embedding and in nonlinear stages.
@@ -61,9 +61,11 @@ def forward_steps(plan: Plan, weights: dict[str, torch.Tensor], ids: torch.Tenso
     if inputs is not None:
         env[residual] = inputs
         n = inputs.shape[0]
-    else:
+    elif ids is not None:
         ids = ids.reshape(-1)
         n = ids.numel()
+    else:
+        n = embedded.shape[0]
     extra = {} if positions is None and mask is None else {"positions": positions, "mask": mask}
     i = lo
     while i < hi:

@@ -8,10 +8,11 @@ recorded with ``serve --record-transcript``). The attack, the same for every pro
    blocks ``0..k-1`` (``SPLIT_FORWARD.h``, k from ``SPLIT_OPEN``). ``v2``/``v3``: the input of
    layer 0's q/k/v projection, ``attn_norm(embedding)``, read from the first ``MASKED_LINEAR``
    message by decoding its ring elements as the protocol's fixed point (as if they were the
-   plaintext: the server has nothing better).
+   plaintext, scale unknown: the server has nothing better).
 2. Left to right, position t: push every candidate token through that part of the model after
    the recovered prefix (one batch: each candidate row sees the prefix's KV cache and itself, at
-   position t) and keep the nearest to the observed row (Euclidean distance).
+   position t) and keep the nearest to the observed row (Euclidean distance between the rows
+   scaled to unit length: the fixed-point scale of a masked view is not even known).
 3. Order: candidates are tried in chunks, most likely first under the public model's own
    next-token prediction where the view gives one (for ``split``, the remaining blocks run on
    the observed rows), and the search stops at a match within float rounding
@@ -40,7 +41,7 @@ from ..models.reference import Reference
 from ..party.transcript import load_transcript, session_dirs
 from ..wire.msgtypes import MsgType
 
-EXACT_RTOL = 1e-3  # distance / norm of the observed row below which a candidate is the token
+EXACT_RTOL = 1e-3  # distance between unit-length rows below which a candidate is the token
 FIRST_CHUNK, MAX_CHUNK = 64, 4096  # candidates per batch: the likeliest first, then 4x more each time
 
 
@@ -83,15 +84,13 @@ def read_view(session_dir: str | Path) -> View:
         return View(protocol, sid, torch.from_numpy(np.array(prefill.body["h"], dtype=np.float32)),
                     f"hidden states after block {k - 1} (split, k={k})", k)
     if protocol in ("v2", "v3"):
-        from . import masked
-
         first = next((m for m in msgs if m.type == MsgType.MASKED_LINEAR), None)
         if first is None:
             raise AuditError(f"{session_dir}: a {protocol} session without MASKED_LINEAR messages")
+        # read as the signed fixed-point values the server would see were they not masked (the
+        # client's scale is not sent; the comparison below is scale-free anyway)
         m = torch.from_numpy(np.array(first.body["m"], dtype=np.int64))
-        # Read as fixed point at the client's largest scale (the attacker does not know the
-        # per-product scale; the ring elements are uniform whichever it guesses).
-        return View(protocol, sid, (m.to(torch.float64) / 2.0**masked.FIXED_POINT.max_bits).float(),
+        return View(protocol, sid, m.to(torch.float64).float(),
                     f"layer-0 q/k/v input as the server received it ({protocol}: one-time-padded ring elements)",
                     None)
     raise AuditError(f"{session_dir}: no inversion attack for protocol {protocol!r} (split, v2, v3)")
@@ -151,7 +150,7 @@ class Inverter:
         tried: list[int] = []
         for t in range(T):
             cand_order = order[t - 1] if (order is not None and t > 0) else torch.arange(V)
-            target, scale = H[t], float(H[t].norm()) or 1.0
+            target = torch.nn.functional.normalize(H[t], dim=0)
             best, best_d = -1, float("inf")
             a, size = 0, FIRST_CHUNK
             limit = min(V, max_candidates or V)
@@ -159,12 +158,12 @@ class Inverter:
                 chunk = cand_order[a:min(a + size, limit)]
                 a, size = a + chunk.numel(), min(4 * size, MAX_CHUNK)
                 out = self._candidates(cache, chunk)
-                d = (out - target).norm(dim=1)
+                d = (torch.nn.functional.normalize(out, dim=1) - target).norm(dim=1)
                 i = int(torch.argmin(d))
 
                 if float(d[i]) < best_d:
                     best, best_d = int(chunk[i]), float(d[i])
-                if best_d < EXACT_RTOL * scale:
+                if best_d < EXACT_RTOL:
                     exact += 1
                     break
             ids.append(best)
