@@ -14,8 +14,9 @@ Triples come from a :class:`TripleProvider`:
   e = x - a:** it must be the client itself or someone the client trusts with its prompt.
   It never is the server (the seeds' V3-MPC let the server hold the triples, which leaks
   everything, seed 001 s6).
-- an OT provider (client and server generate triples jointly with Gilboa multiplication over
-  IKNP correlated OT, so that nobody knows a, b or c) is **not implemented yet** here.
+- :class:`beaver_ot.OTProvider`: client and server generate triples jointly with Gilboa
+  multiplication over IKNP correlated OT, so that nobody knows a, b or c (elementwise and
+  matrix triples; boolean AND triples, which the comparisons need, are dealer-only so far).
 
 Single use: every triple carries a serial number; :meth:`Triple.take` hands out its shares
 once and refuses a second use with :class:`TripleReuseError` (a reused triple opens
@@ -43,7 +44,8 @@ class TripleReuseError(Exception):
 
 @dataclasses.dataclass
 class Triple:
-    """Shares of ``a``, ``b`` and ``c = a * b`` (``kind='mul'``) or ``c = a @ b`` (``kind='matmul'``)."""
+    """Shares of ``a``, ``b`` and ``c = a * b`` (``kind='mul'``), ``c = a @ b`` (``kind='matmul'``), or
+    XOR shares with ``c = a & b`` (``kind='and'``)."""
 
     serial: int
     kind: str
@@ -74,6 +76,12 @@ class TripleProvider:
         self.issued = {"mul": 0, "matmul": 0}  # triples issued
         self.elements = {"mul": 0, "matmul": 0}  # ring elements of c issued (a size measure)
 
+    def and_(self, shape: Sequence[int]) -> Triple:
+        """A boolean triple: 64 independent bit triples per int64 word, ``c = a & b`` XOR-shared."""
+        t = self._make("and", tuple(shape), None)
+        self.issued["and"] = self.issued.get("and", 0) + 1
+        return t
+
     def mul(self, shape: Sequence[int]) -> Triple:
         """An elementwise triple of ``shape``."""
         t = self._make("mul", tuple(shape), None)
@@ -103,6 +111,11 @@ class DealerProvider(TripleProvider):
 
     def _make(self, kind, a_shape, b_shape) -> Triple:
         a = self.prg.ring(*a_shape)
+        if kind == "and":  # XOR shares
+            b = self.prg.ring(*a_shape)
+            c = a & b
+            sh = [(r, v ^ r) for v in (a, b, c) for r in [self.prg.ring(*a_shape)]]
+            return Triple(next(self._serials), kind, *sh)
         if kind == "mul":
             b = self.prg.ring(*a_shape)
             c = a * b  # wraps mod 2^64

@@ -175,6 +175,8 @@ class OTProvider(beaver.TripleProvider):
         self._cursor = 0
 
     def _make(self, kind, a_shape, b_shape) -> beaver.Triple:
+        if kind == "and":
+            raise NotImplementedError("boolean (AND) triples by OT are not implemented: comparisons need the dealer")
         if kind == "mul":
             n = int(np.prod(a_shape))
             if self._pool is None or self._cursor + n > self._pool[0].numel():

@@ -3,21 +3,25 @@
 STATUS: this module is the share arithmetic and a plan executor run by a *two-party simulator*
 (:class:`Engine` holds both parties' shares in one process and counts what would cross the
 wire: openings, rounds, triples). The networked protocol (client and server tasks exchanging
-these openings over a Channel) is not written yet; the simulator is what its two halves will
-compute, step for step, and what the accuracy tests measure.
+these openings over a Channel, registered as ``v3-mpc`` with ``--triples``) is NOT written
+yet; the simulator is what its two halves will compute, step for step, and what the accuracy
+tests measure. Rounds are not optimised (hundreds of thousands per SmolLM2 token).
 
 Encoding. A real ``x`` is the ring element ``round(x * 2^F)`` (``F = FRAC_BITS``), read as a
 signed int64; shares ``x = x_c + x_s mod 2^64``.
 
-Truncation (after each product, which doubles the scale): SecureML local truncation. The
-client replaces its share ``x_c`` by ``x_c >> k`` (arithmetic shift); the server replaces
-``x_s`` by ``-((-x_s) >> k)``. The result is ``x >> k`` up to one unit in the last place
-*unless* the two shares wrap around 2^63 when added, which for a uniform share happens with
-probability ``|x| / 2^63``; then the result is off by ``2^(64-k)`` (a gross error). With
-``F = 20`` a product of value ``v`` sits at scale 2^2F before truncation, so the failure
-probability is ``|v| 2^40 / 2^63 = |v| 2^-23`` per truncated element: 2^-23 for values around
-1, 2^-13 for values near 2^10. (F = 16 would make that 2^-27 but costs an order of magnitude
-of accuracy in every function below; accuracy was put first.)
+Truncation (after each product, which doubles the scale). SecureML local truncation (each
+party shifts its own share: no round) fails with probability ``|v| 2^(2F) / 2^63`` per element
+(a gross error of ``2^(64-2F)``): at F = 20 that is 2^-23 for values around 1, and measured on
+SmolLM2 it broke every forward (millions of truncations per token). So the default is a
+one-round truncation with a known MSB: the client adds the public offset 2^62, so the value
+``u = x + 2^62`` lies in [0, 2^63) for ``|x| < 2^62``; then the unsigned sum ``u_c + u_s``
+wraps past 2^64 exactly when ``msb(u_c) OR msb(u_s)``, and
+``u >> k = (u_c >> k) + (u_s >> k) - w 2^(64-k)`` up to the lost carry (one unit in the last
+place, never more), with ``w = msb_c + msb_s - msb_c msb_s``; the product of the two parties'
+private bits is one Beaver product. Every truncation of a step is batched into that one
+round. No failure probability as long as ``|x| < 2^62`` (values below 2^22 at scale 2^2F).
+``Engine.local_trunc = True`` switches back to SecureML's local truncation (tests only).
 
 Linear layers. The server's weights are integers with a per-row power-of-two scale
 ``2^k_j`` (``k_j`` public, about 20 significant bits per row): the product of shares by the
@@ -35,11 +39,14 @@ Nonlinear functions (each documented with its range and measured error in the te
 - ``sigmoid(x) = e^{x/2} / (e^{x/2} + e^{-x/2})``, for x in [-16, 16]; SiLU = x sigmoid(x)
   (abs. err < 2e-3 on [-16, 16]); GELU(tanh) through ``0.5 (1 + tanh(z)) = sigmoid(2z)``,
   for x in [-4, 4] only (beyond, 2z leaves the sigmoid's range).
-- ``softmax``: scores minus their row mean (linear, exact) minus a public shift, exp, masked by
-  the public causal mask (multiplication by 0/1 constants), sum, reciprocal. No comparison
-  protocol is used, so there is no exact max: the range treatment is that the row-mean-centred
-  scores must stay below ~6 + shift and a row hold at most 64 keys (the sum / n enters the
-  reciprocal's range); the tests document the range covered.
+- ``softmax``: with ``Ranges.comparisons`` (what real models need), the exact row max by a
+  tournament of secure comparisons (``ltz``: A2B of the two shares by a Kogge-Stone adder over
+  XOR shares with boolean AND triples, 7 rounds, then B2A by one Beaver product; exact), so
+  exp only sees x - max <= 0 and the sum lies in [1, n]. Without comparisons: scores minus
+  their row mean, which is safe only while the centred scores stay below ~6 and a row holds
+  at most 64 keys. Masked keys (causal / sliding window) are multiplied by public 0/1.
+- with comparisons, the sigmoid's input is first clipped to [-16, 16] (two ReLUs in the same
+  rounds), so SiLU is accurate for any gate value (SmolLM2's reach 49).
 """
 
 from __future__ import annotations
@@ -52,6 +59,18 @@ import torch
 from . import beaver, ring
 
 FRAC_BITS = 20
+_OFFSET = 1 << 62
+
+
+def _msb(t: torch.Tensor) -> torch.Tensor:
+    return torch.bitwise_right_shift(t, 63) & 1
+
+
+def _lsr(t: torch.Tensor, k) -> torch.Tensor:
+    """Logical shift right of int64 bits (as unsigned)."""
+    k = torch.as_tensor(k, dtype=torch.int64)
+    mask = torch.bitwise_left_shift(torch.ones_like(k), 64 - k) - 1
+    return torch.bitwise_right_shift(t, k) & mask
 
 
 @dataclasses.dataclass
@@ -103,6 +122,11 @@ class Engine:
         self.stats = Stats()
         # record=True keeps every opened value and every share the client sent: the server's view
         self.view: list[torch.Tensor] | None = [] if record else None
+        # range treatment by secure comparison (needs boolean triples: dealer provider only)
+        self.clip_sigmoid = False
+        self.exact_max = False
+        # local_trunc=True: SecureML local truncation (no round, fails with prob |v| 2^(2F-63))
+        self.local_trunc = False
 
     # -- encoding, sharing, opening ---------------------------------------------------------
     def encode(self, x: torch.Tensor, bits: int | None = None) -> torch.Tensor:
@@ -136,8 +160,30 @@ class Engine:
 
     # -- local operations ---------------------------------------------------------------------
     def trunc(self, x: Shared, k: int | torch.Tensor) -> Shared:
-        """SecureML local truncation by ``k`` bits (see module docstring for its failure rate)."""
-        return Shared(torch.bitwise_right_shift(x.c, k), -torch.bitwise_right_shift(-x.s, k))
+        return self.trunc_many([(x, k)])[0]
+
+    def trunc_many(self, items: list[tuple[Shared, int | torch.Tensor]]) -> list[Shared]:
+        """Truncation by ``k`` bits, exact up to one unit in the last place for ``|x| < 2^62``,
+        all items in one round (see the module docstring: local shifts plus the wrap bit)."""
+        if self.local_trunc:
+            return [Shared(torch.bitwise_right_shift(x.c, k), -torch.bitwise_right_shift(-x.s, k)) for x, k in items]
+        pairs, parts = [], []
+        for x, k in items:
+            k = torch.as_tensor(k, dtype=torch.int64)
+            uc = x.c + _OFFSET  # the client adds 2^62: the value is now in [0, 2^63)
+            us = x.s
+            mc, ms = _msb(uc), _msb(us)
+            zero = torch.zeros_like(mc)
+            pairs.append((Shared(mc, zero), Shared(zero.clone(), ms)))
+            parts.append((k, _lsr(uc, k), _lsr(us, k), mc, ms))
+        prods = self.mul_many(pairs, truncate=False) if pairs else []
+        out = []
+        for (k, lc, ls, mc, ms), pr in zip(parts, prods):
+            # wrap bit w = mc OR ms = mc + ms - mc ms (known MSB 0 of the offset value)
+            wc, ws = mc - pr.c, ms - pr.s
+            top = torch.bitwise_left_shift(torch.ones_like(k), 64 - k)
+            out.append(Shared(lc - wc * top - torch.bitwise_left_shift(torch.ones_like(k), 62 - k), ls - ws * top))
+        return out
 
     def add_public(self, x: Shared, v: torch.Tensor | float) -> Shared:
         v = self.encode(torch.as_tensor(v))
@@ -169,17 +215,87 @@ class Engine:
         for (x, y), t in zip(pairs, triples):
             masked += [Shared(x.c - t.a[0], x.s - t.a[1]), Shared(y.c - t.b[0], y.s - t.b[1])]
         opened = self.open(masked)
-        out = []
-        for i, t in enumerate(triples):
-            z = Shared(*beaver.beaver_combine(kind, t, opened[2 * i], opened[2 * i + 1]))
-            out.append(self.trunc(z, self.f) if truncate else z)
-        return out
+        out = [Shared(*beaver.beaver_combine(kind, t, opened[2 * i], opened[2 * i + 1]))
+               for i, t in enumerate(triples)]
+        return self.trunc_many([(z, self.f) for z in out]) if truncate else out
 
     def mul(self, x: Shared, y: Shared) -> Shared:
         return self.mul_many([(x, y)])[0]
 
     def square(self, x: Shared) -> Shared:
         return self.mul(x, x)
+
+    # -- comparison: A2B by a Kogge-Stone adder on XOR shares, MSB, B2A ---------------------------
+    def _and_many(self, pairs: list[tuple[Shared, Shared]]) -> list[Shared]:
+        """Bitwise AND of XOR-shared int64 words, all in one round."""
+        triples = [self.provider.and_(x.shape).take() for x, _ in pairs]
+        masked = []
+        for (x, y), t in zip(pairs, triples):
+            masked += [Shared(x.c ^ t.a[0], x.s ^ t.a[1]), Shared(y.c ^ t.b[0], y.s ^ t.b[1])]
+        self.stats.rounds += 1
+        self.stats.opened_elements += sum(m.c.numel() for m in masked)
+        opened = [m.c ^ m.s for m in masked]
+        if self.view is not None:
+            self.view += [o.clone() for o in opened]
+        out = []
+        for i, t in enumerate(triples):
+            e, d = opened[2 * i], opened[2 * i + 1]
+            out.append(Shared(t.c[0] ^ (e & t.b[0]) ^ (d & t.a[0]) ^ (e & d), t.c[1] ^ (e & t.b[1]) ^ (d & t.a[1])))
+        return out
+
+    def ltz(self, x: Shared) -> Shared:
+        """Arithmetic shares of the bit ``x < 0`` (the MSB of ``x_c + x_s``): 7 rounds of AND
+        gates for the carry into bit 63 (Kogge-Stone over the two shares as XOR-shared
+        addends), then one Beaver product to turn the XOR-shared bit into an additive one.
+        Exact (no failure probability)."""
+        zero = torch.zeros_like(x.c)
+        X, Y = Shared(x.c, zero), Shared(zero, x.s)  # each party's share as an XOR-shared addend
+        (G,) = self._and_many([(X, Y)])
+        P = Shared(X.c ^ Y.c, X.s ^ Y.s)
+        P0 = P
+        for k in (1, 2, 4, 8, 16, 32):
+            Gs = G.map(lambda t: torch.bitwise_left_shift(t, k))
+            Ps = P.map(lambda t: torch.bitwise_left_shift(t, k))
+            if k < 32:
+                pg, pp = self._and_many([(P, Gs), (P, Ps)])
+                P = pp
+            else:
+                (pg,) = self._and_many([(P, Gs)])
+            G = Shared(G.c ^ pg.c, G.s ^ pg.s)  # G and P & G<<k are disjoint: OR = XOR
+        msb = Shared(P0.c ^ torch.bitwise_left_shift(G.c, 1), P0.s ^ torch.bitwise_left_shift(G.s, 1))
+        bc = torch.bitwise_right_shift(msb.c, 63) & 1
+        bs = torch.bitwise_right_shift(msb.s, 63) & 1
+        # b = bc XOR bs = bc + bs - 2 bc bs; bc bs by one Beaver product of (bc, 0) and (0, bs)
+        (prod,) = self.mul_many([(Shared(bc, zero), Shared(zero.clone(), bs))], truncate=False)
+        return Shared(bc - 2 * prod.c, bs - 2 * prod.s)
+
+    def mul_bit(self, x: Shared, bit: Shared) -> Shared:
+        (z,) = self.mul_many([(x, bit)], truncate=False)
+        return z
+
+    def relu(self, x: Shared) -> Shared:
+        neg = self.ltz(x)
+        return x - self.mul_bit(x, neg)
+
+    def clip(self, x: Shared, lo: float, hi: float) -> Shared:
+        """``min(max(x, lo), hi)``: both comparisons in the same rounds."""
+        n = x.c.numel()
+        both = cat([self.add_public(x, -hi).map(lambda t: t.reshape(-1)),
+                    self.add_public(-x, lo).map(lambda t: t.reshape(-1))], 0)
+        r = self.relu(both)
+        over, under = r.map(lambda t: t[:n].reshape(x.shape)), r.map(lambda t: t[n:].reshape(x.shape))
+        return x - over + under
+
+    def max_last(self, x: Shared) -> Shared:
+        """Max over the last dim by a tournament: ceil(log2 n) comparison layers."""
+        while x.shape[-1] > 1:
+            n = x.shape[-1]
+            if n % 2:
+                x = cat([x, x.map(lambda t: t[..., -1:])], -1)
+                n += 1
+            a, b = x.map(lambda t: t[..., 0:n:2]), x.map(lambda t: t[..., 1:n:2])
+            x = b + self.relu(a - b)
+        return x
 
     # -- nonlinear functions --------------------------------------------------------------------
     def exp(self, x: Shared, n: int = 8) -> Shared:
@@ -213,6 +329,8 @@ class Engine:
     def sigmoid(self, x: Shared) -> Shared:
         """x in [-16, 16]: ``e^{x/2} / (e^{x/2} + e^{-x/2})`` with the denominator scaled into
         the reciprocal's range."""
+        if self.clip_sigmoid:
+            x = self.clip(x, -16.0, 16.0)
         h = self.trunc(x, 1)
         both = self.exp(cat([h, -h], 0))
         ep, em = both.map(lambda t: t[:h.shape[0]]), both.map(lambda t: t[h.shape[0]:])
@@ -231,6 +349,17 @@ class Engine:
     def softmax(self, x: Shared, mask: torch.Tensor | None = None, shift: float = 0.0) -> Shared:
         """Softmax over the last dim. ``mask``: public 0/1 (1 = allowed) of x's shape."""
         n = x.shape[-1]
+        if self.exact_max:  # x - max(x) <= 0: exp's range is safe whatever the scores' spread
+            big = torch.zeros(x.shape, dtype=torch.float64)
+            if mask is not None:
+                big = big.masked_fill(~mask, -1e4)  # masked keys can never be the max
+            m = self.max_last(self.add_public(x, big))
+            e = self.exp(x - m.map(lambda t: t.expand(x.shape)))
+            if mask is not None:
+                e = self.mul_int(e, mask.to(torch.int64))
+            # the sum lies in [1, n]: /16 puts it inside the reciprocal's range for n <= 8000
+            r = self.mul_public(self.reciprocal(self.mul_public(e.sum(-1, keepdim=True), 1 / 16)), 1 / 16)
+            return self.mul(e, r.map(lambda t: t.expand(x.shape)))
         if mask is not None:  # mean over the allowed entries only, masked ones set to the mean
             cnt = mask.sum(-1, keepdim=True).to(torch.float64)
             xm = self.mul_int(x, mask.to(torch.int64))
@@ -249,7 +378,7 @@ class Engine:
 
 
 # -- linear layers on shares and the plan executor (simulated two parties) --------------------
-WEIGHT_BITS = 20  # a row's weights encode as round(W * 2^k_j), k_j <= WEIGHT_BITS, |W_int| <= ring.WMAX
+WEIGHT_BITS = 16  # a row encodes as round(W * 2^k_j), k_j <= WEIGHT_BITS: products stay below 2^(F+16) per unit
 
 
 def encode_weights_pow2(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -283,6 +412,15 @@ class Ranges:
     norm_lo: float = 1e-3
     norm_hi: float = 1e4
     softmax_shift: float = 0.0
+    # secure comparisons (dealer triples only): softmax subtracts the exact row max, and the
+    # sigmoid's input is clipped to [-16, 16]; needed for real models (SmolLM2's centred scores
+    # reach 34 and its gates 49)
+    comparisons: bool = False
+
+    @classmethod
+    def wide(cls) -> "Ranges":
+        """For SmolLM2-like models: mean squares up to 1e6, comparisons on."""
+        return cls(norm_lo=1e-3, norm_hi=1e6, comparisons=True)
 
 
 class MPCExecutor:
@@ -300,6 +438,7 @@ class MPCExecutor:
         self.e = engine or Engine()
         self.ranges = ranges or Ranges()
         self.mats = mpc_matrices(model)
+        self.e.exact_max = self.e.clip_sigmoid = self.ranges.comparisons
         self.units = units_for(model.plan, "v3")
         self.rope = Reference.of(model).rope
         self.length = 0
