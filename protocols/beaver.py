@@ -1,0 +1,136 @@
+"""Beaver triples over Z_2^64 and the one Beaver routine for products of additive shares.
+
+A value ``x`` is shared as ``x = x_c + x_s mod 2^64`` (client share, server share). A product
+of two shared values needs a triple ``(a, b, c = a * b)``, itself shared, drawn uniformly and
+used once: both parties open ``e = x - a`` and ``d = y - b`` (uniform, so they say nothing
+about ``x`` or ``y``), and then ``z = c + e*b + a*d + e*d`` (the public ``e*d`` added by one
+party only). The same algebra with ``@`` in place of ``*`` gives a matrix product from a
+matrix triple ``(A, B, C = A @ B)``: that is what Q.K^T and softmax.V on shares use.
+
+Triples come from a :class:`TripleProvider`:
+
+- :class:`DealerProvider` draws them at the client's trusted dealer (the offline phase of
+  DESIGN.md s2). **The dealer knows a, b and c, and could therefore unmask every opened value
+  e = x - a:** it must be the client itself or someone the client trusts with its prompt.
+  It never is the server (the seeds' V3-MPC let the server hold the triples, which leaks
+  everything, seed 001 s6).
+- :class:`beaver_ot.OTProvider`: client and server generate triples jointly with Gilboa
+  multiplication over IKNP correlated OT, so that nobody knows a, b or c (elementwise and
+  matrix triples; boolean AND triples, which the comparisons need, are dealer-only so far).
+
+Single use: every triple carries a serial number; :meth:`Triple.take` hands out its shares
+once and refuses a second use with :class:`TripleReuseError` (a reused triple opens
+``x - a`` and ``x' - a``, whose difference is ``x - x'`` in the clear).
+
+Every share, mask and triple is drawn from :class:`ring.MaskPRG` (AES-256-CTR keyed by
+``os.urandom``); torch/numpy default generators are never used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from typing import Callable, Sequence
+
+import torch
+
+from . import ring
+
+
+class TripleReuseError(Exception):
+    """A Beaver triple was asked for a second time."""
+
+
+@dataclasses.dataclass
+class Triple:
+    """Shares of ``a``, ``b`` and ``c = a * b`` (``kind='mul'``), ``c = a @ b`` (``kind='matmul'``), or
+    XOR shares with ``c = a & b`` (``kind='and'``)."""
+
+    serial: int
+    kind: str
+    a: tuple[torch.Tensor, torch.Tensor]  # (client share, server share)
+    b: tuple[torch.Tensor, torch.Tensor]
+    c: tuple[torch.Tensor, torch.Tensor]
+    used: bool = False
+
+    def take(self) -> "Triple":
+        if self.used:
+            raise TripleReuseError(f"Beaver triple #{self.serial} was already used; triples are single-use")
+        self.used = True
+        return self
+
+
+def _share(prg: ring.MaskPRG, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    r = prg.ring(*v.shape)
+    return r, v - r
+
+
+class TripleProvider:
+    """Where Beaver triples come from. Subclasses implement :meth:`_make`."""
+
+    name = "abstract"
+
+    def __init__(self):
+        self._serials = itertools.count()
+        self.issued = {"mul": 0, "matmul": 0}  # triples issued
+        self.elements = {"mul": 0, "matmul": 0}  # ring elements of c issued (a size measure)
+
+    def and_(self, shape: Sequence[int]) -> Triple:
+        """A boolean triple: 64 independent bit triples per int64 word, ``c = a & b`` XOR-shared."""
+        t = self._make("and", tuple(shape), None)
+        self.issued["and"] = self.issued.get("and", 0) + 1
+        return t
+
+    def mul(self, shape: Sequence[int]) -> Triple:
+        """An elementwise triple of ``shape``."""
+        t = self._make("mul", tuple(shape), None)
+        self.issued["mul"] += 1
+        self.elements["mul"] += math.prod(shape)
+        return t
+
+    def matmul(self, a_shape: Sequence[int], b_shape: Sequence[int]) -> Triple:
+        """A matrix triple for ``(..., m, k) @ (..., k, n)``."""
+        t = self._make("matmul", tuple(a_shape), tuple(b_shape))
+        self.issued["matmul"] += 1
+        self.elements["matmul"] += t.c[0].numel()
+        return t
+
+    def _make(self, kind: str, a_shape, b_shape) -> Triple:
+        raise NotImplementedError
+
+
+class DealerProvider(TripleProvider):
+    """Triples from the client's trusted dealer (who could unmask: see the module docstring)."""
+
+    name = "dealer"
+
+    def __init__(self, seed: bytes | None = None):
+        super().__init__()
+        self.prg = ring.MaskPRG(seed)
+
+    def _make(self, kind, a_shape, b_shape) -> Triple:
+        a = self.prg.ring(*a_shape)
+        if kind == "and":  # XOR shares
+            b = self.prg.ring(*a_shape)
+            c = a & b
+            sh = [(r, v ^ r) for v in (a, b, c) for r in [self.prg.ring(*a_shape)]]
+            return Triple(next(self._serials), kind, *sh)
+        if kind == "mul":
+            b = self.prg.ring(*a_shape)
+            c = a * b  # wraps mod 2^64
+        else:
+            b = self.prg.ring(*b_shape)
+            c = torch.matmul(a, b)  # int64 matmul wraps mod 2^64
+        return Triple(next(self._serials), kind, _share(self.prg, a), _share(self.prg, b), _share(self.prg, c))
+
+
+def beaver_combine(kind: str, t: Triple, e: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shares of ``x*y`` (or ``x@y``) from the opened ``e = x - a`` and ``d = y - b``.
+
+    Client: ``c_c + e*b_c + a_c*d + e*d``; server: ``c_s + e*b_s + a_s*d``.
+    """
+    op: Callable = torch.mul if kind == "mul" else torch.matmul
+    zc = t.c[0] + op(e, t.b[0]) + op(t.a[0], d) + op(e, d)
+    zs = t.c[1] + op(e, t.b[1]) + op(t.a[1], d)
+    return zc, zs

@@ -1,0 +1,197 @@
+"""Dealer-free Beaver triples: client and server make them jointly by Gilboa multiplication
+over IKNP correlated OT (protocols/ot/iknp.py), so that nobody knows a, b or c.
+
+Each party draws its own shares ``a_p, b_p`` (uniform, :class:`ring.MaskPRG`). Then
+``c = a b = a_c b_c + a_s b_s + a_c b_s + a_s b_c``: the first two terms are local, each cross
+term is one Gilboa product. For ``u`` held by the OT sender and ``v`` by the receiver, the
+receiver's choice bits are the 64 bits ``v_j`` of ``v``; OT number j carries the correlation
+``Δ_j = u 2^j``; the receiver gets ``x_j + v_j u 2^j``, the sender keeps ``-x_j``; summed
+over j the shares add to ``u v mod 2^64``. 64 correlated OTs (and 8 bytes of correction
+each) per cross-term element: 128 OTs per elementwise triple.
+
+A matrix triple ``C = A @ B`` (A: m x k, B: k x n) uses the vector form: the receiver's choice
+bits are the bits of ``B_s[t, q]`` (k n 64 OTs), OT (t, q, j) correlates the whole column
+``A_c[:, t] 2^j`` (m ring elements), and summing over t and j gives shares of
+``(A_c @ B_s)[:, q]``: k n 64 OTs of m elements each, instead of m k n 64.
+
+Both directions run as two IKNP extensions (client as sender for ``a_c``-terms, server as
+sender for ``a_s``-terms). Semi-honest, like the IKNP engine underneath.
+
+:class:`OTProvider` in this module runs both parties in one process over an in-memory stream
+pair (the two-party simulator of protocols/mpc.py); the networked offline phase between a
+client and a server is not wired yet.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import trio
+import trio.testing
+
+from ..party.channel import Channel
+from . import beaver, ring
+from .ot.iknp import IknpReceiver, IknpSender, concurrently
+
+_SHIFTS = np.arange(64, dtype=np.uint64)
+
+
+def _bits64(v: np.ndarray) -> np.ndarray:
+    """(n,) uint64 -> (n * 64,) uint8: bit j of element i at i*64 + j."""
+    return ((v.reshape(-1, 1) >> _SHIFTS) & np.uint64(1)).astype(np.uint8).reshape(-1)
+
+
+async def gilboa_send(ch: Channel, sender: IknpSender, u: np.ndarray) -> np.ndarray:
+    """Elementwise: this party's share of ``u * v`` (v held by the receiver). u: (n,) uint64."""
+    delta = (u.reshape(-1, 1) << _SHIFTS).reshape(-1)  # (n*64,)
+    x = await sender.correlated(ch, delta)
+    return -(x.reshape(-1, 64).sum(axis=1, dtype=np.uint64))
+
+
+async def gilboa_recv(ch: Channel, receiver: IknpReceiver, v: np.ndarray) -> np.ndarray:
+    y = await receiver.correlated(ch, _bits64(v))
+    return y.reshape(-1, 64).sum(axis=1, dtype=np.uint64)
+
+
+async def gilboa_matmul_send(ch: Channel, sender: IknpSender, A: np.ndarray, n: int) -> np.ndarray:
+    """Share of ``A @ B`` with A: (m, k) here, B: (k, n) at the receiver. Returns (m, n)."""
+    m, k = A.shape
+    cols = A.T.reshape(k, 1, 1, m)  # column t of A
+    delta = np.broadcast_to(cols << _SHIFTS.reshape(1, 1, 64, 1), (k, n, 64, m)).reshape(-1, m)
+    x = await sender.correlated(ch, np.ascontiguousarray(delta))
+    return -(x.reshape(k, n, 64, m).sum(axis=(0, 2), dtype=np.uint64).T)
+
+
+async def gilboa_matmul_recv(ch: Channel, receiver: IknpReceiver, B: np.ndarray, m: int) -> np.ndarray:
+    k, n = B.shape
+    y = await receiver.correlated(ch, _bits64(B.reshape(-1)), k=m)
+    return np.ascontiguousarray(y.reshape(k, n, 64, m).sum(axis=(0, 2), dtype=np.uint64).T)
+
+
+def _u64(t: torch.Tensor) -> np.ndarray:
+    return t.numpy().view(np.uint64)
+
+
+def _t(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(a).view(np.int64))
+
+
+class Party:
+    """One side of the joint triple generation: its own PRG, its IKNP sender and receiver."""
+
+    def __init__(self, role: str):
+        self.role = role
+        self.prg = ring.MaskPRG()
+        self.sender: IknpSender | None = None
+        self.receiver: IknpReceiver | None = None
+
+    async def setup(self, ch: Channel) -> None:
+        # the client's extension as sender first, then the server's
+        if self.role == "client":
+            self.sender = await IknpSender.setup(ch)
+            self.receiver = await IknpReceiver.setup(ch)
+        else:
+            self.receiver = await IknpReceiver.setup(ch)
+            self.sender = await IknpSender.setup(ch)
+
+    async def _cross(self, ch, mine_u, mine_v, send_fn, recv_fn):
+        """Both cross terms: as sender with u = a_self, as receiver with v = b_self."""
+        order = [("send", mine_u), ("recv", mine_v)] if self.role == "client" else [("recv", mine_v), ("send", mine_u)]
+        out = 0
+        for what, val in order:
+            out = out + (await send_fn(ch, self.sender, val) if what == "send" else await recv_fn(ch, self.receiver, val))
+        return out
+
+    async def mul(self, ch: Channel, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        a, b = self.prg.ring(n), self.prg.ring(n)
+        cross = await self._cross(ch, _u64(a), _u64(b), gilboa_send, gilboa_recv)
+        return a, b, a * b + _t(cross)
+
+    async def matmul(self, ch: Channel, m: int, k: int, n: int):
+        A, B = self.prg.ring(m, k), self.prg.ring(k, n)
+        cross = await self._cross(
+            ch, _u64(A), _u64(B),
+            lambda ch_, s, u: gilboa_matmul_send(ch_, s, u.reshape(m, k), n),
+            lambda ch_, r, v: gilboa_matmul_recv(ch_, r, v.reshape(k, n), m))
+        return A, B, torch.matmul(A, B) + _t(cross)
+
+
+def run_both(fn_client, fn_server):
+    """Run the two parties' coroutines over an in-memory stream pair; return both results."""
+    out = {}
+
+    async def main():
+        sa, sb = trio.testing.memory_stream_pair()
+        ca, cb = Channel(sa), Channel(sb)
+
+        async def a():
+            out["c"] = await fn_client(ca)
+
+        async def b():
+            out["s"] = await fn_server(cb)
+
+        await concurrently(a, b)
+        out["channels"] = (ca, cb)
+
+    trio.run(main)
+    return out["c"], out["s"], out["channels"]
+
+
+class OTProvider(beaver.TripleProvider):
+    """Triples from joint OT generation (simulated parties). Elementwise triples come from a pool
+    made in batches of ``batch`` elements; matrix triples are made for each shape requested."""
+
+    name = "ot"
+
+    def __init__(self, batch: int = 1 << 14):
+        super().__init__()
+        self.batch = batch
+        self.client, self.server = Party("client"), Party("server")
+        self._pool: list[torch.Tensor] | None = None  # a_c, a_s, b_c, b_s, c_c, c_s (flat)
+        self._cursor = 0
+        self.ot_bytes = 0
+        self._ready = False
+
+    def _run(self, fc, fs):
+        if not self._ready:
+            async def cs(ch):
+                await self.client.setup(ch)
+                return await fc(ch)
+
+            async def ss(ch):
+                await self.server.setup(ch)
+                return await fs(ch)
+            self._ready = True
+            c, s, chans = run_both(cs, ss)
+        else:
+            c, s, chans = run_both(fc, fs)
+        self.ot_bytes += sum(ch.totals().bytes_sent for ch in chans)
+        return c, s
+
+    def _refill(self, need: int) -> None:
+        n = max(need, self.batch)
+        c, s = self._run(lambda ch: self.client.mul(ch, n), lambda ch: self.server.mul(ch, n))
+        self._pool = [c[0], s[0], c[1], s[1], c[2], s[2]]
+        self._cursor = 0
+
+    def _make(self, kind, a_shape, b_shape) -> beaver.Triple:
+        if kind == "and":
+            raise NotImplementedError("boolean (AND) triples by OT are not implemented: comparisons need the dealer")
+        if kind == "mul":
+            n = int(np.prod(a_shape))
+            if self._pool is None or self._cursor + n > self._pool[0].numel():
+                self._refill(n)
+            sl = slice(self._cursor, self._cursor + n)
+            self._cursor += n  # the pool's cursor only moves forward: every element is used once
+            p = [t[sl].reshape(a_shape) for t in self._pool]
+            return beaver.Triple(next(self._serials), kind, (p[0], p[1]), (p[2], p[3]), (p[4], p[5]))
+        *batch, m, k = a_shape
+        n = b_shape[-1]
+        parts = []
+        for _ in range(int(np.prod(batch)) if batch else 1):
+            parts.append(self._run(lambda ch: self.client.matmul(ch, m, k, n),
+                                   lambda ch: self.server.matmul(ch, m, k, n)))
+        def stack(side, i, shape):
+            return torch.stack([p[side][i] for p in parts]).reshape(*batch, *shape)
+        return beaver.Triple(next(self._serials), kind, (stack(0, 0, (m, k)), stack(1, 0, (m, k))),
+                             (stack(0, 1, (k, n)), stack(1, 1, (k, n))), (stack(0, 2, (m, n)), stack(1, 2, (m, n))))

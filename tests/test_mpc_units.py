@@ -1,0 +1,194 @@
+"""v3-mpc building blocks: Beaver triples (dealer), single use, and each nonlinear function on
+shares against its plaintext over the documented range (protocols/mpc.py docstring)."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from shardlm.protocols import beaver, mpc
+
+
+def _signed(v):
+    v %= 2**64
+    return v - 2**64 if v >= 2**63 else v
+
+
+@pytest.fixture()
+def eng():
+    return mpc.Engine()
+
+
+def test_dealer_triples_are_correct_and_single_use():
+    p = beaver.DealerProvider()
+    t = p.mul((3, 5))
+    a, b, c = (x[0] + x[1] for x in (t.a, t.b, t.c))
+    assert torch.equal(c, a * b)
+    for i in range(3):  # check a few against Python integers mod 2^64
+        assert int(c[i, 0]) == _signed(int(a[i, 0]) * int(b[i, 0]))
+    m = p.matmul((2, 4, 6), (2, 6, 3))
+    A, B, C = (x[0] + x[1] for x in (m.a, m.b, m.c))
+    assert int(C[1, 2, 1]) == _signed(sum(int(A[1, 2, k]) * int(B[1, k, 1]) for k in range(6)))
+    t.take()
+    with pytest.raises(beaver.TripleReuseError):
+        t.take()
+    assert p.issued == {"mul": 1, "matmul": 1}
+
+
+def test_beaver_products_on_shares_and_one_round_per_batch(eng):
+    x, y = torch.randn(4, 7) * 3, torch.randn(4, 7) * 3
+    X, Y = eng.share(x), eng.share(y)
+    r0 = eng.stats.rounds
+    z1, z2 = eng.mul_many([(X, Y), (Y, Y)])
+    # both products' openings in one round, both truncations' wrap bits in one more
+    assert eng.stats.rounds == r0 + 2
+    assert torch.allclose(eng.reveal(z1), (x * y).double(), atol=1e-5)
+    assert torch.allclose(eng.reveal(z2), (y * y).double(), atol=1e-5)
+    q, k = torch.randn(2, 3, 8), torch.randn(2, 8, 5)
+    (s,) = eng.matmul_many([(eng.share(q), eng.share(k))])
+    assert torch.allclose(eng.reveal(s), (q @ k).double(), atol=1e-4)
+
+
+def test_shares_look_uniform(eng):
+    X = eng.share(torch.zeros(20000))
+    top = X.s.view(torch.uint8).reshape(-1, 8)[:, 7].to(torch.int64)
+    counts = torch.bincount(top, minlength=256).double()
+    chi2 = ((counts - counts.mean()) ** 2 / counts.mean()).sum()
+    assert chi2 < 370
+
+
+@pytest.mark.parametrize("local", [False, True])
+def test_truncation_is_within_one_ulp(eng, local):
+    eng.local_trunc = local
+    x = torch.randn(10000) * 100
+    X = eng.share(x)
+    big = X.map(lambda t: t * (1 << 12))
+    assert torch.allclose(eng.reveal(eng.trunc(big, 12)), eng.decode(eng.encode(x)), atol=2.0 ** -eng.f * 1.01)
+
+
+def test_wrap_bit_truncation_never_fails_where_local_truncation_does(eng):
+    """Values near 2^22 at scale 2^2F: local truncation fails with probability ~2^-1 each."""
+    x = (torch.rand(20000) * 2 - 1) * 2.0**21
+    big = eng.share(x).map(lambda t: t * (1 << eng.f))  # x at scale 2^2F
+    exact = eng.reveal(eng.trunc(big, eng.f))
+    assert (exact - eng.decode(eng.encode(x))).abs().max() <= 2.0 ** -eng.f * 1.01
+    eng.local_trunc = True
+    local = eng.reveal(eng.trunc(big, eng.f))
+    assert ((local - eng.decode(eng.encode(x))).abs() > 1).float().mean() > 0.02  # ~|x| 2^40 / 2^63: 6%
+
+
+CASES = [  # name, function on shares, plaintext, inputs over the documented range, tolerance (abs, rel)
+    ("exp", lambda e, s: e.exp(s), torch.exp, torch.linspace(-12, 8, 2001), 1e-4, 2e-3),
+    ("reciprocal", lambda e, s: e.reciprocal(s), lambda t: 1 / t, torch.linspace(0.01, 500, 4001), 1e-4, 1e-3),
+    ("rsqrt", lambda e, s: e.rsqrt(s, 1e-2, 1e2), torch.rsqrt, torch.linspace(1e-2, 1e2, 2001), 1e-4, 1e-3),
+    ("silu", lambda e, s: e.silu(s), F.silu, torch.linspace(-16, 16, 2001), 2e-3, 3e-4),
+    ("gelu", lambda e, s: e.gelu_tanh(s), lambda t: F.gelu(t, approximate="tanh"), torch.linspace(-4, 4, 2001),
+     5e-4, 0),
+]
+
+
+@pytest.mark.parametrize("name,fn,ref,x,atol,rtol", CASES, ids=[c[0] for c in CASES])
+def test_nonlinear_on_shares_over_its_range(eng, name, fn, ref, x, atol, rtol):
+    y = eng.reveal(fn(eng, eng.share(x)))
+    want = ref(x.double())
+    assert ((y - want).abs() <= atol + rtol * want.abs()).all(), (y - want).abs().max()
+
+
+def test_softmax_on_shares_with_causal_mask(eng):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 64, generator=g) * 2
+    mask = torch.tril(torch.ones(64, 64, dtype=torch.bool))
+    y = eng.reveal(eng.softmax(eng.share(x), mask=mask))
+    want = torch.softmax(x.double().masked_fill(~mask, -math.inf), -1)
+    assert (y - want).abs().max() < 2e-3
+    assert (y[~mask].abs() <= 2.0 ** -eng.f).all()  # masked keys: 0 up to the truncation's one ulp
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from conftest import build_tiny
+    from shardlm.models.load import load_model
+
+    out = {}
+    for fam in ("llama", "gpt2"):
+        d = tmp_path_factory.mktemp(fam)
+        build_tiny(fam, d, seed=3)
+        out[fam] = load_model(str(d))
+    return out
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_executor_on_shares_matches_the_reference_teacher_forced(tiny, family):
+    """Prefill then decode steps over a KV cache kept as shares: logits within 1e-2, same top-1."""
+    from shardlm.models.reference import Reference
+
+    model = tiny[family]
+    ref = Reference.of(model)
+    cache = ref.new_cache(32)
+    ex = mpc.MPCExecutor(model, mpc.Engine(record=True))
+    ids = [5, 77, 31, 200, 9, 14, 150]
+    want, got = ref.forward(torch.tensor(ids), cache)[-1], ex.forward(ids)[-1]
+    for step in range(6):
+        assert (got - want).abs().max() < 1e-2
+        assert int(got.argmax()) == int(want.argmax())
+        nxt = [int(want.argmax())]
+        want, got = ref.forward(torch.tensor(nxt), cache)[-1], ex.forward(nxt)[-1]
+    assert ex.e.provider.issued["matmul"] == 2 * 7 * model.config.n_layers  # Q.K^T and P.V per layer, per forward
+    # what the server receives (opened e = x - a, d = y - b, and the client's re-shared input) is uniform
+    view = torch.cat([v.reshape(-1) for v in ex.e.view])
+    top = view.view(torch.uint8).reshape(-1, 8)[:, 7].to(torch.int64)
+    counts = torch.bincount(top, minlength=256).double()
+    assert ((counts - counts.mean()) ** 2 / counts.mean()).sum() < 370
+
+
+def test_ot_triples_are_correct_at_scale_and_single_use():
+    from shardlm.protocols import beaver_ot
+
+    p = beaver_ot.OTProvider(batch=1 << 15)
+    t = p.mul((128, 256))  # 32768 triples, 4.2M correlated OTs
+    a, b, c = (x[0] + x[1] for x in (t.a, t.b, t.c))
+    assert torch.equal(c, a * b)
+    for i in range(0, 128, 17):
+        assert int(c[i, 3]) == _signed(int(a[i, 3]) * int(b[i, 3]))
+    # each party's shares alone are uniform and unrelated to the other's
+    assert not torch.equal(t.c[0], t.c[1]) and t.a[0].float().std() > 1e18
+    m = p.matmul((2, 6, 8), (2, 8, 5))
+    A, B, C = (x[0] + x[1] for x in (m.a, m.b, m.c))
+    assert torch.equal(C, torch.matmul(A, B))
+    assert int(C[1, 5, 4]) == _signed(sum(int(A[1, 5, j]) * int(B[1, j, 4]) for j in range(8)))
+    m.take()
+    with pytest.raises(beaver.TripleReuseError):
+        m.take()
+    t2 = p.mul((10,))  # the pool moves on: no element of a triple is handed out twice
+    assert not torch.isin(t2.a[0], t.a[0]).any()
+
+
+def test_executor_with_ot_triples(tiny):
+    from shardlm.models.reference import Reference
+    from shardlm.protocols import beaver_ot
+
+    model = tiny["llama"]
+    ref = Reference.of(model)
+    cache = ref.new_cache(16)
+    ex = mpc.MPCExecutor(model, mpc.Engine(beaver_ot.OTProvider(batch=1 << 16)))
+    ids = [5, 77, 31, 200]
+    want, got = ref.forward(torch.tensor(ids), cache)[-1], ex.forward(ids)[-1]
+    assert (got - want).abs().max() < 1e-2 and int(got.argmax()) == int(want.argmax())
+    nxt = [int(want.argmax())]
+    want, got = ref.forward(torch.tensor(nxt), cache)[-1], ex.forward(nxt)[-1]
+    assert (got - want).abs().max() < 1e-2 and int(got.argmax()) == int(want.argmax())
+
+
+def test_rms_norm_on_shares_over_a_wide_range_of_row_scales(tiny):
+    from shardlm.models import nonlinear as nl
+    from shardlm.models.plan import Norm
+
+    model = tiny["llama"]
+    step = next(s for s in model.plan.steps if isinstance(s, Norm))
+    ex = mpc.MPCExecutor(model)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 64, generator=g) * torch.tensor([0.05, 0.3, 1, 10, 60, 90])[:, None]  # ms 2.5e-3 .. 8e3
+    x[5, 3] = 700.0  # one large channel
+    y = ex.e.reveal(ex.norm(step, ex.e.share(x)))
+    want = nl.rms_norm(x.double(), model.weights[step.weight].double(), step.eps)
+    assert ((y - want).abs() <= 2e-3 + 2e-3 * want.abs()).all(), (y - want).abs().max()
