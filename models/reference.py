@@ -15,7 +15,7 @@ from .config import ModelError
 from .nonlinear import KVCache
 from .executor import forward_steps, run_sync
 from .plan import Linear
-from .sampling import SamplingParams, sample
+from .sampling import SamplingParams, token_loop
 
 __all__ = ["KVCache", "Reference", "complete", "generate"]
 
@@ -78,27 +78,17 @@ def generate(model, prompt_ids: Iterable[int], max_tokens: int, sampling: Sampli
     Each new token is passed to `on_token` as soon as it is chosen (streaming). The stop token
     itself is neither streamed nor returned.
     """
-    sampling = sampling or SamplingParams()
     ref = reference or Reference.of(model)
-    stops = set(model.eos_ids if stop_ids is None else stop_ids)
     prompt = list(prompt_ids)
     cache = ref.new_cache(len(prompt) + max_tokens)
-    gen = sampling.generator()
-    out: list[int] = []
-    if max_tokens <= 0:
-        return out
-    logits = ref.prefill(prompt, cache)
-    while True:
-        tok = sample(logits, sampling, gen)
-        if tok in stops:
-            break
-        out.append(tok)
-        if on_token is not None:
-            on_token(tok)
-        if len(out) >= max_tokens:
-            break
-        logits = ref.decode(tok, cache)
-    return out
+    loop = token_loop(prompt, max_tokens, sampling or SamplingParams(),
+                      model.eos_ids if stop_ids is None else stop_ids, on_token)
+    try:
+        ids = next(loop)
+        while True:
+            ids = loop.send(ref.forward(torch.tensor(ids, dtype=torch.long), cache)[-1])
+    except StopIteration as stop:
+        return stop.value[0]
 
 
 def complete(model, prompt: str, max_tokens: int, sampling: SamplingParams | None = None, *,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Generator, Iterable
 
 import torch
 
@@ -52,3 +53,32 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         logits[order[drop]] = float("-inf")
     probs = torch.softmax(logits, dim=-1)
     return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+
+
+TokenLoop = Generator[list[int], torch.Tensor, tuple[list[int], str]]
+
+
+def token_loop(prompt_ids: Iterable[int], max_tokens: int, params: SamplingParams, stop_ids: Iterable[int],
+               on_token: Callable[[int], None] | None = None) -> TokenLoop:
+    """The generation loop without the forward pass, shared by every executor.
+
+    A generator: it yields the ids to run next (the prompt, then each new token) and is sent the
+    last position's logits; it returns ``(tokens, stop_reason)`` with ``stop_reason`` "eos" or
+    "max_tokens". The stop token is neither streamed to ``on_token`` nor returned.
+    """
+    out: list[int] = []
+    if max_tokens <= 0:
+        return out, "max_tokens"
+    stops = set(stop_ids)
+    generator = params.generator()
+    logits = yield list(prompt_ids)
+    while True:
+        tok = sample(logits, params, generator)
+        if tok in stops:
+            return out, "eos"
+        out.append(tok)
+        if on_token is not None:
+            on_token(tok)
+        if len(out) >= max_tokens:
+            return out, "max_tokens"
+        logits = yield [tok]

@@ -12,9 +12,7 @@ import dataclasses
 import time
 from typing import Callable, Iterable
 
-import torch
-
-from ..models.sampling import SamplingParams, sample
+from ..models.sampling import SamplingParams, token_loop
 
 
 @dataclasses.dataclass
@@ -40,30 +38,23 @@ async def generate(client, prompt_ids: list[int], max_tokens: int, sampling: Sam
     ``decode_ms`` covers the forwards after the first token: tokens/s = decode_steps / decode_ms.
     With a ``channel``, its traffic is counted under the phases "prefill" and "decode".
     """
-    stops = set(stop_ids)
     client.new_cache(len(prompt_ids) + max_tokens)
-    gen: torch.Generator = sampling.generator()
     phase = channel.phase if channel is not None else (lambda name: contextlib.nullcontext())
-    t0 = time.perf_counter()
-    with phase("prefill"):
-        logits = await client.forward(list(prompt_ids))
-    t1 = time.perf_counter()
-    out: list[int] = []
+    loop = token_loop(prompt_ids, max_tokens, sampling, stop_ids, on_token)
     steps = 0
-    reason = "max_tokens"
-    while max_tokens > 0:
-        tok = sample(logits, sampling, gen)
-        if tok in stops:
-            reason = "eos"
-            break
-        out.append(tok)
-        if on_token is not None:
-            on_token(tok)
-        if len(out) >= max_tokens:
-            break
-        with phase("decode"):
-            logits = await client.forward([tok])
-        steps += 1
+    t0 = t1 = time.perf_counter()
+    try:
+        ids = next(loop)
+        with phase("prefill"):
+            logits = await client.forward(ids)
+        t1 = time.perf_counter()
+        while True:
+            ids = loop.send(logits)
+            with phase("decode"):
+                logits = await client.forward(ids)
+            steps += 1
+    except StopIteration as stop:
+        out, reason = stop.value
     t2 = time.perf_counter()
     timings = getattr(client, "timings", {})
     return GenerationResult(
