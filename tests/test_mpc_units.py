@@ -100,7 +100,9 @@ def test_softmax_on_shares_with_causal_mask(eng):
     mask = torch.tril(torch.ones(64, 64, dtype=torch.bool))
     y = eng.reveal(eng.softmax(eng.share(x), mask=mask))
     want = torch.softmax(x.double().masked_fill(~mask, -math.inf), -1)
-    assert (y - want).abs().max() < 2e-3
+    # budget from the documented parts: exp's 2e-3 relative error in each numerator and in the
+    # denominator's sum, the reciprocal's 1e-3; truncation adds ulps (measured worst: 0.86 of it)
+    assert ((y - want).abs() <= 1e-4 + 5e-3 * want).all(), ((y - want).abs() / (1e-4 + 5e-3 * want)).max()
     assert (y[~mask].abs() <= 2.0 ** -eng.f).all()  # masked keys: 0 up to the truncation's one ulp
 
 
