@@ -13,7 +13,7 @@ unit name (public: the same schedule for every prompt) and uniform ring tensors.
   4L+1 rounds per token.
 - ``v3-2r``: v3 with each residual projection precomposed with the next norm and projection
   (models/plan.Composite: o with gate/up, down with the next layer's q/k/v). The client sends
-  ``[a | res]`` masked; the server returns ``first(a)``, ``T res`` and ``(T first) a``; the
+  ``[a | res]`` masked; the server returns ``first(a)``, ``(T first) a`` and ``T res``; the
   client adds the residual, takes the norm's row statistics and finishes. 2L+2 rounds per token
   (layer 0's q/k/v, 2L-1 composites, the last down, the head) for ~1.9x the weights the server
   streams per token, and the composed matrices are exact integer products (ring.compose), so
@@ -52,7 +52,7 @@ FIXED_POINT = ring.FixedPoint()
 @dataclasses.dataclass(frozen=True)
 class Unit:
     """One offload: ops sharing an input, computed as one (sum of outs, in) matrix; or a
-    precomposed pair (``composite``): input ``[a | res]``, output ``[first(a) | T res | T first(a)]``."""
+    precomposed pair (``composite``): input ``[a | res]``, output ``[first(a) | T first(a) | T res]``."""
 
     name: str
     ops: tuple[Linear, ...]
@@ -100,53 +100,54 @@ def _cached(model, key, make):
         return cache[key]
 
 
-class FusedMatrix:
-    """A unit of several ops: one product per op, concatenated (the ops' matrices are shared
-    with the unfused variant, so a server offering v2 and v3 holds the weights once)."""
-
-    def __init__(self, parts: list[ring.RingMatrix]):
-        self.parts = parts
-        self.in_dim = parts[0].in_dim
-        self.out_dim = sum(p.out_dim for p in parts)
-
-    def matmul(self, m: torch.Tensor) -> torch.Tensor:
-        return torch.cat([p.matmul(m) for p in self.parts], dim=1)
-
-
 class ComposedMatrix:
-    """A precomposed unit (plan.Composite) on input ``[a | res]``: three products, each with its
-    own row scales, concatenated as ``[first(a) | T res | (T first) a]`` with ``T`` the ``then``
-    group's weights times the norm's gain (the client decodes the parts separately, so ``a`` and
-    ``res`` may use different fixed-point scales)."""
+    """A precomposed unit (plan.Composite) on input ``[a | res]``, output
+    ``[first(a) | (T first) a | T res]`` with ``T`` the ``then`` group's weights times the norm's
+    gain: two GEMM calls (first and cross stacked share the input ``a``). The client decodes
+    the three parts with their own row scales, so ``a`` and ``res`` may use different
+    fixed-point scales."""
 
-    def __init__(self, first: ring.RingMatrix, t: ring.RingMatrix, cross: ring.RingMatrix):
-        self.parts = (first, t, cross)
-        k = first.in_dim
-        self.slices = (slice(0, k), slice(k, k + t.in_dim), slice(0, k))
-        self.in_dim = k + t.in_dim
-        self.out_dim = first.out_dim + t.out_dim + cross.out_dim
+    def __init__(self, a_side: ring.RingMatrix, t: ring.RingMatrix, encodings: list[tuple[torch.Tensor, int]]):
+        self.a_side, self.t = a_side, t
+        self.encodings = encodings  # (row scales, integer row L1 bound) of first, cross, T
+        self.in_dim = a_side.in_dim + t.in_dim
+        self.out_dim = a_side.out_dim + t.out_dim
 
     def matmul(self, m: torch.Tensor) -> torch.Tensor:
-        return torch.cat([p.matmul(m[:, s]) for p, s in zip(self.parts, self.slices)], dim=1)
+        k = self.a_side.in_dim
+        return torch.cat([self.a_side.matmul(m[:, :k]), self.t.matmul(m[:, k:])], dim=1)
 
 
-def _composed(model, comp: Composite, first: ring.RingMatrix, device) -> ComposedMatrix:
+def _composed(model, comp: Composite, device) -> ComposedMatrix:
     w = model.weights
     t = torch.cat([w[op.weight] for op in comp.then]).to(torch.float64) * w[comp.norm.weight].to(torch.float64)
-    return ComposedMatrix(first, ring.RingMatrix.from_float(t, device),
-                          ring.compose(t, w[comp.first.weight], device))
+    first_int, first_scales = ring.encode_weights(w[comp.first.weight])
+    cross_int, cross_scales = ring.compose(t, w[comp.first.weight])
+    t_int, t_scales = ring.encode_weights(t)
+
+    def l1(ints):
+        return int(ints.abs().sum(dim=1).max())
+    a_side = ring.RingMatrix(torch.cat([first_int, cross_int]), device, torch.cat([first_scales, cross_scales]))
+    return ComposedMatrix(a_side, ring.RingMatrix(t_int, device, t_scales),
+                          [(first_scales, l1(first_int)), (cross_scales, l1(cross_int)), (t_scales, l1(t_int))])
 
 
-def matrices_for(model, variant: str, device="cpu") -> dict[str, ring.RingMatrix | FusedMatrix | ComposedMatrix]:
-    """The model's ring weights for ``variant``, built once per process (server and dealer alike)."""
-    ops = _cached(model, ("op-matrices", str(device)), lambda: {
-        op.name: ring.RingMatrix.from_float(model.weights[op.weight], device) for op in model.plan.linears})
+def matrices_for(model, variant: str, device="cpu") -> dict[str, ring.RingMatrix | ComposedMatrix]:
+    """The model's ring weights for ``variant``, built once per process (server and dealer alike)
+    and shared between variants where a unit is the same (a single op, or the same fused group).
+    A fused group is one matrix (one int8 GEMM call per unit: measured 2x faster for q/k/v
+    than one call per op), so a server that runs v2 and v3 holds those weights twice."""
+    def op_matrix(op: Linear):
+        return _cached(model, ("op", op.name, str(device)),
+                       lambda: ring.RingMatrix.from_float(model.weights[op.weight], device))
 
     def build(u: Unit):
         if u.composite is not None:
-            return _cached(model, ("composed", u.name, str(device)),
-                           lambda: _composed(model, u.composite, ops[u.composite.first.name], device))
-        return ops[u.ops[0].name] if len(u.ops) == 1 else FusedMatrix([ops[o.name] for o in u.ops])
+            return _cached(model, ("composed", u.name, str(device)), lambda: _composed(model, u.composite, device))
+        if len(u.ops) == 1:
+            return op_matrix(u.ops[0])
+        return _cached(model, ("fused", u.name, str(device)),
+                       lambda: ring.RingMatrix.from_float(unit_weight(u, model.weights), device))
     return {name: build(u) for name, u in units_for(model.plan, variant).items()}
 
 
@@ -159,7 +160,7 @@ def encoding_for(model, variant: str) -> dict[str, list[tuple[torch.Tensor, int]
         matrices = matrices_for(model, variant) if variant in PRECOMPOSED else {}
         for name, u in units_for(model.plan, variant).items():
             if u.composite is not None:
-                out[name] = [(p.row_scales, p.max_row_l1) for p in matrices[name].parts]
+                out[name] = matrices[name].encodings
                 continue
             w = unit_weight(u, model.weights).to(torch.float64)
             scales = ring.row_scales(w)  # per row, so the same whether the unit is fused or not
@@ -257,9 +258,9 @@ class MaskedClient:
             encoded = self.fx.encode(x, bits[0])
         else:  # input [a | res]: a meets the first and the cross products, res the T product
             a, res = x
-            bits_a = min(self.fx.bits_for(float(a.abs().max()), l1) for _, l1 in (parts[0], parts[2]))
-            bits = [bits_a, self.fx.bits_for(float(res.abs().max()), parts[1][1]), bits_a]
-            encoded = torch.cat([self.fx.encode(a, bits_a), self.fx.encode(res, bits[1])], dim=1)
+            bits_a = min(self.fx.bits_for(float(a.abs().max()), l1) for _, l1 in parts[:2])
+            bits = [bits_a, bits_a, self.fx.bits_for(float(res.abs().max()), parts[2][1])]
+            encoded = torch.cat([self.fx.encode(a, bits_a), self.fx.encode(res, bits[2])], dim=1)
         n = encoded.shape[0]
         r, wr = self.store.take(unit.name, n)
         m = encoded - r
@@ -278,7 +279,7 @@ class MaskedClient:
         w = self.model.weights
         if comp is not None:  # first(a) with its bias; per `then` op T (res + first(a)), the executor finishes
             first = decoded[0] + w[comp.first.bias] if comp.first.bias else decoded[0]
-            return [first, *torch.split(decoded[1] + decoded[2], [op.out_dim for op in comp.then], dim=1)]
+            return [first, *torch.split(decoded[2] + decoded[1], [op.out_dim for op in comp.then], dim=1)]
         outs = torch.split(decoded[0], [op.out_dim for op in ops], dim=1)
         return [part + w[op.bias] if op.bias else part for op, part in zip(ops, outs)]
 

@@ -25,20 +25,30 @@ pass over 3 bytes per weight:
 - ``P = [m_l rows] @ [d_0 | d_1 | d_2]`` exactly in int32 while ``128 * 128 * K < 2^31``;
 - ``m W^T = sum_{l,p} P_{l,p} 2^(8(l + p)) mod 2^64`` with wrapping int64 arithmetic.
 
-That is 24 multiply-adds per weight and row: right for a decode step (memory-bound), wrong for
-a long prefill (compute-bound; int8 GEMM here runs no faster per operation than float32). Above
-``INT8_MAX_ROWS`` rows the product instead splits ``m`` into limbs of ``b`` bits (16 for
-SmolLM2's K, chosen so ``2^b * max|W| * K < 2^53``) and runs one float64 GEMM: 4 float64
-multiply-adds per weight and row. Both paths give identical results; the tests check each
-against Python integers.
+That is 24 multiply-adds per weight and row, so the int8 GEMM's speed decides a decode step.
+``torch._int_mm`` here runs ~100 G multiply-adds/s; fbgemm's int8 GEMM (``quantized.
+linear_dynamic``, AVX512-VNNI) runs 1.6-2.6x faster on these shapes, but only offers a float32
+output of an input it quantizes itself. It is exact all the same when (a) the input holds the
+values -128 and 127 (two pad columns with zero weights), so the per-tensor quantization is
+scale 1, zero point 128, i.e. the digits themselves, and (b) every accumulator fits float32's
+24-bit integers: 128 * 128 * K <= 2^24, hence K is cut into chunks of 1024 summed in int64. A
+self-test at first use checks this exactness on the worst cases and falls back to
+``torch._int_mm`` if it fails (another engine or CPU).
+
+Above ``INT8_MAX_ROWS`` rows (a prefill: compute-bound) the product instead splits ``m`` into
+limbs of ``b`` bits (16 for SmolLM2's K, chosen so ``2^b * max|W| * K < 2^53``) and runs one
+float64 GEMM: 4 float64 multiply-adds per weight and row. All paths give identical results;
+the tests check each against Python integers.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import sys
+import warnings
 
 import numpy as np
 import torch
@@ -130,7 +140,41 @@ def random_ring(*shape: int) -> torch.Tensor:
     return MaskPRG().ring(*shape)
 
 
-INT8_MAX_ROWS = 8  # measured crossover (bench_ring): int8 wins below ~12 rows, float64 above
+INT8_MAX_ROWS = 4  # measured crossover (bench_ring, SmolLM2 shapes): int8 (fbgemm) wins up to ~4 rows, float64 above
+FBGEMM_K = 1024  # 128 * 128 * 1024 = 2^24: every accumulator of a chunk converts to float32 exactly
+
+
+def _pack_int8(w: torch.Tensor):
+    """fbgemm's packed form of int8 weights (out, k) with two zero pad columns, scale 1."""
+    w = torch.cat([w, torch.zeros(w.shape[0], 2, dtype=torch.int8)], dim=1)
+    with warnings.catch_warnings():  # torch marks quantized tensors deprecated; pinned torch has them
+        warnings.simplefilter("ignore")
+        return torch.ops.quantized.linear_prepack(torch._make_per_tensor_quantized_tensor(w, 1.0, 0), None)
+
+
+_PADS = torch.tensor([-128.0, 127.0])
+
+
+def _fbgemm_partial(x: torch.Tensor, packed) -> torch.Tensor:
+    """Exact ``x @ w^T`` (int64) for int8 ``x`` (rows, k <= 1024) and packed int8 ``w``."""
+    xf = torch.empty(x.shape[0], x.shape[1] + 2, dtype=torch.float32)
+    xf[:, :-2] = x
+    xf[:, -2:] = _PADS  # pins the dynamic quantization to scale 1, zero point 128
+    return torch.ops.quantized.linear_dynamic(xf, packed, False).to(torch.int64)
+
+
+@functools.cache
+def fbgemm_exact() -> bool:
+    """Whether fbgemm's int8 GEMM reproduces exact integer products here, worst cases included."""
+    try:
+        g = torch.Generator().manual_seed(0)
+        w = torch.randint(-128, 128, (64, FBGEMM_K), generator=g, dtype=torch.int8)
+        x = torch.randint(-128, 128, (8, FBGEMM_K), generator=g, dtype=torch.int8)
+        w[0], w[1], x[0], x[1] = -128, 127, -128, 127  # accumulators of +-2^24 and saturating pairs
+        return torch.equal(_fbgemm_partial(x, _pack_int8(w)), x.to(torch.int64) @ w.to(torch.int64).t())
+    except (RuntimeError, AttributeError):
+        return False
+
 N_LIMBS = 8  # balanced base-256 digits of the masked operand
 # 2^(7l + 8p) for limb l and weight digit p, as wrapping int64 factors, shaped (l, 1, p, 1)
 def _signed64(v: int) -> int:
@@ -181,6 +225,7 @@ class RingMatrix:
         self.device = self.digits.device
         self.row_scales = row_scales
         self._wt64: torch.Tensor | None = None  # the float64 path's weights, rebuilt from the digits on first use
+        self._packed: list | None = None  # fbgemm's packed digit planes per K chunk, made on first use
         b = self.f64_limb_bits
         shifts = list(range(0, 64, b))
         self._shifts64 = torch.tensor(shifts, device=self.device).view(-1, 1, 1)
@@ -217,7 +262,17 @@ class RingMatrix:
         # balanced digits in one pass: bytes of m + 0x80..80, each XOR 0x80 read as int8 = byte - 128
         raw = torch.add(m, _BALANCE).view(torch.uint8).view(n, self.in_dim, N_LIMBS)
         limbs = torch.bitwise_xor(raw, 0x80).view(torch.int8).permute(2, 0, 1).reshape(N_LIMBS * n, self.in_dim)
-        partial = torch._int_mm(limbs, self.digits)
+        if self.device.type == "cpu" and fbgemm_exact():
+            if self._packed is None:
+                wt = self.digits.t()
+                self._packed = [(lo, _pack_int8(wt[:, lo:lo + FBGEMM_K].contiguous()))
+                                for lo in range(0, self.in_dim, FBGEMM_K)]
+            partial = None
+            for lo, packed in self._packed:
+                y = _fbgemm_partial(limbs[:, lo:lo + FBGEMM_K], packed)
+                partial = y if partial is None else partial.add_(y)
+        else:
+            partial = torch._int_mm(limbs, self.digits)
         partial = partial.view(N_LIMBS, n, N_DIGITS, self.out_dim).to(torch.int64)
         return (partial * self._factors).sum(dim=(0, 2))  # int64 products and sums wrap mod 2^64
 
@@ -240,8 +295,9 @@ def exact_int_product(a: torch.Tensor, b: torch.Tensor, b_bits: int) -> torch.Te
             + torch.matmul(af, lo.to(torch.float64)).to(torch.int64))
 
 
-def compose(t: torch.Tensor, w1: torch.Tensor, device="cpu") -> RingMatrix:
-    """The ring matrix of the float product ``t @ w1`` (out, k) @ (k, in), for precomposed units.
+def compose(t: torch.Tensor, w1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Integer weights and row scales of the float product ``t @ w1`` (out, k) @ (k, in), for
+    precomposed units.
 
     Server and dealer must arrive at the very same integers, but a float GEMM's rounding depends
     on its summation order (thread count, BLAS build), and one flipped rounding would make the
@@ -269,7 +325,7 @@ def compose(t: torch.Tensor, w1: torch.Tensor, device="cpu") -> RingMatrix:
     half = torch.where(shift > 0, torch.bitwise_left_shift(torch.ones_like(shift), (shift - 1).clamp_min(0)), 0)
     c = torch.bitwise_right_shift(p + half[:, None], shift[:, None])
     scales = t_scales * 2.0**e / torch.pow(2.0, shift.to(torch.float64))
-    return RingMatrix(c, device, scales)
+    return c, scales
 
 
 def exact_matmul_reference(m: np.ndarray, w_int: np.ndarray) -> np.ndarray:
