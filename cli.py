@@ -444,13 +444,35 @@ def split_options(fn):
     return wrapper
 
 
+def mpc_options(fn):
+    """`v3-mpc` settings, merged into ``protocol_options``."""
+    opts = [
+        click.option("--triples", type=click.Choice(["dealer", "ot"]), default="dealer", show_default=True,
+                     help="v3-mpc: Beaver triples from the client as trusted dealer (it could unmask; it owns the "
+                          "prompt), or made jointly by IKNP OT so nobody knows them (no secure comparisons: "
+                          "needs --mpc-ranges narrow)."),
+        click.option("--mpc-ranges", type=click.Choice(["wide", "narrow"]), default="wide", show_default=True,
+                     help="v3-mpc: 'wide' uses secure comparisons (exact softmax max, sigmoid clipping; real "
+                          "models need it); 'narrow' skips them (accurate only for small models)."),
+    ]
+
+    @functools.wraps(fn)
+    def wrapper(*args, triples, mpc_ranges, protocol_options=None, **kwargs):
+        options = {**(protocol_options or {}), "triples": triples, "mpc_ranges": mpc_ranges}
+        return fn(*args, protocol_options=options, **kwargs)
+
+    for opt in reversed(opts):
+        wrapper = opt(wrapper)
+    return wrapper
+
+
 def generation_options(fn):
-    fn = split_options(fn)
+    fn = mpc_options(split_options(fn))
     opts = [
         click.option("-m", "--model", "model_spec", default="smollm2", show_default=True, envvar="SHARDLM_MODEL",
                      show_envvar=True, help="'smollm2' or a path; must be the same model the server holds."),
         click.option("--protocol", default="v3", show_default=True, envvar="SHARDLM_PROTOCOL", show_envvar=True,
-                     help="plain (insecure baseline), v2, v3, v3-cc, or split (NOT private: layer split)."),
+                     help="plain (insecure baseline), v2, v3, v3-mpc, v3-cc, or split (NOT private: layer split)."),
         click.option("--max-tokens", default=64, show_default=True, help="Tokens to generate at most."),
         click.option("--temperature", default=0.0, show_default=True, help="0 is greedy."),
         click.option("--top-k", type=int, help="Sample from the k most likely tokens."),
@@ -644,6 +666,7 @@ def preprocess(model_spec, protocol, tokens, out_dir, threads, as_json):
 @click.option("--threads", type=int, envvar="SHARDLM_THREADS", show_envvar=True)
 @_CC_TRUST_OPTION
 @split_options
+@mpc_options
 @client_options
 @_json_option
 @_reports_errors

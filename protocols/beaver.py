@@ -125,6 +125,50 @@ class DealerProvider(TripleProvider):
         return Triple(next(self._serials), kind, _share(self.prg, a), _share(self.prg, b), _share(self.prg, c))
 
 
+class SeededDealerProvider(TripleProvider):
+    """The client as the dealer of a networked session, each party holding only its own shares.
+
+    The server's shares of a, b *and* c are expanded from one 32-byte seed the client draws and
+    sends it at set-up (``MaskPRG``, AES-256-CTR; the server expands in the same order as the
+    client asks). The client draws its ``a_c, b_c`` from its own PRG and sets
+    ``c_c = (a_c + a_s)(b_c + b_s) - c_s``: the only party needing an explicit c share is the
+    dealer itself, so no triple material of size |c| crosses the wire (the usual seed
+    compression of a trusted dealer). The server's shares are uniform and independent of a, b.
+    **The client knows a, b and c, so it could unmask every value the server opens:** that is
+    harmless only because the client is the owner of the prompt; the server may never deal.
+
+    Triples are handed out in request order; both parties' engines request the same kinds and
+    shapes in the same order, so the streams stay aligned. The slot of the other party is zeros.
+    """
+
+    name = "dealer"
+
+    def __init__(self, role: str, seed: bytes):
+        super().__init__()
+        if role not in ("client", "server"):
+            raise ValueError(f"role must be 'client' or 'server', not {role!r}")
+        self.role = role
+        self.server_prg = ring.MaskPRG(seed)
+        self.own_prg = ring.MaskPRG() if role == "client" else None
+
+    def _make(self, kind, a_shape, b_shape) -> Triple:
+        b_shape = b_shape if kind == "matmul" else a_shape
+        c_shape = (*a_shape[:-1], b_shape[-1]) if kind == "matmul" else a_shape
+        a_s, b_s, c_s = (self.server_prg.ring(*sh) for sh in (a_shape, b_shape, c_shape))
+        if self.role == "server":
+            mine = (a_s, b_s, c_s)
+        else:
+            a_c, b_c = self.own_prg.ring(*a_shape), self.own_prg.ring(*b_shape)
+            if kind == "and":  # XOR shares
+                c_c = ((a_c ^ a_s) & (b_c ^ b_s)) ^ c_s
+            else:
+                op: Callable = torch.mul if kind == "mul" else torch.matmul  # wraps mod 2^64
+                c_c = op(a_c + a_s, b_c + b_s) - c_s
+            mine = (a_c, b_c, c_c)
+        pairs = [(m, torch.zeros_like(m)) if self.role == "client" else (torch.zeros_like(m), m) for m in mine]
+        return Triple(next(self._serials), kind, *pairs)
+
+
 def beaver_combine(kind: str, t: Triple, e: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Shares of ``x*y`` (or ``x@y``) from the opened ``e = x - a`` and ``d = y - b``.
 

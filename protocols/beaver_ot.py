@@ -19,7 +19,7 @@ sender for ``a_s``-terms). Semi-honest, like the IKNP engine underneath.
 
 :class:`OTProvider` in this module runs both parties in one process over an in-memory stream
 pair (the two-party simulator of protocols/mpc.py); the networked offline phase between a
-client and a server is not wired yet.
+client and a server is :class:`NetOTProvider` (used by protocols/mpc_service.py).
 """
 
 from __future__ import annotations
@@ -195,3 +195,37 @@ class OTProvider(beaver.TripleProvider):
             return torch.stack([p[side][i] for p in parts]).reshape(*batch, *shape)
         return beaver.Triple(next(self._serials), kind, (stack(0, 0, (m, k)), stack(1, 0, (m, k))),
                              (stack(0, 1, (k, n)), stack(1, 1, (k, n))), (stack(0, 2, (m, n)), stack(1, 2, (m, n))))
+
+
+class NetOTProvider(OTProvider):
+    """:class:`OTProvider` for one party of a networked session: the joint generation runs over
+    the session channel, each party keeping only its own shares (the other slot is zeros).
+
+    ``run(afn)`` runs ``await afn(channel)`` on the channel from the engine's thread. Both
+    parties' engines ask for the same triples in the same order, so every pool refill and every
+    matrix triple starts on both sides at the same point of the computation: no request message
+    is needed. Boolean (AND) triples are not available (see :class:`OTProvider`).
+    """
+
+    def __init__(self, role: str, run, batch: int = 1 << 14):
+        super().__init__(batch)
+        self.role = role
+        self.client = self.server = Party(role)
+        self._run_on_channel = run
+
+    def _run(self, fc, fs):
+        fn = fc if self.role == "client" else fs
+
+        async def go(ch):
+            if not self._ready:
+                await self.client.setup(ch)
+                self._ready = True
+            return await fn(ch)
+
+        mine = self._run_on_channel(go)
+        blank = tuple(torch.zeros_like(t) for t in mine)
+        return (mine, blank) if self.role == "client" else (blank, mine)
+
+    def prefill(self, n: int | None = None) -> None:
+        """Base OTs and a first pool of elementwise triples (the offline phase)."""
+        self._refill(n or self.batch)

@@ -112,10 +112,25 @@ class Stats:
 
 
 class Engine:
-    """Two-party simulator: both shares in one process, openings counted as rounds."""
+    """The share arithmetic, as a two-party simulator or as one party of the networked protocol.
+
+    ``transport=None``: the simulator, both shares in one process, openings counted as rounds.
+    With a ``transport`` (``role`` "client" or "server"), this process is one party: of every
+    :class:`Shared` only its own slot (``c`` for the client, ``s`` for the server) is real; the
+    other slot starts as zeros and is a don't-care from then on (e.g. the client-only public
+    offsets land in it on the server). That is sound because every local operation is slot-wise
+    (each slot is computed from the same slot of its inputs and from public values), and the
+    only cross-slot points -- :meth:`share`, :meth:`open`, :meth:`reveal`, :meth:`reshare` and
+    the triple provider -- go through the transport and read or send only this party's slot.
+    The engine is synchronous: the transport blocks its thread for each exchange.
+    """
 
     def __init__(self, provider: beaver.TripleProvider | None = None, frac_bits: int = FRAC_BITS,
-                 record: bool = False):
+                 record: bool = False, transport=None):
+        self.transport = transport
+        self.role = None if transport is None else transport.role
+        if provider is None and transport is not None:
+            raise ValueError("a party engine needs a provider whose triples both parties agree on")
         self.provider = provider or beaver.DealerProvider()
         self.f = frac_bits
         self.prg = ring.MaskPRG()
@@ -135,25 +150,67 @@ class Engine:
     def decode(self, v: torch.Tensor) -> torch.Tensor:
         return v.to(torch.float64) / 2.0 ** self.f
 
-    def share(self, x: torch.Tensor) -> Shared:
-        """The client's input: its share is a fresh mask r, the server receives enc(x) - r."""
+    def _mine(self, x: Shared) -> torch.Tensor:
+        return x.s if self.role == "server" else x.c
+
+    def share(self, x: torch.Tensor | None = None, shape: tuple | None = None) -> Shared:
+        """The client's input: its share is a fresh mask r, the server receives enc(x) - r.
+        (The server, which has no ``x``, passes the public ``shape``.)"""
+        if self.role == "server":
+            sent = self.transport.from_client("input", shape)
+            self.stats.shared_elements += sent.numel()
+            return Shared(torch.zeros_like(sent), sent)
         r = self.prg.ring(*x.shape)
         self.stats.shared_elements += x.numel()
         sent = self.encode(x) - r
         if self.view is not None:
             self.view.append(sent.clone())
+        if self.role == "client":
+            self.transport.to_server("input", sent)
+            return Shared(r, torch.zeros_like(r))
         return Shared(r, sent)
 
-    def reveal(self, x: Shared) -> torch.Tensor:
-        """The server sends its share to the client (only for the logits)."""
+    def reshare(self, x: Shared, r: torch.Tensor | None) -> Shared:
+        """Move the client's share into its preprocessed mask ``r`` (one message client -> server):
+        afterwards the client holds ``r`` and the server ``x - r``, the form a linear layer wants
+        (the client's product ``W r`` comes from the mask material). The server passes ``r=None``."""
+        self.stats.shared_elements += x.c.numel()
+        if self.role == "server":
+            return Shared(x.c, x.s + self.transport.from_client("reshare", tuple(x.shape)))
+        sent = x.c - r
+        if self.view is not None:
+            self.view.append(sent.clone())
+        if self.role == "client":
+            self.transport.to_server("reshare", sent)
+        return Shared(r, x.s + sent)
+
+    def reveal(self, x: Shared) -> torch.Tensor | None:
+        """The server sends its share to the client (only for the logits); the server gets None."""
         self.stats.revealed_elements += x.c.numel()
-        return self.decode(x.c + x.s)
+        if self.role == "server":
+            self.transport.to_client(x.s)
+            return None
+        other = x.s if self.role is None else self.transport.from_server(tuple(x.shape))
+        return self.decode(x.c + other)
 
     def open(self, xs: list[Shared]) -> list[torch.Tensor]:
         """One round: every value in ``xs`` opened to both parties."""
+        return self._open_with(xs, torch.add)
+
+    def _open_with(self, xs: list[Shared], combine) -> list[torch.Tensor]:
+        """One round: each party sends its slot of every value in one message (arithmetic shares
+        with ``combine=add``, XOR shares with ``bitwise_xor``)."""
         self.stats.rounds += 1
         self.stats.opened_elements += sum(x.c.numel() for x in xs)
-        out = [x.c + x.s for x in xs]
+        if self.transport is None:
+            out = [combine(x.c, x.s) for x in xs]
+        else:
+            mine = [self._mine(x) for x in xs]
+            theirs = self.transport.exchange(torch.cat([m.reshape(-1) for m in mine]))
+            out, at = [], 0
+            for m in mine:
+                out.append(combine(m, theirs[at:at + m.numel()].view(m.shape)))
+                at += m.numel()
         if self.view is not None:
             self.view += [o.clone() for o in out]
         return out
@@ -232,11 +289,7 @@ class Engine:
         masked = []
         for (x, y), t in zip(pairs, triples):
             masked += [Shared(x.c ^ t.a[0], x.s ^ t.a[1]), Shared(y.c ^ t.b[0], y.s ^ t.b[1])]
-        self.stats.rounds += 1
-        self.stats.opened_elements += sum(m.c.numel() for m in masked)
-        opened = [m.c ^ m.s for m in masked]
-        if self.view is not None:
-            self.view += [o.clone() for o in opened]
+        opened = self._open_with(masked, torch.bitwise_xor)
         out = []
         for i, t in enumerate(triples):
             e, d = opened[2 * i], opened[2 * i + 1]
@@ -430,12 +483,17 @@ class MPCExecutor:
     revealed, to the client.
     """
 
-    def __init__(self, model, engine: Engine | None = None, ranges: Ranges | None = None):
+    def __init__(self, model, engine: Engine | None = None, ranges: Ranges | None = None, store=None):
+        """``store``: the client's mask material (preprocess.MaterialStore over :func:`mpc_matrices`),
+        needed when ``engine`` is the client party of the networked protocol."""
         from ..models.reference import Reference
         from .masked import units_for
 
         self.model = model
         self.e = engine or Engine()
+        self.store = store
+        if self.e.role == "client" and store is None:
+            raise ValueError("the v3-mpc client needs mask material (r, W r) for its linear layers")
         self.ranges = ranges or Ranges()
         self.mats = mpc_matrices(model)
         self.e.exact_max = self.e.clip_sigmoid = self.ranges.comparisons
@@ -452,7 +510,15 @@ class MPCExecutor:
     def linear(self, ops, x: Shared) -> list[Shared]:
         key = ops[0].fuse_group if ops[0].fuse_group else ops[0].name
         W, k = self.mats[key]
-        y = Shared(W.matmul(x.c), W.matmul(x.s))  # client: preprocessed W r; server: W (x - r)
+        if self.e.role is None:  # simulator: the same products, both slots here
+            y = Shared(W.matmul(x.c), W.matmul(x.s))
+        elif self.e.role == "client":  # re-share into the mask r; W r is preprocessed: no product online
+            r, wr = self.store.take(key, x.shape[0])
+            self.e.reshare(x, r)
+            y = Shared(wr, torch.zeros_like(wr))
+        else:  # the server multiplies its share x - r by the ring weights on its device
+            x = self.e.reshare(x, None)
+            y = Shared(torch.zeros(x.shape[0], W.out_dim, dtype=torch.int64), W.matmul(x.s).cpu())
         y = self.e.trunc(y, k)
         outs, at = [], 0
         for op in ops:
@@ -518,12 +584,13 @@ class MPCExecutor:
         (out,) = e.matmul_many([(probs, v)])
         return out.map(lambda t: t.reshape(H, T, D).transpose(0, 1).reshape(T, H * D))
 
-    def forward(self, ids: list[int]) -> torch.Tensor:
-        """Logits (1, vocab) of the last position, revealed to the client."""
+    def forward(self, ids: list[int] | None = None, n_tokens: int | None = None) -> torch.Tensor | None:
+        """Logits (1, vocab) of the last position, revealed to the client. The server party has no
+        ids: it passes ``n_tokens`` and gets None."""
         from ..models.plan import Activation, Add, Attention, Embed, Linear, Norm
 
         plan, w, e = self.model.plan, self.model.weights, self.e
-        ids_t = torch.tensor(ids, dtype=torch.long)
+        n_tokens = len(ids) if ids is not None else n_tokens
         env: dict[str, Shared] = {}
         steps = plan.steps
         i = 0
@@ -541,10 +608,14 @@ class MPCExecutor:
                 i += len(ops)
                 continue
             if isinstance(step, Embed):  # the client's own input, shared
-                x = torch.nn.functional.embedding(ids_t, w[step.weight]).to(torch.float64)
-                if step.pos_weight:
-                    x = x + w[step.pos_weight][self.length:self.length + len(ids)]
-                env[step.out] = e.share(x)
+                if e.role == "server":
+                    env[step.out] = e.share(shape=(n_tokens, w[step.weight].shape[1]))
+                else:
+                    x = torch.nn.functional.embedding(torch.tensor(ids, dtype=torch.long),
+                                                      w[step.weight]).to(torch.float64)
+                    if step.pos_weight:
+                        x = x + w[step.pos_weight][self.length:self.length + n_tokens]
+                    env[step.out] = e.share(x)
             elif isinstance(step, Norm):
                 env[step.out] = self.norm(step, env[step.inp])
             elif isinstance(step, Attention):
@@ -559,5 +630,6 @@ class MPCExecutor:
             else:
                 raise TypeError(f"not a plan step: {step!r}")
             i += 1
-        self.length += len(ids)
-        return e.reveal(env["logits"]).to(torch.float32)
+        self.length += n_tokens
+        logits = e.reveal(env["logits"])
+        return None if logits is None else logits.to(torch.float32)

@@ -1,0 +1,261 @@
+"""v3-mpc over the wire: client and server each run one party of protocols/mpc.py.
+
+Each party runs the same :class:`mpc.MPCExecutor` code on its own share of every activation
+(:class:`mpc.Engine` in party mode) in a worker thread; every point where the parties meet is a
+call into :class:`ChannelTransport`, which hops back into trio for the channel exchange. The
+protocol logic never touches I/O, so the same engine runs over an in-memory stream pair or TLS.
+
+Session (all message types 0x12xx, every tensor int64 ring elements; anything else, a float
+tensor or an extra field, is refused with ``malformed`` and the session closed):
+
+- offline: ``MPC_SETUP {triples, ranges[, seed]}`` -> ``MPC_SETUP_OK``. With ``dealer`` the seed
+  expands into the server's triple shares (:class:`beaver.SeededDealerProvider`); with ``ot``
+  the two run base OTs and a first pool of Gilboa triples right away. Once per session: a second
+  set-up would restart the triple streams, so it is refused. The client's mask material
+  (``r``, ``W r`` for every linear unit) is dealt locally, as for v3.
+- per forward of T tokens: ``MPC_INPUT`` (enc(x) - r, T x d), then for each linear unit one
+  ``MPC_RESHARE`` (x_c - r) and for each round of openings ``MPC_OPEN`` / ``MPC_OPEN_OK``
+  (the client's flight first; a re-share rides in the same flight as the next opening), and
+  at the end ``MPC_REVEAL`` (the server's share of the logits, to the client only). ``ot``
+  triples refill their pool and make matrix triples with OT messages (0x11xx) in between.
+
+The client samples from the revealed logits; nothing else is ever revealed to either party.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import torch
+import trio
+
+from ..wire.errors import ErrorCode, ProtocolError
+from ..wire.msgtypes import MsgType
+from . import beaver, beaver_ot, mpc, preprocess
+from .registry import ProtocolSpec, register
+
+RANGES = {"wide": mpc.Ranges.wide, "narrow": mpc.Ranges}
+TRIPLES = ("dealer", "ot")
+SEED_WORDS = 4  # the dealer's 32-byte seed as int64[4]: every tensor on the wire is a ring tensor
+_TO_SERVER = {"input": MsgType.MPC_INPUT, "reshare": MsgType.MPC_RESHARE}
+
+
+def ring_tensor(body: dict, name: str, what: str, shape: tuple | None = None) -> torch.Tensor:
+    """The body's only field ``name``: an int64 (ring) tensor, of ``shape`` if given."""
+    if set(body) != {name}:
+        raise ProtocolError(ErrorCode.MALFORMED, f"{what} takes exactly {name!r}, got {sorted(body)}")
+    v = body[name]
+    if not isinstance(v, np.ndarray) or v.dtype != np.int64:
+        raise ProtocolError(ErrorCode.MALFORMED, f"{what} carries ring elements (int64), not "
+                                                 f"{getattr(v, 'dtype', type(v).__name__)}")
+    if shape is not None and tuple(v.shape) != tuple(shape):
+        raise ProtocolError(ErrorCode.MALFORMED, f"{what} must have shape {tuple(shape)}, got {v.shape}")
+    return torch.from_numpy(v.copy())
+
+
+class ChannelTransport:
+    """The engine's meeting points over a Channel, called from the engine's worker thread.
+
+    One opening round is one flight each way: the client sends its shares of the whole round,
+    the server answers with its own (client first, so two large flights never block each other).
+    """
+
+    def __init__(self, channel, role: str):
+        self.channel = channel
+        self.role = role
+        self.pending: torch.Tensor | None = None  # the server's MPC_INPUT, already received by its loop
+
+    def _call(self, afn, *args):
+        return trio.from_thread.run(afn, *args)
+
+    def run(self, afn):
+        """``await afn(channel)`` (a joint sub-protocol such as OT triple generation)."""
+        return self._call(afn, self.channel)
+
+    def exchange(self, mine: torch.Tensor) -> torch.Tensor:
+        return self._call(self._exchange, mine)
+
+    async def _exchange(self, mine: torch.Tensor) -> torch.Tensor:
+        if self.role == "client":
+            await self.channel.send(MsgType.MPC_OPEN, {"v": mine.numpy()})
+            body = (await self.channel.expect(MsgType.MPC_OPEN_OK)).body
+        else:
+            body = (await self.channel.expect(MsgType.MPC_OPEN)).body
+            await self.channel.send(MsgType.MPC_OPEN_OK, {"v": mine.numpy()})
+        return ring_tensor(body, "v", "an opening", tuple(mine.shape))
+
+    def to_server(self, what: str, m: torch.Tensor) -> None:
+        self._call(self.channel.send, _TO_SERVER[what], {"m": m.numpy()})
+
+    def from_client(self, what: str, shape: tuple) -> torch.Tensor:
+        if what == "input":
+            m, self.pending = self.pending, None
+            if m is None or tuple(m.shape) != tuple(shape):
+                raise ProtocolError(ErrorCode.WRONG_STATE, "a forward starts with MPC_INPUT")
+            return m
+        return self._call(self._recv_reshare, shape)
+
+    async def _recv_reshare(self, shape) -> torch.Tensor:
+        body = (await self.channel.expect(MsgType.MPC_RESHARE)).body
+        return ring_tensor(body, "m", "MPC_RESHARE", shape)
+
+    def to_client(self, v: torch.Tensor) -> None:
+        self._call(self.channel.send, MsgType.MPC_REVEAL, {"v": v.numpy()})
+
+    def from_server(self, shape: tuple) -> torch.Tensor:
+        return self._call(self._recv_reveal, shape)
+
+    async def _recv_reveal(self, shape) -> torch.Tensor:
+        return ring_tensor((await self.channel.expect(MsgType.MPC_REVEAL)).body, "v", "MPC_REVEAL", shape)
+
+
+def make_provider(role: str, triples: str, transport: ChannelTransport, seed: bytes | None,
+                  ranges: mpc.Ranges, batch: int) -> beaver.TripleProvider:
+    if triples == "dealer":
+        return beaver.SeededDealerProvider(role, seed)
+    if triples == "ot":
+        if ranges.comparisons:
+            raise ValueError("--triples ot has no boolean (AND) triples, which the secure comparisons of the "
+                             "'wide' ranges need; use --triples dealer, or the 'narrow' ranges (no comparisons: "
+                             "accurate only for small models, not SmolLM2)")
+        return beaver_ot.NetOTProvider(role, transport.run, batch)
+    raise ValueError(f"triples must be one of {', '.join(TRIPLES)}, not {triples!r}")
+
+
+# -- server --------------------------------------------------------------------------------------
+class MPCServerHandler:
+    """Per session: the server party. Accepts MPC_SETUP once, then one MPC_INPUT per forward."""
+
+    message_types = frozenset({MsgType.MPC_SETUP, MsgType.MPC_INPUT})
+
+    def __init__(self, session):
+        self.session = session
+        self.model = session.server.model
+        self.executor: mpc.MPCExecutor | None = None
+        self.transport = ChannelTransport(session.channel, "server")
+
+    async def handle(self, msg) -> None:
+        if msg.type == MsgType.MPC_SETUP:
+            await self._setup(msg.body)
+            return
+        if self.executor is None:
+            raise ProtocolError(ErrorCode.WRONG_STATE, "MPC_INPUT before MPC_SETUP")
+        d = self.model.config.hidden
+        m = ring_tensor(msg.body, "m", "MPC_INPUT")
+        if m.dim() != 2 or m.shape[1] != d or m.shape[0] < 1:
+            raise ProtocolError(ErrorCode.MALFORMED, f"MPC_INPUT must be a (T, {d}) ring matrix, got {tuple(m.shape)}")
+        if self.executor.length + m.shape[0] > self.session.max_seq_len:
+            raise ProtocolError(ErrorCode.SEQ_TOO_LONG, f"{self.executor.length + m.shape[0]} tokens exceed the "
+                                                        f"session's max_seq_len of {self.session.max_seq_len}")
+        self.transport.pending = m
+        await trio.to_thread.run_sync(lambda: self.executor.forward(n_tokens=m.shape[0]))
+
+    async def _setup(self, body: dict) -> None:
+        if self.executor is not None:
+            raise ProtocolError(ErrorCode.WRONG_STATE, "MPC_SETUP twice: a session's triple streams start once "
+                                                       "(Beaver triples are single-use)")
+        triples, ranges_name = body.get("triples"), body.get("ranges")
+        if triples not in TRIPLES or ranges_name not in RANGES:
+            raise ProtocolError(ErrorCode.MALFORMED, f"MPC_SETUP: triples in {TRIPLES}, ranges in {sorted(RANGES)}")
+        ranges = RANGES[ranges_name]()
+        seed = None
+        if triples == "dealer":
+            rest = {k: v for k, v in body.items() if k not in ("triples", "ranges")}
+            seed = ring_tensor(rest, "seed", "MPC_SETUP (dealer)", (SEED_WORDS,)).numpy().tobytes()
+        elif set(body) != {"triples", "ranges", "batch"} or not isinstance(body["batch"], int) \
+                or not 1 <= body["batch"] <= 1 << 22:
+            raise ProtocolError(ErrorCode.MALFORMED, "MPC_SETUP (ot) takes exactly triples, ranges and batch "
+                                                     "(1 .. 2^22)")
+        try:
+            provider = make_provider("server", triples, self.transport, seed, ranges, body.get("batch", 0))
+        except ValueError as exc:
+            raise ProtocolError(ErrorCode.MALFORMED, str(exc)) from None
+        engine = mpc.Engine(provider, transport=self.transport)
+        self.executor = mpc.MPCExecutor(self.model, engine, ranges)
+        await self.session.channel.send(MsgType.MPC_SETUP_OK, {})
+        if triples == "ot":
+            await trio.to_thread.run_sync(provider.prefill)
+
+
+# -- client --------------------------------------------------------------------------------------
+class MPCClient:
+    """The client party: drives generation, samples from the revealed logits."""
+
+    def __init__(self, channel, model, store: preprocess.MaterialStore, triples: str = "dealer",
+                 ranges: str = "wide", batch: int = 1 << 14):
+        if ranges not in RANGES:
+            raise ValueError(f"ranges must be one of {', '.join(RANGES)}, not {ranges!r}")
+        self.channel = channel
+        self.triples, self.ranges_name, self.batch = triples, ranges, batch
+        self.transport = ChannelTransport(channel, "client")
+        self.seed = os.urandom(8 * SEED_WORDS) if triples == "dealer" else None
+        rng = RANGES[ranges]()
+        self.provider = make_provider("client", triples, self.transport, self.seed, rng, batch)
+        self.executor = mpc.MPCExecutor(model, mpc.Engine(self.provider, transport=self.transport), rng, store=store)
+        self.timings: dict[str, float] = {}
+        self.offline_ms = 0.0
+        self.notes = [f"v3-mpc: triples by {'the client as trusted dealer' if triples == 'dealer' else 'IKNP OT'}, "
+                      f"'{ranges}' ranges{' (secure comparisons)' if rng.comparisons else ''}"]
+
+    async def setup(self) -> None:
+        t0 = time.perf_counter()
+        body = {"triples": self.triples, "ranges": self.ranges_name}
+        if self.seed is not None:
+            body["seed"] = np.frombuffer(self.seed, dtype=np.int64).copy()
+        else:
+            body["batch"] = self.batch
+        await self.channel.request(MsgType.MPC_SETUP, body, MsgType.MPC_SETUP_OK)
+        if self.triples == "ot":
+            await trio.to_thread.run_sync(self.provider.prefill)
+        self.offline_ms += (time.perf_counter() - t0) * 1e3
+
+    def new_cache(self, capacity: int):
+        if self.executor.length:
+            raise RuntimeError("v3-mpc runs one generation per session (the server's KV cache shares go on)")
+        self.executor.new_cache(capacity)
+
+    async def forward(self, ids: list[int]) -> torch.Tensor:
+        logits = await trio.to_thread.run_sync(lambda: self.executor.forward(ids))
+        return logits[-1]
+
+    @property
+    def stats(self) -> dict:
+        return {**vars(self.executor.e.stats), "triples": dict(self.provider.issued),
+                "triple_elements": dict(self.provider.elements)}
+
+
+def deal_for(model, prompt_tokens: int, max_tokens: int, progress=None) -> preprocess.MaterialStore:
+    """The client's mask material: (r, W r) for every linear unit, over v3-mpc's ring weights."""
+    from .masked import FIXED_POINT, rows_needed, units_for
+
+    units = units_for(model.plan, "v3")
+    return preprocess.deal({name: W for name, (W, _k) in mpc.mpc_matrices(model).items()},
+                           rows_needed(units, prompt_tokens, max_tokens), model_fingerprint=model.fingerprint(),
+                           variant="v3-mpc", fx=FIXED_POINT, progress=progress)
+
+
+def client_factory(channel, model, *, prompt_tokens: int, max_tokens: int, material: str | None = None,
+                   progress=None, triples: str = "dealer", mpc_ranges: str = "wide", triple_batch: int = 1 << 14,
+                   **_options) -> MPCClient:
+    """The client with its mask material, loaded from a store or dealt now (the offline phase)."""
+    from .masked import FIXED_POINT
+
+    t0 = time.perf_counter()
+    if material:
+        store = preprocess.MaterialStore.load(material)
+        store.check_for(model.fingerprint(), "v3-mpc", FIXED_POINT)
+    else:
+        store = deal_for(model, prompt_tokens, max_tokens, progress=progress)
+    client = MPCClient(channel, model, store, triples, mpc_ranges, triple_batch)
+    client.offline_ms = (store.meta["dealer_seconds"] if material else time.perf_counter() - t0) * 1e3
+    return client
+
+
+register(ProtocolSpec(
+    name="v3-mpc", private=True, needs_model=True,
+    summary="every activation additively shared over Z_2^64; linear layers on the server's share with "
+            "preprocessed masks, nonlinear layers by Beaver-triple MPC (--triples dealer|ot); approximate",
+    server_handler=MPCServerHandler, client_factory=client_factory,
+))
