@@ -80,11 +80,11 @@ class ChannelTransport:
     async def _exchange(self, mine: torch.Tensor) -> torch.Tensor:
         if self.role == "client":
             await self.channel.send(MsgType.MPC_OPEN, {"v": mine.numpy()})
-            body = (await self.channel.expect(MsgType.MPC_OPEN_OK)).body
-        else:
-            body = (await self.channel.expect(MsgType.MPC_OPEN)).body
-            await self.channel.send(MsgType.MPC_OPEN_OK, {"v": mine.numpy()})
-        return ring_tensor(body, "v", "an opening", tuple(mine.shape))
+            return ring_tensor((await self.channel.expect(MsgType.MPC_OPEN_OK)).body, "v", "MPC_OPEN_OK",
+                               tuple(mine.shape))
+        theirs = ring_tensor((await self.channel.expect(MsgType.MPC_OPEN)).body, "v", "MPC_OPEN", tuple(mine.shape))
+        await self.channel.send(MsgType.MPC_OPEN_OK, {"v": mine.numpy()})  # only after a well-formed opening
+        return theirs
 
     def to_server(self, what: str, m: torch.Tensor) -> None:
         self._call(self.channel.send, _TO_SERVER[what], {"m": m.numpy()})

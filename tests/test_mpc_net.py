@@ -1,0 +1,198 @@
+"""v3-mpc as a networked protocol: client and server parties over real TLS, exact greedy
+generation on a tiny model, the server's recorded view (DESIGN.md s6), refusal of anything but
+ring tensors, and single-use triples."""
+import math
+
+import numpy as np
+import pytest
+import torch
+import trio
+
+from conftest import build_tiny
+from shardlm.models.load import load_model
+from shardlm.models.reference import generate as reference_generate
+from shardlm.models.sampling import SamplingParams
+from shardlm.party.client import connect
+from shardlm.party.run import run_generation
+from shardlm.party.transcript import load_transcript, session_dirs
+from shardlm.protocols import beaver, mpc, mpc_service
+from shardlm.wire.errors import RemoteError
+from shardlm.wire.msgtypes import MsgType
+
+from support import tls_server
+
+GREEDY = SamplingParams()
+PROMPT = [5, 77, 31, 200, 9, 14, 150]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    d = tmp_path_factory.mktemp("llama")
+    build_tiny("llama", d, seed=3)
+    return load_model(str(d))
+
+
+async def _settle(server):
+    with trio.fail_after(10):
+        while server.active or server.sessions:
+            await trio.sleep(0.01)
+
+
+def _generate(model, tmp_path, prompt, n, options, **server_cfg):
+    async def main():
+        async with tls_server(tmp_path, model=model, **server_cfg) as (server, cfg):
+            rep = await run_generation(cfg, model, "v3-mpc", prompt, n, GREEDY, ignore_eos=True, options=options)
+            await _settle(server)
+            return rep
+    return trio.run(main)
+
+
+def _simulated_rounds(model, ranges, prompt, generated):
+    """Rounds of openings the two-party simulator counts for the same forwards."""
+    ex = mpc.MPCExecutor(model, ranges=ranges)
+    ex.forward(prompt)
+    prefill = ex.e.stats.rounds
+    for t in generated[:-1]:
+        ex.forward([t])
+    return prefill, ex.e.stats.rounds - prefill
+
+
+def test_greedy_generation_over_tls_equals_the_reference(model, tmp_path):
+    """Default settings (dealer triples, wide ranges with secure comparisons)."""
+    n = 6
+    want = reference_generate(model, PROMPT, n, GREEDY, stop_ids=())
+    rep = _generate(model, tmp_path, PROMPT, n, {})
+    assert rep.result.token_ids == want
+    # one round of openings = one flight each way: the channel's rounds are the engine's rounds
+    # (re-shares ride in the flight of the next opening, the reveal ends the forward)
+    prefill, decode = _simulated_rounds(model, mpc.Ranges.wide(), PROMPT, want)
+    assert rep.stats["prefill"]["rounds"] == prefill
+    assert rep.stats["decode"]["rounds"] == decode
+    assert rep.offline_ms > 0
+
+
+def _ring_payloads(msgs):
+    out = []
+    for m in msgs:
+        for v in m.body.values():
+            if isinstance(v, np.ndarray):
+                out.append(v)
+    return out
+
+
+def test_server_view_structure_uniformity_refusals(model, tmp_path):
+    rec = tmp_path / "rec"
+    prompts = [[5, 77, 31, 200], [250, 1, 1, 99]]
+    opts = {"mpc_ranges": "narrow"}
+
+    async def refused(cfg, *messages):
+        async with connect(cfg) as conn:
+            await conn.open_session("v3-mpc", model.fingerprint(), 64)
+            for t, body, reply in messages[:-1]:
+                if reply is None:
+                    await conn.channel.send(t, body)
+                else:
+                    await conn.channel.request(t, body, reply)
+            t, body, reply = messages[-1]
+            with pytest.raises(RemoteError) as e:
+                await conn.channel.request(t, body, reply)
+            return e.value.code
+
+    seed = np.zeros(mpc_service.SEED_WORDS, np.int64)
+    setup = (MsgType.MPC_SETUP, {"triples": "dealer", "ranges": "narrow", "seed": seed}, MsgType.MPC_SETUP_OK)
+    d = model.config.hidden
+
+    async def main():
+        async with tls_server(tmp_path, model=model, record_dir=str(rec)) as (server, cfg):
+            # a float tensor where ring elements belong is refused: as the input, as an opening
+            assert await refused(cfg, setup, (MsgType.MPC_INPUT, {"m": np.zeros((2, d), np.float32)},
+                                              MsgType.MPC_OPEN_OK)) == "malformed"
+            assert await refused(cfg, setup, (MsgType.MPC_INPUT, {"m": np.zeros((2, d), np.int64)}, None),
+                                 (MsgType.MPC_OPEN, {"v": np.zeros(2 * 2 * d, np.float64)},
+                                  MsgType.MPC_OPEN_OK)) == "malformed"
+            # an extra field, a float seed, or anything of another protocol
+            assert await refused(cfg, setup, (MsgType.MPC_INPUT, {"m": np.zeros((2, d), np.int64), "x": 1},
+                                              MsgType.MPC_OPEN_OK)) == "malformed"
+            assert await refused(cfg, (MsgType.MPC_SETUP, {**setup[1], "seed": np.zeros(4)},
+                                       MsgType.MPC_SETUP_OK)) == "malformed"
+            assert await refused(cfg, (MsgType.MASKED_LINEAR, {"unit": "layers.0.qkv", "m": np.zeros((1, d), np.int64)},
+                                       MsgType.MASKED_LINEAR_OK)) == "wrong_state"
+            # ... and the server keeps serving
+            return [await run_generation(cfg, model, "v3-mpc", p, 3, GREEDY, ignore_eos=True, options=opts)
+                    for p in prompts]
+
+    reps = trio.run(main)
+    for p, rep in zip(prompts, reps):
+        assert rep.result.token_ids == reference_generate(model, p, 3, GREEDY, stop_ids=())
+    views = [load_transcript(x)[1] for x in session_dirs(rec)[-2:]]
+
+    # (1) structure: the same message types, shapes and byte counts for two different prompts
+    def shape_of(msgs):
+        return [(m.type, tuple((k, getattr(v, "shape", v)) for k, v in sorted(m.body.items())), m.frame_bytes)
+                for m in msgs]
+    assert shape_of(views[0]) == shape_of(views[1])
+    # (3) no path for plaintext: only the handshake, 0x12xx ring messages and BYE reach the server
+    for msgs in views:
+        types = {m.type for m in msgs}
+        assert types == {MsgType.HELLO, MsgType.MPC_SETUP, MsgType.MPC_INPUT, MsgType.MPC_RESHARE,
+                         MsgType.MPC_OPEN, MsgType.BYE}
+        assert all(v.dtype == np.int64 for v in _ring_payloads(msgs))
+    # (2) uniformity of every ring element the server received (inputs, re-shares, openings)
+    ring_bytes = np.concatenate([v.reshape(-1) for msgs in views for v in _ring_payloads(msgs)]).view(np.uint8)
+    by_pos = ring_bytes.reshape(-1, 8)
+    assert by_pos.shape[0] > 100_000
+    for pos in range(8):
+        counts = np.bincount(by_pos[:, pos], minlength=256)
+        expected = by_pos.shape[0] / 256
+        chi2 = ((counts - expected) ** 2 / expected).sum()
+        assert chi2 < 370, (pos, chi2)  # 255 dof: p < 1e-6 above 370
+    bits = np.unpackbits(ring_bytes)
+    assert abs(bits.mean() - 0.5) < 5 * 0.5 / math.sqrt(bits.size)
+
+
+def test_seeded_dealer_triples_combine_and_are_single_use():
+    seed = bytes(range(32))
+    c, s = beaver.SeededDealerProvider("client", seed), beaver.SeededDealerProvider("server", seed)
+    for kind, shapes in (("mul", ((3, 5),)), ("matmul", ((2, 4, 6), (2, 6, 3))), ("and_", ((7,),))):
+        tc, ts = getattr(c, kind)(*shapes), getattr(s, kind)(*shapes)
+        join = (lambda u, v: u ^ v) if kind == "and_" else (lambda u, v: u + v)
+        a, b, cc = (join(x[0], y[1]) for x, y in ((tc.a, ts.a), (tc.b, ts.b), (tc.c, ts.c)))
+        op = {"mul": torch.mul, "matmul": torch.matmul, "and_": torch.bitwise_and}[kind]
+        assert torch.equal(cc, op(a, b))
+        assert not tc.a[1].any() and not ts.a[0].any()  # each party holds only its own slot
+    t = s.mul((4,))
+    t.take()
+    with pytest.raises(beaver.TripleReuseError):
+        t.take()
+
+
+def test_a_second_setup_which_would_replay_the_triples_is_refused(model, tmp_path):
+    seed = np.frombuffer(bytes(range(32)), np.int64).copy()
+    setup = {"triples": "dealer", "ranges": "narrow", "seed": seed}
+
+    async def main():
+        async with tls_server(tmp_path, model=model) as (server, cfg):
+            async with connect(cfg) as conn:
+                await conn.open_session("v3-mpc", model.fingerprint(), 64)
+                await conn.channel.request(MsgType.MPC_SETUP, setup, MsgType.MPC_SETUP_OK)
+                with pytest.raises(RemoteError) as e:
+                    await conn.channel.request(MsgType.MPC_SETUP, setup, MsgType.MPC_SETUP_OK)
+                return e.value
+
+    err = trio.run(main)
+    assert err.code == "wrong_state" and "single-use" in err.message
+
+
+def test_ot_triples_over_tls_equal_the_reference(model, tmp_path):
+    """Dealer-free triples (IKNP + Gilboa over the session channel); no comparisons (no AND triples)."""
+    n = 3
+    rep = _generate(model, tmp_path, PROMPT, n, {"triples": "ot", "mpc_ranges": "narrow", "triple_batch": 1 << 15})
+    assert rep.result.token_ids == reference_generate(model, PROMPT, n, GREEDY, stop_ids=())
+    assert rep.stats["ot-base"]["rounds"] >= 1  # the base OTs ran, in the offline phase
+    with pytest.raises(ValueError, match="AND"):  # comparisons need AND triples: refused, no fallback
+        mpc_service.client_factory(None, model, prompt_tokens=7, max_tokens=2, triples="ot", mpc_ranges="wide")
