@@ -1,11 +1,16 @@
 """v3-mpc arithmetic: every activation additively shared over Z_2^64, nonlinear layers on shares.
 
-STATUS: this module is the share arithmetic and a plan executor run by a *two-party simulator*
-(:class:`Engine` holds both parties' shares in one process and counts what would cross the
-wire: openings, rounds, triples). The networked protocol (client and server tasks exchanging
-these openings over a Channel, registered as ``v3-mpc`` with ``--triples``) is NOT written
-yet; the simulator is what its two halves will compute, step for step, and what the accuracy
-tests measure. Rounds are not optimised (hundreds of thousands per SmolLM2 token).
+STATUS: this module is the share arithmetic and the plan executor, written once and run in two
+ways. :class:`Engine` without a transport is a *two-party simulator* (both shares in one
+process; what the accuracy tests measure). With a transport it is *one party* of the networked
+``v3-mpc`` protocol (protocols/mpc_service.py): it holds only its own share, and every opening
+is one message each way with the other party (all openings of a step batched into that one
+round), the client's input and linear-layer re-shares are one-way messages, and only the
+logits are revealed, to the client. Triples: the client as seeded dealer
+(:class:`beaver.SeededDealerProvider`) or joint IKNP/Gilboa generation over the session channel
+(:class:`beaver_ot.NetOTProvider`, no AND triples, so no comparisons). Rounds are not
+optimised: about 800 per layer per forward with comparisons (tens of thousands per SmolLM2
+token), which dominates the online time.
 
 Encoding. A real ``x`` is the ring element ``round(x * 2^F)`` (``F = FRAC_BITS``), read as a
 signed int64; shares ``x = x_c + x_s mod 2^64``.
@@ -24,9 +29,12 @@ round. No failure probability as long as ``|x| < 2^62`` (values below 2^22 at sc
 ``Engine.local_trunc = True`` switches back to SecureML's local truncation (tests only).
 
 Linear layers. The server's weights are integers with a per-row power-of-two scale
-``2^k_j`` (``k_j`` public, about 20 significant bits per row): the product of shares by the
-weights is local to each party (client: ``W x_c``, the preprocessed ``W r`` of v3; server:
-``W x_s`` on its device), then a per-row local truncation by ``k_j`` restores scale 2^F.
+``2^k_j`` (``k_j`` public, about 20 significant bits per row). Networked, the client first
+re-shares its share into a preprocessed mask ``r`` (it sends ``x_c - r``; the server now holds
+``x - r``), the server computes ``W (x - r)`` on its device and the client takes ``W r`` from its
+mask material (protocols/preprocess.py, dealt over these ring weights in the offline phase):
+no heavy linear work for the client online. (The simulator computes ``W x_c`` and ``W x_s``,
+the same sum.) Then the truncation by ``k_j`` (the wrap-bit scheme below) restores scale 2^F.
 
 Nonlinear functions (each documented with its range and measured error in the tests):
 

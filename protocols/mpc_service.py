@@ -66,9 +66,14 @@ class ChannelTransport:
         self.channel = channel
         self.role = role
         self.pending: torch.Tensor | None = None  # the server's MPC_INPUT, already received by its loop
+        self.wait_seconds = 0.0  # time blocked on the channel (the peer's compute, the network, hand-offs)
 
     def _call(self, afn, *args):
-        return trio.from_thread.run(afn, *args)
+        t0 = time.perf_counter()
+        try:
+            return trio.from_thread.run(afn, *args)
+        finally:
+            self.wait_seconds += time.perf_counter() - t0
 
     def run(self, afn):
         """``await afn(channel)`` (a joint sub-protocol such as OT triple generation)."""
@@ -195,6 +200,7 @@ class MPCClient:
         self.provider = make_provider("client", triples, self.transport, self.seed, rng, batch)
         self.executor = mpc.MPCExecutor(model, mpc.Engine(self.provider, transport=self.transport), rng, store=store)
         self.timings: dict[str, float] = {}
+        self.forwards: list[dict] = []
         self.offline_ms = 0.0
         self.notes = [f"v3-mpc: triples by {'the client as trusted dealer' if triples == 'dealer' else 'IKNP OT'}, "
                       f"'{ranges}' ranges{' (secure comparisons)' if rng.comparisons else ''}"]
@@ -217,13 +223,24 @@ class MPCClient:
         self.executor.new_cache(capacity)
 
     async def forward(self, ids: list[int]) -> torch.Tensor:
+        before = self._counters()
+        t0, w0 = time.perf_counter(), self.transport.wait_seconds
         logits = await trio.to_thread.run_sync(lambda: self.executor.forward(ids))
+        after = self._counters()
+        self.forwards.append({"tokens": len(ids), "seconds": time.perf_counter() - t0,
+                              "wait_seconds": self.transport.wait_seconds - w0,
+                              **{k: after[k] - before.get(k, 0) for k in after}})
         return logits[-1]
 
+    def _counters(self) -> dict:
+        p = self.provider
+        return {**vars(self.executor.e.stats), **{f"triples_{k}": v for k, v in p.issued.items()},
+                **{f"triple_elements_{k}": v for k, v in p.elements.items()}}
+
     @property
-    def stats(self) -> dict:
-        return {**vars(self.executor.e.stats), "triples": dict(self.provider.issued),
-                "triple_elements": dict(self.provider.elements)}
+    def protocol_stats(self) -> dict:
+        """Per forward: openings rounds and elements, triples (count and ring elements, by kind)."""
+        return {"forwards": self.forwards}
 
 
 def deal_for(model, prompt_tokens: int, max_tokens: int, progress=None) -> preprocess.MaterialStore:

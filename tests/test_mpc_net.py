@@ -73,6 +73,10 @@ def test_greedy_generation_over_tls_equals_the_reference(model, tmp_path):
     prefill, decode = _simulated_rounds(model, mpc.Ranges.wide(), PROMPT, want)
     assert rep.stats["prefill"]["rounds"] == prefill
     assert rep.stats["decode"]["rounds"] == decode
+    fw = rep.protocol_stats["forwards"]  # what bench reports per token
+    assert [f["tokens"] for f in fw] == [len(PROMPT)] + [1] * (n - 1)
+    assert sum(f["rounds"] for f in fw) == prefill + decode
+    assert all(f["triples_matmul"] == 2 * model.config.n_layers and f["triples_and"] > 0 for f in fw)
     assert rep.offline_ms > 0
 
 
