@@ -200,3 +200,29 @@ def test_ot_triples_over_tls_equal_the_reference(model, tmp_path):
     assert rep.stats["ot-base"]["rounds"] >= 1  # the base OTs ran, in the offline phase
     with pytest.raises(ValueError, match="AND"):  # comparisons need AND triples: refused, no fallback
         mpc_service.client_factory(None, model, prompt_tokens=7, max_tokens=2, triples="ot", mpc_ranges="wide")
+
+
+def test_cli_generate_v3_mpc_between_two_processes(tmp_path):
+    """`shardlm generate --protocol v3-mpc` against a `shardlm serve` process (tiny model)."""
+    import json
+
+    from test_generate_cli import _serve, shardlm
+
+    d = tmp_path / "tiny"
+    build_tiny("llama", d, seed=3)
+    proc, net = _serve(tmp_path, str(d))
+    try:
+        common = ["generate", *net, "-m", str(d), "-p", "hello world", "--raw", "--protocol", "v3-mpc",
+                  "--max-tokens", "3", "--threads", "1", "--json"]
+        out = json.loads(shardlm(*common, "--mpc-ranges", "narrow").stdout)
+        tiny = load_model(str(d))
+        assert out["token_ids"] == reference_generate(tiny, tiny.tokenizer.encode("hello world"), 3, GREEDY,
+                                                      stop_ids=tiny.eos_ids)
+        assert out["private"] is True and out["protocol"] == "v3-mpc"
+        fw = out["protocol_stats"]["forwards"]
+        assert len(fw) == len(out["token_ids"]) and all(f["triples_mul"] > 0 for f in fw)
+        bad = shardlm(*common, "--triples", "ot", check=False)  # wide ranges need AND triples: refused
+        assert bad.returncode != 0 and "AND" in bad.stdout + bad.stderr
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
