@@ -8,9 +8,10 @@ protocol logic never touches I/O, so the same engine runs over an in-memory stre
 Session (all message types 0x12xx, every tensor int64 ring elements; anything else, a float
 tensor or an extra field, is refused with ``malformed`` and the session closed):
 
-- offline: ``MPC_SETUP {triples, ranges[, seed]}`` -> ``MPC_SETUP_OK``. With ``dealer`` the seed
-  expands into the server's triple shares (:class:`beaver.SeededDealerProvider`); with ``ot``
-  the two run base OTs and a first pool of Gilboa triples right away. Once per session: a second
+- offline: ``MPC_SETUP {triples, ranges, batch[, seed]}`` -> ``MPC_SETUP_OK``, then each side
+  makes its first pool of ``batch`` elementwise triples. With ``dealer`` the seed expands into
+  the server's triple shares (:class:`beaver.SeededDealerProvider`: no messages); with ``ot``
+  the two run base OTs and Gilboa multiplications over the channel. Once per session: a second
   set-up would restart the triple streams, so it is refused. The client's mask material
   (``r``, ``W r`` for every linear unit) is dealt locally, as for v3.
 - per forward of T tokens: ``MPC_INPUT`` (enc(x) - r, T x d), then for each linear unit one
@@ -39,6 +40,10 @@ from .registry import ProtocolSpec, register
 RANGES = {"wide": mpc.Ranges.wide, "narrow": mpc.Ranges}
 TRIPLES = ("dealer", "ot")
 SEED_WORDS = 4  # the dealer's 32-byte seed as int64[4]: every tensor on the wire is a ring tensor
+# elementwise triples per pool (the first dealt offline): dealing is cheap in bulk; an OT
+# triple costs 128 correlated OTs, so its pool stays small
+DEFAULT_BATCH = {"dealer": 1 << 21, "ot": 1 << 14}
+MAX_BATCH = 1 << 24
 _TO_SERVER = {"input": MsgType.MPC_INPUT, "reshare": MsgType.MPC_RESHARE}
 
 
@@ -119,7 +124,7 @@ class ChannelTransport:
 def make_provider(role: str, triples: str, transport: ChannelTransport, seed: bytes | None,
                   ranges: mpc.Ranges, batch: int) -> beaver.TripleProvider:
     if triples == "dealer":
-        return beaver.SeededDealerProvider(role, seed)
+        return beaver.SeededDealerProvider(role, seed, batch)
     if triples == "ot":
         if ranges.comparisons:
             raise ValueError("--triples ot has no boolean (AND) triples, which the secure comparisons of the "
@@ -165,23 +170,23 @@ class MPCServerHandler:
         if triples not in TRIPLES or ranges_name not in RANGES:
             raise ProtocolError(ErrorCode.MALFORMED, f"MPC_SETUP: triples in {TRIPLES}, ranges in {sorted(RANGES)}")
         ranges = RANGES[ranges_name]()
-        seed = None
+        seed, batch = None, body.get("batch")
+        if not isinstance(batch, int) or not 1 <= batch <= MAX_BATCH:
+            raise ProtocolError(ErrorCode.MALFORMED, f"MPC_SETUP: batch must be an int in 1 .. {MAX_BATCH}")
+        rest = {k: v for k, v in body.items() if k not in ("triples", "ranges", "batch")}
         if triples == "dealer":
-            rest = {k: v for k, v in body.items() if k not in ("triples", "ranges")}
             seed = ring_tensor(rest, "seed", "MPC_SETUP (dealer)", (SEED_WORDS,)).numpy().tobytes()
-        elif set(body) != {"triples", "ranges", "batch"} or not isinstance(body["batch"], int) \
-                or not 1 <= body["batch"] <= 1 << 22:
-            raise ProtocolError(ErrorCode.MALFORMED, "MPC_SETUP (ot) takes exactly triples, ranges and batch "
-                                                     "(1 .. 2^22)")
+        elif rest:
+            raise ProtocolError(ErrorCode.MALFORMED, f"MPC_SETUP (ot) takes exactly triples, ranges and batch, "
+                                                     f"got {sorted(body)}")
         try:
-            provider = make_provider("server", triples, self.transport, seed, ranges, body.get("batch", 0))
+            provider = make_provider("server", triples, self.transport, seed, ranges, batch)
         except ValueError as exc:
             raise ProtocolError(ErrorCode.MALFORMED, str(exc)) from None
         engine = mpc.Engine(provider, transport=self.transport)
         self.executor = mpc.MPCExecutor(self.model, engine, ranges)
         await self.session.channel.send(MsgType.MPC_SETUP_OK, {})
-        if triples == "ot":
-            await trio.to_thread.run_sync(provider.prefill)
+        await trio.to_thread.run_sync(provider.prefill)  # the first pool (joint with the client for ot)
 
 
 # -- client --------------------------------------------------------------------------------------
@@ -189,15 +194,16 @@ class MPCClient:
     """The client party: drives generation, samples from the revealed logits."""
 
     def __init__(self, channel, model, store: preprocess.MaterialStore, triples: str = "dealer",
-                 ranges: str = "wide", batch: int = 1 << 14):
+                 ranges: str = "wide", batch: int | None = None):
         if ranges not in RANGES:
             raise ValueError(f"ranges must be one of {', '.join(RANGES)}, not {ranges!r}")
         self.channel = channel
-        self.triples, self.ranges_name, self.batch = triples, ranges, batch
+        self.triples, self.ranges_name = triples, ranges
+        self.batch = batch or DEFAULT_BATCH.get(triples, 1)
         self.transport = ChannelTransport(channel, "client")
         self.seed = os.urandom(8 * SEED_WORDS) if triples == "dealer" else None
         rng = RANGES[ranges]()
-        self.provider = make_provider("client", triples, self.transport, self.seed, rng, batch)
+        self.provider = make_provider("client", triples, self.transport, self.seed, rng, self.batch)
         self.executor = mpc.MPCExecutor(model, mpc.Engine(self.provider, transport=self.transport), rng, store=store)
         self.timings: dict[str, float] = {}
         self.forwards: list[dict] = []
@@ -207,14 +213,11 @@ class MPCClient:
 
     async def setup(self) -> None:
         t0 = time.perf_counter()
-        body = {"triples": self.triples, "ranges": self.ranges_name}
+        body = {"triples": self.triples, "ranges": self.ranges_name, "batch": self.batch}
         if self.seed is not None:
             body["seed"] = np.frombuffer(self.seed, dtype=np.int64).copy()
-        else:
-            body["batch"] = self.batch
         await self.channel.request(MsgType.MPC_SETUP, body, MsgType.MPC_SETUP_OK)
-        if self.triples == "ot":
-            await trio.to_thread.run_sync(self.provider.prefill)
+        await trio.to_thread.run_sync(self.provider.prefill)  # dealt before the prompt is used
         self.offline_ms += (time.perf_counter() - t0) * 1e3
 
     def new_cache(self, capacity: int):
@@ -254,7 +257,7 @@ def deal_for(model, prompt_tokens: int, max_tokens: int, progress=None) -> prepr
 
 
 def client_factory(channel, model, *, prompt_tokens: int, max_tokens: int, material: str | None = None,
-                   progress=None, triples: str = "dealer", mpc_ranges: str = "wide", triple_batch: int = 1 << 14,
+                   progress=None, triples: str = "dealer", mpc_ranges: str = "wide", triple_batch: int | None = None,
                    **_options) -> MPCClient:
     """The client with its mask material, loaded from a store or dealt now (the offline phase)."""
     from .masked import FIXED_POINT

@@ -108,7 +108,8 @@ def test_server_view_structure_uniformity_refusals(model, tmp_path):
             return e.value.code
 
     seed = np.zeros(mpc_service.SEED_WORDS, np.int64)
-    setup = (MsgType.MPC_SETUP, {"triples": "dealer", "ranges": "narrow", "seed": seed}, MsgType.MPC_SETUP_OK)
+    setup = (MsgType.MPC_SETUP, {"triples": "dealer", "ranges": "narrow", "batch": 1024, "seed": seed},
+             MsgType.MPC_SETUP_OK)
     d = model.config.hidden
 
     async def main():
@@ -127,8 +128,10 @@ def test_server_view_structure_uniformity_refusals(model, tmp_path):
             assert await refused(cfg, (MsgType.MASKED_LINEAR, {"unit": "layers.0.qkv", "m": np.zeros((1, d), np.int64)},
                                        MsgType.MASKED_LINEAR_OK)) == "wrong_state"
             # ... and the server keeps serving
-            return [await run_generation(cfg, model, "v3-mpc", p, 3, GREEDY, ignore_eos=True, options=opts)
+            reps = [await run_generation(cfg, model, "v3-mpc", p, 3, GREEDY, ignore_eos=True, options=opts)
                     for p in prompts]
+            await _settle(server)  # every transcript complete (BYE recorded)
+            return reps
 
     reps = trio.run(main)
     for p, rep in zip(prompts, reps):
@@ -161,7 +164,7 @@ def test_server_view_structure_uniformity_refusals(model, tmp_path):
 
 def test_seeded_dealer_triples_combine_and_are_single_use():
     seed = bytes(range(32))
-    c, s = beaver.SeededDealerProvider("client", seed), beaver.SeededDealerProvider("server", seed)
+    c, s = beaver.SeededDealerProvider("client", seed, 64), beaver.SeededDealerProvider("server", seed, 64)
     for kind, shapes in (("mul", ((3, 5),)), ("matmul", ((2, 4, 6), (2, 6, 3))), ("and_", ((7,),))):
         tc, ts = getattr(c, kind)(*shapes), getattr(s, kind)(*shapes)
         join = (lambda u, v: u ^ v) if kind == "and_" else (lambda u, v: u + v)
@@ -177,7 +180,7 @@ def test_seeded_dealer_triples_combine_and_are_single_use():
 
 def test_a_second_setup_which_would_replay_the_triples_is_refused(model, tmp_path):
     seed = np.frombuffer(bytes(range(32)), np.int64).copy()
-    setup = {"triples": "dealer", "ranges": "narrow", "seed": seed}
+    setup = {"triples": "dealer", "ranges": "narrow", "batch": 1024, "seed": seed}
 
     async def main():
         async with tls_server(tmp_path, model=model) as (server, cfg):
