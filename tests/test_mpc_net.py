@@ -1,8 +1,6 @@
 """v3-mpc as a networked protocol: client and server parties over real TLS, exact greedy
 generation on a tiny model, the server's recorded view (DESIGN.md s6), refusal of anything but
 ring tensors, and single-use triples."""
-import math
-
 import numpy as np
 import pytest
 import torch
@@ -19,7 +17,7 @@ from shardlm.protocols import beaver, mpc, mpc_service
 from shardlm.wire.errors import RemoteError
 from shardlm.wire.msgtypes import MsgType
 
-from support import tls_server
+from support import assert_uniform_ring, tls_server
 
 GREEDY = SamplingParams()
 PROMPT = [5, 77, 31, 200, 9, 14, 150]
@@ -150,16 +148,9 @@ def test_server_view_structure_uniformity_refusals(model, tmp_path):
                          MsgType.MPC_OPEN, MsgType.BYE}
         assert all(v.dtype == np.int64 for v in _ring_payloads(msgs))
     # (2) uniformity of every ring element the server received (inputs, re-shares, openings)
-    ring_bytes = np.concatenate([v.reshape(-1) for msgs in views for v in _ring_payloads(msgs)]).view(np.uint8)
-    by_pos = ring_bytes.reshape(-1, 8)
-    assert by_pos.shape[0] > 100_000
-    for pos in range(8):
-        counts = np.bincount(by_pos[:, pos], minlength=256)
-        expected = by_pos.shape[0] / 256
-        chi2 = ((counts - expected) ** 2 / expected).sum()
-        assert chi2 < 370, (pos, chi2)  # 255 dof: p < 1e-6 above 370
-    bits = np.unpackbits(ring_bytes)
-    assert abs(bits.mean() - 0.5) < 5 * 0.5 / math.sqrt(bits.size)
+    payloads = [v for msgs in views for v in _ring_payloads(msgs)]
+    assert sum(v.size for v in payloads) > 100_000
+    assert_uniform_ring(payloads)
 
 
 def test_seeded_dealer_triples_combine_and_are_single_use():
