@@ -613,7 +613,7 @@ def chat(model_spec, protocol, max_tokens, temperature, top_k, top_p, seed, syst
 @cli.command()
 @click.option("-m", "--model", "model_spec", default="smollm2", show_default=True, envvar="SHARDLM_MODEL",
               show_envvar=True)
-@click.option("--protocol", type=click.Choice(["v2", "v3"]), default="v3", show_default=True)
+@click.option("--protocol", type=click.Choice(["v2", "v3", "v3-mpc"]), default="v3", show_default=True)
 @click.option("--tokens", type=int, required=True,
               help="Positions the material covers: prompt tokens + tokens to generate.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
@@ -636,12 +636,17 @@ def preprocess(model_spec, protocol, tokens, out_dir, threads, as_json):
     t0 = time.perf_counter()
     # rows for `tokens` positions whatever the prompt/generation split: prompt 1, generate tokens-1
     # needs the most head rows; prompt tokens-1, generate 1 the most body rows.
-    units = masked.units_for(model.plan, protocol)
+    units = masked.units_for(model.plan, "v3" if protocol == "v3-mpc" else protocol)
     rows = {n: tokens for n in units}
     from .protocols import preprocess as pre
 
-    store = pre.deal(masked.matrices_for(model, protocol), rows, model_fingerprint=model.fingerprint(),
-                     variant=protocol, fx=masked.FIXED_POINT, progress=_progress_printer(not as_json))
+    if protocol == "v3-mpc":  # over v3-mpc's own ring weights (power-of-two row scales)
+        from .protocols import mpc_service
+
+        store = mpc_service.deal_rows(model, rows, progress=_progress_printer(not as_json))
+    else:
+        store = pre.deal(masked.matrices_for(model, protocol), rows, model_fingerprint=model.fingerprint(),
+                         variant=protocol, fx=masked.FIXED_POINT, progress=_progress_printer(not as_json))
     store.save(out_dir)
     ms = (time.perf_counter() - t0) * 1e3
     size = sum(f.stat().st_size for f in Path(out_dir).iterdir())

@@ -247,13 +247,19 @@ class MPCClient:
 
 
 def deal_for(model, prompt_tokens: int, max_tokens: int, progress=None) -> preprocess.MaterialStore:
-    """The client's mask material: (r, W r) for every linear unit, over v3-mpc's ring weights."""
-    from .masked import FIXED_POINT, rows_needed, units_for
+    """The client's mask material for one generation of this shape."""
+    from .masked import rows_needed, units_for
 
-    units = units_for(model.plan, "v3")
-    return preprocess.deal({name: W for name, (W, _k) in mpc.mpc_matrices(model).items()},
-                           rows_needed(units, prompt_tokens, max_tokens), model_fingerprint=model.fingerprint(),
-                           variant="v3-mpc", fx=FIXED_POINT, progress=progress)
+    return deal_rows(model, rows_needed(units_for(model.plan, "v3"), prompt_tokens, max_tokens), progress)
+
+
+def deal_rows(model, rows: dict[str, int], progress=None) -> preprocess.MaterialStore:
+    """Mask material (r, W r) for every linear unit, over v3-mpc's ring weights (mpc.mpc_matrices)."""
+    from .masked import FIXED_POINT
+
+    return preprocess.deal({name: W for name, (W, _k) in mpc.mpc_matrices(model).items()}, rows,
+                           model_fingerprint=model.fingerprint(), variant="v3-mpc", fx=FIXED_POINT,
+                           progress=progress)
 
 
 def client_factory(channel, model, *, prompt_tokens: int, max_tokens: int, material: str | None = None,

@@ -208,11 +208,14 @@ def test_cli_generate_v3_mpc_between_two_processes(tmp_path):
     try:
         common = ["generate", *net, "-m", str(d), "-p", "hello world", "--raw", "--protocol", "v3-mpc",
                   "--max-tokens", "3", "--threads", "1", "--json"]
-        out = json.loads(shardlm(*common, "--mpc-ranges", "narrow").stdout)
+        # the offline phase ahead of time: mask material over v3-mpc's ring weights
+        shardlm("preprocess", "-m", str(d), "--protocol", "v3-mpc", "--tokens", "16", "--out", str(tmp_path / "st"))
+        out = json.loads(shardlm(*common, "--mpc-ranges", "narrow", "--material", str(tmp_path / "st")).stdout)
         tiny = load_model(str(d))
         assert out["token_ids"] == reference_generate(tiny, tiny.tokenizer.encode("hello world"), 3, GREEDY,
                                                       stop_ids=tiny.eos_ids)
         assert out["private"] is True and out["protocol"] == "v3-mpc"
+        assert all(n > 0 for n in json.loads((tmp_path / "st" / "cursor.json").read_text()).values())  # rows used
         fw = out["protocol_stats"]["forwards"]
         assert len(fw) == len(out["token_ids"]) and all(f["triples_mul"] > 0 for f in fw)
         bad = shardlm(*common, "--triples", "ot", check=False)  # wide ranges need AND triples: refused
