@@ -100,16 +100,15 @@ class ChannelTransport:
         self._call(self.channel.send, _TO_SERVER[what], {"m": m.numpy()})
 
     def from_client(self, what: str, shape: tuple) -> torch.Tensor:
-        if what == "input":
+        if what == "input" and self.pending is not None:
             m, self.pending = self.pending, None
-            if m is None or tuple(m.shape) != tuple(shape):
-                raise ProtocolError(ErrorCode.WRONG_STATE, "a forward starts with MPC_INPUT")
+            if tuple(m.shape) != tuple(shape):
+                raise ProtocolError(ErrorCode.MALFORMED, f"MPC_INPUT must have shape {tuple(shape)}")
             return m
-        return self._call(self._recv_reshare, shape)
+        return self._call(self._recv_share, _TO_SERVER[what], shape)
 
-    async def _recv_reshare(self, shape) -> torch.Tensor:
-        body = (await self.channel.expect(MsgType.MPC_RESHARE)).body
-        return ring_tensor(body, "m", "MPC_RESHARE", shape)
+    async def _recv_share(self, msg_type: MsgType, shape) -> torch.Tensor:
+        return ring_tensor((await self.channel.expect(msg_type)).body, "m", msg_type.name, shape)
 
     def to_client(self, v: torch.Tensor) -> None:
         self._call(self.channel.send, MsgType.MPC_REVEAL, {"v": v.numpy()})
