@@ -43,7 +43,7 @@ SEED_WORDS = 4  # the dealer's 32-byte seed as int64[4]: every tensor on the wir
 # elementwise triples per pool (the first dealt offline): dealing is cheap in bulk; an OT
 # triple costs 128 correlated OTs, so its pool stays small
 DEFAULT_BATCH = {"dealer": 1 << 21, "ot": 1 << 14}
-MAX_BATCH = 1 << 24
+MAX_BATCH = 1 << 22  # a pool costs the server 48 bytes per element: at most 192 MB per session
 _TO_SERVER = {"input": MsgType.MPC_INPUT, "reshare": MsgType.MPC_RESHARE}
 
 
@@ -67,9 +67,10 @@ class ChannelTransport:
     the server answers with its own (client first, so two large flights never block each other).
     """
 
-    def __init__(self, channel, role: str):
+    def __init__(self, channel, role: str, idle_timeout: float = float("inf")):
         self.channel = channel
         self.role = role
+        self.idle_timeout = idle_timeout  # the server's limit on each wait for the client
         self.pending: torch.Tensor | None = None  # the server's MPC_INPUT, already received by its loop
         self.wait_seconds = 0.0  # time blocked on the channel (the peer's compute, the network, hand-offs)
 
@@ -92,7 +93,7 @@ class ChannelTransport:
             await self.channel.send(MsgType.MPC_OPEN, {"v": mine.numpy()})
             return ring_tensor((await self.channel.expect(MsgType.MPC_OPEN_OK)).body, "v", "MPC_OPEN_OK",
                                tuple(mine.shape))
-        theirs = ring_tensor((await self.channel.expect(MsgType.MPC_OPEN)).body, "v", "MPC_OPEN", tuple(mine.shape))
+        theirs = ring_tensor((await self._expect(MsgType.MPC_OPEN)).body, "v", "MPC_OPEN", tuple(mine.shape))
         await self.channel.send(MsgType.MPC_OPEN_OK, {"v": mine.numpy()})  # only after a well-formed opening
         return theirs
 
@@ -108,7 +109,14 @@ class ChannelTransport:
         return self._call(self._recv_share, _TO_SERVER[what], shape)
 
     async def _recv_share(self, msg_type: MsgType, shape) -> torch.Tensor:
-        return ring_tensor((await self.channel.expect(msg_type)).body, "m", msg_type.name, shape)
+        return ring_tensor((await self._expect(msg_type)).body, "m", msg_type.name, shape)
+
+    async def _expect(self, msg_type: MsgType):
+        """The server's wait for the client inside a forward, under the session's idle timeout (the
+        server loop's own timeout does not cover waits inside a handler)."""
+        with trio.move_on_after(self.idle_timeout):
+            return await self.channel.expect(msg_type)
+        raise ProtocolError(ErrorCode.IDLE_TIMEOUT, f"no {msg_type.name} for {self.idle_timeout:g} s")
 
     def to_client(self, v: torch.Tensor) -> None:
         self._call(self.channel.send, MsgType.MPC_REVEAL, {"v": v.numpy()})
@@ -143,7 +151,7 @@ class MPCServerHandler:
         self.session = session
         self.model = session.server.model
         self.executor: mpc.MPCExecutor | None = None
-        self.transport = ChannelTransport(session.channel, "server")
+        self.transport = ChannelTransport(session.channel, "server", session.server.config.idle_timeout)
 
     async def handle(self, msg) -> None:
         if msg.type == MsgType.MPC_SETUP:

@@ -113,7 +113,7 @@ def test_server_view_structure_uniformity_refusals(model, tmp_path):
     d = model.config.hidden
 
     async def main():
-        async with tls_server(tmp_path, model=model, record_dir=str(rec)) as (server, cfg):
+        async with tls_server(tmp_path, model=model, record_dir=str(rec), idle_timeout=3) as (server, cfg):
             # a float tensor where ring elements belong is refused: as the input, as an opening
             assert await refused(cfg, setup, (MsgType.MPC_INPUT, {"m": np.zeros((2, d), np.float32)},
                                               MsgType.MPC_OPEN_OK)) == "malformed"
@@ -127,6 +127,21 @@ def test_server_view_structure_uniformity_refusals(model, tmp_path):
                                        MsgType.MPC_SETUP_OK)) == "malformed"
             assert await refused(cfg, (MsgType.MASKED_LINEAR, {"unit": "layers.0.qkv", "m": np.zeros((1, d), np.int64)},
                                        MsgType.MASKED_LINEAR_OK)) == "wrong_state"
+            # a client that goes silent mid-forward is timed out; one that vanishes frees its session
+            async with connect(cfg) as conn:
+                await conn.open_session("v3-mpc", model.fingerprint(), 64)
+                await conn.channel.request(*setup)
+                await conn.channel.send(MsgType.MPC_INPUT, {"m": np.zeros((2, d), np.int64)})
+                with pytest.raises(RemoteError) as e:
+                    await conn.channel.expect(MsgType.MPC_OPEN_OK)
+                assert e.value.code == "idle_timeout"
+            async with connect(cfg) as conn:
+                await conn.open_session("v3-mpc", model.fingerprint(), 64)
+                await conn.channel.request(*setup)
+                await conn.channel.send(MsgType.MPC_INPUT, {"m": np.zeros((2, d), np.int64)})
+                await conn.channel.stream.aclose()
+                conn.session = None
+            await _settle(server)
             # ... and the server keeps serving
             reps = [await run_generation(cfg, model, "v3-mpc", p, 3, GREEDY, ignore_eos=True, options=opts)
                     for p in prompts]
