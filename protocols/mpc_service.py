@@ -25,8 +25,10 @@ The client samples from the revealed logits; nothing else is ever revealed to ei
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
+import weakref
 
 import numpy as np
 import torch
@@ -44,6 +46,9 @@ SEED_WORDS = 4  # the dealer's 32-byte seed as int64[4]: every tensor on the wir
 # triple costs 128 correlated OTs, so its pool stays small
 DEFAULT_BATCH = {"dealer": 1 << 21, "ot": 1 << 14}
 MAX_BATCH = 1 << 22  # a pool costs the server 48 bytes per element: at most 192 MB per session
+# per server: digests of the dealer seeds its sessions have used. A repeated seed would replay the
+# same triples (its openings would reveal differences of the client's values): refused.
+_SEEDS_SEEN: "weakref.WeakKeyDictionary[object, set[bytes]]" = weakref.WeakKeyDictionary()
 _TO_SERVER = {"input": MsgType.MPC_INPUT, "reshare": MsgType.MPC_RESHARE}
 
 
@@ -183,6 +188,12 @@ class MPCServerHandler:
         rest = {k: v for k, v in body.items() if k not in ("triples", "ranges", "batch")}
         if triples == "dealer":
             seed = ring_tensor(rest, "seed", "MPC_SETUP (dealer)", (SEED_WORDS,)).numpy().tobytes()
+            seen = _SEEDS_SEEN.setdefault(self.session.server, set())
+            digest = hashlib.sha256(seed).digest()
+            if digest in seen:
+                raise ProtocolError(ErrorCode.MALFORMED, "dealer seed already used in an earlier session: it would "
+                                                         "replay the same Beaver triples (triples are single-use)")
+            seen.add(digest)
         elif rest:
             raise ProtocolError(ErrorCode.MALFORMED, f"MPC_SETUP (ot) takes exactly triples, ranges and batch, "
                                                      f"got {sorted(body)}")

@@ -2,6 +2,7 @@
 generation on a tiny model, the server's recorded view (DESIGN.md s6), refusal of anything but
 ring tensors, and single-use triples."""
 import math
+import os
 
 import numpy as np
 import pytest
@@ -107,37 +108,38 @@ def test_server_view_structure_uniformity_refusals(model, tmp_path):
                 await conn.channel.request(t, body, reply)
             return e.value.code
 
-    seed = np.zeros(mpc_service.SEED_WORDS, np.int64)
-    setup = (MsgType.MPC_SETUP, {"triples": "dealer", "ranges": "narrow", "batch": 1024, "seed": seed},
-             MsgType.MPC_SETUP_OK)
+    def setup():  # a fresh dealer seed each time: the server refuses a seed it has seen
+        seed = np.frombuffer(os.urandom(8 * mpc_service.SEED_WORDS), np.int64).copy()
+        return MsgType.MPC_SETUP, {"triples": "dealer", "ranges": "narrow", "batch": 1024, "seed": seed}, \
+            MsgType.MPC_SETUP_OK
     d = model.config.hidden
 
     async def main():
         async with tls_server(tmp_path, model=model, record_dir=str(rec), idle_timeout=3) as (server, cfg):
             # a float tensor where ring elements belong is refused: as the input, as an opening
-            assert await refused(cfg, setup, (MsgType.MPC_INPUT, {"m": np.zeros((2, d), np.float32)},
+            assert await refused(cfg, setup(), (MsgType.MPC_INPUT, {"m": np.zeros((2, d), np.float32)},
                                               MsgType.MPC_OPEN_OK)) == "malformed"
-            assert await refused(cfg, setup, (MsgType.MPC_INPUT, {"m": np.zeros((2, d), np.int64)}, None),
+            assert await refused(cfg, setup(), (MsgType.MPC_INPUT, {"m": np.zeros((2, d), np.int64)}, None),
                                  (MsgType.MPC_OPEN, {"v": np.zeros(2 * 2 * d, np.float64)},
                                   MsgType.MPC_OPEN_OK)) == "malformed"
             # an extra field, a float seed, or anything of another protocol
-            assert await refused(cfg, setup, (MsgType.MPC_INPUT, {"m": np.zeros((2, d), np.int64), "x": 1},
+            assert await refused(cfg, setup(), (MsgType.MPC_INPUT, {"m": np.zeros((2, d), np.int64), "x": 1},
                                               MsgType.MPC_OPEN_OK)) == "malformed"
-            assert await refused(cfg, (MsgType.MPC_SETUP, {**setup[1], "seed": np.zeros(4)},
+            assert await refused(cfg, (MsgType.MPC_SETUP, {**setup()[1], "seed": np.zeros(4)},
                                        MsgType.MPC_SETUP_OK)) == "malformed"
             assert await refused(cfg, (MsgType.MASKED_LINEAR, {"unit": "layers.0.qkv", "m": np.zeros((1, d), np.int64)},
                                        MsgType.MASKED_LINEAR_OK)) == "wrong_state"
             # a client that goes silent mid-forward is timed out; one that vanishes frees its session
             async with connect(cfg) as conn:
                 await conn.open_session("v3-mpc", model.fingerprint(), 64)
-                await conn.channel.request(*setup)
+                await conn.channel.request(*setup())
                 await conn.channel.send(MsgType.MPC_INPUT, {"m": np.zeros((2, d), np.int64)})
                 with pytest.raises(RemoteError) as e:
                     await conn.channel.expect(MsgType.MPC_OPEN_OK)
                 assert e.value.code == "idle_timeout"
             async with connect(cfg) as conn:
                 await conn.open_session("v3-mpc", model.fingerprint(), 64)
-                await conn.channel.request(*setup)
+                await conn.channel.request(*setup())
                 await conn.channel.send(MsgType.MPC_INPUT, {"m": np.zeros((2, d), np.int64)})
                 await conn.channel.stream.aclose()
                 conn.session = None
@@ -186,21 +188,32 @@ def test_seeded_dealer_triples_combine_and_are_single_use():
         t.take()
 
 
-def test_a_second_setup_which_would_replay_the_triples_is_refused(model, tmp_path):
+def test_setups_which_would_replay_triples_are_refused(model, tmp_path):
+    """A second set-up in a session, or a dealer seed an earlier session used, would replay triples."""
     seed = np.frombuffer(bytes(range(32)), np.int64).copy()
     setup = {"triples": "dealer", "ranges": "narrow", "batch": 1024, "seed": seed}
+
+    async def session(cfg, body):
+        async with connect(cfg) as conn:
+            await conn.open_session("v3-mpc", model.fingerprint(), 64)
+            await conn.channel.request(MsgType.MPC_SETUP, body, MsgType.MPC_SETUP_OK)
+            return conn.channel
 
     async def main():
         async with tls_server(tmp_path, model=model) as (server, cfg):
             async with connect(cfg) as conn:
                 await conn.open_session("v3-mpc", model.fingerprint(), 64)
                 await conn.channel.request(MsgType.MPC_SETUP, setup, MsgType.MPC_SETUP_OK)
-                with pytest.raises(RemoteError) as e:
-                    await conn.channel.request(MsgType.MPC_SETUP, setup, MsgType.MPC_SETUP_OK)
-                return e.value
+                with pytest.raises(RemoteError) as again:
+                    await conn.channel.request(MsgType.MPC_SETUP, {**setup, "seed": seed + 1}, MsgType.MPC_SETUP_OK)
+            with pytest.raises(RemoteError) as replay:
+                await session(cfg, setup)
+            await session(cfg, {**setup, "seed": seed + 2})  # a fresh seed is accepted
+        return again.value, replay.value
 
-    err = trio.run(main)
-    assert err.code == "wrong_state" and "single-use" in err.message
+    same_session, same_seed = trio.run(main)
+    assert same_session.code == "wrong_state" and "single-use" in same_session.message
+    assert same_seed.code == "malformed" and "already used" in same_seed.message
 
 
 def test_ot_triples_over_tls_equal_the_reference(model, tmp_path):
@@ -245,8 +258,6 @@ def test_cli_generate_v3_mpc_between_two_processes(tmp_path):
 def test_party_engines_over_a_memory_stream_pair_compute_what_the_simulator_does():
     """The same engine code, one party per thread, over an in-memory stream pair (no TLS): shares,
     products, the exact comparison, softmax and the reveal."""
-    import os
-
     import trio.testing
 
     from shardlm.party.channel import Channel
