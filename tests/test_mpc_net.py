@@ -115,7 +115,7 @@ def test_server_view_structure_uniformity_refusals(model, tmp_path):
     d = model.config.hidden
 
     async def main():
-        async with tls_server(tmp_path, model=model, record_dir=str(rec), idle_timeout=3) as (server, cfg):
+        async with tls_server(tmp_path, model=model, record_dir=str(rec), idle_timeout=1.5) as (server, cfg):
             # a float tensor where ring elements belong is refused: as the input, as an opening
             assert await refused(cfg, setup(), (MsgType.MPC_INPUT, {"m": np.zeros((2, d), np.float32)},
                                               MsgType.MPC_OPEN_OK)) == "malformed"
@@ -216,12 +216,30 @@ def test_setups_which_would_replay_triples_are_refused(model, tmp_path):
     assert same_seed.code == "malformed" and "already used" in same_seed.message
 
 
-def test_ot_triples_over_tls_equal_the_reference(model, tmp_path):
-    """Dealer-free triples (IKNP + Gilboa over the session channel); no comparisons (no AND triples)."""
-    n = 3
-    rep = _generate(model, tmp_path, PROMPT, n, {"triples": "ot", "mpc_ranges": "narrow", "triple_batch": 1 << 15})
-    assert rep.result.token_ids == reference_generate(model, PROMPT, n, GREEDY, stop_ids=())
-    assert rep.stats["ot-base"]["rounds"] >= 1  # the base OTs ran, in the offline phase
+def test_ot_triples_over_tls_equal_the_reference_and_the_client_view_is_uniform(model, tmp_path):
+    """Dealer-free triples (IKNP + Gilboa over the session channel; no comparisons: no AND triples).
+    Nobody knows the triples, so what the client receives of the server's shares is uniform too."""
+    import dataclasses
+
+    n, rec = 2, tmp_path / "client-view"
+    prompts = [PROMPT[:4], [250, 1, 1, 99]]
+    opts = {"triples": "ot", "mpc_ranges": "narrow", "triple_batch": 1 << 13}
+
+    async def main():
+        async with tls_server(tmp_path, model=model) as (server, cfg):
+            cfg = dataclasses.replace(cfg, record_dir=str(rec))
+            return [await run_generation(cfg, model, "v3-mpc", p, n, GREEDY, ignore_eos=True, options=opts)
+                    for p in prompts]
+
+    for p, rep in zip(prompts, trio.run(main)):
+        assert rep.result.token_ids == reference_generate(model, p, n, GREEDY, stop_ids=())
+        assert rep.stats["ot-base"]["rounds"] >= 1  # the base OTs ran, in the offline phase
+    views = [load_transcript(x)[1] for x in session_dirs(rec)]
+    assert [meta["role"] for meta in (load_transcript(x)[0] for x in session_dirs(rec))] == ["client"] * 2
+    assert [(m.type, m.frame_bytes) for m in views[0]] == [(m.type, m.frame_bytes) for m in views[1]]
+    opened = [m.body["v"] for v in views for m in v if m.type == MsgType.MPC_OPEN_OK]
+    assert sum(o.size for o in opened) > 50_000
+    assert_uniform_ring(opened)  # the server's shares of x - a: a uniform, known to nobody
     with pytest.raises(ValueError, match="AND"):  # comparisons need AND triples: refused, no fallback
         mpc_service.client_factory(None, model, prompt_tokens=7, max_tokens=2, triples="ot", mpc_ranges="wide")
 
