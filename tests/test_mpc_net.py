@@ -115,7 +115,7 @@ def test_server_view_structure_uniformity_refusals(model, tmp_path):
     d = model.config.hidden
 
     async def main():
-        async with tls_server(tmp_path, model=model, record_dir=str(rec), idle_timeout=1.5) as (server, cfg):
+        async with tls_server(tmp_path, model=model, record_dir=str(rec), idle_timeout=2) as (server, cfg):
             # a float tensor where ring elements belong is refused: as the input, as an opening
             assert await refused(cfg, setup(), (MsgType.MPC_INPUT, {"m": np.zeros((2, d), np.float32)},
                                               MsgType.MPC_OPEN_OK)) == "malformed"
