@@ -472,7 +472,8 @@ def generation_options(fn):
         click.option("-m", "--model", "model_spec", default="smollm2", show_default=True, envvar="SHARDLM_MODEL",
                      show_envvar=True, help="'smollm2' or a path; must be the same model the server holds."),
         click.option("--protocol", default="v3", show_default=True, envvar="SHARDLM_PROTOCOL", show_envvar=True,
-                     help="plain (insecure baseline), v2, v3, v3-mpc, v3-cc, or split (NOT private: layer split)."),
+                     help="plain (insecure baseline), v2, v3, v3-2r (v3 in 2 rounds per layer: for slow "
+                          "links), v3-mpc, v3-cc, or split (NOT private: layer split)."),
         click.option("--max-tokens", default=64, show_default=True, help="Tokens to generate at most."),
         click.option("--temperature", default=0.0, show_default=True, help="0 is greedy."),
         click.option("--top-k", type=int, help="Sample from the k most likely tokens."),
@@ -526,7 +527,7 @@ def generate(prompt, model_spec, protocol, max_tokens, temperature, top_k, top_p
              protocol_options, material, local, timing, client_config, as_json):
     """Generate a completion, streaming tokens as they come.
 
-    With --protocol v2/v3 the server only ever sees one-time-padded ring elements; `plain`
+    With --protocol v2/v3/v3-2r the server only ever sees one-time-padded ring elements; `plain`
     is the insecure baseline. --json prints one object (text, token_ids, timing, bytes, rounds,
     offline_ms) instead of streaming.
     """
@@ -613,7 +614,7 @@ def chat(model_spec, protocol, max_tokens, temperature, top_k, top_p, seed, syst
 @cli.command()
 @click.option("-m", "--model", "model_spec", default="smollm2", show_default=True, envvar="SHARDLM_MODEL",
               show_envvar=True)
-@click.option("--protocol", type=click.Choice(["v2", "v3", "v3-mpc"]), default="v3", show_default=True)
+@click.option("--protocol", type=click.Choice(["v2", "v3", "v3-2r", "v3-mpc"]), default="v3", show_default=True)
 @click.option("--tokens", type=int, required=True,
               help="Positions the material covers: prompt tokens + tokens to generate.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),

@@ -17,9 +17,10 @@ import torch
 
 from . import nonlinear as nl
 from .nonlinear import KVCache
-from .plan import Embed, Linear, Plan
+from .plan import Composite, Embed, Linear, Plan
 
-LinearRequest = tuple[tuple[Linear, ...], torch.Tensor]
+# (ops, x), or with precompose=True also (Composite, (first's input, residual + first's bias))
+LinearRequest = tuple[tuple[Linear, ...] | Composite, torch.Tensor | tuple[torch.Tensor, torch.Tensor]]
 Forward = Generator[LinearRequest, list[torch.Tensor], torch.Tensor]
 
 
@@ -28,7 +29,7 @@ def forward_steps(plan: Plan, weights: dict[str, torch.Tensor], ids: torch.Tenso
                   timings: dict[str, float] | None = None, layers: tuple[int, int] | None = None,
                   inputs: torch.Tensor | None = None, advance: bool = True,
                   positions: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-                  embedded: torch.Tensor | None = None) -> Forward:
+                  embedded: torch.Tensor | None = None, precompose: bool = False) -> Forward:
     """Run the plan over the T token ids after the cache; return logits (T or 1, vocab).
 
     ``timings`` (optional) accumulates seconds spent in the embedding and in nonlinear stages.
@@ -43,6 +44,9 @@ def forward_steps(plan: Plan, weights: dict[str, torch.Tensor], ids: torch.Tenso
     causal mask (see models/nonlinear.attention).
     ``embedded`` (optional): the T embedding rows obtained elsewhere (e.g. by oblivious transfer),
     used instead of looking ``ids`` up in the table.
+    ``precompose=True``: where the plan has a :class:`~.plan.Composite` (a residual linear op,
+    the next norm and the group reading it), yield it as one request ``(composite, (a, res))``
+    and finish the norm here from the reply (see ``Composite``); elsewhere as usual.
     """
     steps = plan.steps
     lo, hi = 0, len(steps)
@@ -73,11 +77,23 @@ def forward_steps(plan: Plan, weights: dict[str, torch.Tensor], ids: torch.Tenso
         if i == plan.head_start and not all_logits:
             env[step.inp] = env[step.inp][-1:]  # only the last position's logits are wanted
         if isinstance(step, Linear):
-            ops = [step]
-            if fuse and step.fuse_group:
-                while i + len(ops) < len(steps) and getattr(steps[i + len(ops)], "fuse_group", None) == step.fuse_group:
-                    ops.append(steps[i + len(ops)])
-            outs = yield tuple(ops), env[step.inp]
+            comp = plan.composite_at(i, fuse) if precompose else None
+            if comp is not None and i + 3 + len(comp.then) <= hi:
+                res = env[comp.residual]
+                # the request: (first's input, residual + first's bias); the reply: first's
+                # output (bias included), then each `then` op's T (res + first(a)), no bias
+                outs = yield comp, (env[step.inp], res + weights[step.bias] if step.bias else res)
+                env[step.out] = outs[0]
+                t0 = time.perf_counter()
+                nl.run_stage(comp.add, env, weights, ids, cache, rope)
+                for op, pre in zip(comp.then, outs[1:]):
+                    env[op.out] = nl.norm_linear(pre, env[comp.add.out], comp.norm, op, weights)
+                if timings is not None:
+                    timings["nonlinear"] = timings.get("nonlinear", 0.0) + time.perf_counter() - t0
+                i += 3 + len(comp.then)
+                continue
+            ops = plan.group_at(i, fuse)
+            outs = yield ops, env[step.inp]
             for op, out in zip(ops, outs):
                 env[op.out] = out
             i += len(ops)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import ModelConfig, ModelError
-from .plan import Activation, Add, Attention, Embed, Norm, Step
+from .plan import Activation, Add, Attention, Embed, Linear, Norm, Step
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -22,6 +22,19 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+def norm_linear(pre: torch.Tensor, x: torch.Tensor, norm: Norm, op: Linear, weights: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``op(norm(x))`` from ``pre = (W diag(g)) x``, the product a precomposed request returns
+    (plan.Composite): the norm's row statistics of ``x`` applied after the product."""
+    if norm.kind == "rms":
+        out = pre * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps)
+    else:
+        mu = x.mean(-1, keepdim=True)
+        inv = torch.rsqrt(x.var(-1, unbiased=False, keepdim=True) + norm.eps)
+        w = weights[op.weight]
+        out = (pre - mu * (w @ weights[norm.weight])) * inv + w @ weights[norm.bias]
+    return out + weights[op.bias] if op.bias else out
 
 
 def silu_gate(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

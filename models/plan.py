@@ -87,6 +87,33 @@ Step = Union[Linear, Embed, Norm, Attention, Activation, Add]
 
 
 @dataclass(frozen=True)
+class Composite:
+    """A linear op whose output joins the residual stream, precomposed with the next norm and
+    the linear group reading it (o with gate/up, down with the next layer's q/k/v).
+
+    Because a norm only scales (and, for LayerNorm, centres) its input row by statistics of that
+    row, ``then(norm(res + first(a)))`` is ``(T res + T first(a) - mu T g) / sigma + T beta + b``
+    with ``T = W_then diag(g)``: linear in ``(a, res)`` up to per-row scalars the client computes
+    from the new residual. So one request returns ``first(a)``, ``T res`` and ``(T W_first) a``
+    and saves a round per pair (models/executor.py finishes the norm).
+    """
+    first: Linear
+    add: Add
+    norm: Norm
+    then: tuple[Linear, ...]
+
+    @property
+    def name(self) -> str:
+        return f"{self.first.name}+{self.then[0].fuse_group or self.then[0].name}"
+
+    @property
+    def residual(self) -> str:
+        """The residual-stream activation that ``first``'s output is added to."""
+        a, b = self.add.inputs
+        return a if b == self.first.out else b
+
+
+@dataclass(frozen=True)
 class Plan:
     config: ModelConfig
     steps: tuple[Step, ...]
@@ -107,6 +134,42 @@ class Plan:
         starts = [i for i, s in enumerate(self.steps) if s.name.startswith("layers.") and s.name.endswith(".attn_norm")]
         bounds = starts + [self.head_start]
         return bounds[a], bounds[b]
+
+    def group_at(self, i: int, fuse: bool) -> tuple[Linear, ...]:
+        """The linear step at ``i`` and, when fusing, the rest of its fuse group after it."""
+        steps = self.steps
+        ops = [steps[i]]
+        if fuse and steps[i].fuse_group:
+            while i + len(ops) < len(steps) and getattr(steps[i + len(ops)], "fuse_group", None) == steps[i].fuse_group:
+                ops.append(steps[i + len(ops)])
+        return tuple(ops)
+
+    def composite_at(self, i: int, fuse: bool) -> Composite | None:
+        """The :class:`Composite` starting at linear step ``i``, if the steps there have its
+        shape: a single op, an Add of its output into the residual, a norm of the sum that is
+        not the final norm (the head is not precomposed: its matrix would be vocab x ffn), and
+        the linear group reading the norm."""
+        s = self.steps
+        if i + 3 >= len(s) or not isinstance(s[i], Linear) or len(self.group_at(i, fuse)) != 1:
+            return None
+        add, norm, nxt = s[i + 1], s[i + 2], s[i + 3]
+        if not (isinstance(add, Add) and s[i].out in add.inputs and add.out in add.inputs
+                and isinstance(norm, Norm) and norm.inp == add.out and i + 2 != self.head_start
+                and isinstance(nxt, Linear) and nxt.inp == norm.out):
+            return None
+        return Composite(s[i], add, norm, self.group_at(i + 3, fuse))
+
+    def composites(self, fuse: bool = True) -> list[Composite]:
+        """Every composite, in the order an executor meets them."""
+        out, i = [], 0
+        while i < len(self.steps):
+            c = self.composite_at(i, fuse)
+            if c is None:
+                i += 1
+            else:
+                out.append(c)
+                i += 3 + len(c.then)
+        return out
 
     def fuse_groups(self) -> dict[str, list[Linear]]:
         groups: dict[str, list[Linear]] = {}

@@ -83,7 +83,7 @@ def read_view(session_dir: str | Path) -> View:
         k = int(opened.body["layers"][0])
         return View(protocol, sid, torch.from_numpy(np.array(prefill.body["h"], dtype=np.float32)),
                     f"hidden states after block {k - 1} (split, k={k})", k)
-    if protocol in ("v2", "v3"):
+    if protocol in ("v2", "v3", "v3-2r"):
         first = next((m for m in msgs if m.type == MsgType.MASKED_LINEAR), None)
         if first is None:
             raise AuditError(f"{session_dir}: a {protocol} session without MASKED_LINEAR messages")
@@ -93,7 +93,7 @@ def read_view(session_dir: str | Path) -> View:
         return View(protocol, sid, m.to(torch.float64).float(),
                     f"layer-0 q/k/v input as the server received it ({protocol}: one-time-padded ring elements)",
                     None)
-    raise AuditError(f"{session_dir}: no inversion attack for protocol {protocol!r} (split, v2, v3)")
+    raise AuditError(f"{session_dir}: no inversion attack for protocol {protocol!r} (split, v2, v3, v3-2r)")
 
 
 class Inverter:

@@ -9,8 +9,16 @@ unit name (public: the same schedule for every prompt) and uniform ring tensors.
 
 - ``v2`` (the seeds' V2): one round per linear op, 7L+1 rounds per token for a SwiGLU model.
 - ``v3``: ops sharing an input are one fused unit (q/k/v, gate/up), the whole prompt goes in
-  one batch, weights stay resident on the server's device as float64 limb matrices:
+  one batch, weights stay resident on the server's device as int8 digit matrices (ring.py):
   4L+1 rounds per token.
+- ``v3-2r``: v3 with each residual projection precomposed with the next norm and projection
+  (models/plan.Composite: o with gate/up, down with the next layer's q/k/v). The client sends
+  ``[a | res]`` masked; the server returns ``first(a)``, ``(T first) a`` and ``T res``; the
+  client adds the residual, takes the norm's row statistics and finishes. 2L+2 rounds per token
+  (layer 0's q/k/v, 2L-1 composites, the last down, the head) for ~1.9x the weights the server
+  streams per token, and the composed matrices are exact integer products (ring.compose), so
+  server and dealer agree bit for bit. It trades server time for round trips (README has the
+  measured trade-off).
 
 What it does not hide: the number of tokens processed per round (prompt length, then one per
 decode step), timing, and that generation is happening.
@@ -19,90 +27,144 @@ decode step), timing, and that generation is happening.
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 
 import numpy as np
 import torch
+import trio
 
 from ..models.executor import forward_steps, run_async
 from ..models.reference import Reference
-from ..models.plan import Linear, Plan
+from ..models.plan import Composite, Linear, Plan
 from ..wire.errors import ErrorCode, ProtocolError
 from ..wire.msgtypes import MsgType
 from . import preprocess, ring
 from .ot import embedding
 from .registry import ProtocolSpec, register
 
-FUSED = {"v2": False, "v3": True}
+FUSED = {"v2": False, "v3": True, "v3-2r": True}
+PRECOMPOSED = {"v3-2r"}  # variants whose plan runs with precomposed units (plan.Composite)
 # Part of the protocol: the server encodes weights with these bits, the client decodes with them.
 FIXED_POINT = ring.FixedPoint()
 
 
 @dataclasses.dataclass(frozen=True)
 class Unit:
-    """One offload: ops sharing an input, computed as one (sum of outs, in) matrix."""
+    """One offload: ops sharing an input, computed as one (sum of outs, in) matrix; or a
+    precomposed pair (``composite``): input ``[a | res]``, output ``[first(a) | T first(a) | T res]``."""
 
     name: str
     ops: tuple[Linear, ...]
     in_dim: int
     out_dim: int
     head: bool  # the LM head sees one row per forward (only the last position's logits)
+    composite: Composite | None = None
 
 
 def units_for(plan: Plan, variant: str) -> dict[str, Unit]:
-    fused = FUSED[variant]
-    groups: dict[str, list[Linear]] = {}
-    for op in plan.linears:
-        key = op.fuse_group if fused and op.fuse_group else op.name
-        groups.setdefault(key, []).append(op)
-    head_ops = {s.name for s in plan.steps[plan.head_start:] if isinstance(s, Linear)}
-    return {
-        key: Unit(key, tuple(ops), ops[0].in_dim, sum(o.out_dim for o in ops), ops[0].name in head_ops)
-        for key, ops in groups.items()
-    }
+    """The offload units in the order the executor meets them (its grouping, plan.group_at /
+    plan.composite_at, is the one definition of what goes together)."""
+    fused, precompose = FUSED[variant], variant in PRECOMPOSED
+    units: dict[str, Unit] = {}
+    i = 0
+    while i < len(plan.steps):
+        comp = plan.composite_at(i, fused) if precompose else None
+        if comp is not None:
+            out2 = sum(op.out_dim for op in comp.then)
+            units[comp.name] = Unit(comp.name, (comp.first, *comp.then), comp.first.in_dim + comp.first.out_dim,
+                                    comp.first.out_dim + 2 * out2, False, comp)
+            i += 3 + len(comp.then)
+        elif isinstance(plan.steps[i], Linear):
+            ops = plan.group_at(i, fused)
+            key = ops[0].fuse_group if fused and ops[0].fuse_group else ops[0].name
+            units[key] = Unit(key, ops, ops[0].in_dim, sum(o.out_dim for o in ops), i > plan.head_start)
+            i += len(ops)
+        else:
+            i += 1
+    return units
 
 
 def unit_weight(unit: Unit, weights: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.cat([weights[op.weight] for op in unit.ops])
 
 
+_BUILD_LOCK = threading.RLock()  # servers build matrices in worker threads: build each once
+
+
 def _cached(model, key, make):
-    cache = model.__dict__.setdefault("_masked_cache", {})
-    if key not in cache:
-        cache[key] = make()
-    return cache[key]
+    with _BUILD_LOCK:
+        cache = model.__dict__.setdefault("_masked_cache", {})
+        if key not in cache:
+            cache[key] = make()
+        return cache[key]
 
 
-class FusedMatrix:
-    """A unit of several ops: one product per op, concatenated (the ops' matrices are shared
-    with the unfused variant, so a server offering v2 and v3 holds the weights once)."""
+class ComposedMatrix:
+    """A precomposed unit (plan.Composite) on input ``[a | res]``, output
+    ``[first(a) | (T first) a | T res]`` with ``T`` the ``then`` group's weights times the norm's
+    gain: two GEMM calls (first and cross stacked share the input ``a``). The client decodes
+    the three parts with their own row scales, so ``a`` and ``res`` may use different
+    fixed-point scales."""
 
-    def __init__(self, parts: list[ring.RingMatrix]):
-        self.parts = parts
-        self.in_dim = parts[0].in_dim
-        self.out_dim = sum(p.out_dim for p in parts)
+    def __init__(self, a_side: ring.RingMatrix, t: ring.RingMatrix, encodings: list[tuple[torch.Tensor, int]]):
+        self.a_side, self.t = a_side, t
+        self.encodings = encodings  # (row scales, integer row L1 bound) of first, cross, T
+        self.in_dim = a_side.in_dim + t.in_dim
+        self.out_dim = a_side.out_dim + t.out_dim
 
     def matmul(self, m: torch.Tensor) -> torch.Tensor:
-        return torch.cat([p.matmul(m) for p in self.parts], dim=1)
+        k = self.a_side.in_dim
+        return torch.cat([self.a_side.matmul(m[:, :k]), self.t.matmul(m[:, k:])], dim=1)
 
 
-def matrices_for(model, variant: str, device="cpu") -> dict[str, ring.RingMatrix | FusedMatrix]:
-    """The model's ring weights for ``variant``, built once per process (server and dealer alike)."""
-    ops = _cached(model, ("op-matrices", str(device)), lambda: {
-        op.name: ring.RingMatrix.from_float(model.weights[op.weight], device) for op in model.plan.linears})
-    return {name: ops[u.ops[0].name] if len(u.ops) == 1 else FusedMatrix([ops[o.name] for o in u.ops])
-            for name, u in units_for(model.plan, variant).items()}
+def _composed(model, comp: Composite, device) -> ComposedMatrix:
+    w = model.weights
+    t = torch.cat([w[op.weight] for op in comp.then]).to(torch.float64) * w[comp.norm.weight].to(torch.float64)
+    first_int, first_scales = ring.encode_weights(w[comp.first.weight])
+    cross_int, cross_scales = ring.compose(t, w[comp.first.weight])
+    t_int, t_scales = ring.encode_weights(t)
+
+    def l1(ints):
+        return int(ints.abs().sum(dim=1).max())
+    a_side = ring.RingMatrix(torch.cat([first_int, cross_int]), device, torch.cat([first_scales, cross_scales]))
+    return ComposedMatrix(a_side, ring.RingMatrix(t_int, device, t_scales),
+                          [(first_scales, l1(first_int)), (cross_scales, l1(cross_int)), (t_scales, l1(t_int))])
 
 
-def encoding_for(model, variant: str) -> dict[str, tuple[torch.Tensor, int]]:
-    """Per unit: the public row scales (to decode products) and the largest integer row L1 norm
-    (to refuse an input whose product could wrap past 2^63 instead of decoding garbage)."""
+def matrices_for(model, variant: str, device="cpu") -> dict[str, ring.RingMatrix | ComposedMatrix]:
+    """The model's ring weights for ``variant``, built once per process (server and dealer alike)
+    and shared between variants where a unit is the same (a single op, or the same fused group).
+    A fused group is one matrix (one int8 GEMM call per unit: measured 2x faster for q/k/v
+    than one call per op), so a server that runs v2 and v3 holds those weights twice."""
+    def op_matrix(op: Linear):
+        return _cached(model, ("op", op.name, str(device)),
+                       lambda: ring.RingMatrix.from_float(model.weights[op.weight], device))
+
+    def build(u: Unit):
+        if u.composite is not None:
+            return _cached(model, ("composed", u.name, str(device)), lambda: _composed(model, u.composite, device))
+        if len(u.ops) == 1:
+            return op_matrix(u.ops[0])
+        return _cached(model, ("fused", u.name, str(device)),
+                       lambda: ring.RingMatrix.from_float(unit_weight(u, model.weights), device))
+    return {name: build(u) for name, u in units_for(model.plan, variant).items()}
+
+
+def encoding_for(model, variant: str) -> dict[str, list[tuple[torch.Tensor, int]]]:
+    """Per unit, per product part: the public row scales (to decode products) and the largest
+    integer row L1 norm (to refuse an input whose product could wrap past 2^63 instead of
+    decoding garbage). One part for a plain or fused unit, three for a composed one."""
     def make():
         out = {}
+        matrices = matrices_for(model, variant) if variant in PRECOMPOSED else {}
         for name, u in units_for(model.plan, variant).items():
+            if u.composite is not None:
+                out[name] = matrices[name].encodings
+                continue
             w = unit_weight(u, model.weights).to(torch.float64)
             scales = ring.row_scales(w)  # per row, so the same whether the unit is fused or not
-            out[name] = (scales, int(((w.abs().sum(dim=1) * scales).max()).ceil()))
+            out[name] = [(scales, int(((w.abs().sum(dim=1) * scales).max()).ceil()))]
         return out
     return _cached(model, ("encoding", variant), make)
 
@@ -130,7 +192,8 @@ class MaskedServerHandler:
 
     def __init__(self, session, variant: str):
         self.session = session
-        self.matrices = matrices_for(session.server.model, variant, session.server.config.device)
+        self.variant = variant
+        self.matrices = None  # built (once per process) on first use, off the event loop
         self.ot_sender = None
 
     async def handle(self, msg) -> None:
@@ -138,6 +201,9 @@ class MaskedServerHandler:
             self.ot_sender = await embedding.serve_rows(self.session.channel, self.session.server.model.embedding_table(),
                                                         request=msg.body, sender=self.ot_sender)
             return
+        if self.matrices is None:  # seconds for a large model: other sessions keep being served
+            server = self.session.server
+            self.matrices = await trio.to_thread.run_sync(matrices_for, server.model, self.variant, server.config.device)
         body = msg.body
         if set(body) != {"unit", "m"}:
             raise ProtocolError(ErrorCode.MALFORMED, f"MASKED_LINEAR takes exactly 'unit' and 'm', got {sorted(body)}")
@@ -182,28 +248,40 @@ class MaskedClient:
         self.cache = self.ref.new_cache(capacity)
         return self.cache
 
-    async def linear(self, ops: tuple[Linear, ...], x: torch.Tensor) -> list[torch.Tensor]:
-        unit = self.unit_of[ops[0].name]
-        assert unit.ops == ops, "the executor's grouping and the unit table disagree"
-        scales, l1_bound = self.encoding[unit.name]
-        bits = self.fx.bits_for(float(x.abs().max()), l1_bound)
-        r, wr = self.store.take(unit.name, x.shape[0])
-        m = self.fx.encode(x, bits) - r
+    async def linear(self, ops: tuple[Linear, ...] | Composite, x) -> list[torch.Tensor]:
+        comp = ops if isinstance(ops, Composite) else None
+        unit = self.unit_of[comp.first.name if comp else ops[0].name]
+        assert unit.composite == comp and (comp or unit.ops == ops), "the executor's grouping and the unit table disagree"
+        parts = self.encoding[unit.name]
+        if comp is None:
+            bits = [self.fx.bits_for(float(x.abs().max()), parts[0][1])]
+            encoded = self.fx.encode(x, bits[0])
+        else:  # input [a | res]: a meets the first and the cross products, res the T product
+            a, res = x
+            bits_a = min(self.fx.bits_for(float(a.abs().max()), l1) for _, l1 in parts[:2])
+            bits = [bits_a, bits_a, self.fx.bits_for(float(res.abs().max()), parts[2][1])]
+            encoded = torch.cat([self.fx.encode(a, bits_a), self.fx.encode(res, bits[2])], dim=1)
+        n = encoded.shape[0]
+        r, wr = self.store.take(unit.name, n)
+        m = encoded - r
         t0 = time.perf_counter()
         reply = await self.channel.request(MsgType.MASKED_LINEAR, {"unit": unit.name, "m": m.numpy()},
                                            MsgType.MASKED_LINEAR_OK)
         self.timings["wait"] = self.timings.get("wait", 0.0) + time.perf_counter() - t0
         y = reply.get("y")
-        if not isinstance(y, np.ndarray) or y.dtype != np.int64 or y.shape != (x.shape[0], unit.out_dim):
+        if not isinstance(y, np.ndarray) or y.dtype != np.int64 or y.shape != (n, unit.out_dim):
             raise ProtocolError(ErrorCode.MALFORMED, f"server returned a bad product for {unit.name}")
-        full = self.fx.decode_product(torch.from_numpy(y) + wr, bits, scales)
-        outs, at = [], 0
+        y = torch.from_numpy(y) + wr
+        decoded, at = [], 0
+        for b, (scales, _) in zip(bits, parts):
+            decoded.append(self.fx.decode_product(y[:, at:at + scales.numel()], b, scales))
+            at += scales.numel()
         w = self.model.weights
-        for op in ops:
-            part = full[:, at:at + op.out_dim]
-            at += op.out_dim
-            outs.append(part + w[op.bias] if op.bias else part)
-        return outs
+        if comp is not None:  # first(a) with its bias; per `then` op T (res + first(a)), the executor finishes
+            first = decoded[0] + w[comp.first.bias] if comp.first.bias else decoded[0]
+            return [first, *torch.split(decoded[2] + decoded[1], [op.out_dim for op in comp.then], dim=1)]
+        outs = torch.split(decoded[0], [op.out_dim for op in ops], dim=1)
+        return [part + w[op.bias] if op.bias else part for op, part in zip(ops, outs)]
 
     async def forward(self, ids: list[int]) -> torch.Tensor:
         embedded = None
@@ -215,7 +293,8 @@ class MaskedClient:
             embedded = torch.from_numpy(rows)
             self.timings["embed"] = self.timings.get("embed", 0.0) + time.perf_counter() - t0
         gen = forward_steps(self.model.plan, self.model.weights, torch.tensor(ids, dtype=torch.long), self.cache,
-                            self.ref.rope, fuse=FUSED[self.variant], timings=self.timings, embedded=embedded)
+                            self.ref.rope, fuse=FUSED[self.variant], timings=self.timings, embedded=embedded,
+                            precompose=self.variant in PRECOMPOSED)
         return (await run_async(gen, self.linear))[-1]
 
 
@@ -238,6 +317,9 @@ for _variant, _summary in (
     ("v2", "linear layers on the server over one-time-padded Z_2^64 inputs, one round per op (7L+1/token); "
            "nonlinear layers and KV cache on the client"),
     ("v3", "as v2 with fused q/k/v and gate/up, batched prefill, resident weights (4L+1 rounds/token)"),
+    ("v3-2r", "as v3 with each residual projection precomposed with the next norm and projection "
+              "(o with gate/up, down with the next q/k/v): 2L+2 rounds/token for ~1.9x the server's "
+              "weight traffic; pays off when round trips are slow"),
 ):
     register(ProtocolSpec(
         name=_variant, private=True, summary=_summary, needs_model=True,

@@ -25,20 +25,30 @@ pass over 3 bytes per weight:
 - ``P = [m_l rows] @ [d_0 | d_1 | d_2]`` exactly in int32 while ``128 * 128 * K < 2^31``;
 - ``m W^T = sum_{l,p} P_{l,p} 2^(8(l + p)) mod 2^64`` with wrapping int64 arithmetic.
 
-That is 24 multiply-adds per weight and row: right for a decode step (memory-bound), wrong for
-a long prefill (compute-bound; int8 GEMM here runs no faster per operation than float32). Above
-``INT8_MAX_ROWS`` rows the product instead splits ``m`` into limbs of ``b`` bits (16 for
-SmolLM2's K, chosen so ``2^b * max|W| * K < 2^53``) and runs one float64 GEMM: 4 float64
-multiply-adds per weight and row. Both paths give identical results; the tests check each
-against Python integers.
+That is 24 multiply-adds per weight and row, so the int8 GEMM's speed decides a decode step.
+``torch._int_mm`` here runs ~100 G multiply-adds/s; fbgemm's int8 GEMM (``quantized.
+linear_dynamic``, AVX512-VNNI) runs 1.6-2.6x faster on these shapes, but only offers a float32
+output of an input it quantizes itself. It is exact all the same when (a) the input holds the
+values -128 and 127 (two pad columns with zero weights), so the per-tensor quantization is
+scale 1, zero point 128, i.e. the digits themselves, and (b) every accumulator fits float32's
+24-bit integers: 128 * 128 * K <= 2^24, hence K is cut into chunks of 1024 summed in int64. A
+self-test at first use checks this exactness on the worst cases and falls back to
+``torch._int_mm`` if it fails (another engine or CPU).
+
+Above ``INT8_MAX_ROWS`` rows (a prefill: compute-bound) the product instead splits ``m`` into
+limbs of ``b`` bits (16 for SmolLM2's K, chosen so ``2^b * max|W| * K < 2^53``) and runs one
+float64 GEMM: 4 float64 multiply-adds per weight and row. All paths give identical results;
+the tests check each against Python integers.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import sys
+import warnings
 
 import numpy as np
 import torch
@@ -130,7 +140,41 @@ def random_ring(*shape: int) -> torch.Tensor:
     return MaskPRG().ring(*shape)
 
 
-INT8_MAX_ROWS = 8  # measured crossover (bench_ring): int8 wins below ~12 rows, float64 above
+INT8_MAX_ROWS = 4  # measured crossover (bench_ring, SmolLM2 shapes): int8 (fbgemm) wins up to ~4 rows, float64 above
+FBGEMM_K = 1024  # 128 * 128 * 1024 = 2^24: every accumulator of a chunk converts to float32 exactly
+
+
+def _pack_int8(w: torch.Tensor):
+    """fbgemm's packed form of int8 weights (out, k) with two zero pad columns, scale 1."""
+    w = torch.cat([w, torch.zeros(w.shape[0], 2, dtype=torch.int8)], dim=1)
+    with warnings.catch_warnings():  # torch marks quantized tensors deprecated; pinned torch has them
+        warnings.simplefilter("ignore")
+        return torch.ops.quantized.linear_prepack(torch._make_per_tensor_quantized_tensor(w, 1.0, 0), None)
+
+
+_PADS = torch.tensor([-128.0, 127.0])
+
+
+def _fbgemm_partial(x: torch.Tensor, packed) -> torch.Tensor:
+    """Exact ``x @ w^T`` (int64) for int8 ``x`` (rows, k <= 1024) and packed int8 ``w``."""
+    xf = torch.empty(x.shape[0], x.shape[1] + 2, dtype=torch.float32)
+    xf[:, :-2] = x
+    xf[:, -2:] = _PADS  # pins the dynamic quantization to scale 1, zero point 128
+    return torch.ops.quantized.linear_dynamic(xf, packed, False).to(torch.int64)
+
+
+@functools.cache
+def fbgemm_exact() -> bool:
+    """Whether fbgemm's int8 GEMM reproduces exact integer products here, worst cases included."""
+    try:
+        g = torch.Generator().manual_seed(0)
+        w = torch.randint(-128, 128, (64, FBGEMM_K), generator=g, dtype=torch.int8)
+        x = torch.randint(-128, 128, (8, FBGEMM_K), generator=g, dtype=torch.int8)
+        w[0], w[1], x[0], x[1] = -128, 127, -128, 127  # accumulators of +-2^24 and saturating pairs
+        return torch.equal(_fbgemm_partial(x, _pack_int8(w)), x.to(torch.int64) @ w.to(torch.int64).t())
+    except (RuntimeError, AttributeError):
+        return False
+
 N_LIMBS = 8  # balanced base-256 digits of the masked operand
 # 2^(7l + 8p) for limb l and weight digit p, as wrapping int64 factors, shaped (l, 1, p, 1)
 def _signed64(v: int) -> int:
@@ -171,16 +215,17 @@ class RingMatrix:
         # the largest |row . x| per unit |x|: the client's bound against wrapping past 2^63
         self.max_row_l1 = int(w_int.abs().sum(dim=1).max()) if w_int.numel() else 0
         self.f64_limb_bits = f64_limb_bits(self.max_abs, self.in_dim)
-        digits, rest = [], w_int
+        digits, rest = [], w_int.to(torch.int32)  # |W| < 2^23; bit operations, not division (~6x faster)
         for _ in range(N_DIGITS):
-            d = torch.remainder(rest + 128, 256) - 128
-            digits.append(d)
-            rest = (rest - d) // 256
+            d = torch.bitwise_and(rest + 128, 255) - 128
+            digits.append(d.to(torch.int8))
+            rest = torch.bitwise_right_shift(rest - d, 8)
         # (in, 3*out): the digit planes side by side, one GEMM pass over 3 bytes per weight
-        self.digits = torch.cat(digits, dim=0).t().contiguous().to(device=device, dtype=torch.int8)
+        self.digits = torch.cat(digits, dim=0).t().contiguous().to(device=device)
         self.device = self.digits.device
         self.row_scales = row_scales
         self._wt64: torch.Tensor | None = None  # the float64 path's weights, rebuilt from the digits on first use
+        self._packed: list | None = None  # fbgemm's packed digit planes per K chunk, made on first use
         b = self.f64_limb_bits
         shifts = list(range(0, 64, b))
         self._shifts64 = torch.tensor(shifts, device=self.device).view(-1, 1, 1)
@@ -217,9 +262,70 @@ class RingMatrix:
         # balanced digits in one pass: bytes of m + 0x80..80, each XOR 0x80 read as int8 = byte - 128
         raw = torch.add(m, _BALANCE).view(torch.uint8).view(n, self.in_dim, N_LIMBS)
         limbs = torch.bitwise_xor(raw, 0x80).view(torch.int8).permute(2, 0, 1).reshape(N_LIMBS * n, self.in_dim)
-        partial = torch._int_mm(limbs, self.digits)
+        if self.device.type == "cpu" and fbgemm_exact():
+            if self._packed is None:
+                wt = self.digits.t()
+                self._packed = [(lo, _pack_int8(wt[:, lo:lo + FBGEMM_K].contiguous()))
+                                for lo in range(0, self.in_dim, FBGEMM_K)]
+            partial = None
+            for lo, packed in self._packed:
+                y = _fbgemm_partial(limbs[:, lo:lo + FBGEMM_K], packed)
+                partial = y if partial is None else partial.add_(y)
+        else:
+            partial = torch._int_mm(limbs, self.digits)
         partial = partial.view(N_LIMBS, n, N_DIGITS, self.out_dim).to(torch.int64)
         return (partial * self._factors).sum(dim=(0, 2))  # int64 products and sums wrap mod 2^64
+
+
+def compose_bits(k: int) -> int:
+    """Bits for the right operand of :func:`exact_int_product` with 23-bit left entries."""
+    return min(28, 61 - 23 - math.ceil(math.log2(max(k, 2))))
+
+
+def exact_int_product(a: torch.Tensor, b: torch.Tensor, b_bits: int) -> torch.Tensor:
+    """``a @ b`` exactly in int64 for |a| <= WMAX and |b| < 2^b_bits: ``b`` is cut into two
+    halves so every float64 partial sum stays below 2^53 (exact in any summation order)."""
+    half = (b_bits + 1) // 2
+    if 23 + (b_bits - half + 1) + math.ceil(math.log2(max(a.shape[1], 2))) > 53:
+        raise OverflowError(f"k={a.shape[1]} is too large for an exact float64 product")
+    lo = torch.remainder(b + (1 << (half - 1)), 1 << half) - (1 << (half - 1))
+    hi = torch.bitwise_right_shift(b - lo, half)
+    af = a.to(torch.float64)
+    return (torch.bitwise_left_shift(torch.matmul(af, hi.to(torch.float64)).to(torch.int64), half)
+            + torch.matmul(af, lo.to(torch.float64)).to(torch.int64))
+
+
+def compose(t: torch.Tensor, w1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Integer weights and row scales of the float product ``t @ w1`` (out, k) @ (k, in), for
+    precomposed units.
+
+    Server and dealer must arrive at the very same integers, but a float GEMM's rounding depends
+    on its summation order (thread count, BLAS build), and one flipped rounding would make the
+    client's ``W r`` disagree with the server's ``W``. So the product is taken exactly over
+    integers: ``t``'s usual per-row encoding (23 bits) times ``w1`` encoded with one power-of-two
+    scale for the whole matrix (28 bits for k <= 1024, so the integer product stays below 2^61),
+    cut into two halves so that each float64 GEMM's partial sums stay below 2^53 — exact in any
+    order. Each row of the integer product is then rounded to 23 bits by an arithmetic shift;
+    its row scale follows from the two encodings.
+    """
+    t_int, t_scales = encode_weights(t)
+    b_bits = compose_bits(t.shape[1])
+    peak = float(w1.abs().max())
+    e = math.floor(math.log2((2**b_bits - 1) / peak)) if peak > 0 else 0
+    b = torch.round(w1.to(torch.float64) * 2.0**e).to(torch.int64)  # |b| < 2^b_bits, one scale 2^e
+    p = exact_int_product(t_int, b, b_bits)
+    top = p.abs().amax(dim=1)
+    shift = torch.zeros_like(top)
+    while True:  # per row, the smallest shift whose rounded row fits |W| <= WMAX
+        half = torch.where(shift > 0, torch.bitwise_left_shift(torch.ones_like(shift), (shift - 1).clamp_min(0)), 0)
+        over = torch.bitwise_right_shift(top + half, shift) > WMAX
+        if not over.any():
+            break
+        shift += over.to(torch.int64)
+    half = torch.where(shift > 0, torch.bitwise_left_shift(torch.ones_like(shift), (shift - 1).clamp_min(0)), 0)
+    c = torch.bitwise_right_shift(p + half[:, None], shift[:, None])
+    scales = t_scales * 2.0**e / torch.pow(2.0, shift.to(torch.float64))
+    return c, scales
 
 
 def exact_matmul_reference(m: np.ndarray, w_int: np.ndarray) -> np.ndarray:

@@ -49,7 +49,7 @@ def tiny(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("protocol", ["v3", "v2"])
+@pytest.mark.parametrize("protocol", ["v3", "v2", "v3-2r"])
 def test_smollm2_greedy_30_tokens_equal_the_reference_between_two_processes(smollm2, smollm2_server, protocol):
     out = json.loads(shardlm("generate", *smollm2_server, "-p", PROMPT, "--protocol", protocol,
                              "--max-tokens", "30", "--threads", "1", "--json").stdout)
@@ -58,8 +58,8 @@ def test_smollm2_greedy_30_tokens_equal_the_reference_between_two_processes(smol
     assert out["token_ids"] == want
     assert out["text"] == smollm2.tokenizer.decode(want, skip_special_tokens=True)
     assert out["private"] is True and out["protocol"] == protocol
-    per_layer = {"v3": 4, "v2": 7}[protocol]
-    assert out["phases"]["prefill"]["rounds"] == per_layer * 30 + 1
+    per_token = {"v3": 4 * 30 + 1, "v2": 7 * 30 + 1, "v3-2r": 2 * 30 + 2}[protocol]
+    assert out["phases"]["prefill"]["rounds"] == per_token
     for key in ("embedding_ms", "prefill_ms", "decode_ms", "total_ms"):
         assert out["timing"][key] >= 0
     assert out["offline_ms"] > 0 and out["bytes_sent"] > 0 and out["bytes_received"] > 0

@@ -39,7 +39,7 @@ async def _generate(server_model, client_model, tmp_path, protocol, prompt, n, *
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("protocol", ["plain", "v2", "v3"])
+@pytest.mark.parametrize("protocol", ["plain", "v2", "v3", "v3-2r"])
 def test_greedy_generation_equals_the_reference_on_tiny_models(tiny_models, tmp_path, family, protocol):
     model = tiny_models[family]
     prompt = [5, 77, 31, 200, 9, 14, 150]
@@ -47,20 +47,18 @@ def test_greedy_generation_equals_the_reference_on_tiny_models(tiny_models, tmp_
     rep = trio.run(_generate, model, model, tmp_path, protocol, prompt, 30)
     assert rep.result.token_ids == want
     L = model.config.n_layers
-    per_layer = {"plain": None, "v2": 7 if family != "gpt2" else 6, "v3": 4}[protocol]
-    decode = rep.stats["decode"]
-    if per_layer is None:
-        assert decode["rounds"] == 29  # one round per decode step
-    else:
-        assert decode["rounds"] == 29 * (per_layer * L + 1)
-        assert rep.stats["prefill"]["rounds"] == per_layer * L + 1
+    per_token = {"plain": 1, "v2": (7 if family != "gpt2" else 6) * L + 1, "v3": 4 * L + 1, "v3-2r": 2 * L + 2}[protocol]
+    assert rep.stats["decode"]["rounds"] == 29 * per_token  # 29 decode steps after the prefill
+    if protocol != "plain":
+        assert rep.stats["prefill"]["rounds"] == per_token
 
 
 def _ring_view(msgs):
     return [m for m in msgs if m.type == MsgType.MASKED_LINEAR]
 
 
-def test_server_view_structure_uniformity_and_no_plaintext(tiny_models, tmp_path):
+@pytest.mark.parametrize("protocol", ["v3", "v3-2r"])
+def test_server_view_structure_uniformity_and_no_plaintext(tiny_models, tmp_path, protocol):
     model = tiny_models["llama"]
     rec = tmp_path / "rec"
     prompts = [[5, 77, 31, 200, 9, 14, 150, 3], [250, 1, 1, 1, 99, 42, 7, 8]]
@@ -69,23 +67,23 @@ def test_server_view_structure_uniformity_and_no_plaintext(tiny_models, tmp_path
     async def main():
         async with tls_server(tmp_path, model=model, record_dir=str(rec)) as (server, cfg):
             for p in prompts:
-                await run_generation(cfg, model, "v3", p, 12, GREEDY, ignore_eos=True)
+                await run_generation(cfg, model, protocol, p, 12, GREEDY, ignore_eos=True)
             # a plaintext activation, or anything but the two fields, is refused
             async with connect(cfg) as conn:
-                await conn.open_session("v3", model.fingerprint(), 64)
+                await conn.open_session(protocol, model.fingerprint(), 64)
                 with pytest.raises(RemoteError) as e:
                     await conn.channel.request(MsgType.MASKED_LINEAR, {
                         "unit": "layers.0.qkv", "m": np.zeros((1, 64), np.float32)}, MsgType.MASKED_LINEAR_OK)
                 assert e.value.code == "malformed"
             async with connect(cfg) as conn:
-                await conn.open_session("v3", model.fingerprint(), 64)
+                await conn.open_session(protocol, model.fingerprint(), 64)
                 with pytest.raises(RemoteError) as e:
                     await conn.channel.request(MsgType.MASKED_LINEAR, {
                         "unit": "layers.0.qkv", "m": np.zeros((1, 64), np.int64), "x": np.zeros(3)},
                         MsgType.MASKED_LINEAR_OK)
                 assert e.value.code == "malformed"
-            async with connect(cfg) as conn:  # requests of another protocol are refused in a v3 session
-                await conn.open_session("v3", model.fingerprint(), 64)
+            async with connect(cfg) as conn:  # requests of another protocol are refused in a v3/v3-2r session
+                await conn.open_session(protocol, model.fingerprint(), 64)
                 with pytest.raises(RemoteError) as e:
                     await conn.channel.request(MsgType.PLAIN_FORWARD, {"ids": np.array([1])}, MsgType.PLAIN_LOGITS)
                 assert e.value.code == "wrong_state"
@@ -103,7 +101,7 @@ def test_server_view_structure_uniformity_and_no_plaintext(tiny_models, tmp_path
         assert set(hello) == {"version", "protocol", "model_fingerprint", "max_seq_len"}
         for m in _ring_view(msgs):
             assert set(m.body) == {"unit", "m"} and m.body["m"].dtype == np.int64
-            assert m.body["unit"] in masked.units_for(model.plan, "v3")
+            assert m.body["unit"] in masked.units_for(model.plan, protocol)
     # (2) uniformity of everything the server received in the ring
     assert_uniform_ring([m.body["m"] for v in views for m in _ring_view(v)])
 
@@ -115,7 +113,7 @@ def test_masked_inputs_are_uncorrelated_with_the_plaintext(tiny_models, tmp_path
     orig = masked.MaskedClient.linear
 
     async def spy(self, ops, x):  # the real client, with its plaintext inputs noted on the side
-        l1_bound = self.encoding[self.unit_of[ops[0].name].name][1]
+        l1_bound = self.encoding[self.unit_of[ops[0].name].name][0][1]
         pairs.append(self.fx.encode(x, self.fx.bits_for(float(x.abs().max()), l1_bound)))
         return await orig(self, ops, x)
 

@@ -6,10 +6,15 @@ import torch
 from shardlm.protocols import ring
 
 
-@pytest.mark.parametrize("rows", [4, ring.INT8_MAX_ROWS + 3])  # the int8 and the float64 path
+@pytest.mark.parametrize("rows,kernel", [(4, "fbgemm"), (4, "int_mm"), (ring.INT8_MAX_ROWS + 3, "float64")])
 @pytest.mark.parametrize("max_w,k", [(1, 7), (127, 64), (ring.WMAX, 1536), (ring.WMAX, 300), (300, 5000),
                                      (ring.WMAX, 20000)])
-def test_ring_product_is_exact_mod_2_64(max_w, k, rows):
+def test_ring_product_is_exact_mod_2_64(max_w, k, rows, kernel, monkeypatch):
+    if kernel == "fbgemm":
+        if not ring.fbgemm_exact():
+            pytest.skip("fbgemm is not exact on this CPU: the ring uses torch._int_mm (the int_mm case)")
+    else:
+        monkeypatch.setattr(ring, "fbgemm_exact", lambda: False)
     g = torch.Generator().manual_seed(k)
     w = torch.randint(-max_w, max_w + 1, (5, k), generator=g)
     w[0, :] = max_w  # the bounds are reached: a full row of extreme weights ...
