@@ -454,11 +454,15 @@ def mpc_options(fn):
         click.option("--mpc-ranges", type=click.Choice(["wide", "narrow"]), default="wide", show_default=True,
                      help="v3-mpc: 'wide' uses secure comparisons (exact softmax max, sigmoid clipping; real "
                           "models need it); 'narrow' skips them (accurate only for small models)."),
+        click.option("--triple-batch", type=click.IntRange(1, 1 << 22),
+                     help="v3-mpc: elementwise triples per pool, the first made before the prompt is used "
+                          "(default 2^21 with the dealer, 2^14 with ot: 128 correlated OTs each)."),
     ]
 
     @functools.wraps(fn)
-    def wrapper(*args, triples, mpc_ranges, protocol_options=None, **kwargs):
-        options = {**(protocol_options or {}), "triples": triples, "mpc_ranges": mpc_ranges}
+    def wrapper(*args, triples, mpc_ranges, triple_batch, protocol_options=None, **kwargs):
+        options = {**(protocol_options or {}), "triples": triples, "mpc_ranges": mpc_ranges,
+                   "triple_batch": triple_batch}
         return fn(*args, protocol_options=options, **kwargs)
 
     for opt in reversed(opts):

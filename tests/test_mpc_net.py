@@ -258,7 +258,8 @@ def test_cli_generate_v3_mpc_between_two_processes(tmp_path):
                   "--max-tokens", "3", "--threads", "1", "--json"]
         # the offline phase ahead of time: mask material over v3-mpc's ring weights
         shardlm("preprocess", "-m", str(d), "--protocol", "v3-mpc", "--tokens", "16", "--out", str(tmp_path / "st"))
-        out = json.loads(shardlm(*common, "--mpc-ranges", "narrow", "--material", str(tmp_path / "st")).stdout)
+        out = json.loads(shardlm(*common, "--mpc-ranges", "narrow", "--triple-batch", "4096", "--material",
+                                 str(tmp_path / "st")).stdout)
         tiny = load_model(str(d))
         assert out["token_ids"] == reference_generate(tiny, tiny.tokenizer.encode("hello world"), 3, GREEDY,
                                                       stop_ids=tiny.eos_ids)
