@@ -235,7 +235,9 @@ class Engine:
         pairs, parts = [], []
         for x, k in items:
             k = torch.as_tensor(k, dtype=torch.int64)
-            uc = x.c + _OFFSET  # the client adds 2^62: the value is now in [0, 2^63)
+            # the client adds 2^62: the value is now in [0, 2^63) (a party engine on the server adds it to
+            # its don't-care c slot only; so do the public e&d and e*d terms of the Beaver products)
+            uc = x.c + _OFFSET
             us = x.s
             mc, ms = _msb(uc), _msb(us)
             zero = torch.zeros_like(mc)
