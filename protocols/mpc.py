@@ -9,8 +9,8 @@ round), the client's input and linear-layer re-shares are one-way messages, and 
 logits are revealed, to the client. Triples: the client as seeded dealer
 (:class:`beaver.SeededDealerProvider`) or joint IKNP/Gilboa generation over the session channel
 (:class:`beaver_ot.NetOTProvider`, no AND triples, so no comparisons). Rounds are not
-optimised: about 730 per layer per forward with comparisons (21.9k per SmolLM2 decode token,
-61% of them in the norms' rsqrt), which dominates the online time.
+optimised: about 390 per layer per forward with comparisons (11.7k per SmolLM2 decode token,
+most in softmax and SiLU), which dominates the online time.
 
 Encoding. A real ``x`` is the ring element ``round(x * 2^F)`` (``F = FRAC_BITS``), read as a
 signed int64; shares ``x = x_c + x_s mod 2^64``.

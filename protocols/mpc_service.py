@@ -202,7 +202,8 @@ class MPCServerHandler:
         except ValueError as exc:
             raise ProtocolError(ErrorCode.MALFORMED, str(exc)) from None
         engine = mpc.Engine(provider, transport=self.transport)
-        self.executor = mpc.MPCExecutor(self.model, engine, ranges)
+        # the ring weights are built once per process, off the event loop (seconds for SmolLM2)
+        self.executor = await trio.to_thread.run_sync(lambda: mpc.MPCExecutor(self.model, engine, ranges))
         await self.session.channel.send(MsgType.MPC_SETUP_OK, {})
         await trio.to_thread.run_sync(provider.prefill)  # the first pool (joint with the client for ot)
 
