@@ -423,51 +423,42 @@ def _human_report(out: dict) -> str:
     return "\n".join(lines)
 
 
-def split_options(fn):
-    """`split` protocol settings, handed to the protocol as ``protocol_options``."""
-    opts = [
-        click.option("--split-layers", default=2, show_default=True,
-                     help="split: blocks the client runs at each end (the server runs the rest). NOT private."),
-        click.option("--jacobi-block", default=0, show_default=True,
-                     help="split: Jacobi decoding with blocks of this many tokens (0: one token per round; greedy only)."),
-        click.option("--jacobi-iters", type=int, help="split: Jacobi iterations before the guesses restart (default: never)."),
-    ]
+def _protocol_option_group(doc: str, opts: list, names: tuple[str, ...]):
+    """A decorator adding ``opts`` whose values (parameters ``names``) are merged into
+    ``protocol_options``, the settings handed to the protocol's client factory."""
+    def decorate(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, protocol_options=None, **kwargs):
+            options = {**(protocol_options or {}), **{n: kwargs.pop(n) for n in names}}
+            return fn(*args, protocol_options=options, **kwargs)
 
-    @functools.wraps(fn)
-    def wrapper(*args, split_layers, jacobi_block, jacobi_iters, protocol_options=None, **kwargs):
-        options = {**(protocol_options or {}), "split_layers": split_layers, "jacobi_block": jacobi_block,
-                   "jacobi_iters": jacobi_iters}
-        return fn(*args, protocol_options=options, **kwargs)
-
-    for opt in reversed(opts):
-        wrapper = opt(wrapper)
-    return wrapper
+        for opt in reversed(opts):
+            wrapper = opt(wrapper)
+        return wrapper
+    decorate.__doc__ = doc
+    return decorate
 
 
-def mpc_options(fn):
-    """`v3-mpc` settings, merged into ``protocol_options``."""
-    opts = [
-        click.option("--triples", type=click.Choice(["dealer", "ot"]), default="dealer", show_default=True,
-                     help="v3-mpc: Beaver triples from the client as trusted dealer (it could unmask; it owns the "
-                          "prompt), or made jointly by IKNP OT so nobody knows them (no secure comparisons: "
-                          "needs --mpc-ranges narrow)."),
-        click.option("--mpc-ranges", type=click.Choice(["wide", "narrow"]), default="wide", show_default=True,
-                     help="v3-mpc: 'wide' uses secure comparisons (exact softmax max, sigmoid clipping; real "
-                          "models need it); 'narrow' skips them (accurate only for small models)."),
-        click.option("--triple-batch", type=click.IntRange(1, 1 << 22),
-                     help="v3-mpc: elementwise triples per pool, the first made before the prompt is used "
-                          "(default 2^21 with the dealer, 2^14 with ot: 128 correlated OTs each)."),
-    ]
+split_options = _protocol_option_group("`split` protocol settings.", [
+    click.option("--split-layers", default=2, show_default=True,
+                 help="split: blocks the client runs at each end (the server runs the rest). NOT private."),
+    click.option("--jacobi-block", default=0, show_default=True,
+                 help="split: Jacobi decoding with blocks of this many tokens (0: one token per round; greedy only)."),
+    click.option("--jacobi-iters", type=int, help="split: Jacobi iterations before the guesses restart (default: never)."),
+], ("split_layers", "jacobi_block", "jacobi_iters"))
 
-    @functools.wraps(fn)
-    def wrapper(*args, triples, mpc_ranges, triple_batch, protocol_options=None, **kwargs):
-        options = {**(protocol_options or {}), "triples": triples, "mpc_ranges": mpc_ranges,
-                   "triple_batch": triple_batch}
-        return fn(*args, protocol_options=options, **kwargs)
-
-    for opt in reversed(opts):
-        wrapper = opt(wrapper)
-    return wrapper
+mpc_options = _protocol_option_group("`v3-mpc` settings.", [
+    click.option("--triples", type=click.Choice(["dealer", "ot"]), default="dealer", show_default=True,
+                 help="v3-mpc: Beaver triples from the client as trusted dealer (it could unmask; it owns the "
+                      "prompt), or made jointly by IKNP OT so nobody knows them (no secure comparisons: "
+                      "needs --mpc-ranges narrow)."),
+    click.option("--mpc-ranges", type=click.Choice(["wide", "narrow"]), default="wide", show_default=True,
+                 help="v3-mpc: 'wide' uses secure comparisons (exact softmax max, sigmoid clipping; real "
+                      "models need it); 'narrow' skips them (accurate only for small models)."),
+    click.option("--triple-batch", type=click.IntRange(1, 1 << 22),
+                 help="v3-mpc: elementwise triples per pool, the first made before the prompt is used "
+                      "(default 2^21 with the dealer, 2^14 with ot: 128 correlated OTs each)."),
+], ("triples", "mpc_ranges", "triple_batch"))
 
 
 def generation_options(fn):
