@@ -423,35 +423,52 @@ def _human_report(out: dict) -> str:
     return "\n".join(lines)
 
 
-def split_options(fn):
-    """`split` protocol settings, handed to the protocol as ``protocol_options``."""
-    opts = [
-        click.option("--split-layers", default=2, show_default=True,
-                     help="split: blocks the client runs at each end (the server runs the rest). NOT private."),
-        click.option("--jacobi-block", default=0, show_default=True,
-                     help="split: Jacobi decoding with blocks of this many tokens (0: one token per round; greedy only)."),
-        click.option("--jacobi-iters", type=int, help="split: Jacobi iterations before the guesses restart (default: never)."),
-    ]
+def _protocol_option_group(doc: str, opts: list, names: tuple[str, ...]):
+    """A decorator adding ``opts`` whose values (parameters ``names``) are merged into
+    ``protocol_options``, the settings handed to the protocol's client factory."""
+    def decorate(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, protocol_options=None, **kwargs):
+            options = {**(protocol_options or {}), **{n: kwargs.pop(n) for n in names}}
+            return fn(*args, protocol_options=options, **kwargs)
 
-    @functools.wraps(fn)
-    def wrapper(*args, split_layers, jacobi_block, jacobi_iters, protocol_options=None, **kwargs):
-        options = {**(protocol_options or {}), "split_layers": split_layers, "jacobi_block": jacobi_block,
-                   "jacobi_iters": jacobi_iters}
-        return fn(*args, protocol_options=options, **kwargs)
+        for opt in reversed(opts):
+            wrapper = opt(wrapper)
+        return wrapper
+    decorate.__doc__ = doc
+    return decorate
 
-    for opt in reversed(opts):
-        wrapper = opt(wrapper)
-    return wrapper
+
+split_options = _protocol_option_group("`split` protocol settings.", [
+    click.option("--split-layers", default=2, show_default=True,
+                 help="split: blocks the client runs at each end (the server runs the rest). NOT private."),
+    click.option("--jacobi-block", default=0, show_default=True,
+                 help="split: Jacobi decoding with blocks of this many tokens (0: one token per round; greedy only)."),
+    click.option("--jacobi-iters", type=int, help="split: Jacobi iterations before the guesses restart (default: never)."),
+], ("split_layers", "jacobi_block", "jacobi_iters"))
+
+mpc_options = _protocol_option_group("`v3-mpc` settings.", [
+    click.option("--triples", type=click.Choice(["dealer", "ot"]), default="dealer", show_default=True,
+                 help="v3-mpc: Beaver triples from the client as trusted dealer (it could unmask; it owns the "
+                      "prompt), or made jointly by IKNP OT so nobody knows them (no secure comparisons: "
+                      "needs --mpc-ranges narrow)."),
+    click.option("--mpc-ranges", type=click.Choice(["wide", "narrow"]), default="wide", show_default=True,
+                 help="v3-mpc: 'wide' uses secure comparisons (exact softmax max, sigmoid clipping; real "
+                      "models need it); 'narrow' skips them (accurate only for small models)."),
+    click.option("--triple-batch", type=click.IntRange(1, 1 << 22),
+                 help="v3-mpc: elementwise triples per pool, the first made before the prompt is used "
+                      "(default 2^21 with the dealer, 2^14 with ot: 128 correlated OTs each)."),
+], ("triples", "mpc_ranges", "triple_batch"))
 
 
 def generation_options(fn):
-    fn = split_options(fn)
+    fn = mpc_options(split_options(fn))
     opts = [
         click.option("-m", "--model", "model_spec", default="smollm2", show_default=True, envvar="SHARDLM_MODEL",
                      show_envvar=True, help="'smollm2' or a path; must be the same model the server holds."),
         click.option("--protocol", default="v3", show_default=True, envvar="SHARDLM_PROTOCOL", show_envvar=True,
                      help="plain (insecure baseline), v2, v3, v3-2r (v3 in 2 rounds per layer: for slow "
-                          "links), v3-cc, or split (NOT private: layer split)."),
+                          "links), v3-mpc, v3-cc, or split (NOT private: layer split)."),
         click.option("--max-tokens", default=64, show_default=True, help="Tokens to generate at most."),
         click.option("--temperature", default=0.0, show_default=True, help="0 is greedy."),
         click.option("--top-k", type=int, help="Sample from the k most likely tokens."),
@@ -592,7 +609,7 @@ def chat(model_spec, protocol, max_tokens, temperature, top_k, top_p, seed, syst
 @cli.command()
 @click.option("-m", "--model", "model_spec", default="smollm2", show_default=True, envvar="SHARDLM_MODEL",
               show_envvar=True)
-@click.option("--protocol", type=click.Choice(["v2", "v3", "v3-2r"]), default="v3", show_default=True)
+@click.option("--protocol", type=click.Choice(["v2", "v3", "v3-2r", "v3-mpc"]), default="v3", show_default=True)
 @click.option("--tokens", type=int, required=True,
               help="Positions the material covers: prompt tokens + tokens to generate.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
@@ -615,12 +632,17 @@ def preprocess(model_spec, protocol, tokens, out_dir, threads, as_json):
     t0 = time.perf_counter()
     # rows for `tokens` positions whatever the prompt/generation split: prompt 1, generate tokens-1
     # needs the most head rows; prompt tokens-1, generate 1 the most body rows.
-    units = masked.units_for(model.plan, protocol)
+    units = masked.units_for(model.plan, "v3" if protocol == "v3-mpc" else protocol)
     rows = {n: tokens for n in units}
     from .protocols import preprocess as pre
 
-    store = pre.deal(masked.matrices_for(model, protocol), rows, model_fingerprint=model.fingerprint(),
-                     variant=protocol, fx=masked.FIXED_POINT, progress=_progress_printer(not as_json))
+    if protocol == "v3-mpc":  # over v3-mpc's own ring weights (power-of-two row scales)
+        from .protocols import mpc_service
+
+        store = mpc_service.deal_rows(model, rows, progress=_progress_printer(not as_json))
+    else:
+        store = pre.deal(masked.matrices_for(model, protocol), rows, model_fingerprint=model.fingerprint(),
+                         variant=protocol, fx=masked.FIXED_POINT, progress=_progress_printer(not as_json))
     store.save(out_dir)
     ms = (time.perf_counter() - t0) * 1e3
     size = sum(f.stat().st_size for f in Path(out_dir).iterdir())
@@ -645,6 +667,7 @@ def preprocess(model_spec, protocol, tokens, out_dir, threads, as_json):
 @click.option("--threads", type=int, envvar="SHARDLM_THREADS", show_envvar=True)
 @_CC_TRUST_OPTION
 @split_options
+@mpc_options
 @client_options
 @_json_option
 @_reports_errors

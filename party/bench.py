@@ -52,6 +52,7 @@ async def bench_protocol(cfg: ClientConfig, model, protocol: str, prompt_ids: li
         "model": model.name, "gpu": None, "device": cfg_device_note(),
         "version": protocol, "endpoint": protocol, "private": reports[0]["private"],
         "notes": reports[0].get("notes", []),
+        "protocol_stats": reports[0].get("protocol_stats"),
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds"),
         "config": {"prompt_tokens": len(prompt_ids), "max_new_tokens": max_tokens,
                    "temperature": sampling.temperature, "runs": runs, "warmup": warmup, "endpoint": protocol,

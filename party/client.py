@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import secrets
 import ssl
 import time
 
@@ -18,6 +19,7 @@ from ..wire.errors import ConnectionClosed
 from ..wire.msgtypes import MsgType
 from . import handshake
 from .channel import Channel
+from .transcript import TranscriptRecorder
 
 
 class ClientError(Exception):
@@ -35,6 +37,7 @@ class ClientConfig:
     connect_retries: int = 3
     net: netsim.NetSpec | None = None
     limits: frames.Limits = dataclasses.field(default_factory=frames.Limits)
+    record_dir: str | None = None  # record what this client receives (audits of the client's view)
 
 
 def parse_address(text: str) -> tuple[str, int]:
@@ -71,6 +74,8 @@ class Connection:
             MsgType.HELLO, handshake.hello(protocol, model_fingerprint, max_seq_len), MsgType.HELLO_OK
         )
         self.session = handshake.check_hello_ok(body, protocol=protocol)
+        if self.channel.recorder is not None:
+            self.channel.recorder.update_meta(protocol=protocol, model_fingerprint=model_fingerprint)
         return self.session
 
     async def ping(self, data=None, echo: bool = True) -> tuple[float, dict]:
@@ -123,7 +128,10 @@ async def connect(cfg: ClientConfig):
         except trio.TooSlowError as exc:
             await trio.aclose_forcefully(stream)
             raise ClientError(f"TLS handshake with {host}:{port} timed out after {cfg.timeout:g} s") from exc
-        channel = Channel(stream, limits=cfg.limits)
+        recorder = None
+        if cfg.record_dir:
+            recorder = TranscriptRecorder(cfg.record_dir, secrets.token_hex(8), role="client", peer=f"{host}:{port}")
+        channel = Channel(stream, limits=cfg.limits, recorder=recorder)
         conn = Connection(channel, cfg)
         try:
             yield conn

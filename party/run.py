@@ -26,6 +26,7 @@ class RunReport:
     stats: dict  # phase -> PhaseStats.as_dict()
     notes: list = dataclasses.field(default_factory=list)  # what the protocol's guarantee rests on
     warning: str | None = None  # what a non-private protocol exposes
+    protocol_stats: dict = dataclasses.field(default_factory=dict)  # a protocol's own counters (e.g. triples)
 
     def as_dict(self, tokenizer=None) -> dict:
         r = self.result
@@ -48,6 +49,8 @@ class RunReport:
             "prefill_rounds": prefill.get("rounds", 0),
             "notes": list(self.notes),
         }
+        if self.protocol_stats:
+            out["protocol_stats"] = self.protocol_stats
         if not self.private:
             out["warning"] = self.warning or "NOT PRIVATE"
         if tokenizer is not None:
@@ -86,4 +89,5 @@ async def run_generation(cfg: ClientConfig, model, protocol: str, prompt_ids: li
                  or s.messages_sent or s.messages_received}
     return RunReport(protocol, spec.private, session["session_id"], len(prompt_ids), result, client.offline_ms, stats,
                      list(getattr(client, "notes", [])),
-                     warning=None if spec.private else f"NOT PRIVATE: {spec.summary}")
+                     warning=None if spec.private else f"NOT PRIVATE: {spec.summary}",
+                     protocol_stats=dict(getattr(client, "protocol_stats", {})))

@@ -100,6 +100,38 @@ class TripleProvider:
         raise NotImplementedError
 
 
+class PooledProvider(TripleProvider):
+    """Elementwise triples sliced from flat pools made ``batch`` elements at a time (one bulk
+    generation instead of one per product). The cursor only moves forward, so every element is
+    handed out once; :meth:`prefill` makes the first pool ahead of time (the offline phase).
+    Subclasses implement :meth:`_new_pool` (and :meth:`_make` for the other kinds)."""
+
+    def __init__(self, batch: int):
+        super().__init__()
+        self.batch = batch
+        self._pool: list[torch.Tensor] | None = None  # a_c, a_s, b_c, b_s, c_c, c_s (flat)
+        self._cursor = 0
+
+    def _new_pool(self, n: int) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def prefill(self, n: int | None = None) -> None:
+        self._refill(n or self.batch)
+
+    def _refill(self, need: int) -> None:
+        self._pool = self._new_pool(max(need, self.batch))
+        self._cursor = 0
+
+    def _pooled_mul(self, a_shape) -> Triple:
+        n = math.prod(a_shape)
+        if self._pool is None or self._cursor + n > self._pool[0].numel():
+            self._refill(n)
+        sl = slice(self._cursor, self._cursor + n)
+        self._cursor += n  # the pool's cursor only moves forward: every element is used once
+        p = [t[sl].reshape(a_shape) for t in self._pool]
+        return Triple(next(self._serials), "mul", (p[0], p[1]), (p[2], p[3]), (p[4], p[5]))
+
+
 class DealerProvider(TripleProvider):
     """Triples from the client's trusted dealer (who could unmask: see the module docstring)."""
 
@@ -123,6 +155,59 @@ class DealerProvider(TripleProvider):
             b = self.prg.ring(*b_shape)
             c = torch.matmul(a, b)  # int64 matmul wraps mod 2^64
         return Triple(next(self._serials), kind, _share(self.prg, a), _share(self.prg, b), _share(self.prg, c))
+
+
+class SeededDealerProvider(PooledProvider):
+    """The client as the dealer of a networked session, each party holding only its own shares.
+
+    The server's shares of a, b *and* c are expanded from one 32-byte seed the client draws and
+    sends it at set-up (``MaskPRG``, AES-256-CTR; the server expands in the same order as the
+    client). The client draws its ``a_c, b_c`` from its own PRG and sets
+    ``c_c = (a_c + a_s)(b_c + b_s) - c_s``: the only party needing an explicit c share is the
+    dealer itself, so no triple material of size |c| crosses the wire (the usual seed
+    compression of a trusted dealer). The server's shares are uniform and independent of a, b.
+    **The client knows a, b and c, so it could unmask every value the server opens:** that is
+    harmless only because the client is the owner of the prompt; the server may never deal.
+
+    Elementwise triples come from pools of ``batch`` elements (the first dealt in the offline
+    phase, refills where the pool runs dry, at the same point on both sides); matrix and boolean
+    triples are dealt when asked for. Both parties' engines request the same kinds and shapes in
+    the same order, so the streams stay aligned. The other party's slot is zeros.
+    """
+
+    name = "dealer"
+
+    def __init__(self, role: str, seed: bytes, batch: int = 1 << 20):
+        super().__init__(batch)
+        if role not in ("client", "server"):
+            raise ValueError(f"role must be 'client' or 'server', not {role!r}")
+        self.role = role
+        self.server_prg = ring.MaskPRG(seed)
+        self.own_prg = ring.MaskPRG() if role == "client" else None
+
+    def _deal(self, kind, a_shape, b_shape, c_shape) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        a_s, b_s, c_s = (self.server_prg.ring(*sh) for sh in (a_shape, b_shape, c_shape))
+        if self.role == "server":
+            mine = (a_s, b_s, c_s)
+        else:
+            a_c, b_c = self.own_prg.ring(*a_shape), self.own_prg.ring(*b_shape)
+            if kind == "and":  # XOR shares
+                c_c = ((a_c ^ a_s) & (b_c ^ b_s)) ^ c_s
+            else:
+                op: Callable = torch.mul if kind == "mul" else torch.matmul  # wraps mod 2^64
+                c_c = op(a_c + a_s, b_c + b_s) - c_s
+            mine = (a_c, b_c, c_c)
+        return [(m, torch.zeros_like(m)) if self.role == "client" else (torch.zeros_like(m), m) for m in mine]
+
+    def _new_pool(self, n: int) -> list[torch.Tensor]:
+        return [t for pair in self._deal("mul", (n,), (n,), (n,)) for t in pair]
+
+    def _make(self, kind, a_shape, b_shape) -> Triple:
+        if kind == "mul":
+            return self._pooled_mul(a_shape)
+        b_shape = b_shape if kind == "matmul" else a_shape
+        c_shape = (*a_shape[:-1], b_shape[-1]) if kind == "matmul" else a_shape
+        return Triple(next(self._serials), kind, *self._deal(kind, a_shape, b_shape, c_shape))
 
 
 def beaver_combine(kind: str, t: Triple, e: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,7 +19,7 @@ sender for ``a_s``-terms). Semi-honest, like the IKNP engine underneath.
 
 :class:`OTProvider` in this module runs both parties in one process over an in-memory stream
 pair (the two-party simulator of protocols/mpc.py); the networked offline phase between a
-client and a server is not wired yet.
+client and a server is :class:`NetOTProvider` (used by protocols/mpc_service.py).
 """
 
 from __future__ import annotations
@@ -137,18 +137,15 @@ def run_both(fn_client, fn_server):
     return out["c"], out["s"], out["channels"]
 
 
-class OTProvider(beaver.TripleProvider):
+class OTProvider(beaver.PooledProvider):
     """Triples from joint OT generation (simulated parties). Elementwise triples come from a pool
     made in batches of ``batch`` elements; matrix triples are made for each shape requested."""
 
     name = "ot"
 
     def __init__(self, batch: int = 1 << 14):
-        super().__init__()
-        self.batch = batch
+        super().__init__(batch)
         self.client, self.server = Party("client"), Party("server")
-        self._pool: list[torch.Tensor] | None = None  # a_c, a_s, b_c, b_s, c_c, c_s (flat)
-        self._cursor = 0
         self.ot_bytes = 0
         self._ready = False
 
@@ -168,23 +165,15 @@ class OTProvider(beaver.TripleProvider):
         self.ot_bytes += sum(ch.totals().bytes_sent for ch in chans)
         return c, s
 
-    def _refill(self, need: int) -> None:
-        n = max(need, self.batch)
+    def _new_pool(self, n: int) -> list[torch.Tensor]:
         c, s = self._run(lambda ch: self.client.mul(ch, n), lambda ch: self.server.mul(ch, n))
-        self._pool = [c[0], s[0], c[1], s[1], c[2], s[2]]
-        self._cursor = 0
+        return [c[0], s[0], c[1], s[1], c[2], s[2]]
 
     def _make(self, kind, a_shape, b_shape) -> beaver.Triple:
         if kind == "and":
             raise NotImplementedError("boolean (AND) triples by OT are not implemented: comparisons need the dealer")
         if kind == "mul":
-            n = int(np.prod(a_shape))
-            if self._pool is None or self._cursor + n > self._pool[0].numel():
-                self._refill(n)
-            sl = slice(self._cursor, self._cursor + n)
-            self._cursor += n  # the pool's cursor only moves forward: every element is used once
-            p = [t[sl].reshape(a_shape) for t in self._pool]
-            return beaver.Triple(next(self._serials), kind, (p[0], p[1]), (p[2], p[3]), (p[4], p[5]))
+            return self._pooled_mul(a_shape)
         *batch, m, k = a_shape
         n = b_shape[-1]
         parts = []
@@ -195,3 +184,33 @@ class OTProvider(beaver.TripleProvider):
             return torch.stack([p[side][i] for p in parts]).reshape(*batch, *shape)
         return beaver.Triple(next(self._serials), kind, (stack(0, 0, (m, k)), stack(1, 0, (m, k))),
                              (stack(0, 1, (k, n)), stack(1, 1, (k, n))), (stack(0, 2, (m, n)), stack(1, 2, (m, n))))
+
+
+class NetOTProvider(OTProvider):
+    """:class:`OTProvider` for one party of a networked session: the joint generation runs over
+    the session channel, each party keeping only its own shares (the other slot is zeros).
+
+    ``run(afn)`` runs ``await afn(channel)`` on the channel from the engine's thread. Both
+    parties' engines ask for the same triples in the same order, so every pool refill and every
+    matrix triple starts on both sides at the same point of the computation: no request message
+    is needed. Boolean (AND) triples are not available (see :class:`OTProvider`).
+    """
+
+    def __init__(self, role: str, run, batch: int = 1 << 14):
+        super().__init__(batch)
+        self.role = role
+        self.client = self.server = Party(role)
+        self._run_on_channel = run
+
+    def _run(self, fc, fs):
+        fn = fc if self.role == "client" else fs
+
+        async def go(ch):
+            if not self._ready:
+                await self.client.setup(ch)
+                self._ready = True
+            return await fn(ch)
+
+        mine = self._run_on_channel(go)
+        blank = tuple(torch.zeros_like(t) for t in mine)
+        return (mine, blank) if self.role == "client" else (blank, mine)

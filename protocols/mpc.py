@@ -1,11 +1,16 @@
 """v3-mpc arithmetic: every activation additively shared over Z_2^64, nonlinear layers on shares.
 
-STATUS: this module is the share arithmetic and a plan executor run by a *two-party simulator*
-(:class:`Engine` holds both parties' shares in one process and counts what would cross the
-wire: openings, rounds, triples). The networked protocol (client and server tasks exchanging
-these openings over a Channel, registered as ``v3-mpc`` with ``--triples``) is NOT written
-yet; the simulator is what its two halves will compute, step for step, and what the accuracy
-tests measure. Rounds are not optimised (hundreds of thousands per SmolLM2 token).
+STATUS: this module is the share arithmetic and the plan executor, written once and run in two
+ways. :class:`Engine` without a transport is a *two-party simulator* (both shares in one
+process; what the accuracy tests measure). With a transport it is *one party* of the networked
+``v3-mpc`` protocol (protocols/mpc_service.py): it holds only its own share, and every opening
+is one message each way with the other party (all openings of a step batched into that one
+round), the client's input and linear-layer re-shares are one-way messages, and only the
+logits are revealed, to the client. Triples: the client as seeded dealer
+(:class:`beaver.SeededDealerProvider`) or joint IKNP/Gilboa generation over the session channel
+(:class:`beaver_ot.NetOTProvider`, no AND triples, so no comparisons). Rounds are not
+optimised: about 390 per layer per forward with comparisons (11.7k per SmolLM2 decode token,
+most in softmax and SiLU), which dominates the online time.
 
 Encoding. A real ``x`` is the ring element ``round(x * 2^F)`` (``F = FRAC_BITS``), read as a
 signed int64; shares ``x = x_c + x_s mod 2^64``.
@@ -24,9 +29,12 @@ round. No failure probability as long as ``|x| < 2^62`` (values below 2^22 at sc
 ``Engine.local_trunc = True`` switches back to SecureML's local truncation (tests only).
 
 Linear layers. The server's weights are integers with a per-row power-of-two scale
-``2^k_j`` (``k_j`` public, about 20 significant bits per row): the product of shares by the
-weights is local to each party (client: ``W x_c``, the preprocessed ``W r`` of v3; server:
-``W x_s`` on its device), then a per-row local truncation by ``k_j`` restores scale 2^F.
+``2^k_j`` (``k_j`` public, about 20 significant bits per row). Networked, the client first
+re-shares its share into a preprocessed mask ``r`` (it sends ``x_c - r``; the server now holds
+``x - r``), the server computes ``W (x - r)`` on its device and the client takes ``W r`` from its
+mask material (protocols/preprocess.py, dealt over these ring weights in the offline phase):
+no heavy linear work for the client online. (The simulator computes ``W x_c`` and ``W x_s``,
+the same sum.) Then the truncation by ``k_j`` (the wrap-bit scheme below) restores scale 2^F.
 
 Nonlinear functions (each documented with its range and measured error in the tests):
 
@@ -35,7 +43,9 @@ Nonlinear functions (each documented with its range and measured error in the te
 - ``reciprocal``: Newton ``y <- y (2 - x y)`` from ``y0 = 3 exp(0.5 - x) + 0.003``, for x in
   [0.01, 500] (14 iterations, rel. err < 1e-3).
 - ``rsqrt``: Newton ``y <- y (3 - x y^2) / 2`` from ``y0 = 1/sqrt(hi)``, x in [lo, hi] given by
-  the caller (the norm's public range), rel. err < 1e-3.
+  the caller (the norm's public range), rel. err < 1e-3. With comparisons, Newton starts instead
+  from ``1/sqrt`` of the upper end of x's interval among thresholds a factor 4 apart (one batch
+  of comparisons): 6 iterations, 50 rounds instead of 217 over SmolLM2's range, same error.
 - ``sigmoid(x) = e^{x/2} / (e^{x/2} + e^{-x/2})``, for x in [-16, 16]; SiLU = x sigmoid(x)
   (abs. err < 2e-3 on [-16, 16]); GELU(tanh) through ``0.5 (1 + tanh(z)) = sigmoid(2z)``,
   for x in [-4, 4] only (beyond, 2z leaves the sigmoid's range).
@@ -112,10 +122,25 @@ class Stats:
 
 
 class Engine:
-    """Two-party simulator: both shares in one process, openings counted as rounds."""
+    """The share arithmetic, as a two-party simulator or as one party of the networked protocol.
+
+    ``transport=None``: the simulator, both shares in one process, openings counted as rounds.
+    With a ``transport`` (``role`` "client" or "server"), this process is one party: of every
+    :class:`Shared` only its own slot (``c`` for the client, ``s`` for the server) is real; the
+    other slot starts as zeros and is a don't-care from then on (e.g. the client-only public
+    offsets land in it on the server). That is sound because every local operation is slot-wise
+    (each slot is computed from the same slot of its inputs and from public values), and the
+    only cross-slot points -- :meth:`share`, :meth:`open`, :meth:`reveal`, :meth:`reshare` and
+    the triple provider -- go through the transport and read or send only this party's slot.
+    The engine is synchronous: the transport blocks its thread for each exchange.
+    """
 
     def __init__(self, provider: beaver.TripleProvider | None = None, frac_bits: int = FRAC_BITS,
-                 record: bool = False):
+                 record: bool = False, transport=None):
+        self.transport = transport
+        self.role = None if transport is None else transport.role
+        if provider is None and transport is not None:
+            raise ValueError("a party engine needs a provider whose triples both parties agree on")
         self.provider = provider or beaver.DealerProvider()
         self.f = frac_bits
         self.prg = ring.MaskPRG()
@@ -124,6 +149,7 @@ class Engine:
         self.view: list[torch.Tensor] | None = [] if record else None
         # range treatment by secure comparison (needs boolean triples: dealer provider only)
         self.clip_sigmoid = False
+        self.rsqrt_guess = False  # rsqrt's start from a batch of comparisons (fewer rounds)
         self.exact_max = False
         # local_trunc=True: SecureML local truncation (no round, fails with prob |v| 2^(2F-63))
         self.local_trunc = False
@@ -135,25 +161,67 @@ class Engine:
     def decode(self, v: torch.Tensor) -> torch.Tensor:
         return v.to(torch.float64) / 2.0 ** self.f
 
-    def share(self, x: torch.Tensor) -> Shared:
-        """The client's input: its share is a fresh mask r, the server receives enc(x) - r."""
+    def _mine(self, x: Shared) -> torch.Tensor:
+        return x.s if self.role == "server" else x.c
+
+    def share(self, x: torch.Tensor | None = None, shape: tuple | None = None) -> Shared:
+        """The client's input: its share is a fresh mask r, the server receives enc(x) - r.
+        (The server, which has no ``x``, passes the public ``shape``.)"""
+        if self.role == "server":
+            sent = self.transport.from_client("input", shape)
+            self.stats.shared_elements += sent.numel()
+            return Shared(torch.zeros_like(sent), sent)
         r = self.prg.ring(*x.shape)
         self.stats.shared_elements += x.numel()
         sent = self.encode(x) - r
         if self.view is not None:
             self.view.append(sent.clone())
+        if self.role == "client":
+            self.transport.to_server("input", sent)
+            return Shared(r, torch.zeros_like(r))
         return Shared(r, sent)
 
-    def reveal(self, x: Shared) -> torch.Tensor:
-        """The server sends its share to the client (only for the logits)."""
+    def reshare(self, x: Shared, r: torch.Tensor | None) -> Shared:
+        """Move the client's share into its preprocessed mask ``r`` (one message client -> server):
+        afterwards the client holds ``r`` and the server ``x - r``, the form a linear layer wants
+        (the client's product ``W r`` comes from the mask material). The server passes ``r=None``."""
+        self.stats.shared_elements += x.c.numel()
+        if self.role == "server":
+            return Shared(x.c, x.s + self.transport.from_client("reshare", tuple(x.shape)))
+        sent = x.c - r
+        if self.view is not None:
+            self.view.append(sent.clone())
+        if self.role == "client":
+            self.transport.to_server("reshare", sent)
+        return Shared(r, x.s + sent)
+
+    def reveal(self, x: Shared) -> torch.Tensor | None:
+        """The server sends its share to the client (only for the logits); the server gets None."""
         self.stats.revealed_elements += x.c.numel()
-        return self.decode(x.c + x.s)
+        if self.role == "server":
+            self.transport.to_client(x.s)
+            return None
+        other = x.s if self.role is None else self.transport.from_server(tuple(x.shape))
+        return self.decode(x.c + other)
 
     def open(self, xs: list[Shared]) -> list[torch.Tensor]:
         """One round: every value in ``xs`` opened to both parties."""
+        return self._open_with(xs, torch.add)
+
+    def _open_with(self, xs: list[Shared], combine) -> list[torch.Tensor]:
+        """One round: each party sends its slot of every value in one message (arithmetic shares
+        with ``combine=add``, XOR shares with ``bitwise_xor``)."""
         self.stats.rounds += 1
         self.stats.opened_elements += sum(x.c.numel() for x in xs)
-        out = [x.c + x.s for x in xs]
+        if self.transport is None:
+            out = [combine(x.c, x.s) for x in xs]
+        else:
+            mine = [self._mine(x) for x in xs]
+            theirs = self.transport.exchange(torch.cat([m.reshape(-1) for m in mine]))
+            out, at = [], 0
+            for m in mine:
+                out.append(combine(m, theirs[at:at + m.numel()].view(m.shape)))
+                at += m.numel()
         if self.view is not None:
             self.view += [o.clone() for o in out]
         return out
@@ -170,7 +238,9 @@ class Engine:
         pairs, parts = [], []
         for x, k in items:
             k = torch.as_tensor(k, dtype=torch.int64)
-            uc = x.c + _OFFSET  # the client adds 2^62: the value is now in [0, 2^63)
+            # the client adds 2^62: the value is now in [0, 2^63) (a party engine on the server adds it to
+            # its don't-care c slot only; so do the public e&d and e*d terms of the Beaver products)
+            uc = x.c + _OFFSET
             us = x.s
             mc, ms = _msb(uc), _msb(us)
             zero = torch.zeros_like(mc)
@@ -232,11 +302,7 @@ class Engine:
         masked = []
         for (x, y), t in zip(pairs, triples):
             masked += [Shared(x.c ^ t.a[0], x.s ^ t.a[1]), Shared(y.c ^ t.b[0], y.s ^ t.b[1])]
-        self.stats.rounds += 1
-        self.stats.opened_elements += sum(m.c.numel() for m in masked)
-        opened = [m.c ^ m.s for m in masked]
-        if self.view is not None:
-            self.view += [o.clone() for o in opened]
+        opened = self._open_with(masked, torch.bitwise_xor)
         out = []
         for i, t in enumerate(triples):
             e, d = opened[2 * i], opened[2 * i + 1]
@@ -317,13 +383,36 @@ class Engine:
         return y
 
     def rsqrt(self, x: Shared, lo: float, hi: float, iters: int | None = None) -> Shared:
-        """``1/sqrt(x)`` for x in [lo, hi]: Newton from the constant ``1/sqrt(hi)``."""
-        if iters is None:  # ~1.5x growth per step while far below, then quadratic
-            iters = math.ceil(math.log(math.sqrt(hi / lo)) / math.log(1.5)) + 5
-        y = self.add_public(Shared(torch.zeros_like(x.c), torch.zeros_like(x.s)), 1 / math.sqrt(hi))
+        """``1/sqrt(x)`` for x in [lo, hi] by Newton. With ``rsqrt_guess`` (secure comparisons), from
+        :meth:`_rsqrt_start`, within [y/2, y]: 6 iterations reach full precision (8 + 42 rounds);
+        otherwise from the constant ``1/sqrt(hi)`` (31 iterations, 217 rounds, over a 1e9 range)."""
+        if self.rsqrt_guess:
+            y = self._rsqrt_start(x, lo, hi)
+            iters = 6 if iters is None else iters
+        else:
+            y = self.add_public(Shared(torch.zeros_like(x.c), torch.zeros_like(x.s)), 1 / math.sqrt(hi))
+            if iters is None:  # ~1.5x growth per step while far below, then quadratic
+                iters = math.ceil(math.log(math.sqrt(hi / lo)) / math.log(1.5)) + 5
         for _ in range(iters):
             xy2 = self.mul(self.mul(x, y), y)  # (x y) y: y^2 alone has too few bits when y is small
             y = self.mul(y, self.mul_public(self.add_public(-xy2, 3.0), 0.5))
+        return y
+
+    def _rsqrt_start(self, x: Shared, lo: float, hi: float) -> Shared:
+        """``1/sqrt(t_j)`` for the upper end ``t_j`` of x's interval among thresholds ``lo 4^i``
+        (``t_n = hi``): one batch of comparisons ``b_i = [x < t_i]`` (8 rounds for all), then
+        ``1/sqrt(hi) + sum_i b_i (1/sqrt(t_i) - 1/sqrt(t_{i+1}))`` is local. An underestimate by at
+        most 2x, which Newton for rsqrt needs (it diverges from above ``sqrt(3)`` times the root)."""
+        n = max(1, math.ceil(math.log(hi / lo) / math.log(4)))
+        t = [lo * 4.0 ** i for i in range(1, n)] + [hi]
+        y = self.add_public(Shared(torch.zeros_like(x.c), torch.zeros_like(x.s)), 1 / math.sqrt(hi))
+        if n == 1:
+            return y
+        m = x.c.numel()
+        bits = self.ltz(cat([self.add_public(x, -ti).map(lambda u: u.reshape(-1)) for ti in t[:-1]], 0))
+        for i in range(n - 1):
+            step = self.encode(torch.tensor(1 / math.sqrt(t[i]) - 1 / math.sqrt(t[i + 1])))
+            y = y + self.mul_int(bits.map(lambda u: u[i * m:(i + 1) * m].reshape(x.shape)), step)
         return y
 
     def sigmoid(self, x: Shared) -> Shared:
@@ -430,15 +519,20 @@ class MPCExecutor:
     revealed, to the client.
     """
 
-    def __init__(self, model, engine: Engine | None = None, ranges: Ranges | None = None):
+    def __init__(self, model, engine: Engine | None = None, ranges: Ranges | None = None, store=None):
+        """``store``: the client's mask material (preprocess.MaterialStore over :func:`mpc_matrices`),
+        needed when ``engine`` is the client party of the networked protocol."""
         from ..models.reference import Reference
         from .masked import units_for
 
         self.model = model
         self.e = engine or Engine()
+        self.store = store
+        if self.e.role == "client" and store is None:
+            raise ValueError("the v3-mpc client needs mask material (r, W r) for its linear layers")
         self.ranges = ranges or Ranges()
         self.mats = mpc_matrices(model)
-        self.e.exact_max = self.e.clip_sigmoid = self.ranges.comparisons
+        self.e.exact_max = self.e.clip_sigmoid = self.e.rsqrt_guess = self.ranges.comparisons
         self.units = units_for(model.plan, "v3")
         self.rope = Reference.of(model).rope
         self.length = 0
@@ -452,7 +546,15 @@ class MPCExecutor:
     def linear(self, ops, x: Shared) -> list[Shared]:
         key = ops[0].fuse_group if ops[0].fuse_group else ops[0].name
         W, k = self.mats[key]
-        y = Shared(W.matmul(x.c), W.matmul(x.s))  # client: preprocessed W r; server: W (x - r)
+        if self.e.role is None:  # simulator: the same products, both slots here
+            y = Shared(W.matmul(x.c), W.matmul(x.s))
+        elif self.e.role == "client":  # re-share into the mask r; W r is preprocessed: no product online
+            r, wr = self.store.take(key, x.shape[0])
+            self.e.reshare(x, r)
+            y = Shared(wr, torch.zeros_like(wr))
+        else:  # the server multiplies its share x - r by the ring weights on its device
+            x = self.e.reshare(x, None)
+            y = Shared(torch.zeros(x.shape[0], W.out_dim, dtype=torch.int64), W.matmul(x.s).cpu())
         y = self.e.trunc(y, k)
         outs, at = [], 0
         for op in ops:
@@ -518,12 +620,13 @@ class MPCExecutor:
         (out,) = e.matmul_many([(probs, v)])
         return out.map(lambda t: t.reshape(H, T, D).transpose(0, 1).reshape(T, H * D))
 
-    def forward(self, ids: list[int]) -> torch.Tensor:
-        """Logits (1, vocab) of the last position, revealed to the client."""
+    def forward(self, ids: list[int] | None = None, n_tokens: int | None = None) -> torch.Tensor | None:
+        """Logits (1, vocab) of the last position, revealed to the client. The server party has no
+        ids: it passes ``n_tokens`` and gets None."""
         from ..models.plan import Activation, Add, Attention, Embed, Linear, Norm
 
         plan, w, e = self.model.plan, self.model.weights, self.e
-        ids_t = torch.tensor(ids, dtype=torch.long)
+        n_tokens = len(ids) if ids is not None else n_tokens
         env: dict[str, Shared] = {}
         steps = plan.steps
         i = 0
@@ -541,10 +644,14 @@ class MPCExecutor:
                 i += len(ops)
                 continue
             if isinstance(step, Embed):  # the client's own input, shared
-                x = torch.nn.functional.embedding(ids_t, w[step.weight]).to(torch.float64)
-                if step.pos_weight:
-                    x = x + w[step.pos_weight][self.length:self.length + len(ids)]
-                env[step.out] = e.share(x)
+                if e.role == "server":
+                    env[step.out] = e.share(shape=(n_tokens, w[step.weight].shape[1]))
+                else:
+                    x = torch.nn.functional.embedding(torch.tensor(ids, dtype=torch.long),
+                                                      w[step.weight]).to(torch.float64)
+                    if step.pos_weight:
+                        x = x + w[step.pos_weight][self.length:self.length + n_tokens]
+                    env[step.out] = e.share(x)
             elif isinstance(step, Norm):
                 env[step.out] = self.norm(step, env[step.inp])
             elif isinstance(step, Attention):
@@ -559,5 +666,6 @@ class MPCExecutor:
             else:
                 raise TypeError(f"not a plan step: {step!r}")
             i += 1
-        self.length += len(ids)
-        return e.reveal(env["logits"]).to(torch.float32)
+        self.length += n_tokens
+        logits = e.reveal(env["logits"])
+        return None if logits is None else logits.to(torch.float32)

@@ -22,7 +22,7 @@ from typing import Callable
 # Modules that register protocols when imported.
 _MODULES: list[str] = ["shardlm.protocols.plain", "shardlm.protocols.masked", "shardlm.protocols.ot.service",
                       "shardlm.protocols.cc.service",
-                       "shardlm.protocols.split"]
+                       "shardlm.protocols.split", "shardlm.protocols.mpc_service"]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -55,3 +55,20 @@ def frame_bytes(msg_type: int, body: dict, seq: int = 0) -> bytes:
 
 def error_codes(received) -> list[str]:
     return [body["code"] for t, body in received if t == MsgType.ERROR]
+
+
+def assert_uniform_ring(arrays) -> None:
+    """Ring payloads (int64 arrays) look uniform: chi-square per byte position and bit balance."""
+    import math
+
+    import numpy as np
+
+    ring_bytes = np.concatenate([a.reshape(-1) for a in arrays]).view(np.uint8)
+    by_pos = ring_bytes.reshape(-1, 8)
+    for pos in range(8):
+        counts = np.bincount(by_pos[:, pos], minlength=256)
+        expected = by_pos.shape[0] / 256
+        chi2 = ((counts - expected) ** 2 / expected).sum()
+        assert chi2 < 370, (pos, chi2)  # 255 dof: p < 1e-6 above 370
+    bits = np.unpackbits(ring_bytes)
+    assert abs(bits.mean() - 0.5) < 5 * 0.5 / math.sqrt(bits.size)

@@ -17,7 +17,7 @@ from shardlm.protocols import masked
 from shardlm.wire.errors import RemoteError
 from shardlm.wire.msgtypes import MsgType
 
-from support import tls_server
+from support import assert_uniform_ring, tls_server
 
 GREEDY = SamplingParams()
 FAMILIES = ["llama", "qwen2", "mistral", "gpt2"]
@@ -103,15 +103,7 @@ def test_server_view_structure_uniformity_and_no_plaintext(tiny_models, tmp_path
             assert set(m.body) == {"unit", "m"} and m.body["m"].dtype == np.int64
             assert m.body["unit"] in masked.units_for(model.plan, protocol)
     # (2) uniformity of everything the server received in the ring
-    ring_bytes = np.concatenate([m.body["m"].reshape(-1) for v in views for m in _ring_view(v)]).view(np.uint8)
-    by_pos = ring_bytes.reshape(-1, 8)
-    for pos in range(8):
-        counts = np.bincount(by_pos[:, pos], minlength=256)
-        expected = by_pos.shape[0] / 256
-        chi2 = ((counts - expected) ** 2 / expected).sum()
-        assert chi2 < 370, (pos, chi2)  # 255 dof: p < 1e-6 above 370
-    bits = np.unpackbits(ring_bytes)
-    assert abs(bits.mean() - 0.5) < 5 * 0.5 / math.sqrt(bits.size)
+    assert_uniform_ring([m.body["m"] for v in views for m in _ring_view(v)])
 
 
 def test_masked_inputs_are_uncorrelated_with_the_plaintext(tiny_models, tmp_path, monkeypatch):

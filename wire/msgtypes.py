@@ -39,6 +39,14 @@ class MsgType(enum.IntEnum):
     OT_EMB_TABLE = 0x1131   # embedding retrieval: server's table encrypted under fresh row keys
     OT_REQ = 0x1180         # `ot` session: client asks for a batch of OTs (kind, count, server role)
     OT_DONE = 0x1181        # `ot` session: server's end-of-batch report
+    # v3-mpc (0x12xx, protocols/mpc_service.py): every tensor body is int64 ring elements
+    MPC_SETUP = 0x1200      # client -> server: triple source ('dealer' + the server's 32-byte share seed as int64[4], or 'ot') and range profile
+    MPC_SETUP_OK = 0x1201   # server -> client: accepted (empty)
+    MPC_INPUT = 0x1210      # client -> server: the embedded tokens re-shared, enc(x) - r (T, d); starts a forward of T tokens
+    MPC_RESHARE = 0x1211    # client -> server: a linear layer's input share minus the client's preprocessed mask, x_c - r
+    MPC_OPEN = 0x1220       # client -> server: the client's shares of every value opened in one round (flat)
+    MPC_OPEN_OK = 0x1221    # server -> client: the server's shares of the same values (flat)
+    MPC_REVEAL = 0x1230     # server -> client: the server's share of the last position's logits (ends a forward)
     # v3-cc (protocols/cc): attestation, then sealed requests into the enclave boundary
     CC_ATTEST = 0x1300      # client -> server: fresh nonce + client X25519 public key
     CC_REPORT = 0x1301      # server -> client: signed attestation report (enclave X25519 key)

@@ -1,0 +1,306 @@
+"""v3-mpc over the wire: client and server each run one party of protocols/mpc.py.
+
+Each party runs the same :class:`mpc.MPCExecutor` code on its own share of every activation
+(:class:`mpc.Engine` in party mode) in a worker thread; every point where the parties meet is a
+call into :class:`ChannelTransport`, which hops back into trio for the channel exchange. The
+protocol logic never touches I/O, so the same engine runs over an in-memory stream pair or TLS.
+
+Session (all message types 0x12xx, every tensor int64 ring elements; anything else, a float
+tensor or an extra field, is refused with ``malformed`` and the session closed):
+
+- offline: ``MPC_SETUP {triples, ranges, batch[, seed]}`` -> ``MPC_SETUP_OK``, then each side
+  makes its first pool of ``batch`` elementwise triples. With ``dealer`` the seed expands into
+  the server's triple shares (:class:`beaver.SeededDealerProvider`: no messages); with ``ot``
+  the two run base OTs and Gilboa multiplications over the channel. Once per session: a second
+  set-up would restart the triple streams, so it is refused. The client's mask material
+  (``r``, ``W r`` for every linear unit) is dealt locally, as for v3.
+- per forward of T tokens: ``MPC_INPUT`` (enc(x) - r, T x d), then for each linear unit one
+  ``MPC_RESHARE`` (x_c - r) and for each round of openings ``MPC_OPEN`` / ``MPC_OPEN_OK``
+  (the client's flight first; a re-share rides in the same flight as the next opening), and
+  at the end ``MPC_REVEAL`` (the server's share of the logits, to the client only). ``ot``
+  triples refill their pool and make matrix triples with OT messages (0x11xx) in between.
+
+The client samples from the revealed logits; nothing else is ever revealed to either party.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+import weakref
+
+import numpy as np
+import torch
+import trio
+
+from ..wire.errors import ErrorCode, ProtocolError
+from ..wire.msgtypes import MsgType
+from . import beaver, beaver_ot, mpc, preprocess
+from .registry import ProtocolSpec, register
+
+RANGES = {"wide": mpc.Ranges.wide, "narrow": mpc.Ranges}
+TRIPLES = ("dealer", "ot")
+SEED_WORDS = 4  # the dealer's 32-byte seed as int64[4]: every tensor on the wire is a ring tensor
+# elementwise triples per pool (the first dealt offline): dealing is cheap in bulk; an OT
+# triple costs 128 correlated OTs, so its pool stays small
+DEFAULT_BATCH = {"dealer": 1 << 21, "ot": 1 << 14}
+MAX_BATCH = 1 << 22  # a pool costs the server 48 bytes per element: at most 192 MB per session
+# per server: digests of the dealer seeds its sessions have used. A repeated seed would replay the
+# same triples (its openings would reveal differences of the client's values): refused.
+_SEEDS_SEEN: "weakref.WeakKeyDictionary[object, set[bytes]]" = weakref.WeakKeyDictionary()
+_TO_SERVER = {"input": MsgType.MPC_INPUT, "reshare": MsgType.MPC_RESHARE}
+
+
+def ring_tensor(body: dict, name: str, what: str, shape: tuple | None = None) -> torch.Tensor:
+    """The body's only field ``name``: an int64 (ring) tensor, of ``shape`` if given."""
+    if set(body) != {name}:
+        raise ProtocolError(ErrorCode.MALFORMED, f"{what} takes exactly {name!r}, got {sorted(body)}")
+    v = body[name]
+    if not isinstance(v, np.ndarray) or v.dtype != np.int64:
+        raise ProtocolError(ErrorCode.MALFORMED, f"{what} carries ring elements (int64), not "
+                                                 f"{getattr(v, 'dtype', type(v).__name__)}")
+    if shape is not None and tuple(v.shape) != tuple(shape):
+        raise ProtocolError(ErrorCode.MALFORMED, f"{what} must have shape {tuple(shape)}, got {v.shape}")
+    return torch.from_numpy(v.copy())
+
+
+class ChannelTransport:
+    """The engine's meeting points over a Channel, called from the engine's worker thread.
+
+    One opening round is one flight each way: the client sends its shares of the whole round,
+    the server answers with its own (client first, so two large flights never block each other).
+    """
+
+    def __init__(self, channel, role: str, idle_timeout: float = float("inf")):
+        self.channel = channel
+        self.role = role
+        self.idle_timeout = idle_timeout  # the server's limit on each wait for the client
+        self.pending: torch.Tensor | None = None  # the server's MPC_INPUT, already received by its loop
+        self.wait_seconds = 0.0  # time blocked on the channel (the peer's compute, the network, hand-offs)
+
+    def _call(self, afn, *args):
+        t0 = time.perf_counter()
+        try:
+            return trio.from_thread.run(afn, *args)
+        finally:
+            self.wait_seconds += time.perf_counter() - t0
+
+    def run(self, afn):
+        """``await afn(channel)`` (a joint sub-protocol such as OT triple generation)."""
+        return self._call(afn, self.channel)
+
+    def exchange(self, mine: torch.Tensor) -> torch.Tensor:
+        return self._call(self._exchange, mine)
+
+    async def _exchange(self, mine: torch.Tensor) -> torch.Tensor:
+        if self.role == "client":
+            await self.channel.send(MsgType.MPC_OPEN, {"v": mine.numpy()})
+            return ring_tensor((await self.channel.expect(MsgType.MPC_OPEN_OK)).body, "v", "MPC_OPEN_OK",
+                               tuple(mine.shape))
+        theirs = ring_tensor((await self._expect(MsgType.MPC_OPEN)).body, "v", "MPC_OPEN", tuple(mine.shape))
+        await self.channel.send(MsgType.MPC_OPEN_OK, {"v": mine.numpy()})  # only after a well-formed opening
+        return theirs
+
+    def to_server(self, what: str, m: torch.Tensor) -> None:
+        self._call(self.channel.send, _TO_SERVER[what], {"m": m.numpy()})
+
+    def from_client(self, what: str, shape: tuple) -> torch.Tensor:
+        if what == "input" and self.pending is not None:
+            m, self.pending = self.pending, None
+            if tuple(m.shape) != tuple(shape):
+                raise ProtocolError(ErrorCode.MALFORMED, f"MPC_INPUT must have shape {tuple(shape)}")
+            return m
+        return self._call(self._recv_share, _TO_SERVER[what], shape)
+
+    async def _recv_share(self, msg_type: MsgType, shape) -> torch.Tensor:
+        return ring_tensor((await self._expect(msg_type)).body, "m", msg_type.name, shape)
+
+    async def _expect(self, msg_type: MsgType):
+        """The server's wait for the client inside a forward, under the session's idle timeout (the
+        server loop's own timeout does not cover waits inside a handler)."""
+        with trio.move_on_after(self.idle_timeout):
+            return await self.channel.expect(msg_type)
+        raise ProtocolError(ErrorCode.IDLE_TIMEOUT, f"no {msg_type.name} for {self.idle_timeout:g} s")
+
+    def to_client(self, v: torch.Tensor) -> None:
+        self._call(self.channel.send, MsgType.MPC_REVEAL, {"v": v.numpy()})
+
+    def from_server(self, shape: tuple) -> torch.Tensor:
+        return self._call(self._recv_reveal, shape)
+
+    async def _recv_reveal(self, shape) -> torch.Tensor:
+        return ring_tensor((await self.channel.expect(MsgType.MPC_REVEAL)).body, "v", "MPC_REVEAL", shape)
+
+
+def make_provider(role: str, triples: str, transport: ChannelTransport, seed: bytes | None,
+                  ranges: mpc.Ranges, batch: int) -> beaver.TripleProvider:
+    if triples == "dealer":
+        return beaver.SeededDealerProvider(role, seed, batch)
+    if triples == "ot":
+        if ranges.comparisons:
+            raise ValueError("--triples ot has no boolean (AND) triples, which the secure comparisons of the "
+                             "'wide' ranges need; use --triples dealer, or the 'narrow' ranges (no comparisons: "
+                             "accurate only for small models, not SmolLM2)")
+        return beaver_ot.NetOTProvider(role, transport.run, batch)
+    raise ValueError(f"triples must be one of {', '.join(TRIPLES)}, not {triples!r}")
+
+
+# -- server --------------------------------------------------------------------------------------
+class MPCServerHandler:
+    """Per session: the server party. Accepts MPC_SETUP once, then one MPC_INPUT per forward."""
+
+    message_types = frozenset({MsgType.MPC_SETUP, MsgType.MPC_INPUT})
+
+    def __init__(self, session):
+        self.session = session
+        self.model = session.server.model
+        self.executor: mpc.MPCExecutor | None = None
+        self.transport = ChannelTransport(session.channel, "server", session.server.config.idle_timeout)
+
+    async def handle(self, msg) -> None:
+        if msg.type == MsgType.MPC_SETUP:
+            await self._setup(msg.body)
+            return
+        if self.executor is None:
+            raise ProtocolError(ErrorCode.WRONG_STATE, "MPC_INPUT before MPC_SETUP")
+        d = self.model.config.hidden
+        m = ring_tensor(msg.body, "m", "MPC_INPUT")
+        if m.dim() != 2 or m.shape[1] != d or m.shape[0] < 1:
+            raise ProtocolError(ErrorCode.MALFORMED, f"MPC_INPUT must be a (T, {d}) ring matrix, got {tuple(m.shape)}")
+        if self.executor.length + m.shape[0] > self.session.max_seq_len:
+            raise ProtocolError(ErrorCode.SEQ_TOO_LONG, f"{self.executor.length + m.shape[0]} tokens exceed the "
+                                                        f"session's max_seq_len of {self.session.max_seq_len}")
+        self.transport.pending = m
+        await trio.to_thread.run_sync(lambda: self.executor.forward(n_tokens=m.shape[0]))
+
+    async def _setup(self, body: dict) -> None:
+        if self.executor is not None:
+            raise ProtocolError(ErrorCode.WRONG_STATE, "MPC_SETUP twice: a session's triple streams start once "
+                                                       "(Beaver triples are single-use)")
+        triples, ranges_name = body.get("triples"), body.get("ranges")
+        if triples not in TRIPLES or ranges_name not in RANGES:
+            raise ProtocolError(ErrorCode.MALFORMED, f"MPC_SETUP: triples in {TRIPLES}, ranges in {sorted(RANGES)}")
+        ranges = RANGES[ranges_name]()
+        seed, batch = None, body.get("batch")
+        if not isinstance(batch, int) or not 1 <= batch <= MAX_BATCH:
+            raise ProtocolError(ErrorCode.MALFORMED, f"MPC_SETUP: batch must be an int in 1 .. {MAX_BATCH}")
+        rest = {k: v for k, v in body.items() if k not in ("triples", "ranges", "batch")}
+        if triples == "dealer":
+            seed = ring_tensor(rest, "seed", "MPC_SETUP (dealer)", (SEED_WORDS,)).numpy().tobytes()
+            seen = _SEEDS_SEEN.setdefault(self.session.server, set())
+            digest = hashlib.sha256(seed).digest()
+            if digest in seen:
+                raise ProtocolError(ErrorCode.MALFORMED, "dealer seed already used in an earlier session: it would "
+                                                         "replay the same Beaver triples (triples are single-use)")
+            seen.add(digest)
+        elif rest:
+            raise ProtocolError(ErrorCode.MALFORMED, f"MPC_SETUP (ot) takes exactly triples, ranges and batch, "
+                                                     f"got {sorted(body)}")
+        try:
+            provider = make_provider("server", triples, self.transport, seed, ranges, batch)
+        except ValueError as exc:
+            raise ProtocolError(ErrorCode.MALFORMED, str(exc)) from None
+        engine = mpc.Engine(provider, transport=self.transport)
+        # the ring weights are built once per process, off the event loop (seconds for SmolLM2)
+        self.executor = await trio.to_thread.run_sync(lambda: mpc.MPCExecutor(self.model, engine, ranges))
+        await self.session.channel.send(MsgType.MPC_SETUP_OK, {})
+        await trio.to_thread.run_sync(provider.prefill)  # the first pool (joint with the client for ot)
+
+
+# -- client --------------------------------------------------------------------------------------
+class MPCClient:
+    """The client party: drives generation, samples from the revealed logits."""
+
+    def __init__(self, channel, model, store: preprocess.MaterialStore, triples: str = "dealer",
+                 ranges: str = "wide", batch: int | None = None):
+        if ranges not in RANGES:
+            raise ValueError(f"ranges must be one of {', '.join(RANGES)}, not {ranges!r}")
+        self.channel = channel
+        self.triples, self.ranges_name = triples, ranges
+        self.batch = batch or DEFAULT_BATCH.get(triples, 1)
+        self.transport = ChannelTransport(channel, "client")
+        self.seed = os.urandom(8 * SEED_WORDS) if triples == "dealer" else None
+        rng = RANGES[ranges]()
+        self.provider = make_provider("client", triples, self.transport, self.seed, rng, self.batch)
+        self.executor = mpc.MPCExecutor(model, mpc.Engine(self.provider, transport=self.transport), rng, store=store)
+        self.timings: dict[str, float] = {}
+        self.forwards: list[dict] = []
+        self.offline_ms = 0.0
+        self.notes = [f"v3-mpc: triples by {'the client as trusted dealer' if triples == 'dealer' else 'IKNP OT'}, "
+                      f"'{ranges}' ranges{' (secure comparisons)' if rng.comparisons else ''}"]
+
+    async def setup(self) -> None:
+        t0 = time.perf_counter()
+        body = {"triples": self.triples, "ranges": self.ranges_name, "batch": self.batch}
+        if self.seed is not None:
+            body["seed"] = np.frombuffer(self.seed, dtype=np.int64).copy()
+        await self.channel.request(MsgType.MPC_SETUP, body, MsgType.MPC_SETUP_OK)
+        await trio.to_thread.run_sync(self.provider.prefill)  # dealt before the prompt is used
+        self.offline_ms += (time.perf_counter() - t0) * 1e3
+
+    def new_cache(self, capacity: int):
+        if self.executor.length:
+            raise RuntimeError("v3-mpc runs one generation per session (the server's KV cache shares go on)")
+        self.executor.new_cache(capacity)
+
+    async def forward(self, ids: list[int]) -> torch.Tensor:
+        before = self._counters()
+        t0, w0 = time.perf_counter(), self.transport.wait_seconds
+        logits = await trio.to_thread.run_sync(lambda: self.executor.forward(ids))
+        after = self._counters()
+        self.forwards.append({"tokens": len(ids), "seconds": time.perf_counter() - t0,
+                              "wait_seconds": self.transport.wait_seconds - w0,
+                              **{k: after[k] - before.get(k, 0) for k in after}})
+        return logits[-1]
+
+    def _counters(self) -> dict:
+        p = self.provider
+        return {**vars(self.executor.e.stats), **{f"triples_{k}": v for k, v in p.issued.items()},
+                **{f"triple_elements_{k}": v for k, v in p.elements.items()}}
+
+    @property
+    def protocol_stats(self) -> dict:
+        """Per forward: openings rounds and elements, triples (count and ring elements, by kind)."""
+        return {"forwards": self.forwards}
+
+
+def deal_for(model, prompt_tokens: int, max_tokens: int, progress=None) -> preprocess.MaterialStore:
+    """The client's mask material for one generation of this shape."""
+    from .masked import rows_needed, units_for
+
+    return deal_rows(model, rows_needed(units_for(model.plan, "v3"), prompt_tokens, max_tokens), progress)
+
+
+def deal_rows(model, rows: dict[str, int], progress=None) -> preprocess.MaterialStore:
+    """Mask material (r, W r) for every linear unit, over v3-mpc's ring weights (mpc.mpc_matrices)."""
+    from .masked import FIXED_POINT
+
+    return preprocess.deal({name: W for name, (W, _k) in mpc.mpc_matrices(model).items()}, rows,
+                           model_fingerprint=model.fingerprint(), variant="v3-mpc", fx=FIXED_POINT,
+                           progress=progress)
+
+
+def client_factory(channel, model, *, prompt_tokens: int, max_tokens: int, material: str | None = None,
+                   progress=None, triples: str = "dealer", mpc_ranges: str = "wide", triple_batch: int | None = None,
+                   **_options) -> MPCClient:
+    """The client with its mask material, loaded from a store or dealt now (the offline phase)."""
+    from .masked import FIXED_POINT
+
+    t0 = time.perf_counter()
+    if material:
+        store = preprocess.MaterialStore.load(material)
+        store.check_for(model.fingerprint(), "v3-mpc", FIXED_POINT)
+    else:
+        store = deal_for(model, prompt_tokens, max_tokens, progress=progress)
+    client = MPCClient(channel, model, store, triples, mpc_ranges, triple_batch)
+    client.offline_ms = (store.meta["dealer_seconds"] if material else time.perf_counter() - t0) * 1e3
+    return client
+
+
+register(ProtocolSpec(
+    name="v3-mpc", private=True, needs_model=True,
+    summary="every activation additively shared over Z_2^64; linear layers on the server's share with "
+            "preprocessed masks, nonlinear layers by Beaver-triple MPC (--triples dealer|ot); approximate",
+    server_handler=MPCServerHandler, client_factory=client_factory,
+))
