@@ -113,6 +113,9 @@ class ComposedMatrix:
         self.in_dim = a_side.in_dim + t.in_dim
         self.out_dim = a_side.out_dim + t.out_dim
 
+    def pack(self) -> bool:
+        return self.a_side.pack() and self.t.pack()
+
     def matmul(self, m: torch.Tensor) -> torch.Tensor:
         k = self.a_side.in_dim
         return torch.cat([self.a_side.matmul(m[:, :k]), self.t.matmul(m[:, k:])], dim=1)
@@ -185,6 +188,15 @@ def deal_for(model, variant: str, prompt_tokens: int, max_tokens: int, progress=
 
 
 # -- server --------------------------------------------------------------------------------------
+def _server_matrices(model, variant: str, device) -> dict:
+    """The variant's matrices with the decode kernel's packed weights made too (both once per
+    process), so the first decode step does not stall the event loop."""
+    matrices = matrices_for(model, variant, device)
+    for W in matrices.values():
+        W.pack()
+    return matrices
+
+
 class MaskedServerHandler:
     """Per session: answers MASKED_LINEAR with ``W m mod 2^64``. Accepts nothing but ring tensors."""
 
@@ -203,7 +215,8 @@ class MaskedServerHandler:
             return
         if self.matrices is None:  # seconds for a large model: other sessions keep being served
             server = self.session.server
-            self.matrices = await trio.to_thread.run_sync(matrices_for, server.model, self.variant, server.config.device)
+            self.matrices = await trio.to_thread.run_sync(_server_matrices, server.model, self.variant,
+                                                          server.config.device)
         body = msg.body
         if set(body) != {"unit", "m"}:
             raise ProtocolError(ErrorCode.MALFORMED, f"MASKED_LINEAR takes exactly 'unit' and 'm', got {sorted(body)}")

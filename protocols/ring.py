@@ -256,17 +256,24 @@ class RingMatrix:
         partial = torch.bitwise_left_shift(partial.view(nl, n, self.out_dim).to(torch.int64), self._shifts64)
         return partial.sum(dim=0)  # wraps mod 2^64
 
+    def pack(self) -> bool:
+        """Make fbgemm's packed weights now (seconds for a large model: a server does it in a
+        worker thread); False where the fbgemm path is not used."""
+        if self.device.type != "cpu" or not fbgemm_exact():
+            return False
+        if self._packed is None:
+            wt = self.digits.t()
+            self._packed = [(lo, _pack_int8(wt[:, lo:lo + FBGEMM_K].contiguous()))
+                            for lo in range(0, self.in_dim, FBGEMM_K)]
+        return True
+
     def _matmul_int8(self, m: torch.Tensor) -> torch.Tensor:
         n = m.shape[0]
         # Arithmetic shift drags the sign in from the top; the mask keeps only each limb.
         # balanced digits in one pass: bytes of m + 0x80..80, each XOR 0x80 read as int8 = byte - 128
         raw = torch.add(m, _BALANCE).view(torch.uint8).view(n, self.in_dim, N_LIMBS)
         limbs = torch.bitwise_xor(raw, 0x80).view(torch.int8).permute(2, 0, 1).reshape(N_LIMBS * n, self.in_dim)
-        if self.device.type == "cpu" and fbgemm_exact():
-            if self._packed is None:
-                wt = self.digits.t()
-                self._packed = [(lo, _pack_int8(wt[:, lo:lo + FBGEMM_K].contiguous()))
-                                for lo in range(0, self.in_dim, FBGEMM_K)]
+        if self.pack():
             partial = None
             for lo, packed in self._packed:
                 y = _fbgemm_partial(limbs[:, lo:lo + FBGEMM_K], packed)
