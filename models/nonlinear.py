@@ -8,6 +8,7 @@ a private protocol. Each matches the Hugging Face implementation's float32 arith
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -32,9 +33,21 @@ def norm_linear(pre: torch.Tensor, x: torch.Tensor, norm: Norm, op: Linear, weig
     else:
         mu = x.mean(-1, keepdim=True)
         inv = torch.rsqrt(x.var(-1, unbiased=False, keepdim=True) + norm.eps)
-        w = weights[op.weight]
-        out = (pre - mu * (w @ weights[norm.weight])) * inv + w @ weights[norm.bias]
+        w_gain, w_bias = _layer_norm_terms(weights[op.weight], norm, weights)
+        out = (pre - mu * w_gain) * inv + w_bias
     return out + weights[op.bias] if op.bias else out
+
+
+# (W g, W beta) per (linear weight tensor, norm): constants a decode step must not recompute.
+# Keyed by the tensor's id, with a weak reference to tell a reused id from the same tensor.
+_LN_TERMS: dict[tuple[int, str], tuple] = {}
+
+
+def _layer_norm_terms(w: torch.Tensor, norm: Norm, weights) -> tuple[torch.Tensor, torch.Tensor]:
+    hit = _LN_TERMS.get((id(w), norm.name))
+    if hit is None or hit[0]() is not w:
+        hit = _LN_TERMS[(id(w), norm.name)] = (weakref.ref(w), w @ weights[norm.weight], w @ weights[norm.bias])
+    return hit[1], hit[2]
 
 
 def silu_gate(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

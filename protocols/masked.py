@@ -125,8 +125,8 @@ def _composed(model, comp: Composite, device) -> ComposedMatrix:
     w = model.weights
     t = torch.cat([w[op.weight] for op in comp.then]).to(torch.float64) * w[comp.norm.weight].to(torch.float64)
     first_int, first_scales = ring.encode_weights(w[comp.first.weight])
-    cross_int, cross_scales = ring.compose(t, w[comp.first.weight])
     t_int, t_scales = ring.encode_weights(t)
+    cross_int, cross_scales = ring.compose(t_int, t_scales, w[comp.first.weight])
 
     def l1(ints):
         return int(ints.abs().sum(dim=1).max())

@@ -302,37 +302,33 @@ def exact_int_product(a: torch.Tensor, b: torch.Tensor, b_bits: int) -> torch.Te
             + torch.matmul(af, lo.to(torch.float64)).to(torch.int64))
 
 
-def compose(t: torch.Tensor, w1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def compose(t_int: torch.Tensor, t_scales: torch.Tensor, w1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Integer weights and row scales of the float product ``t @ w1`` (out, k) @ (k, in), for
-    precomposed units.
+    precomposed units, from ``t``'s usual encoding ``(t_int, t_scales)`` (:func:`encode_weights`).
 
     Server and dealer must arrive at the very same integers, but a float GEMM's rounding depends
     on its summation order (thread count, BLAS build), and one flipped rounding would make the
     client's ``W r`` disagree with the server's ``W``. So the product is taken exactly over
-    integers: ``t``'s usual per-row encoding (23 bits) times ``w1`` encoded with one power-of-two
-    scale for the whole matrix (28 bits for k <= 1024, so the integer product stays below 2^61),
-    cut into two halves so that each float64 GEMM's partial sums stay below 2^53 — exact in any
-    order. Each row of the integer product is then rounded to 23 bits by an arithmetic shift;
-    its row scale follows from the two encodings.
+    integers: ``t_int`` (23 bits per row) times ``w1`` encoded with one power-of-two scale for
+    the whole matrix (28 bits for k <= 1024, so the integer product stays below 2^61), by
+    :func:`exact_int_product`. Each row of the product is then rounded to 23 bits by an
+    arithmetic shift; its row scale follows from the two encodings.
     """
-    t_int, t_scales = encode_weights(t)
-    b_bits = compose_bits(t.shape[1])
+    b_bits = compose_bits(t_int.shape[1])
     peak = float(w1.abs().max())
     e = math.floor(math.log2((2**b_bits - 1) / peak)) if peak > 0 else 0
     b = torch.round(w1.to(torch.float64) * 2.0**e).to(torch.int64)  # |b| < 2^b_bits, one scale 2^e
     p = exact_int_product(t_int, b, b_bits)
+
+    def rounded_shift(v: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:  # round half up by 2^shift
+        half = torch.bitwise_right_shift(torch.bitwise_left_shift(torch.ones_like(shift), shift), 1)
+        return torch.bitwise_right_shift(v + half, shift)
+
     top = p.abs().amax(dim=1)
     shift = torch.zeros_like(top)
-    while True:  # per row, the smallest shift whose rounded row fits |W| <= WMAX
-        half = torch.where(shift > 0, torch.bitwise_left_shift(torch.ones_like(shift), (shift - 1).clamp_min(0)), 0)
-        over = torch.bitwise_right_shift(top + half, shift) > WMAX
-        if not over.any():
-            break
+    while (over := rounded_shift(top, shift) > WMAX).any():  # per row, the smallest shift that fits
         shift += over.to(torch.int64)
-    half = torch.where(shift > 0, torch.bitwise_left_shift(torch.ones_like(shift), (shift - 1).clamp_min(0)), 0)
-    c = torch.bitwise_right_shift(p + half[:, None], shift[:, None])
-    scales = t_scales * 2.0**e / torch.pow(2.0, shift.to(torch.float64))
-    return c, scales
+    return rounded_shift(p, shift[:, None]), t_scales * 2.0**e / torch.pow(2.0, shift.to(torch.float64))
 
 
 def exact_matmul_reference(m: np.ndarray, w_int: np.ndarray) -> np.ndarray:

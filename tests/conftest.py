@@ -70,6 +70,19 @@ def build_tiny(family: str, d: Path, seed: int = 0, **overrides):
     return model
 
 
+def load_tiny_models(tmp_path_factory, families, seed: int, overrides=None) -> dict:
+    """{family: loaded tiny model} for a module's fixture; ``overrides`` maps a family to its
+    build_tiny overrides."""
+    from shardlm.models.load import load_model
+
+    out = {}
+    for fam in families:
+        d = tmp_path_factory.mktemp(fam)
+        build_tiny(fam, d, seed=seed, **(overrides or {}).get(fam, {}))
+        out[fam] = load_model(str(d))
+    return out
+
+
 @pytest.fixture(scope="session")
 def smollm2_dir():
     """The converted SmolLM2 directory, fetched once into SHARDLM_HOME (cached across runs)."""

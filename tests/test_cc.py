@@ -10,8 +10,7 @@ import pytest
 import torch
 import trio
 
-from conftest import build_tiny
-from shardlm.models.load import load_model
+from conftest import load_tiny_models
 from shardlm.models.reference import Reference, generate as reference_generate
 from shardlm.models.sampling import SamplingParams
 from shardlm.party.client import connect
@@ -31,12 +30,7 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    out = {}
-    for fam in ("llama", "gpt2"):
-        d = tmp_path_factory.mktemp(fam)
-        build_tiny(fam, d, seed=5)
-        out[fam] = load_model(str(d))
-    return out
+    return load_tiny_models(tmp_path_factory, ("llama", "gpt2"), 5)
 
 
 @pytest.fixture(scope="module")

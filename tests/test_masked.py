@@ -6,8 +6,7 @@ import pytest
 import torch
 import trio
 
-from conftest import build_tiny
-from shardlm.models.load import load_model
+from conftest import load_tiny_models
 from shardlm.models.reference import generate as reference_generate
 from shardlm.models.sampling import SamplingParams
 from shardlm.party.client import connect
@@ -25,12 +24,7 @@ FAMILIES = ["llama", "qwen2", "mistral", "gpt2"]
 
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory):
-    out = {}
-    for fam in FAMILIES:
-        d = tmp_path_factory.mktemp(fam)
-        build_tiny(fam, d, seed=3)
-        out[fam] = load_model(str(d))
-    return out
+    return load_tiny_models(tmp_path_factory, FAMILIES, 3)
 
 
 async def _generate(server_model, client_model, tmp_path, protocol, prompt, n, **server_cfg):

@@ -108,15 +108,9 @@ def test_softmax_on_shares_with_causal_mask(eng):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from conftest import build_tiny
-    from shardlm.models.load import load_model
+    from conftest import load_tiny_models
 
-    out = {}
-    for fam in ("llama", "gpt2"):
-        d = tmp_path_factory.mktemp(fam)
-        build_tiny(fam, d, seed=3)
-        out[fam] = load_model(str(d))
-    return out
+    return load_tiny_models(tmp_path_factory, ("llama", "gpt2"), 3)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])

@@ -4,9 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import build_tiny
+from conftest import load_tiny_models
 from shardlm.models.executor import forward_steps, run_sync
-from shardlm.models.load import load_model
 from shardlm.models.plan import Composite
 from shardlm.models.reference import Reference
 from shardlm.protocols import masked, ring
@@ -16,12 +15,7 @@ FAMILIES = ["llama", "qwen2", "gpt2"]
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    out = {}
-    for fam in FAMILIES:
-        d = tmp_path_factory.mktemp(fam)
-        build_tiny(fam, d, seed=11)
-        out[fam] = load_model(str(d))
-    return out
+    return load_tiny_models(tmp_path_factory, FAMILIES, 11)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -73,9 +67,9 @@ def test_compose_is_exact_integer_arithmetic_and_independent_of_threads():
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        c, scales = ring.compose(t, w1)
+        c, scales = ring.compose(*ring.encode_weights(t), w1)
         torch.set_num_threads(2)
-        c2, _ = ring.compose(t, w1)
+        c2, _ = ring.compose(*ring.encode_weights(t), w1)
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(c, c2)

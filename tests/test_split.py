@@ -10,9 +10,8 @@ import pytest
 import torch
 import trio
 
-from conftest import build_tiny
+from conftest import load_tiny_models
 from shardlm.cli import start_server_process
-from shardlm.models.load import load_model
 from shardlm.models.reference import Reference, generate as reference_generate
 from shardlm.models.executor import forward_steps, run_sync
 from shardlm.models.sampling import SamplingParams
@@ -38,13 +37,8 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory):
-    out = {}
-    for fam in FAMILIES:
-        d = tmp_path_factory.mktemp(fam)
-        layers = {"gpt2": {"n_layer": 5}}.get(fam, {"num_hidden_layers": 5})
-        build_tiny(fam, d, seed=3, **layers)
-        out[fam] = load_model(str(d))
-    return out
+    five_layers = {fam: {"n_layer": 5} if fam == "gpt2" else {"num_hidden_layers": 5} for fam in FAMILIES}
+    return load_tiny_models(tmp_path_factory, FAMILIES, 3, five_layers)
 
 
 async def _settle(server):
