@@ -620,19 +620,23 @@ class MPCExecutor:
         (out,) = e.matmul_many([(probs, v)])
         return out.map(lambda t: t.reshape(H, T, D).transpose(0, 1).reshape(T, H * D))
 
-    def forward(self, ids: list[int] | None = None, n_tokens: int | None = None) -> torch.Tensor | None:
+    def forward(self, ids: list[int] | None = None, n_tokens: int | None = None,
+                all_logits: bool = False) -> torch.Tensor | None:
         """Logits (1, vocab) of the last position, revealed to the client. The server party has no
-        ids: it passes ``n_tokens`` and gets None."""
+        ids: it passes ``n_tokens`` and gets None. ``all_logits`` (simulator only) reveals every
+        position's logits: teacher forcing over a whole text in one forward, for accuracy tests."""
         from ..models.plan import Activation, Add, Attention, Embed, Linear, Norm
 
         plan, w, e = self.model.plan, self.model.weights, self.e
         n_tokens = len(ids) if ids is not None else n_tokens
+        if all_logits and e.role is not None:
+            raise ValueError("all_logits is for the two-party simulator: the protocol reveals the last position only")
         env: dict[str, Shared] = {}
         steps = plan.steps
         i = 0
         while i < len(steps):
             step = steps[i]
-            if i == plan.head_start:
+            if i == plan.head_start and not all_logits:
                 env[step.inp] = env[step.inp].map(lambda t: t[-1:])
             if isinstance(step, Linear):
                 ops = [step]
