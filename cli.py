@@ -656,7 +656,9 @@ def preprocess(model_spec, protocol, tokens, out_dir, threads, as_json):
 @click.option("-m", "--model", "model_spec", default="smollm2", show_default=True, envvar="SHARDLM_MODEL",
               show_envvar=True)
 @click.option("--protocol", "protocols", default="plain,v2,v3", show_default=True,
-              help="Comma-separated protocols, measured one after another in this run.")
+              help="Comma-separated protocols, measured one after another in this run. An entry may set "
+                   "protocol options for itself: NAME:OPTION=VALUE[:...], e.g. "
+                   "plain,v3,v3-mpc,v3-mpc:triples=ot.")
 @click.option("-p", "--prompt", default="Hello, how are you?", show_default=True)
 @click.option("--prompt-tokens", type=int, help="Instead of --prompt: a raw prompt of exactly N tokens.")
 @click.option("--max-tokens", default=16, show_default=True, help="Tokens generated per run (EOS ignored).")
@@ -677,6 +679,7 @@ def bench(model_spec, protocols, prompt, prompt_tokens, max_tokens, runs, warmup
     with decode tokens/s, bytes, rounds, offline time and the ratio to plain)."""
     from .party import bench as bench_mod
 
+    entries = [_bench_entry(p.strip(), protocol_options) for p in protocols.split(",") if p.strip()]
     if threads:
         torch_threads(threads)
     model = load_model_for_cli(model_spec)
@@ -688,10 +691,11 @@ def bench(model_spec, protocols, prompt, prompt_tokens, max_tokens, runs, warmup
     cfg = client_config()
     say = None if as_json else (lambda msg: click.echo(msg, err=True))
     results = []
-    for proto in [p.strip() for p in protocols.split(",") if p.strip()]:
-        results.append(trio.run(bench_mod.bench_protocol, cfg, model, proto, ids, max_tokens, runs, warmup,
-                                _sampling(0.0, None, None, None), say,
-                                {**_protocol_options(cc_trust), **protocol_options}))
+    for label, proto, options in entries:
+        r = trio.run(bench_mod.bench_protocol, cfg, model, proto, ids, max_tokens, runs, warmup,
+                     _sampling(0.0, None, None, None), say, {**_protocol_options(cc_trust), **options})
+        r["version"] = label
+        results.append(r)
     bench_mod.add_ratios(results)
     doc = {"benchmarks": results}
     if output:
@@ -712,6 +716,24 @@ def bench(model_spec, protocols, prompt, prompt_tokens, max_tokens, runs, warmup
     if exposed:
         lines.append(f"NOT PRIVATE: {', '.join(exposed)} (the server sees tokens or hidden states)")
     _emit(doc, as_json, human="\n".join(lines))
+
+
+def _bench_entry(spec: str, defaults: dict) -> tuple[str, str, dict]:
+    """``NAME[:OPTION=VALUE...]`` (e.g. ``v3-mpc:triples=ot``) -> (label, protocol, its options): one
+    bench run can compare settings of a protocol side by side. OPTION is a protocol option of this
+    command (``--triples`` -> ``triples``), checked and converted as the option itself would be."""
+    name, *pairs = spec.split(":")
+    ctx = click.get_current_context()
+    params = {p.name: p for p in ctx.command.params if p.name in defaults}
+    options = dict(defaults)
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        key = key.replace("-", "_")
+        if not eq or key not in params:
+            raise click.BadParameter(f"{spec!r}: expected NAME:OPTION=VALUE with OPTION one of "
+                                     f"{', '.join(sorted(params))}", param_hint="--protocol")
+        options[key] = params[key].type.convert(value, params[key], ctx)
+    return spec, name, options
 
 
 BENCH_TEXT = ("The history of cryptography begins with simple substitution ciphers and leads, through "

@@ -270,6 +270,11 @@ class Engine:
         v = torch.as_tensor(v, dtype=torch.int64)
         return Shared(x.c * v, x.s * v)
 
+    def ring_matmul(self, W: ring.RingMatrix, x: Shared) -> Shared:
+        """The simulator's linear layer: ``W x`` share by share (the protocol's ``W (x - r)`` and
+        ``W r``, the same sum)."""
+        return Shared(W.matmul(x.c), W.matmul(x.s))
+
     # -- Beaver products ------------------------------------------------------------------------
     def mul_many(self, pairs: list[tuple[Shared, Shared]], truncate: bool = True) -> list[Shared]:
         """All products in one round of openings."""
@@ -547,7 +552,7 @@ class MPCExecutor:
         key = ops[0].fuse_group if ops[0].fuse_group else ops[0].name
         W, k = self.mats[key]
         if self.e.role is None:  # simulator: the same products, both slots here
-            y = Shared(W.matmul(x.c), W.matmul(x.s))
+            y = self.e.ring_matmul(W, x)
         elif self.e.role == "client":  # re-share into the mask r; W r is preprocessed: no product online
             r, wr = self.store.take(key, x.shape[0])
             self.e.reshare(x, r)

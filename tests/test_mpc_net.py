@@ -316,6 +316,9 @@ def test_party_engines_over_a_memory_stream_pair_compute_what_the_simulator_does
     assert out["client_rounds"] == out["server_rounds"] == sim.stats.rounds
     xd = x.double()
     exact = [xd * xd, xd * (xd + 1), xd.clamp_min(0), torch.softmax(xd.masked_fill(~mask, -math.inf), -1)]
-    for got, ref, truth in zip(out["client"], want, exact):
+    for i, (got, ref, truth) in enumerate(zip(out["client"], want, exact)):
         assert (got - truth).abs().max() < 2e-3
-        assert (got - ref).abs().max() < 1e-4  # party and simulator agree up to truncation ulps
+        # party and simulator agree up to truncation ulps, which exp's squarings amplify in the
+        # softmax (its documented budget, as in test_mpc_units: 1e-4 + 5e-3 relative)
+        budget = 1e-4 + (5e-3 * ref.abs() if i == 3 else 0)
+        assert ((got - ref).abs() <= budget).all(), (i, (got - ref).abs().max())
