@@ -450,14 +450,16 @@ split_options = _protocol_option_group("`split` protocol settings.", [
 mpc_options = _protocol_option_group("`v3-mpc` settings.", [
     click.option("--triples", type=click.Choice(["dealer", "ot"]), default="dealer", show_default=True,
                  help="v3-mpc: Beaver triples from the client as trusted dealer (it could unmask; it owns the "
-                      "prompt), or made jointly by IKNP OT so nobody knows them (no secure comparisons: "
-                      "needs --mpc-ranges narrow)."),
+                      "prompt), or made jointly by IKNP OT so nobody knows them (elementwise and matrix "
+                      "triples by Gilboa products, AND triples for the comparisons by random OT; slow)."),
     click.option("--mpc-ranges", type=click.Choice(["wide", "narrow"]), default="wide", show_default=True,
-                 help="v3-mpc: 'wide' uses secure comparisons (exact softmax max, sigmoid clipping; real "
-                      "models need it); 'narrow' skips them (accurate only for small models)."),
+                 help="v3-mpc: 'wide' uses secure comparisons (exact softmax max, sigmoid clipping, rsqrt "
+                      "start; real models need it; AND triples from either --triples); 'narrow' skips them "
+                      "(accurate only for small models)."),
     click.option("--triple-batch", type=click.IntRange(1, 1 << 22),
                  help="v3-mpc: elementwise triples per pool, the first made before the prompt is used "
-                      "(default 2^21 with the dealer, 2^14 with ot: 128 correlated OTs each)."),
+                      "(default 2^21 with the dealer, 2^14 with ot: 128 correlated OTs each; with ot also "
+                      "the words of 64 AND bits per pool, 128 random OTs each)."),
 ], ("triples", "mpc_ranges", "triple_batch"))
 
 

@@ -16,7 +16,7 @@ Triples come from a :class:`TripleProvider`:
   everything, seed 001 s6).
 - :class:`beaver_ot.OTProvider`: client and server generate triples jointly with Gilboa
   multiplication over IKNP correlated OT, so that nobody knows a, b or c (elementwise and
-  matrix triples; boolean AND triples, which the comparisons need, are dealer-only so far).
+  matrix triples; boolean AND triples, which the comparisons need, from random OTs).
 
 Single use: every triple carries a serial number; :meth:`Triple.take` hands out its shares
 once and refuses a second use with :class:`TripleReuseError` (a reused triple opens
@@ -80,6 +80,7 @@ class TripleProvider:
         """A boolean triple: 64 independent bit triples per int64 word, ``c = a & b`` XOR-shared."""
         t = self._make("and", tuple(shape), None)
         self.issued["and"] = self.issued.get("and", 0) + 1
+        self.elements["and"] = self.elements.get("and", 0) + math.prod(shape)  # words of 64 AND bits
         return t
 
     def mul(self, shape: Sequence[int]) -> Triple:
@@ -101,35 +102,40 @@ class TripleProvider:
 
 
 class PooledProvider(TripleProvider):
-    """Elementwise triples sliced from flat pools made ``batch`` elements at a time (one bulk
-    generation instead of one per product). The cursor only moves forward, so every element is
-    handed out once; :meth:`prefill` makes the first pool ahead of time (the offline phase).
-    Subclasses implement :meth:`_new_pool` (and :meth:`_make` for the other kinds)."""
+    """Elementwise (and, where a subclass makes them in bulk, boolean) triples sliced from flat
+    pools made ``batch`` elements (resp. ``batch`` 64-bit words) at a time: one bulk generation
+    instead of one per product. A pool's cursor only moves forward, so every element (every AND
+    bit) is handed out once; :meth:`prefill` makes the first pools ahead of time (the offline
+    phase). Subclasses implement :meth:`_new_pool` (and :meth:`_make` for the other kinds)."""
 
     def __init__(self, batch: int):
         super().__init__()
         self.batch = batch
-        self._pool: list[torch.Tensor] | None = None  # a_c, a_s, b_c, b_s, c_c, c_s (flat)
-        self._cursor = 0
+        self._pools: dict[str, list[torch.Tensor]] = {}  # kind -> a_c, a_s, b_c, b_s, c_c, c_s (flat)
+        self._cursors: dict[str, int] = {}
+        self.prefill_kinds: tuple[str, ...] = ("mul",)
 
-    def _new_pool(self, n: int) -> list[torch.Tensor]:
+    def _new_pool(self, n: int, kind: str = "mul") -> list[torch.Tensor]:
         raise NotImplementedError
 
     def prefill(self, n: int | None = None) -> None:
-        self._refill(n or self.batch)
+        for kind in self.prefill_kinds:
+            self._refill(kind, n or self.batch)
 
-    def _refill(self, need: int) -> None:
-        self._pool = self._new_pool(max(need, self.batch))
-        self._cursor = 0
+    def _refill(self, kind: str, need: int) -> None:
+        self._pools[kind] = self._new_pool(max(need, self.batch), kind)
+        self._cursors[kind] = 0
 
-    def _pooled_mul(self, a_shape) -> Triple:
+    def _pooled(self, kind: str, a_shape) -> Triple:
         n = math.prod(a_shape)
-        if self._pool is None or self._cursor + n > self._pool[0].numel():
-            self._refill(n)
-        sl = slice(self._cursor, self._cursor + n)
-        self._cursor += n  # the pool's cursor only moves forward: every element is used once
-        p = [t[sl].reshape(a_shape) for t in self._pool]
-        return Triple(next(self._serials), "mul", (p[0], p[1]), (p[2], p[3]), (p[4], p[5]))
+        pool = self._pools.get(kind)
+        if pool is None or self._cursors[kind] + n > pool[0].numel():
+            self._refill(kind, n)
+            pool = self._pools[kind]
+        at = self._cursors[kind]
+        self._cursors[kind] = at + n  # the pool's cursor only moves forward: every element is used once
+        p = [t[at:at + n].reshape(a_shape) for t in pool]
+        return Triple(next(self._serials), kind, (p[0], p[1]), (p[2], p[3]), (p[4], p[5]))
 
 
 class DealerProvider(TripleProvider):
@@ -199,12 +205,12 @@ class SeededDealerProvider(PooledProvider):
             mine = (a_c, b_c, c_c)
         return [(m, torch.zeros_like(m)) if self.role == "client" else (torch.zeros_like(m), m) for m in mine]
 
-    def _new_pool(self, n: int) -> list[torch.Tensor]:
-        return [t for pair in self._deal("mul", (n,), (n,), (n,)) for t in pair]
+    def _new_pool(self, n: int, kind: str = "mul") -> list[torch.Tensor]:
+        return [t for pair in self._deal(kind, (n,), (n,), (n,)) for t in pair]
 
     def _make(self, kind, a_shape, b_shape) -> Triple:
         if kind == "mul":
-            return self._pooled_mul(a_shape)
+            return self._pooled("mul", a_shape)
         b_shape = b_shape if kind == "matmul" else a_shape
         c_shape = (*a_shape[:-1], b_shape[-1]) if kind == "matmul" else a_shape
         return Triple(next(self._serials), kind, *self._deal(kind, a_shape, b_shape, c_shape))

@@ -14,6 +14,18 @@ bits are the bits of ``B_s[t, q]`` (k n 64 OTs), OT (t, q, j) correlates the who
 ``A_c[:, t] 2^j`` (m ring elements), and summing over t and j gives shares of
 ``(A_c @ B_s)[:, q]``: k n 64 OTs of m elements each, instead of m k n 64.
 
+Boolean (AND) triples: XOR shares of words a, b, c with ``c = a & b`` bitwise (64 bit triples
+per int64 word), from random OT with no further message. Per bit,
+``c = a_c b_c ^ a_s b_s ^ a_c b_s ^ a_s b_c``; for the cross term ``a_c b_s`` the client is the
+sender of one random OT (m0, m1) and the server the receiver with choice bit ``b_s`` (its own
+random bit, :class:`ring.MaskPRG`). With ``x0 = lsb(m0)``, ``x1 = lsb(m1)`` the sender *defines*
+its bit ``a_c := x0 ^ x1`` and keeps ``x0``; the receiver gets ``lsb(m_{b_s}) = x0 ^ b_s a_c``,
+so the two hold XOR shares of ``a_c b_s``. The server's random OTs as sender give ``a_s`` and the
+share of ``a_s b_c`` likewise. ``a_c`` is uniform to the server (it knows only ``m_{b_s}``, and
+``m_{1-b_s}`` is a correlation-robust hash it cannot compute), ``b_s`` to the client (IKNP hides
+the choices). One random OT per bit and direction, 16 bytes of OT_EXT_U each: 32 bytes per AND
+bit, one flight each way per pool.
+
 Both directions run as two IKNP extensions (client as sender for ``a_c``-terms, server as
 sender for ``a_s``-terms). Semi-honest, like the IKNP engine underneath.
 
@@ -68,6 +80,34 @@ async def gilboa_matmul_recv(ch: Channel, receiver: IknpReceiver, B: np.ndarray,
     return np.ascontiguousarray(y.reshape(k, n, 64, m).sum(axis=(0, 2), dtype=np.uint64).T)
 
 
+async def and_send(ch: Channel, sender: IknpSender, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """As the random-OT sender for ``n`` words of AND bits: (this party's ``a`` bits, its XOR share
+    of ``a & b_other``), both (n,) uint64, bit j of word i from OT i*64 + j."""
+    x0 = np.empty(64 * n, dtype=np.uint8)
+    x1 = np.empty(64 * n, dtype=np.uint8)
+    async for off, m0, m1 in sender.random_chunks(ch, 64 * n):
+        sl = slice(off, off + len(m0))
+        np.bitwise_and(m0.view(np.uint8)[:, 0], 1, out=x0[sl])  # lsb of each 16-byte block
+        np.bitwise_and(m1.view(np.uint8)[:, 0], 1, out=x1[sl])
+    x1 ^= x0
+    return _pack_bits(x1), _pack_bits(x0)
+
+
+async def and_recv(ch: Channel, receiver: IknpReceiver, b: np.ndarray) -> np.ndarray:
+    """As the random-OT receiver with the bits of ``b`` ((n,) uint64) as choices: this party's
+    XOR share of ``a_other & b``."""
+    v = np.empty(64 * b.size, dtype=np.uint8)
+    async for off, mc in receiver.random_chunks(ch, np.unpackbits(b.view(np.uint8), bitorder="little")):
+        np.bitwise_and(mc.view(np.uint8)[:, 0], 1, out=v[off:off + len(mc)])
+    return _pack_bits(v)
+
+
+def _pack_bits(bits: np.ndarray) -> np.ndarray:
+    """(64 n,) 0/1 uint8 -> (n,) uint64, bit j of word i from bits[i*64 + j] (the inverse of
+    ``np.unpackbits(w.view(np.uint8), bitorder="little")``)."""
+    return np.packbits(bits, bitorder="little").view("<u8").astype(np.uint64, copy=False)
+
+
 def _u64(t: torch.Tensor) -> np.ndarray:
     return t.numpy().view(np.uint64)
 
@@ -94,18 +134,32 @@ class Party:
             self.receiver = await IknpReceiver.setup(ch)
             self.sender = await IknpSender.setup(ch)
 
+    async def _both(self, ch, send_fn, recv_fn):
+        """``(await send_fn(ch, sender), await recv_fn(ch, receiver))``: the client's extension as
+        sender first on both sides, so the two extensions stay in step."""
+        if self.role == "client":
+            sent = await send_fn(ch, self.sender)
+            return sent, await recv_fn(ch, self.receiver)
+        got = await recv_fn(ch, self.receiver)
+        return await send_fn(ch, self.sender), got
+
     async def _cross(self, ch, mine_u, mine_v, send_fn, recv_fn):
         """Both cross terms: as sender with u = a_self, as receiver with v = b_self."""
-        order = [("send", mine_u), ("recv", mine_v)] if self.role == "client" else [("recv", mine_v), ("send", mine_u)]
-        out = 0
-        for what, val in order:
-            out = out + (await send_fn(ch, self.sender, val) if what == "send" else await recv_fn(ch, self.receiver, val))
-        return out
+        sent, got = await self._both(ch, lambda ch_, s: send_fn(ch_, s, mine_u), lambda ch_, r: recv_fn(ch_, r, mine_v))
+        return sent + got
 
     async def mul(self, ch: Channel, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         a, b = self.prg.ring(n), self.prg.ring(n)
         cross = await self._cross(ch, _u64(a), _u64(b), gilboa_send, gilboa_recv)
         return a, b, a * b + _t(cross)
+
+    async def and_(self, ch: Channel, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``n`` words of AND bits: this party's XOR shares of a, b and c = a & b."""
+        b = self.prg.ring(n)  # the choice bits of this party's random OTs as receiver
+        (a, u), v = await self._both(ch, lambda ch_, s: and_send(ch_, s, n),
+                                     lambda ch_, r: and_recv(ch_, r, _u64(b)))
+        at = _t(a)
+        return at, b, (at & b) ^ _t(u ^ v)
 
     async def matmul(self, ch: Channel, m: int, k: int, n: int):
         A, B = self.prg.ring(m, k), self.prg.ring(k, n)
@@ -139,12 +193,16 @@ def run_both(fn_client, fn_server):
 
 class OTProvider(beaver.PooledProvider):
     """Triples from joint OT generation (simulated parties). Elementwise triples come from a pool
-    made in batches of ``batch`` elements; matrix triples are made for each shape requested."""
+    made in batches of ``batch`` elements, AND triples from one of ``batch`` 64-bit words (64
+    bits each); matrix triples are made for each shape requested. ``prefill_and``: :meth:`prefill`
+    makes the first AND pool too (for the secure comparisons), not only the elementwise one."""
 
     name = "ot"
 
-    def __init__(self, batch: int = 1 << 14):
+    def __init__(self, batch: int = 1 << 14, prefill_and: bool = False):
         super().__init__(batch)
+        if prefill_and:
+            self.prefill_kinds = ("mul", "and")
         self.client, self.server = Party("client"), Party("server")
         self.ot_bytes = 0
         self._ready = False
@@ -165,15 +223,14 @@ class OTProvider(beaver.PooledProvider):
         self.ot_bytes += sum(ch.totals().bytes_sent for ch in chans)
         return c, s
 
-    def _new_pool(self, n: int) -> list[torch.Tensor]:
-        c, s = self._run(lambda ch: self.client.mul(ch, n), lambda ch: self.server.mul(ch, n))
+    def _new_pool(self, n: int, kind: str = "mul") -> list[torch.Tensor]:
+        fc, fs = (self.client.mul, self.server.mul) if kind == "mul" else (self.client.and_, self.server.and_)
+        c, s = self._run(lambda ch: fc(ch, n), lambda ch: fs(ch, n))
         return [c[0], s[0], c[1], s[1], c[2], s[2]]
 
     def _make(self, kind, a_shape, b_shape) -> beaver.Triple:
-        if kind == "and":
-            raise NotImplementedError("boolean (AND) triples by OT are not implemented: comparisons need the dealer")
-        if kind == "mul":
-            return self._pooled_mul(a_shape)
+        if kind in ("mul", "and"):
+            return self._pooled(kind, a_shape)
         *batch, m, k = a_shape
         n = b_shape[-1]
         parts = []
@@ -191,13 +248,13 @@ class NetOTProvider(OTProvider):
     the session channel, each party keeping only its own shares (the other slot is zeros).
 
     ``run(afn)`` runs ``await afn(channel)`` on the channel from the engine's thread. Both
-    parties' engines ask for the same triples in the same order, so every pool refill and every
-    matrix triple starts on both sides at the same point of the computation: no request message
-    is needed. Boolean (AND) triples are not available (see :class:`OTProvider`).
+    parties' engines ask for the same triples in the same order (and agree on ``batch`` and
+    ``prefill_and`` at set-up), so every pool refill and every matrix triple starts on both sides
+    at the same point of the computation: no request message is needed.
     """
 
-    def __init__(self, role: str, run, batch: int = 1 << 14):
-        super().__init__(batch)
+    def __init__(self, role: str, run, batch: int = 1 << 14, prefill_and: bool = False):
+        super().__init__(batch, prefill_and)
         self.role = role
         self.client = self.server = Party(role)
         self._run_on_channel = run

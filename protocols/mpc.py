@@ -8,7 +8,7 @@ is one message each way with the other party (all openings of a step batched int
 round), the client's input and linear-layer re-shares are one-way messages, and only the
 logits are revealed, to the client. Triples: the client as seeded dealer
 (:class:`beaver.SeededDealerProvider`) or joint IKNP/Gilboa generation over the session channel
-(:class:`beaver_ot.NetOTProvider`, no AND triples, so no comparisons). Rounds are not
+(:class:`beaver_ot.NetOTProvider`, AND triples from random OT). Rounds are not
 optimised: about 390 per layer per forward with comparisons (11.7k per SmolLM2 decode token,
 most in softmax and SiLU), which dominates the online time.
 
@@ -147,7 +147,7 @@ class Engine:
         self.stats = Stats()
         # record=True keeps every opened value and every share the client sent: the server's view
         self.view: list[torch.Tensor] | None = [] if record else None
-        # range treatment by secure comparison (needs boolean triples: dealer provider only)
+        # range treatment by secure comparison (needs boolean triples: dealer or OT provider)
         self.clip_sigmoid = False
         self.rsqrt_guess = False  # rsqrt's start from a batch of comparisons (fewer rounds)
         self.exact_max = False
@@ -506,7 +506,7 @@ class Ranges:
     norm_lo: float = 1e-3
     norm_hi: float = 1e4
     softmax_shift: float = 0.0
-    # secure comparisons (dealer triples only): softmax subtracts the exact row max, and the
+    # secure comparisons (boolean AND triples): softmax subtracts the exact row max, and the
     # sigmoid's input is clipped to [-16, 16]; needed for real models (SmolLM2's centred scores
     # reach 34 and its gates 49)
     comparisons: bool = False

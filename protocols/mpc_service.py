@@ -11,14 +11,15 @@ tensor or an extra field, is refused with ``malformed`` and the session closed):
 - offline: ``MPC_SETUP {triples, ranges, batch[, seed]}`` -> ``MPC_SETUP_OK``, then each side
   makes its first pool of ``batch`` elementwise triples. With ``dealer`` the seed expands into
   the server's triple shares (:class:`beaver.SeededDealerProvider`: no messages); with ``ot``
-  the two run base OTs and Gilboa multiplications over the channel. Once per session: a second
-  set-up would restart the triple streams, so it is refused. The client's mask material
+  the two run base OTs and Gilboa multiplications over the channel (and, with the comparisons
+  of the 'wide' ranges, random OTs for a first pool of ``batch`` words of AND triples). Once
+  per session: a second set-up would restart the triple streams, so it is refused. The client's mask material
   (``r``, ``W r`` for every linear unit) is dealt locally, as for v3.
 - per forward of T tokens: ``MPC_INPUT`` (enc(x) - r, T x d), then for each linear unit one
   ``MPC_RESHARE`` (x_c - r) and for each round of openings ``MPC_OPEN`` / ``MPC_OPEN_OK``
   (the client's flight first; a re-share rides in the same flight as the next opening), and
   at the end ``MPC_REVEAL`` (the server's share of the logits, to the client only). ``ot``
-  triples refill their pool and make matrix triples with OT messages (0x11xx) in between.
+  triples refill their pools and make matrix triples with OT messages (0x11xx) in between.
 
 The client samples from the revealed logits; nothing else is ever revealed to either party.
 """
@@ -137,12 +138,8 @@ def make_provider(role: str, triples: str, transport: ChannelTransport, seed: by
                   ranges: mpc.Ranges, batch: int) -> beaver.TripleProvider:
     if triples == "dealer":
         return beaver.SeededDealerProvider(role, seed, batch)
-    if triples == "ot":
-        if ranges.comparisons:
-            raise ValueError("--triples ot has no boolean (AND) triples, which the secure comparisons of the "
-                             "'wide' ranges need; use --triples dealer, or the 'narrow' ranges (no comparisons: "
-                             "accurate only for small models, not SmolLM2)")
-        return beaver_ot.NetOTProvider(role, transport.run, batch)
+    if triples == "ot":  # with comparisons, the first pool of AND triples is made offline too
+        return beaver_ot.NetOTProvider(role, transport.run, batch, prefill_and=ranges.comparisons)
     raise ValueError(f"triples must be one of {', '.join(TRIPLES)}, not {triples!r}")
 
 

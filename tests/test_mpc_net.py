@@ -216,14 +216,25 @@ def test_setups_which_would_replay_triples_are_refused(model, tmp_path):
     assert same_seed.code == "malformed" and "already used" in same_seed.message
 
 
-def test_ot_triples_over_tls_equal_the_reference_and_the_client_view_is_uniform(model, tmp_path):
-    """Dealer-free triples (IKNP + Gilboa over the session channel; no comparisons: no AND triples).
-    Nobody knows the triples, so what the client receives of the server's shares is uniform too."""
+def test_ot_triples_over_tls_equal_the_reference_and_the_client_view_is_uniform(model, tmp_path, monkeypatch):
+    """Dealer-free triples (IKNP + Gilboa over the session channel, AND triples by random OT) with
+    the 'wide' ranges' secure comparisons. Nobody knows the triples, so what the client receives of
+    the server's shares is uniform too: the arithmetic openings x - a and the XOR openings x ^ a of
+    the AND gates, uniform bits."""
     import dataclasses
 
     n, rec = 2, tmp_path / "client-view"
     prompts = [PROMPT[:4], [250, 1, 1, 99]]
-    opts = {"triples": "ot", "mpc_ranges": "narrow", "triple_batch": 1 << 13}
+    opts = {"triples": "ot", "mpc_ranges": "wide", "triple_batch": 1 << 13}
+    # which of the client's opening rounds are XOR (AND gates), to sort its recorded MPC_OPEN_OK
+    # messages: the client party runs in this process (the server too: told apart by role)
+    rounds, open_with = [], mpc.Engine._open_with
+
+    def logged(self, xs, combine):
+        if self.role == "client":
+            rounds.append((combine is torch.bitwise_xor, sum(x.c.numel() for x in xs)))
+        return open_with(self, xs, combine)
+    monkeypatch.setattr(mpc.Engine, "_open_with", logged)
 
     async def main():
         async with tls_server(tmp_path, model=model) as (server, cfg):
@@ -234,14 +245,19 @@ def test_ot_triples_over_tls_equal_the_reference_and_the_client_view_is_uniform(
     for p, rep in zip(prompts, trio.run(main)):
         assert rep.result.token_ids == reference_generate(model, p, n, GREEDY, stop_ids=())
         assert rep.stats["ot-base"]["rounds"] >= 1  # the base OTs ran, in the offline phase
+        assert all(f["triples_and"] > 0 for f in rep.protocol_stats["forwards"])  # comparisons ran
     views = [load_transcript(x)[1] for x in session_dirs(rec)]
     assert [meta["role"] for meta in (load_transcript(x)[0] for x in session_dirs(rec))] == ["client"] * 2
     assert [(m.type, m.frame_bytes) for m in views[0]] == [(m.type, m.frame_bytes) for m in views[1]]
     opened = [m.body["v"] for v in views for m in v if m.type == MsgType.MPC_OPEN_OK]
-    assert sum(o.size for o in opened) > 50_000
-    assert_uniform_ring(opened)  # the server's shares of x - a: a uniform, known to nobody
-    with pytest.raises(ValueError, match="AND"):  # comparisons need AND triples: refused, no fallback
-        mpc_service.client_factory(None, model, prompt_tokens=7, max_tokens=2, triples="ot", mpc_ranges="wide")
+    assert [o.size for o in opened] == [size for _, size in rounds]  # one message per round, in order
+    arith = [o for o, (xor, _) in zip(opened, rounds) if not xor]
+    xor = np.concatenate([o.reshape(-1) for o, (x, _) in zip(opened, rounds) if x])
+    assert sum(o.size for o in arith) > 50_000 and xor.size > 20_000
+    assert_uniform_ring(arith)  # the server's shares of x - a: a uniform, known to nobody
+    assert_uniform_ring([xor])  # ... and of x ^ a in the AND gates
+    bits = np.unpackbits(xor.view(np.uint8), bitorder="little").reshape(-1, 64)  # by bit position
+    assert (np.abs(bits.mean(0) - 0.5) < 5 * 0.5 / math.sqrt(len(bits))).all()
 
 
 def test_cli_generate_v3_mpc_between_two_processes(tmp_path):
@@ -267,8 +283,10 @@ def test_cli_generate_v3_mpc_between_two_processes(tmp_path):
         assert all(n > 0 for n in json.loads((tmp_path / "st" / "cursor.json").read_text()).values())  # rows used
         fw = out["protocol_stats"]["forwards"]
         assert len(fw) == len(out["token_ids"]) and all(f["triples_mul"] > 0 for f in fw)
-        bad = shardlm(*common, "--triples", "ot", check=False)  # wide ranges need AND triples: refused
-        assert bad.returncode != 0 and "AND" in bad.stdout + bad.stderr
+        # dealer-free triples with the default (wide) ranges: AND triples by OT for the comparisons
+        ot = json.loads(shardlm(*common, "--triples", "ot", "--triple-batch", "4096").stdout)
+        assert ot["token_ids"] == out["token_ids"]
+        assert all(f["triples_and"] > 0 for f in ot["protocol_stats"]["forwards"])
     finally:
         proc.terminate()
         proc.wait(timeout=10)

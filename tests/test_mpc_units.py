@@ -206,3 +206,68 @@ def test_rsqrt_started_by_comparisons_is_as_accurate_in_a_quarter_of_the_rounds(
         rounds[guess] = e.stats.rounds - r0
         assert ((y - want).abs() <= 1e-4 + 1e-3 * want).all(), (guess, ((y - want).abs() / want).max())
     assert rounds == {False: 217, True: 50}
+
+
+def _bit_means(words: torch.Tensor) -> torch.Tensor:
+    """Mean of each of the 64 bit positions over int64 words."""
+    w = words.reshape(-1, 1)
+    return ((torch.bitwise_right_shift(w, torch.arange(64)) & 1).double()).mean(0)
+
+
+def test_ot_and_triples_are_correct_at_scale_uniform_and_single_use():
+    """Boolean triples from random OT: 1.3M bit triples, XOR shares combine to c = a & b, each
+    party's shares alone are balanced bits (overall and per bit position), single use."""
+    from shardlm.protocols import beaver_ot
+
+    p = beaver_ot.OTProvider(batch=1 << 14)
+    t = p.and_((160, 128))  # 20480 words = 1.31M AND bits (more than a pool: the pool grows to fit)
+    a, b, c = (x[0] ^ x[1] for x in (t.a, t.b, t.c))
+    assert torch.equal(c, a & b)
+    assert not t.a[1].eq(0).all() and not t.c[0].eq(0).all()  # both slots are real in the simulator
+    n_bits = 64 * t.a[0].numel()
+    for share in (*t.a, *t.b, *t.c):  # each share alone: uniform bits
+        m = _bit_means(share)
+        assert abs(float(m.mean()) - 0.5) < 5 * 0.5 / math.sqrt(n_bits)
+        assert ((m - 0.5).abs() < 5 * 0.5 / math.sqrt(n_bits / 64)).all()
+    # a_c comes out of the client's sender OTs, b_s is the server's choice: independent; c is
+    # 1 on a quarter of the bits
+    assert abs(float(_bit_means(t.a[0] & t.b[1]).mean()) - 0.25) < 0.002
+    assert abs(float(_bit_means(c).mean()) - 0.25) < 0.002
+    assert p.issued["and"] == 1 and p.elements["and"] == 160 * 128
+    t.take()
+    with pytest.raises(beaver.TripleReuseError):
+        t.take()
+
+
+def test_ot_and_triples_never_hand_out_a_word_twice_across_pool_refills():
+    from shardlm.protocols import beaver_ot
+
+    p = beaver_ot.OTProvider(batch=1000)
+    got = [p.and_((n,)) for n in (600, 300, 200, 999, 1, 1500, 7)]  # 4 refills after the first pool
+    assert p._cursors["and"] == 7 and p._pools["and"][0].numel() == 1000
+    for t in got:
+        a, b, c = (x[0] ^ x[1] for x in (t.a, t.b, t.c))
+        assert torch.equal(c, a & b)
+    for side in range(2):  # 64-bit uniform words: a repeat would mean a reused slice of a pool
+        words = torch.cat([t.a[side] for t in got] + [t.b[side] for t in got])
+        assert words.unique().numel() == words.numel()
+    assert len({t.serial for t in got}) == len(got)
+
+
+def test_executor_with_ot_triples_and_secure_comparisons(tiny):
+    """The 'wide' ranges (exact softmax max, sigmoid clipping, rsqrt start: AND triples) with every
+    triple made by OT."""
+    from shardlm.models.reference import Reference
+    from shardlm.protocols import beaver_ot
+
+    model = tiny["llama"]
+    ref = Reference.of(model)
+    cache = ref.new_cache(16)
+    ex = mpc.MPCExecutor(model, mpc.Engine(beaver_ot.OTProvider(batch=1 << 14)), mpc.Ranges.wide())
+    ids = [5, 77, 31, 200]
+    want, got = ref.forward(torch.tensor(ids), cache)[-1], ex.forward(ids)[-1]
+    assert (got - want).abs().max() < 1e-2 and int(got.argmax()) == int(want.argmax())
+    nxt = [int(want.argmax())]
+    want, got = ref.forward(torch.tensor(nxt), cache)[-1], ex.forward(nxt)[-1]
+    assert (got - want).abs().max() < 1e-2 and int(got.argmax()) == int(want.argmax())
+    assert ex.e.provider.issued["and"] > 0 and ex.e.provider.name == "ot"
