@@ -152,19 +152,17 @@ def test_bench_writes_seed_format_with_ratios_and_a_plot(tiny, tmp_path):
 def test_bench_compares_settings_of_one_protocol_in_one_run(tiny, tmp_path):
     d, args = tiny
     out = tmp_path / "results.json"
-    shardlm("bench", *args, "-m", str(d), "--protocol", "v3-mpc,v3-mpc:triples=ot:triple-batch=4096",
+    shardlm("bench", *args, "-m", str(d), "--protocol", "v3-mpc,v3-mpc:mpc-ranges=wide:triple-batch=4096",
             "--mpc-ranges", "narrow", "--runs", "1", "--warmup", "0", "--max-tokens", "2", "--output", str(out))
     by = {r["version"]: r for r in json.loads(out.read_text())["benchmarks"]}
-    assert set(by) == {"v3-mpc", "v3-mpc:triples=ot:triple-batch=4096"}
-    dealer, ot = by["v3-mpc"], by["v3-mpc:triples=ot:triple-batch=4096"]
-    assert dealer["config"]["options"]["triples"] == "dealer" and dealer["config"]["options"]["mpc_ranges"] == "narrow"
-    assert ot["config"]["options"]["triples"] == "ot" and ot["config"]["options"]["triple_batch"] == 4096
-    assert "IKNP OT" in " ".join(ot["notes"]) and "dealer" in " ".join(dealer["notes"])
-    # the same computation, so the same openings (the OT run adds its triple generation's rounds);
-    # OT triples cost far more bytes than a dealer's seed
-    fw = [r["protocol_stats"]["forwards"] for r in (dealer, ot)]
-    assert [f["rounds"] for f in fw[0]] == [f["rounds"] for f in fw[1]]
-    assert ot["results"]["per_decode_token"]["rounds"] > dealer["results"]["per_decode_token"]["rounds"]
-    assert ot["results"]["bytes_sent"] > 10 * dealer["results"]["bytes_sent"]
+    assert set(by) == {"v3-mpc", "v3-mpc:mpc-ranges=wide:triple-batch=4096"}
+    narrow, wide = by["v3-mpc"], by["v3-mpc:mpc-ranges=wide:triple-batch=4096"]
+    assert narrow["config"]["options"]["mpc_ranges"] == "narrow" and narrow["config"]["options"]["triple_batch"] is None
+    assert wide["config"]["options"]["mpc_ranges"] == "wide" and wide["config"]["options"]["triple_batch"] == 4096
+    assert "secure comparisons" in " ".join(wide["notes"]) and "comparisons" not in " ".join(narrow["notes"])
+    # the comparisons (exact softmax max, sigmoid clipping, rsqrt start) cost rounds of AND gates
+    fw = [r["protocol_stats"]["forwards"][-1] for r in (narrow, wide)]
+    assert fw[0].get("triples_and", 0) == 0 < fw[1]["triples_and"]
+    assert wide["results"]["per_decode_token"]["rounds"] != narrow["results"]["per_decode_token"]["rounds"]
     bad = shardlm("bench", *args, "-m", str(d), "--protocol", "v3-mpc:tripels=ot", check=False)
     assert bad.returncode == 2 and "OPTION one of" in bad.stderr
