@@ -159,20 +159,24 @@ def test_ot_triples_are_correct_at_scale_and_single_use():
     assert not torch.isin(t2.a[0], t.a[0]).any()
 
 
-def test_executor_with_ot_triples(tiny):
+@pytest.mark.parametrize("ranges", [mpc.Ranges(), mpc.Ranges.wide()], ids=["narrow", "wide"])
+def test_executor_with_ot_triples(tiny, ranges):
+    """Every triple made by OT; with the 'wide' ranges (exact softmax max, sigmoid clipping, rsqrt
+    start) that includes the comparisons' AND triples."""
     from shardlm.models.reference import Reference
     from shardlm.protocols import beaver_ot
 
     model = tiny["llama"]
     ref = Reference.of(model)
     cache = ref.new_cache(16)
-    ex = mpc.MPCExecutor(model, mpc.Engine(beaver_ot.OTProvider(batch=1 << 16)))
+    ex = mpc.MPCExecutor(model, mpc.Engine(beaver_ot.OTProvider(batch=1 << 14)), ranges)
     ids = [5, 77, 31, 200]
     want, got = ref.forward(torch.tensor(ids), cache)[-1], ex.forward(ids)[-1]
     assert (got - want).abs().max() < 1e-2 and int(got.argmax()) == int(want.argmax())
     nxt = [int(want.argmax())]
     want, got = ref.forward(torch.tensor(nxt), cache)[-1], ex.forward(nxt)[-1]
     assert (got - want).abs().max() < 1e-2 and int(got.argmax()) == int(want.argmax())
+    assert (ex.e.provider.issued.get("and", 0) > 0) == ranges.comparisons and ex.e.provider.name == "ot"
 
 
 def test_rms_norm_on_shares_over_a_wide_range_of_row_scales(tiny):
@@ -252,22 +256,3 @@ def test_ot_and_triples_never_hand_out_a_word_twice_across_pool_refills():
         words = torch.cat([t.a[side] for t in got] + [t.b[side] for t in got])
         assert words.unique().numel() == words.numel()
     assert len({t.serial for t in got}) == len(got)
-
-
-def test_executor_with_ot_triples_and_secure_comparisons(tiny):
-    """The 'wide' ranges (exact softmax max, sigmoid clipping, rsqrt start: AND triples) with every
-    triple made by OT."""
-    from shardlm.models.reference import Reference
-    from shardlm.protocols import beaver_ot
-
-    model = tiny["llama"]
-    ref = Reference.of(model)
-    cache = ref.new_cache(16)
-    ex = mpc.MPCExecutor(model, mpc.Engine(beaver_ot.OTProvider(batch=1 << 14)), mpc.Ranges.wide())
-    ids = [5, 77, 31, 200]
-    want, got = ref.forward(torch.tensor(ids), cache)[-1], ex.forward(ids)[-1]
-    assert (got - want).abs().max() < 1e-2 and int(got.argmax()) == int(want.argmax())
-    nxt = [int(want.argmax())]
-    want, got = ref.forward(torch.tensor(nxt), cache)[-1], ex.forward(nxt)[-1]
-    assert (got - want).abs().max() < 1e-2 and int(got.argmax()) == int(want.argmax())
-    assert ex.e.provider.issued["and"] > 0 and ex.e.provider.name == "ot"
