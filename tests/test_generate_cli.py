@@ -26,7 +26,10 @@ def shardlm(*args, check=True, stdin=None, timeout=600):
 def _serve(tmp, model_arg):
     certs = json.loads(shardlm("certs", "--out", str(tmp / "certs"), "--json").stdout)
     proc, event = start_server_process(["--port", "0", "--cert", certs["cert"], "--key", certs["key"],
-                                        "--model", model_arg, "--threads", "1"])
+                                        "--model", model_arg, "--threads", "1",
+                                        # correctness tests, not timing: a slow or loaded machine must not
+                                        # end a 30-token SmolLM2 session at the default 300 s TTL
+                                        "--session-ttl", "1800"])
     return proc, ["-s", f"127.0.0.1:{event['port']}", "--tls-fingerprint", certs["fingerprint"]]
 
 
