@@ -1,16 +1,16 @@
 """The v3-mpc simulator with ideal Beaver products: the same values, a fraction of the work.
 
 :class:`IdealEngine` is the two-party simulator of :mod:`mpc` with each interactive primitive
-replaced by its ideal functionality: a linear layer, a product, a matrix product, the truncation's wrap bit and
-a comparison are computed from the two shares directly, and the result is re-shared with a
-fresh uniform server share (``ring.MaskPRG``). This is what the Beaver protocols compute, in
+replaced by its ideal functionality: a linear layer, a product, a matrix product (so also the
+truncation's wrap-bit product) and a comparison are computed from the two shares directly, and
+the result is re-shared with a fresh uniform server share (``ring.MaskPRG``). This is what the Beaver protocols compute, in
 distribution, not only in value:
 
 - a Beaver product returns ``x y mod 2^64`` exactly, with the server's share ``c_s + e b_s + a_s d``
   uniform and independent of everything else (``c_s`` is a fresh uniform share);
-- the truncation returns ``(u_c >> k) + (u_s >> k) - w 2^(64-k) - 2^(62-k)`` with the wrap bit
-  ``w = msb(u_c) OR msb(u_s)`` of the *actual* shares, so its one-unit error depends on the
-  sharing exactly as in the protocol; its output shares are again uniform;
+- the truncation is the engine's own (:meth:`mpc.Engine.trunc_many`): local shifts of the
+  *actual* shares plus the wrap bit, whose one product is the ideal one here, so its one-unit
+  error depends on the sharing exactly as in the protocol;
 - ``ltz`` is exact in both.
 
 So every approximation, encoding, range treatment and truncation error of the protocol is
@@ -61,21 +61,6 @@ class IdealEngine(mpc.Engine):
 
     def matmul_many(self, pairs, truncate: bool = True) -> list[mpc.Shared]:
         return self._products(torch.matmul, pairs, truncate)
-
-    def trunc_many(self, items) -> list[mpc.Shared]:
-        if self.local_trunc or not items:
-            return super().trunc_many(items)
-        self._count(1, 2 * sum(x.c.numel() for x, _ in items))  # the wrap bits' Beaver product
-        out = []
-        for x, k in items:
-            k = torch.as_tensor(k, dtype=torch.int64)
-            uc, us = x.c + mpc._OFFSET, x.s
-            w = mpc._msb(uc) | mpc._msb(us)
-            one = torch.ones_like(k)
-            v = mpc._lsr(uc, k) + mpc._lsr(us, k) - w * torch.bitwise_left_shift(one, 64 - k) \
-                - torch.bitwise_left_shift(one, 62 - k)
-            out.append(self._fresh(v))
-        return out
 
     def ltz(self, x: mpc.Shared) -> mpc.Shared:
         self._count(_LTZ_ROUNDS, _LTZ_OPENED_PER_ELEMENT * x.c.numel())
