@@ -32,8 +32,10 @@ output of an input it quantizes itself. It is exact all the same when (a) the in
 values -128 and 127 (two pad columns with zero weights), so the per-tensor quantization is
 scale 1, zero point 128, i.e. the digits themselves, and (b) every accumulator fits float32's
 24-bit integers: 128 * 128 * K <= 2^24, hence K is cut into chunks of 1024 summed in int64. A
-self-test at first use checks this exactness on the worst cases and falls back to
-``torch._int_mm`` if it fails (another engine or CPU).
+self-test at first use checks this exactness on the worst cases. Where it fails (an AVX2-only
+CPU: fbgemm's u8*s8 pair sums saturate at int16) a CPU uses the float64 limbs below for every
+product: ``torch._int_mm`` there is a plain loop (measured on such a CPU: 6.3 s for one SmolLM2
+decode step's 121 products, against 0.2 s in float64). ``torch._int_mm`` remains the GPU path.
 
 Above ``INT8_MAX_ROWS`` rows (a prefill: compute-bound) the product instead splits ``m`` into
 limbs of ``b`` bits (16 for SmolLM2's K, chosen so ``2^b * max|W| * K < 2^53``) and runs one
@@ -241,7 +243,11 @@ class RingMatrix:
     def matmul(self, m: torch.Tensor) -> torch.Tensor:
         """(n, in) ring -> (n, out) ring: exactly ``m @ W^T mod 2^64``."""
         m = m.to(self.device)
-        return self._matmul_int8(m) if m.shape[0] <= INT8_MAX_ROWS else self._matmul_f64(m)
+        # int8 only where it is fast: fbgemm (exact with VNNI; on AVX2-only CPUs its u8*s8 pair sums
+        # saturate) or a GPU. torch._int_mm on such a CPU is a plain loop, 25-50x slower than the
+        # float64 limbs (measured: the 49152x576 head 2.9 s against 54 ms)
+        int8 = m.shape[0] <= INT8_MAX_ROWS and (self.device.type != "cpu" or fbgemm_exact())
+        return self._matmul_int8(m) if int8 else self._matmul_f64(m)
 
     def _matmul_f64(self, m: torch.Tensor) -> torch.Tensor:
         if self._wt64 is None:
