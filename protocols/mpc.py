@@ -8,9 +8,17 @@ is one message each way with the other party (all openings of a step batched int
 round), the client's input and linear-layer re-shares are one-way messages, and only the
 logits are revealed, to the client. Triples: the client as seeded dealer
 (:class:`beaver.SeededDealerProvider`) or joint IKNP/Gilboa generation over the session channel
-(:class:`beaver_ot.NetOTProvider`, AND triples from random OT). Rounds are not
-optimised: about 390 per layer per forward with comparisons (11.7k per SmolLM2 decode token,
-most in softmax and SiLU), which dominates the online time.
+(:class:`beaver_ot.NetOTProvider`, AND triples from random OT). With comparisons a
+SmolLM2 decode token takes 3,345 rounds (~111 per layer; it was 11,727 before the
+round cuts below), which still dominates the online time.
+
+Rounds. :meth:`Engine.run` opens every Beaver product, matrix product and truncation wrap bit
+of one step in one round (products' own truncations in the next); public factors and powers
+of two are folded into the truncation that follows a product (``("mul", x, y, F + s, v)``:
+``x y v / 2^(F+s)``) instead of costing a round each, and operations take ``also`` items that
+ride in their first round (e.g. ``e @ V`` in the reciprocal's first product, ``gate * up`` in
+the clip's last round). The comparison ``ltz`` takes a public bound: the carry then runs over
+fewer bits (5 AND rounds instead of 7 for |x| < 4000 with 1/8 slack, 6 exact).
 
 Encoding. A real ``x`` is the ring element ``round(x * 2^F)`` (``F = FRAC_BITS``), read as a
 signed int64; shares ``x = x_c + x_s mod 2^64``.
@@ -36,27 +44,47 @@ mask material (protocols/preprocess.py, dealt over these ring weights in the off
 no heavy linear work for the client online. (The simulator computes ``W x_c`` and ``W x_s``,
 the same sum.) Then the truncation by ``k_j`` (the wrap-bit scheme below) restores scale 2^F.
 
-Nonlinear functions (each documented with its range and measured error in the tests):
+Nonlinear functions (each documented with its range and measured error in the tests;
+rounds as measured by tests/test_mpc_units.py):
 
-- ``exp``: limit form ``(1 + x/2^n)^(2^n)`` with a cubic Taylor base, n squarings; accurate
-  for x in [-12, 8] (rel. err < 2e-3 at F = 20); x above ~10 overflows the ring.
-- ``reciprocal``: Newton ``y <- y (2 - x y)`` from ``y0 = 3 exp(0.5 - x) + 0.003``, for x in
-  [0.01, 500] (14 iterations, rel. err < 1e-3).
-- ``rsqrt``: Newton ``y <- y (3 - x y^2) / 2`` from ``y0 = 1/sqrt(hi)``, x in [lo, hi] given by
-  the caller (the norm's public range), rel. err < 1e-3. With comparisons, Newton starts instead
-  from ``1/sqrt`` of the upper end of x's interval among thresholds a factor 4 apart (one batch
-  of comparisons): 6 iterations, 50 rounds instead of 217 over SmolLM2's range, same error.
+- ``exp``: limit form ``p(x/2^n)^(2^n)``, p the degree-4 (or 6) Taylor polynomial with its
+  coefficients folded into the products' truncations (two product levels for degree 4, three
+  for 6), n squarings: 5 + 2n rounds. Default n = 8, accurate for x in [-12, 8] (rel. err
+  < 2e-3); x above ~10 overflows the ring. The softmax uses n = 7 (19 rounds, rel. err < 1e-3
+  on [-12, 0.5], within 1e-5 of 0 down to -320; below ~-350 it grows again: SmolLM2's score
+  spread is < 60 on the accuracy text); the sigmoid degree 6 with n = 2 (11 rounds).
+- ``reciprocal``: without comparisons Newton ``y <- y (2 - x y)`` from ``3 exp(0.5 - x) + 0.003``
+  for x in [0.01, 500] (14 iterations, ~78 rounds, rel. err < 1e-3). With comparisons
+  (``cmp=True``, the caller's public range [lo, hi]): one batch of bounded comparisons against
+  thresholds ``lo 2^(i/per_octave)`` picks ``y0 = 2 / (t_{j-1} + t_j)`` for x's interval, so
+  ``e = 1 - x y0`` lies within ``(r-1)/(r+1)`` (1/3 for octaves, plus the comparisons' slack);
+  then ``y0 (1+e)(1+e^2)...(1+e^(2^(s-1)))`` has relative error ``e^(2^s)`` in 2 + 2s rounds.
+  Softmax: 4 thresholds per octave, s = 2 (12 rounds, < 2e-4); sigmoid: octaves over
+  [2, 3200], s = 3 (14 rounds, < 3e-4; GELU s = 4).
+- ``rsqrt``: without comparisons Newton ``y <- y (3 - x y^2) / 2`` from ``y0 = 1/sqrt(hi)``
+  (217 rounds over SmolLM2's 1e9 range). With comparisons: 16 thresholds per octave (one
+  batch of exact comparisons, 8 rounds) give ``y0`` within 1.1% and, as the same one-hot sum of
+  constants, ``y0^2`` (18 more fraction bits); one Newton step ``y0 (3 - x y0^2) / 2`` in two
+  product rounds (the /2 folded into the truncation): rel. err < 2e-4, 12 rounds. The norm
+  multiplies ``x w sqrt(d)`` by ``y0`` in the round of ``x y0^2`` instead of forming ``1/sqrt``.
 - ``sigmoid(x) = e^{x/2} / (e^{x/2} + e^{-x/2})``, for x in [-16, 16]; SiLU = x sigmoid(x)
   (abs. err < 2e-3 on [-16, 16]); GELU(tanh) through ``0.5 (1 + tanh(z)) = sigmoid(2z)``,
-  for x in [-4, 4] only (beyond, 2z leaves the sigmoid's range).
-- ``softmax``: with ``Ranges.comparisons`` (what real models need), the exact row max by a
-  tournament of secure comparisons (``ltz``: A2B of the two shares by a Kogge-Stone adder over
-  XOR shares with boolean AND triples, 7 rounds, then B2A by one Beaver product; exact), so
-  exp only sees x - max <= 0 and the sum lies in [1, n]. Without comparisons: scores minus
-  their row mean, which is safe only while the centred scores stay below ~6 and a row holds
-  at most 64 keys. Masked keys (causal / sliding window) are multiplied by public 0/1.
+  for x in [-4, 4] only (beyond, 2z leaves the sigmoid's range). With comparisons the
+  exponentials' error cancels in the ratio (sigmoid abs. err < 3e-4 for any x), and
+  ``times * sigmoid`` (SiLU: x, the gated MLP: gate * up) is one product ``(times e^{x/2}) (2^8/d)``
+  truncated by F + 8: 34 rounds for the gated SiLU (121 before).
+- ``softmax``: with ``Ranges.comparisons`` (what real models need), the exact row max (``ltz``:
+  A2B of the two shares by a Kogge-Stone adder over XOR shares with boolean AND triples, then
+  B2A by one Beaver product; exact), taken by groups of up to 32 keys that compare all their
+  pairs in one batch (12 rounds for up to 17 keys; a binary tournament needed 9 per halving),
+  so exp only sees x - max <= 0 and the sum lies in [1, n]; ``(e @ V) / sum`` with ``e @ V``
+  in the reciprocal's first round. Without comparisons: scores minus their row mean, which is
+  safe only while the centred scores stay below ~6 and a row holds at most 64 keys. Masked
+  keys (causal / sliding window) are multiplied by public 0/1 (and get -2000 for the max).
 - with comparisons, the sigmoid's input is first clipped to [-16, 16] (two ReLUs in the same
-  rounds), so SiLU is accurate for any gate value (SmolLM2's reach 49).
+  rounds, bounded comparisons: |x| < ~3900), so SiLU is accurate for any gate value (SmolLM2's
+  reach 49).
+- RoPE: the rotations of q (with 1/sqrt(D) folded in) and k share one round of truncations.
 """
 
 from __future__ import annotations
@@ -235,25 +263,25 @@ class Engine:
         all items in one round (see the module docstring: local shifts plus the wrap bit)."""
         if self.local_trunc:
             return [Shared(torch.bitwise_right_shift(x.c, k), -torch.bitwise_right_shift(-x.s, k)) for x, k in items]
-        pairs, parts = [], []
-        for x, k in items:
-            k = torch.as_tensor(k, dtype=torch.int64)
-            # the client adds 2^62: the value is now in [0, 2^63) (a party engine on the server adds it to
-            # its don't-care c slot only; so do the public e&d and e*d terms of the Beaver products)
-            uc = x.c + _OFFSET
-            us = x.s
-            mc, ms = _msb(uc), _msb(us)
-            zero = torch.zeros_like(mc)
-            pairs.append((Shared(mc, zero), Shared(zero.clone(), ms)))
-            parts.append((k, _lsr(uc, k), _lsr(us, k), mc, ms))
-        prods = self.mul_many(pairs, truncate=False) if pairs else []
-        out = []
-        for (k, lc, ls, mc, ms), pr in zip(parts, prods):
+        return self.run([("trunc", x, k) for x, k in items]) if items else []
+
+    def _trunc_prep(self, x: Shared, k: int | torch.Tensor):
+        """The wrap-bit product a truncation needs (a Beaver pair) and the local finish given it."""
+        k = torch.as_tensor(k, dtype=torch.int64)
+        # the client adds 2^62: the value is now in [0, 2^63) (a party engine on the server adds it to
+        # its don't-care c slot only; so do the public e&d and e*d terms of the Beaver products)
+        uc = x.c + _OFFSET
+        us = x.s
+        mc, ms = _msb(uc), _msb(us)
+        zero = torch.zeros_like(mc)
+        lc, ls = _lsr(uc, k), _lsr(us, k)
+
+        def finish(pr: Shared) -> Shared:
             # wrap bit w = mc OR ms = mc + ms - mc ms (known MSB 0 of the offset value)
             wc, ws = mc - pr.c, ms - pr.s
             top = torch.bitwise_left_shift(torch.ones_like(k), 64 - k)
-            out.append(Shared(lc - wc * top - torch.bitwise_left_shift(torch.ones_like(k), 62 - k), ls - ws * top))
-        return out
+            return Shared(lc - wc * top - torch.bitwise_left_shift(torch.ones_like(k), 62 - k), ls - ws * top)
+        return (Shared(mc, zero), Shared(zero.clone(), ms)), finish
 
     def add_public(self, x: Shared, v: torch.Tensor | float) -> Shared:
         v = self.encode(torch.as_tensor(v))
@@ -277,22 +305,66 @@ class Engine:
 
     # -- Beaver products ------------------------------------------------------------------------
     def mul_many(self, pairs: list[tuple[Shared, Shared]], truncate: bool = True) -> list[Shared]:
-        """All products in one round of openings."""
-        triples = [self.provider.mul(x.shape).take() for x, _ in pairs]
-        return self._beaver("mul", pairs, triples, truncate)
+        """All products in one round of openings (and their truncations in one more)."""
+        return self.run([("mul", x, y, self.f if truncate else None) for x, y in pairs])
 
     def matmul_many(self, pairs: list[tuple[Shared, Shared]], truncate: bool = True) -> list[Shared]:
-        triples = [self.provider.matmul(x.shape, y.shape).take() for x, y in pairs]
-        return self._beaver("matmul", pairs, triples, truncate)
+        return self.run([("matmul", x, y, self.f if truncate else None) for x, y in pairs])
 
-    def _beaver(self, kind, pairs, triples, truncate) -> list[Shared]:
+    def run(self, items: list[tuple]) -> list[Shared]:
+        """One round of openings for every item, then one round of truncations for the products
+        that ask for one. Items:
+
+        - ``("mul" | "matmul", x, y, bits[, v])``: the Beaver product ``x * y`` (``x @ y``), times
+          the public integer ``v`` if given, then truncated by ``bits`` (an int, a per-element
+          tensor, or None for no truncation). ``bits = F + s`` folds a public division by ``2^s``
+          into the truncation; ``v = round(c 2^b)`` with ``bits = F + b`` a public factor ``c``
+          (the caller keeps ``|x y v| < 2^(62 - F)`` at scale 2^F).
+        - ``("trunc", x, k)``: a truncation, whose wrap-bit product rides in the same first round.
+        """
+        beav, fins = [], []
+        for it in items:
+            if it[0] == "trunc" and self.local_trunc:
+                fins.append(("done", self.trunc_many([it[1:]])[0]))
+            elif it[0] == "trunc":
+                pair, fin = self._trunc_prep(it[1], it[2])
+                beav.append(("mul", *pair))
+                fins.append(("trunc", fin))
+            else:
+                beav.append(it[:3])
+                fins.append(("prod", it[3], it[4] if len(it) > 4 else None))
+        prods = self._products(beav) if beav else []
+        out, later, j = [], [], 0
+        for i, fin in enumerate(fins):
+            if fin[0] == "done":
+                out.append(fin[1])
+                continue
+            z = prods[j]
+            j += 1
+            if fin[0] == "trunc":
+                out.append(fin[1](z))
+                continue
+            if fin[2] is not None:
+                z = self.mul_int(z, fin[2])
+            out.append(z)
+            if fin[1] is not None:
+                later.append(i)
+        if later:
+            done = self.trunc_many([(out[i], fins[i][1]) for i in later])
+            for i, z in zip(later, done):
+                out[i] = z
+        return out
+
+    def _products(self, items: list[tuple[str, Shared, Shared]]) -> list[Shared]:
+        """Untruncated Beaver products ``("mul" | "matmul", x, y)``: one round of openings for all."""
+        triples = [self.provider.mul(x.shape).take() if kind == "mul" else self.provider.matmul(x.shape, y.shape).take()
+                   for kind, x, y in items]
         masked = []
-        for (x, y), t in zip(pairs, triples):
+        for (_, x, y), t in zip(items, triples):
             masked += [Shared(x.c - t.a[0], x.s - t.a[1]), Shared(y.c - t.b[0], y.s - t.b[1])]
         opened = self.open(masked)
-        out = [Shared(*beaver.beaver_combine(kind, t, opened[2 * i], opened[2 * i + 1]))
-               for i, t in enumerate(triples)]
-        return self.trunc_many([(z, self.f) for z in out]) if truncate else out
+        return [Shared(*beaver.beaver_combine(kind, t, opened[2 * j], opened[2 * j + 1]))
+                for j, ((kind, _, _), t) in enumerate(zip(items, triples))]
 
     def mul(self, x: Shared, y: Shared) -> Shared:
         return self.mul_many([(x, y)])[0]
@@ -314,146 +386,411 @@ class Engine:
             out.append(Shared(t.c[0] ^ (e & t.b[0]) ^ (d & t.a[0]) ^ (e & d), t.c[1] ^ (e & t.b[1]) ^ (d & t.a[1])))
         return out
 
-    def ltz(self, x: Shared) -> Shared:
-        """Arithmetic shares of the bit ``x < 0`` (the MSB of ``x_c + x_s``): 7 rounds of AND
-        gates for the carry into bit 63 (Kogge-Stone over the two shares as XOR-shared
-        addends), then one Beaver product to turn the XOR-shared bit into an additive one.
-        Exact (no failure probability)."""
+    def ltz(self, x: Shared, bound: float | None = None, slack: float | None = None,
+            also: list[tuple] = ()) -> Shared | tuple[Shared, list[Shared]]:
+        """Arithmetic shares of the bit ``x < 0``: AND rounds for a carry (Kogge-Stone over the two
+        shares as XOR-shared addends), then one Beaver product to turn the XOR-shared bit into an
+        additive one (``also``: single-round items of :meth:`run` riding in that round; then the
+        result is ``(bit, their outputs)``).
+
+        Default: the MSB of ``x_c + x_s``, exact, 7 AND rounds (8 in all). With a public ``bound``
+        (|x| < bound) and ``slack``: the client adds ``2^B >= (bound + slack) 2^F``, both parties
+        drop the low ``k`` bits of their share (``2^(k+1) <= slack 2^F``), and the bit is bit
+        ``p = B - k`` of the sum of the shifted shares: the carry runs over ``p`` bits only,
+        ``1 + ceil(log2 p)`` AND rounds (5 for p <= 16 instead of 7). Exact for x < 0; for
+        ``0 <= x < slack`` it may also say 1 (the carry lost by the shift), never worse."""
         zero = torch.zeros_like(x.c)
-        X, Y = Shared(x.c, zero), Shared(zero, x.s)  # each party's share as an XOR-shared addend
+        if bound is None:
+            B, k = 63, 0
+        elif not slack:  # exact: no bits dropped
+            B, k = self.f + max(1, math.ceil(math.log2(bound))), 0
+        else:
+            B = self.f + max(1, math.ceil(math.log2(bound + slack)))
+            k = max(0, min(B - 1, math.floor(math.log2(slack * 2.0 ** self.f)) - 1))
+            if B > 63:
+                raise ValueError(f"ltz bound {bound} too large for the ring")
+        p = B - k
+        off = torch.tensor(1, dtype=torch.int64) << B if B < 63 else torch.tensor(-(1 << 63), dtype=torch.int64)
+        xc = _lsr(x.c + off, k) if k else x.c + off
+        xs = _lsr(x.s, k) if k else x.s
+        bc, bs = self._sum_bit(xc, xs, p)
+        # the bit [x >= 0] is bc XOR bs = bc + bs - 2 bc bs (bc bs by one Beaver product), ltz = 1 - it
+        prod, *rest = self.run([("mul", Shared(bc, zero), Shared(zero.clone(), bs), None)] + list(also))
+        bit = Shared(1 - bc + 2 * prod.c, -bs + 2 * prod.s)
+        return (bit, rest) if also else bit
+
+    def _sum_bit(self, xc: torch.Tensor, xs: torch.Tensor, p: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """XOR shares (client's, server's) of bit ``p`` of ``xc + xs`` (mod 2^64), each party holding
+        its own addend: a Kogge-Stone carry over the low ``p`` bits, 1 + ceil(log2 p) AND rounds."""
+        zero = torch.zeros_like(xc)
+        X, Y = Shared(xc, zero), Shared(zero, xs)  # each party's share as an XOR-shared addend
         (G,) = self._and_many([(X, Y)])
         P = Shared(X.c ^ Y.c, X.s ^ Y.s)
         P0 = P
-        for k in (1, 2, 4, 8, 16, 32):
-            Gs = G.map(lambda t: torch.bitwise_left_shift(t, k))
-            Ps = P.map(lambda t: torch.bitwise_left_shift(t, k))
-            if k < 32:
+        levels = max(0, math.ceil(math.log2(p))) if p > 1 else 0
+        for lv in range(levels):
+            sh = 1 << lv
+            Gs = G.map(lambda t: torch.bitwise_left_shift(t, sh))
+            Ps = P.map(lambda t: torch.bitwise_left_shift(t, sh))
+            if lv < levels - 1:
                 pg, pp = self._and_many([(P, Gs), (P, Ps)])
                 P = pp
             else:
                 (pg,) = self._and_many([(P, Gs)])
             G = Shared(G.c ^ pg.c, G.s ^ pg.s)  # G and P & G<<k are disjoint: OR = XOR
-        msb = Shared(P0.c ^ torch.bitwise_left_shift(G.c, 1), P0.s ^ torch.bitwise_left_shift(G.s, 1))
-        bc = torch.bitwise_right_shift(msb.c, 63) & 1
-        bs = torch.bitwise_right_shift(msb.s, 63) & 1
-        # b = bc XOR bs = bc + bs - 2 bc bs; bc bs by one Beaver product of (bc, 0) and (0, bs)
-        (prod,) = self.mul_many([(Shared(bc, zero), Shared(zero.clone(), bs))], truncate=False)
-        return Shared(bc - 2 * prod.c, bs - 2 * prod.s)
+        top = Shared(P0.c ^ torch.bitwise_left_shift(G.c, 1), P0.s ^ torch.bitwise_left_shift(G.s, 1))
+        return torch.bitwise_right_shift(top.c, p) & 1, torch.bitwise_right_shift(top.s, p) & 1
 
     def mul_bit(self, x: Shared, bit: Shared) -> Shared:
         (z,) = self.mul_many([(x, bit)], truncate=False)
         return z
 
-    def relu(self, x: Shared) -> Shared:
-        neg = self.ltz(x)
-        return x - self.mul_bit(x, neg)
+    def relu(self, x: Shared, bound: float | None = None, slack: float | None = None,
+             also: list[tuple] = ()) -> Shared | tuple[Shared, list[Shared]]:
+        """``max(x, 0)``: the comparison (``bound``, ``slack`` as in :meth:`ltz`; with them relu
+        may also return 0 for ``0 <= x < slack``), then one product by the bit, in whose round the
+        single-round items ``also`` ride (the result is then ``(relu, their outputs)``)."""
+        neg = self.ltz(x, bound, slack)
+        z, *rest = self.run([("mul", x, neg, None)] + list(also))
+        return (x - z, rest) if also else x - z
 
-    def clip(self, x: Shared, lo: float, hi: float) -> Shared:
-        """``min(max(x, lo), hi)``: both comparisons in the same rounds."""
+    # comparisons of values known to lie within +-CMP_BOUND (activations, score differences): 5 AND
+    # rounds instead of 7, at the price of reading 0 <= x < CMP_SLACK as negative (see ltz)
+    CMP_BOUND, CMP_SLACK = 4000.0, 1 / 8
+
+    def clip(self, x: Shared, lo: float, hi: float, bounded: bool = False,
+             also: list[tuple] = ()) -> Shared | tuple[Shared, list[Shared]]:
+        """``min(max(x, lo), hi)``: both comparisons in the same rounds. ``bounded``: x is known to
+        lie within +-``CMP_BOUND`` - max(|lo|, |hi|) (shorter comparisons; the clip may then let
+        through up to ``hi + CMP_SLACK`` and ``lo - CMP_SLACK``)."""
         n = x.c.numel()
         both = cat([self.add_public(x, -hi).map(lambda t: t.reshape(-1)),
                     self.add_public(-x, lo).map(lambda t: t.reshape(-1))], 0)
-        r = self.relu(both)
+        kw = dict(bound=self.CMP_BOUND, slack=self.CMP_SLACK) if bounded else {}
+        r, rest = self.relu(both, also=also, **kw) if also else (self.relu(both, **kw), [])
         over, under = r.map(lambda t: t[:n].reshape(x.shape)), r.map(lambda t: t[n:].reshape(x.shape))
-        return x - over + under
+        y = x - over + under
+        return (y, rest) if also else y
 
-    def max_last(self, x: Shared) -> Shared:
-        """Max over the last dim by a tournament: ceil(log2 n) comparison layers."""
+    def max_last(self, x: Shared, bounded: bool = False) -> Shared:
+        """Max over the last dim. ``bounded=False``: a tournament of ceil(log2 n) comparison layers
+        (9 rounds each). ``bounded=True`` (every pairwise difference within +-``CMP_BOUND``): groups of
+        up to 32 values (8 while more than 32 remain) compare all their pairs in one batch (exact
+        bounded comparisons, 7 rounds), the winner's indicator is the product of its g - 1 bits
+        (ceil(log2(g - 1)) rounds of bit products) and the group max ``sum_i w_i x_i`` one product:
+        12 rounds for n <= 17 (13 up to 33), instead of 7-9 per halving. Exact (ties go to the
+        first index)."""
+        if not bounded:
+            while x.shape[-1] > 1:
+                n = x.shape[-1]
+                if n % 2:
+                    x = cat([x, x.map(lambda t: t[..., -1:])], -1)
+                    n += 1
+                a, b = x.map(lambda t: t[..., 0:n:2]), x.map(lambda t: t[..., 1:n:2])
+                x = b + self.relu(a - b)
+            return x
+        return self.max_last_scaled(x, 0)[0]
+
+    def max_last_scaled(self, x: Shared, shift: int) -> tuple[Shared, Shared, Shared]:
+        """:meth:`max_last` (bounded) of x, and also ``x / 2^shift`` and the same element of it
+        (``m / 2^shift`` up to one ulp): ``x / 2^shift`` is truncated in the first comparisons' last
+        round and carried through the selections, so ``(x - m) / 2^shift`` costs no round."""
+        xs = None
         while x.shape[-1] > 1:
             n = x.shape[-1]
-            if n % 2:
-                x = cat([x, x.map(lambda t: t[..., -1:])], -1)
-                n += 1
-            a, b = x.map(lambda t: t[..., 0:n:2]), x.map(lambda t: t[..., 1:n:2])
-            x = b + self.relu(a - b)
-        return x
+            g = n if n <= 32 else 8
+            if n % g:  # pad with copies of the last value (a copy never changes the max)
+                pad = g - n % g
+                x = cat([x, x.map(lambda t: t[..., -1:].expand(*t.shape[:-1], pad))], -1)
+                if xs is not None:
+                    xs = cat([xs, xs.map(lambda t: t[..., -1:].expand(*t.shape[:-1], pad))], -1)
+            grp = (lambda t: t.reshape(*t.shape[:-1], t.shape[-1] // g, g))
+            x, xs, full = self._max_groups(x.map(grp), None if xs is None else xs.map(grp), shift)
+            if full is not None:
+                x_shifted = full.map(lambda t: t[..., :n])
+        if xs is None:  # a single key: nothing compared
+            xs = x_shifted = self.trunc(x, shift) if shift else x
+        return x, xs, x_shifted
+
+    def _max_groups(self, x: Shared, xs: Shared | None = None, shift: int = 0):
+        """(..., G, g) -> (..., G): each group's max, exactly (see :meth:`max_last`), and the same
+        selection of ``xs`` (x / 2^shift; truncated here when None, and then returned whole too)."""
+        g = x.shape[-1]
+        if g == 1:
+            return x.map(lambda t: t[..., 0]), (xs or x).map(lambda t: t[..., 0]), None
+        I, J = torch.triu_indices(g, g, 1)
+        diff = x.map(lambda t: t[..., I] - t[..., J])
+        full = None
+        if xs is None:
+            lt, (xs,) = self.ltz(diff, bound=self.CMP_BOUND, also=[("trunc", x, shift)])  # [x_i < x_j], i < j
+            full = xs.map(lambda t: t.reshape(*t.shape[:-2], -1))
+        else:
+            lt = self.ltz(diff, bound=self.CMP_BOUND)
+        # factors of w_i: [i beats j] = 1 - lt_ij for j > i, lt_ji for j < i
+        rows = []
+        for i in range(g):
+            cols = [lt.map(lambda t: -t[..., q:q + 1]) for q in range(len(I)) if I[q] == i] + \
+                   [lt.map(lambda t: t[..., q:q + 1]) for q in range(len(I)) if J[q] == i]
+            sign = [1] * int((I == i).sum()) + [0] * int((J == i).sum())
+            rows.append((cols, sign))
+        one = Shared(torch.ones_like(x.c[..., :1]), torch.zeros_like(x.s[..., :1]))
+        facs = []
+        for cols, sign in rows:  # 1 - lt = one + (-lt)
+            facs.append(cat([c + one if sg else c for c, sg in zip(cols, sign)], -1).map(lambda t: t.unsqueeze(-2)))
+        w = cat(facs, -2)  # (..., g, g - 1)
+        while w.shape[-1] > 1:
+            m = w.shape[-1]
+            if m % 2:
+                w = cat([w, one.map(lambda t: t.unsqueeze(-1).expand(*w.shape[:-1], 1))], -1)
+                m += 1
+            (w,) = self.run([("mul", w.map(lambda t: t[..., 0:m:2]), w.map(lambda t: t[..., 1:m:2]), None)])
+        wz = w.map(lambda t: t[..., 0])
+        z, zs = self.run([("mul", x, wz, None), ("mul", xs, wz, None)])
+        return z.sum(-1), zs.sum(-1), full
 
     # -- nonlinear functions --------------------------------------------------------------------
-    def exp(self, x: Shared, n: int = 8) -> Shared:
-        """``exp(x)`` as ``(p(x/2^n))^(2^n)``, p the cubic Taylor polynomial: 2 + n rounds."""
-        u = self.trunc(x, n)  # x / 2^n (exact shift of the fixed point)
-        u2 = self.square(u)
-        u3 = self.mul(u2, u)
-        y = self.add_public(u + self.mul_public(u2, 0.5) + self.mul_public(u3, 1 / 6), 1.0)
-        for _ in range(n):
-            y = self.square(y)
-        return y
+    def exp(self, x: Shared, n: int = 8, pre: int = 0, deg: int = 4, also: list[tuple] = (),
+            given_u: bool = False, post: int = 0) -> Shared | tuple[Shared, list[Shared]]:
+        """``exp(x / 2^pre)`` as ``(p(u))^(2^n)``, ``u = x / 2^(n + pre)`` (one truncation, in whose
+        round the single-round items ``also`` ride; ``given_u``: x is u already, one round less), p
+        the Taylor polynomial of degree ``deg`` (4 or 6) with its coefficients folded into the
+        products' truncations (u^2/2; u^3/6 and u^4/24 side by side; for deg 6 then u^5/120 and
+        u^6/720): 5 + 2n rounds (deg 6: 7 + 2n).
 
-    def reciprocal(self, x: Shared, iters: int = 14) -> Shared:
-        """``1/x`` for x in [0.01, 500]: Newton from ``3 exp(0.5 - x) + 0.003``."""
-        y = self.add_public(self.mul_public(self.exp(self.add_public(-x, 0.5)), 3.0), 0.003)
-        for _ in range(iters):
-            xy = self.mul(x, y)
-            y = self.mul(y, self.add_public(-xy, 2.0))
-        return y
-
-    def rsqrt(self, x: Shared, lo: float, hi: float, iters: int | None = None) -> Shared:
-        """``1/sqrt(x)`` for x in [lo, hi] by Newton. With ``rsqrt_guess`` (secure comparisons), from
-        :meth:`_rsqrt_start`, within [y/2, y]: 6 iterations reach full precision (8 + 42 rounds);
-        otherwise from the constant ``1/sqrt(hi)`` (31 iterations, 217 rounds, over a 1e9 range)."""
-        if self.rsqrt_guess:
-            y = self._rsqrt_start(x, lo, hi)
-            iters = 6 if iters is None else iters
+        Relative error ~ 2^n |u|^(deg+1) / (deg+1)!: deg 4, n = 8 (the default): < 2e-3 on
+        [-12, 8]; deg 4, n = 7 (softmax, x <= 0.5): < 1e-3 on [-12, 0.5]. p(u) < 1 only for u in
+        (-2.78, 0) (deg 4; deg 6: (-3.6, 0)): below ``-2.78 2^n`` (n = 7: -356, n = 8: -712) the
+        result grows again and soon overflows the ring. The sigmoid's deg 6, n = 2 on
+        [-8.1, 8.1] is off by up to 6% at the ends, which the sigmoid cancels (see there)."""
+        if given_u:  # the caller computed u = x / 2^(n+pre) itself; ``also`` rides in the u^2 round
+            u = x
+            h2, *rest = self.run([("mul", u, u, self.f + 1)] + list(also))
         else:
-            y = self.add_public(Shared(torch.zeros_like(x.c), torch.zeros_like(x.s)), 1 / math.sqrt(hi))
-            if iters is None:  # ~1.5x growth per step while far below, then quadratic
-                iters = math.ceil(math.log(math.sqrt(hi / lo)) / math.log(1.5)) + 5
+            u, *rest = self.run([("trunc", x, n + pre)] + list(also))  # x / 2^(n+pre)
+            (h2,) = self.run([("mul", u, u, self.f + 1)])  # u^2 / 2
+
+        def c(v):
+            return self.encode(torch.tensor(v), 16)
+        z3, z4 = self.run([("mul", h2, u, self.f + 16, c(1 / 3)), ("mul", h2, h2, self.f + 16, c(1 / 6))])
+        y = u + h2 + z3 + z4  # u + u^2/2 + u^3/6 + u^4/24
+        if deg == 6:
+            z5, z6 = self.run([("mul", z4, u, self.f + 16, c(1 / 5)), ("mul", z4, h2, self.f + 16, c(1 / 15))])
+            y = y + z5 + z6
+        elif deg != 4:
+            raise ValueError("exp: deg 4 or 6")
+        y = self.add_public(y, 1.0)
+        for i in range(n):  # ``post``: the last squaring also divides by 2^post (exp(x) / 2^post)
+            (y,) = self.run([("mul", y, y, self.f + (post if i == n - 1 else 0))])
+        return (y, rest) if also else y
+
+    def reciprocal(self, x: Shared, lo: float = 0.01, hi: float = 500.0, cmp: bool = False, num_bits: int = 0,
+                   per_octave: int = 1, steps: int = 3, also: list[tuple] = (), iters: int = 14):
+        """``2^num_bits / x`` for x in [lo, hi].
+
+        ``cmp=False``: Newton ``y <- y (2 - x y)`` from ``3 exp(0.5 - x) + 0.003`` (x in [0.01, 500],
+        num_bits 0, 14 iterations, ~80 rounds).
+
+        ``cmp=True`` (secure comparisons): x's interval among thresholds ``lo 2^(i/per_octave)`` by one
+        batch of comparisons (:meth:`ltz`, bounded by ``1.25 hi``, slack ``lo/16``: 6 rounds when
+        ``hi <= 3200 lo``-ish), start ``y0 = kappa 2^num_bits / t_j`` at the interval's upper end with
+        ``kappa = 2r/(1+r)`` (r the interval's ratio), so ``e = 1 - x y0 / 2^num_bits`` lies within
+        ``+-(r-1)/(r+1)`` (1/3 for octaves); then ``y (1+e)(1+e^2)...(1+e^(2^(steps-1)))`` =
+        ``(1 - e^(2^steps)) / x``: relative error ``|e|^(2^steps)`` in ``2 + 2 steps`` rounds
+        (octaves, steps 3: (1/3 + 1/24)^8 < 4e-4, 14 rounds in all). ``also``: items of :meth:`run`
+        riding in the first product's round; the result is then ``(y, their outputs)``."""
+        if not cmp:
+            y = self.add_public(self.mul_public(self.exp(self.add_public(-x, 0.5)), 3.0), 0.003)
+            for _ in range(iters):
+                xy = self.mul(x, y)
+                y = self.mul(y, self.add_public(-xy, 2.0))
+            return y
+        rho = 2.0 ** (1 / per_octave)
+        m = max(1, math.ceil(math.log(hi / lo) / math.log(rho) - 1e-9))
+        t = [lo * rho ** i for i in range(m)] + [hi]
+        num, slack = 2.0 ** num_bits, lo / 16
+        # the comparisons may put x up to ``slack`` above t_j into interval j: centre y0 on [t_{j-1}, t_j + slack]
+        ys = [None] + [self.encode(torch.tensor(2 * num / (t[j - 1] + t[j] + (slack if j < m else 0))))
+                       for j in range(1, m + 1)]
+        y0 = Shared(torch.zeros_like(x.c) + ys[m], torch.zeros_like(x.s))
+        if m > 1:
+            k = x.c.numel()
+            bits = self.ltz(cat([self.add_public(x, -ti).map(lambda u: u.reshape(-1)) for ti in t[1:m]], 0),
+                            bound=1.25 * hi, slack=slack)
+            for i in range(1, m):  # b_i = [x < t_i]: the interval is at most the i-th
+                y0 = y0 + self.mul_int(bits.map(lambda u: u[(i - 1) * k:i * k].reshape(x.shape)), ys[i] - ys[i + 1])
+        p, *rest = self.run([("mul", x, y0, self.f + num_bits)] + list(also))
+        e = self.add_public(-p, 1.0)
+        y = y0
+        for j in range(steps):
+            if j < steps - 1:
+                e, y = self.run([("mul", e, e, self.f), ("mul", y, self.add_public(e, 1.0), self.f)])
+            else:
+                (y,) = self.run([("mul", y, self.add_public(e, 1.0), self.f)])
+        return (y, rest) if also else y
+
+    def rsqrt(self, x: Shared, lo: float, hi: float, iters: int | None = None, times: Shared | None = None,
+              extra: int = 0, per_octave: int = 16) -> Shared:
+        """``1/sqrt(x)`` (``times * 1/sqrt(x)`` with ``times``, broadcast over the last dim) for x in
+        [lo, hi].
+
+        With ``rsqrt_guess`` (secure comparisons): x's interval among thresholds
+        ``lo 2^(i/per_octave)`` by one batch of comparisons (8 rounds), start ``y0 = kappa/sqrt(t_j)``
+        (t_j the interval's upper end, ``kappa = 2 sqrt(r)/(1 + sqrt(r))``: ``|y0 sqrt(x) - 1| <= 0.011``
+        for 16 per octave); ``y0^2`` is the same one-hot sum of public constants (encoded with 18
+        more fraction bits), so ``e = 1 - x y0^2`` is one product, and one Newton step
+        ``y0 (2 + e) / 2`` (the /2 folded into the truncation) leaves a relative error ~ 3 e^2 / 8
+        < 2e-4: 12 rounds. ``times * y0`` rides in the round of ``x y0^2``. ``extra``: x comes at
+        scale 2^(F + extra) (compared as is; its truncation rides in the comparisons' last round).
+        x y0^2 must stay below ~15 (x < 15 hi).
+
+        Otherwise Newton ``y <- y (3 - x y^2) / 2`` from the constant ``1/sqrt(hi)`` (31 iterations,
+        217 rounds, over a 1e9 range)."""
+        if self.rsqrt_guess:
+            G = 18
+            rho = 2.0 ** (1 / per_octave)
+            m = max(1, math.ceil(math.log(hi / lo) / math.log(rho) - 1e-9))
+            t = [lo * rho ** i for i in range(m)] + [hi]
+            cs = [None] + [self.encode(torch.tensor(2 * (t[j] / t[j - 1]) ** 0.5 / (1 + (t[j] / t[j - 1]) ** 0.5)
+                                                    / math.sqrt(t[j]))) for j in range(1, m + 1)]
+            ws = [None] + [self.encode(self.decode(c) ** 2, self.f + G) for c in cs[1:]]
+            if m > 1:
+                k = x.c.numel()
+                cmp = cat([Shared(x.c - self.encode(torch.tensor(ti), self.f + extra), x.s.clone()).map(
+                    lambda u: u.reshape(-1)) for ti in t[1:m]], 0)
+                if extra:  # x's truncation to scale 2^F rides in the comparisons' last round
+                    bits, (x,) = self.ltz(cmp, also=[("trunc", x, extra)])
+                else:
+                    bits = self.ltz(cmp)
+            elif extra:
+                x = self.trunc(x, extra)
+            y0 = Shared(torch.zeros_like(x.c) + cs[m], torch.zeros_like(x.s))
+            w0 = Shared(torch.zeros_like(x.c) + ws[m], torch.zeros_like(x.s))
+            for i in range(1, m):  # b_i = [x < t_i]
+                b = bits.map(lambda u: u[(i - 1) * k:i * k].reshape(x.shape))
+                y0 = y0 + self.mul_int(b, cs[i] - cs[i + 1])
+                w0 = w0 + self.mul_int(b, ws[i] - ws[i + 1])
+            items = [("mul", x, w0, self.f + G)]
+            if times is not None:
+                items.append(("mul", times, y0.map(lambda u: u.expand(times.shape)), self.f))
+            p, *ty = self.run(items)
+            e2 = self.add_public(-p, 3.0)  # 2 + e = 3 - x y0^2
+            base = ty[0] if times is not None else y0
+            (y,) = self.run([("mul", base, e2.map(lambda u: u.expand(base.shape)), self.f + 1)])
+            return y
+        if extra:
+            x = self.trunc(x, extra)
+        y = self.add_public(Shared(torch.zeros_like(x.c), torch.zeros_like(x.s)), 1 / math.sqrt(hi))
+        if iters is None:  # ~1.5x growth per step while far below, then quadratic
+            iters = math.ceil(math.log(math.sqrt(hi / lo)) / math.log(1.5)) + 5
         for _ in range(iters):
             xy2 = self.mul(self.mul(x, y), y)  # (x y) y: y^2 alone has too few bits when y is small
             y = self.mul(y, self.mul_public(self.add_public(-xy2, 3.0), 0.5))
+        if times is not None:
+            y = self.mul(times, y.map(lambda u: u.expand(times.shape)))
         return y
 
-    def _rsqrt_start(self, x: Shared, lo: float, hi: float) -> Shared:
-        """``1/sqrt(t_j)`` for the upper end ``t_j`` of x's interval among thresholds ``lo 4^i``
-        (``t_n = hi``): one batch of comparisons ``b_i = [x < t_i]`` (8 rounds for all), then
-        ``1/sqrt(hi) + sum_i b_i (1/sqrt(t_i) - 1/sqrt(t_{i+1}))`` is local. An underestimate by at
-        most 2x, which Newton for rsqrt needs (it diverges from above ``sqrt(3)`` times the root)."""
-        n = max(1, math.ceil(math.log(hi / lo) / math.log(4)))
-        t = [lo * 4.0 ** i for i in range(1, n)] + [hi]
-        y = self.add_public(Shared(torch.zeros_like(x.c), torch.zeros_like(x.s)), 1 / math.sqrt(hi))
-        if n == 1:
-            return y
-        m = x.c.numel()
-        bits = self.ltz(cat([self.add_public(x, -ti).map(lambda u: u.reshape(-1)) for ti in t[:-1]], 0))
-        for i in range(n - 1):
-            step = self.encode(torch.tensor(1 / math.sqrt(t[i]) - 1 / math.sqrt(t[i + 1])))
-            y = y + self.mul_int(bits.map(lambda u: u[i * m:(i + 1) * m].reshape(x.shape)), step)
-        return y
+    SIGMOID_HI = 3200.0  # e^{x/2} + e^{-x/2} for |x| <= 16 + CMP_SLACK, with room for exp's error
 
-    def sigmoid(self, x: Shared) -> Shared:
-        """x in [-16, 16]: ``e^{x/2} / (e^{x/2} + e^{-x/2})`` with the denominator scaled into
-        the reciprocal's range."""
+    def sigmoid(self, x: Shared, times: Shared | None = None, also: list[tuple] = (), steps: int = 3) -> Shared:
+        """``sigmoid(x)`` (``times * sigmoid(x)`` with ``times``) as ``e^{x/2} / (e^{x/2} + e^{-x/2})``,
+        for x in [-16, 16]. ``also``: products (untruncated) riding in the first round of the clip;
+        their truncation rides in exp's first round, and the results multiply ``times`` (which is
+        then the index of the item: see :meth:`silu_gate`).
+
+        With ``clip_sigmoid`` (comparisons): x is clipped to [-16, 16] (bounded comparisons, |x| <
+        3900) directly at exp's scale ``u = x/8`` (x/8 truncated in the comparisons' last round, the
+        ReLUs on ``x/8 -+ 2``: 7 rounds), ``e^{+-x/2} = p6(+-u)^4`` (exp, deg 6, n = 2: 10 rounds),
+        ``r = 2^8 / d`` for ``d = e^{x/2} + e^{-x/2}`` in [2, 3200] by the comparison-started
+        reciprocal (14 rounds; ``times * e^{x/2}`` rides in its first product), and
+        ``(times e^{x/2}) r`` truncated by F + 8: 33 rounds. ``|times| < 2^13``. Without: the same
+        from ``h = x/2`` with the exp-started reciprocal."""
         if self.clip_sigmoid:
-            x = self.clip(x, -16.0, 16.0)
+            # clip to [-16, 16] and scale by 1/8 (exp's u = x/2 / 2^2) at once: x/8 is truncated in the
+            # comparisons' last round, the ReLUs multiply (x/8 - 2) and (-2 - x/8) by the bits
+            n = x.c.numel()
+            both = cat([self.add_public(x, -16.0).map(lambda t: t.reshape(-1)),
+                        self.add_public(-x, -16.0).map(lambda t: t.reshape(-1))], 0)
+            neg, (x8,) = self.ltz(both, bound=self.CMP_BOUND, slack=self.CMP_SLACK, also=[("trunc", x, 3)])
+            f8 = x8.map(lambda t: t.reshape(-1))
+            both8 = cat([self.add_public(f8, -2.0), self.add_public(-f8, -2.0)], 0)
+            z, *raw = self.run([("mul", both8, neg, None)] + list(also))
+            r8 = both8 - z  # relu((x - 16)/8), relu((-16 - x)/8)
+            u = x8 - r8.map(lambda t: t[:n].reshape(x.shape)) + r8.map(lambda t: t[n:].reshape(x.shape))
+            tr = [("trunc", z_, self.f) for z_ in raw]  # gate * up, truncated in exp's first round
+            # e^{+-x/2} / 16 (the last squaring's truncation): times e^{x/2} / 16 stays below 2^22 for |times| < 2^14
+            both, prods = self.exp(cat([u, -u], 0), n=2, pre=1, deg=6, given_u=True, post=4, also=tr) if tr else \
+                (self.exp(cat([u, -u], 0), n=2, pre=1, deg=6, given_u=True, post=4), [])
+            if isinstance(times, int):
+                times = prods[times]
+            x = u
+            h = x.shape[0]
+            ep, em = both.map(lambda t: t[:h]), both.map(lambda t: t[h:])
+            lo, hi = 2.0 / 16, self.SIGMOID_HI / 16  # d / 16; r = 2^8 / (d / 16), so q r = times sigmoid 2^8
+            if times is None:
+                r, q = self.reciprocal(ep + em, lo, hi, cmp=True, num_bits=8, per_octave=1, steps=steps), ep
+            else:
+                r, (q,) = self.reciprocal(ep + em, lo, hi, cmp=True, num_bits=8, per_octave=1, steps=steps,
+                                          also=[("mul", times, ep, self.f)])
+            (y,) = self.run([("mul", q, r, self.f + 8)])
+            return y
+        if also:
+            raw = self.run(list(also))
+            prods = self.trunc_many([(z, self.f) for z in raw])
+            if isinstance(times, int):
+                times = prods[times]
         h = self.trunc(x, 1)
         both = self.exp(cat([h, -h], 0))
         ep, em = both.map(lambda t: t[:h.shape[0]]), both.map(lambda t: t[h.shape[0]:])
         d = self.mul_public(ep + em, 1 / 32)  # [2, 6000] -> [1/16, 190]
-        return self.mul_public(self.mul(ep, self.reciprocal(d)), 1 / 32)
+        y = self.mul_public(self.mul(ep, self.reciprocal(d)), 1 / 32)
+        return y if times is None else self.mul(times, y)
 
     def silu(self, x: Shared) -> Shared:
-        return self.mul(x, self.sigmoid(x))
+        return self.sigmoid(x, times=x)
+
+    def silu_gate(self, x: Shared, up: Shared) -> Shared:
+        """``silu(x) * up = sigmoid(x) * (x up)``: the product x up rides in the clip's last round."""
+        return self.sigmoid(x, times=0, also=[("mul", x, up, None)])
 
     def gelu_tanh(self, x: Shared) -> Shared:
         x3 = self.mul(self.square(x), x)
         z = self.mul_public(x + self.mul_public(x3, 0.044715), 2 * math.sqrt(2 / math.pi))
         # 0.5 x (1 + tanh(z/2)) = x sigmoid(z)
-        return self.mul(x, self.sigmoid(z))
+        return self.sigmoid(z, times=x, steps=4)  # GELU's 5e-4 absolute budget: a 16th-order reciprocal
 
-    def softmax(self, x: Shared, mask: torch.Tensor | None = None, shift: float = 0.0) -> Shared:
-        """Softmax over the last dim. ``mask``: public 0/1 (1 = allowed) of x's shape."""
+    def softmax(self, x: Shared, mask: torch.Tensor | None = None, shift: float = 0.0,
+                values: Shared | None = None) -> Shared:
+        """Softmax over the last dim (``softmax(x) @ values`` with ``values``). ``mask``: public 0/1
+        (1 = allowed) of x's shape.
+
+        With ``exact_max`` (comparisons): masked keys get -2000, the row max by the bounded
+        tournament (score spreads below 2000), so ``x - m <= L/8`` (L = ceil(log2 n) layers) and the
+        sum s lies in [1, n e^{L/8}]; exp with n = 8; ``2^nb / s`` by the comparison-started
+        reciprocal (4 thresholds per octave, so ``|e| <= 0.09``, two factors: error < 1e-4, 12
+        rounds), with ``e @ values`` riding in its first product; then ``(e @ values) (2^nb / s)``
+        truncated by F + nb (nb = 8 fraction bits more for 1/s: |values| < 2^13)."""
         n = x.shape[-1]
         if self.exact_max:  # x - max(x) <= 0: exp's range is safe whatever the scores' spread
             big = torch.zeros(x.shape, dtype=torch.float64)
             if mask is not None:
-                big = big.masked_fill(~mask, -1e4)  # masked keys can never be the max
-            m = self.max_last(self.add_public(x, big))
-            e = self.exp(x - m.map(lambda t: t.expand(x.shape)))
+                big = big.masked_fill(~mask, -2000.0)  # masked keys can never be the max
+            # exp's u = (x - m) / 2^7 from x / 2^7 and m / 2^7, both out of the max (no round of their own)
+            _, m7, x7 = self.max_last_scaled(self.add_public(x, big), 7)
+            u = self.add_public(x7, -big / 128) - m7.map(lambda t: t.expand(x.shape))
+            e = self.exp(u, n=7, given_u=True)
             if mask is not None:
                 e = self.mul_int(e, mask.to(torch.int64))
-            # the sum lies in [1, n]: /16 puts it inside the reciprocal's range for n <= 8000
-            r = self.mul_public(self.reciprocal(self.mul_public(e.sum(-1, keepdim=True), 1 / 16)), 1 / 16)
-            return self.mul(e, r.map(lambda t: t.expand(x.shape)))
+            hi = n * 1.01  # the max is exact: every term <= 1 (up to exp's error), the max's term ~1
+            nb = min(8, math.ceil(math.log2(hi)))
+            s = e.sum(-1, keepdim=True)
+            if values is None:
+                r = self.reciprocal(s, 0.99, hi, cmp=True, num_bits=nb, per_octave=4, steps=2)
+                (y,) = self.run([("mul", e, r.map(lambda t: t.expand(x.shape)), self.f + nb)])
+                return y
+            r, (ev,) = self.reciprocal(s, 0.99, hi, cmp=True, num_bits=nb, per_octave=4, steps=2,
+                                       also=[("matmul", e, values, self.f)])
+            (y,) = self.run([("mul", ev, r.map(lambda t: t.expand(ev.shape)), self.f + nb)])
+            return y
         if mask is not None:  # mean over the allowed entries only, masked ones set to the mean
             cnt = mask.sum(-1, keepdim=True).to(torch.float64)
             xm = self.mul_int(x, mask.to(torch.int64))
@@ -468,7 +805,8 @@ class Engine:
         # keys and centred scores up to ~6 (see the module docstring)
         cnt = mask.sum(-1, keepdim=True).to(torch.float64) if mask is not None else torch.tensor(float(n))
         r = self.mul_public(self.reciprocal(self.mul_public(e.sum(-1, keepdim=True), 1 / cnt)), 1 / cnt)
-        return self.mul(e, r.map(lambda t: t.expand(x.shape)))
+        probs = self.mul(e, r.map(lambda t: t.expand(x.shape)))
+        return probs if values is None else self.matmul_many([(probs, values)])[0]
 
 
 # -- linear layers on shares and the plan executor (simulated two parties) --------------------
@@ -579,12 +917,16 @@ class MPCExecutor:
         d = x.shape[-1]
         if step.kind == "layer":
             x = x - e.mul_public(x.sum(-1, keepdim=True), 1 / d).map(lambda t: t.expand(x.shape))
-        xs = e.trunc(x, 8)
+        # x / 2^8 (for S) and x * w sqrt(d) (what rsqrt multiplies) in one round of truncations
+        # w sqrt(d) with 12 fraction bits: x w sqrt(d) 2^(F+12) stays below 2^62 for SmolLM2's massive
+        # activations (|x| ~ 2^14.5, w sqrt(d) up to ~2^7); with 20 bits it overflowed the truncation
+        wv = e.encode(w[step.weight].to(torch.float64) * math.sqrt(d), 12)
+        xs, xw = e.trunc_many([(x, 8), (e.mul_int(x, wv), 12)])
         (sq,) = e.mul_many([(xs, xs)], truncate=False)
-        S = e.add_public(e.trunc(sq.sum(-1, keepdim=True), e.f - 16), d * step.eps)
-        r = e.rsqrt(S, d * self.ranges.norm_lo, d * self.ranges.norm_hi)
-        y = e.mul(x, r.map(lambda t: t.expand(x.shape)))
-        y = e.mul_public(y, w[step.weight].to(torch.float64) * math.sqrt(d))
+        # S at scale 2^(2F-16); rsqrt compares it as is and truncates it by F - 16 on the way
+        S = sq.sum(-1, keepdim=True)
+        S = Shared(S.c + e.encode(torch.tensor(d * step.eps), 2 * e.f - 16), S.s)
+        y = e.rsqrt(S, d * self.ranges.norm_lo, d * self.ranges.norm_hi, times=xw, extra=e.f - 16)
         if step.bias:
             y = e.add_public(y, w[step.bias].to(torch.float64))
         return y
@@ -604,8 +946,11 @@ class MPCExecutor:
             def rot(s: Shared) -> Shared:
                 return s.map(lambda t: torch.cat((-t[..., half:], t[..., :half]), dim=-1))
 
-            q = e.mul_public(q, cos) + e.mul_public(rot(q), sin)
-            k = e.mul_public(k, cos) + e.mul_public(rot(k), sin)
+            # q's 1/sqrt(D) folded into its rotation: both rotations in one round of truncations
+            c, s_ = e.encode(cos), e.encode(sin)
+            cq, sq = e.encode(cos / math.sqrt(D)), e.encode(sin / math.sqrt(D))
+            q, k = e.trunc_many([(e.mul_int(q, cq) + e.mul_int(rot(q), sq), e.f),
+                                 (e.mul_int(k, c) + e.mul_int(rot(k), s_), e.f)])
         if step.layer in self.k_cache:
             k = cat([self.k_cache[step.layer], k], 1)
             v = cat([self.v_cache[step.layer], v], 1)
@@ -613,7 +958,8 @@ class MPCExecutor:
         group = H // KV
         q = q.map(lambda t: t.reshape(KV, group * T, D))
         (scores,) = e.matmul_many([(q, k.map(lambda t: t.transpose(1, 2)))])
-        scores = e.mul_public(scores, 1 / math.sqrt(D))
+        if not step.rope:
+            scores = e.mul_public(scores, 1 / math.sqrt(D))
         kpos = torch.arange(end)[None, :]
         qpos = torch.arange(start, end)[:, None]
         allowed = kpos <= qpos
@@ -621,8 +967,7 @@ class MPCExecutor:
         if window is not None:
             allowed &= kpos > qpos - window
         mask = allowed[None].expand(group, T, end).reshape(group * T, end)[None].expand(KV, group * T, end)
-        probs = e.softmax(scores, mask=mask, shift=self.ranges.softmax_shift)
-        (out,) = e.matmul_many([(probs, v)])
+        out = e.softmax(scores, mask=mask, shift=self.ranges.softmax_shift, values=v)
         return out.map(lambda t: t.reshape(H, T, D).transpose(0, 1).reshape(T, H * D))
 
     def forward(self, ids: list[int] | None = None, n_tokens: int | None = None,
@@ -669,7 +1014,7 @@ class MPCExecutor:
                 env[step.out] = env[step.inputs[0]] + env[step.inputs[1]]
             elif isinstance(step, Activation):
                 if step.kind == "silu_gate":
-                    env[step.out] = e.mul(e.silu(env[step.inputs[0]]), env[step.inputs[1]])
+                    env[step.out] = e.silu_gate(env[step.inputs[0]], env[step.inputs[1]])
                 else:
                     env[step.out] = e.gelu_tanh(env[step.inputs[0]])
             else:

@@ -2,16 +2,17 @@
 
 :class:`IdealEngine` is the two-party simulator of :mod:`mpc` with each interactive primitive
 replaced by its ideal functionality: a linear layer, a product, a matrix product (so also the
-truncation's wrap-bit product) and a comparison are computed from the two shares directly, and
-the result is re-shared with a fresh uniform server share (``ring.MaskPRG``). This is what the Beaver protocols compute, in
-distribution, not only in value:
+truncation's wrap-bit product) and a comparison's adder are computed from the two shares
+directly, and the result is re-shared with a fresh uniform server share (``ring.MaskPRG``).
+This is what the Beaver protocols compute, in distribution, not only in value:
 
 - a Beaver product returns ``x y mod 2^64`` exactly, with the server's share ``c_s + e b_s + a_s d``
   uniform and independent of everything else (``c_s`` is a fresh uniform share);
 - the truncation is the engine's own (:meth:`mpc.Engine.trunc_many`): local shifts of the
   *actual* shares plus the wrap bit, whose one product is the ideal one here, so its one-unit
   error depends on the sharing exactly as in the protocol;
-- ``ltz`` is exact in both.
+- ``ltz``'s adder gives bit ``p`` of the (shifted) shares' sum in both; the rest of ``ltz`` (the
+  public bound's offset and dropped bits, the B2A product) is the engine's own.
 
 So every approximation, encoding, range treatment and truncation error of the protocol is
 reproduced, while triple generation, Beaver openings and the AND-gate adders (most of the
@@ -23,16 +24,15 @@ measurements on SmolLM2 over hundreds of positions (protocols/mpc_accuracy.py).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import mpc
 
-_LTZ_ROUNDS = 8           # 7 rounds of AND gates (Kogge-Stone over 64 bits) + 1 Beaver product (B2A)
-_LTZ_OPENED_PER_ELEMENT = 26  # 12 AND gates x 2 words, + 2 for the B2A product
-
 
 class IdealEngine(mpc.Engine):
-    """Two-party simulator (``transport=None`` only) with ideal products, truncation and comparison."""
+    """Two-party simulator (``transport=None`` only) with ideal products and comparison adders."""
 
     def __init__(self, frac_bits: int = mpc.FRAC_BITS):
         super().__init__(frac_bits=frac_bits)
@@ -42,26 +42,21 @@ class IdealEngine(mpc.Engine):
         s = self.prg.ring(*v.shape)
         return mpc.Shared(v - s, s)
 
-    def _count(self, rounds: int, opened: int) -> None:
-        self.stats.rounds += rounds
-        self.stats.opened_elements += opened
-
-    def _products(self, op, pairs, truncate: bool) -> list[mpc.Shared]:
-        if not pairs:
-            return []
-        self._count(1, sum(x.c.numel() + y.c.numel() for x, y in pairs))
-        out = [self._fresh(op(x.c + x.s, y.c + y.s)) for x, y in pairs]  # wraps mod 2^64, exactly
-        return self.trunc_many([(z, self.f) for z in out]) if truncate else out
-
     def ring_matmul(self, W, x: mpc.Shared) -> mpc.Shared:
         return self._fresh(W.matmul(x.c + x.s))  # W x_c + W x_s = W x mod 2^64
 
-    def mul_many(self, pairs, truncate: bool = True) -> list[mpc.Shared]:
-        return self._products(torch.mul, pairs, truncate)
+    def _products(self, items) -> list[mpc.Shared]:
+        self.stats.rounds += 1
+        self.stats.opened_elements += sum(x.c.numel() + y.c.numel() for _, x, y in items)
+        op = {"mul": torch.mul, "matmul": torch.matmul}
+        return [self._fresh(op[kind](x.c + x.s, y.c + y.s)) for kind, x, y in items]  # wraps mod 2^64, exactly
 
-    def matmul_many(self, pairs, truncate: bool = True) -> list[mpc.Shared]:
-        return self._products(torch.matmul, pairs, truncate)
-
-    def ltz(self, x: mpc.Shared) -> mpc.Shared:
-        self._count(_LTZ_ROUNDS, _LTZ_OPENED_PER_ELEMENT * x.c.numel())
-        return self._fresh(mpc._msb(x.c + x.s))
+    def _sum_bit(self, xc: torch.Tensor, xs: torch.Tensor, p: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bit ``p`` of ``xc + xs`` computed directly, XOR-shared with a fresh random bit; the adder's
+        rounds and opened words counted as :meth:`mpc.Engine._sum_bit` has them."""
+        levels = math.ceil(math.log2(p)) if p > 1 else 0
+        self.stats.rounds += 1 + levels
+        self.stats.opened_elements += xc.numel() * (2 + 4 * max(0, levels - 1) + 2 * min(1, levels))
+        bit = torch.bitwise_right_shift(xc + xs, p) & 1
+        mine = self.prg.ring(*xc.shape) & 1
+        return bit ^ mine, mine

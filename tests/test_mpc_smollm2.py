@@ -13,9 +13,9 @@ import torch
 from shardlm.protocols.mpc_accuracy import TEXT, summary, teacher_forced
 
 N_TEXT = 200      # next-token predictions over the fixed text
-FLOOR = 0.98      # the seeds claim 98-99.5% top-1; we assert the floor
+FLOOR = 0.995     # the seeds claim 98-99.5% top-1; measured 200/200 (median max |logit err| 0.006)
 GREEDY_TOKENS = 20
-TIE = 0.3         # reference top-2 gaps below this are ties: the protocol's noise has flipped a 0.24 gap
+TIE = 0.15        # reference top-2 gaps below this are ties: about twice the largest logit error seen (0.07)
 
 
 @pytest.fixture(autouse=True)
@@ -33,7 +33,7 @@ def test_teacher_forced_top1_over_200_tokens_beats_the_seeds_floor(smollm2):
     s = summary(want, got)
     print(s)
     assert s["top1"] >= FLOOR, s
-    assert s["err_median"] < 1.0 and s["err_p90"] < 1.5, s
+    assert s["err_median"] < 0.05 and s["err_p90"] < 0.1 and s["err_max"] < 0.5, s
     # every disagreement is a near tie of the reference (a protocol bug would miss by whole logits)
     assert all(g < TIE for g in s["gaps_where_different"]), s
     assert ex.e.stats.revealed_elements == N_TEXT * want.shape[-1]
@@ -43,7 +43,7 @@ def test_greedy_generation_of_the_demo_prompt_matches_the_reference(smollm2):
     """The demo prompt (`shardlm demo`: "Hello, how are you?" through the chat template), 20 greedy
     tokens. The reference's own first step is a tie: its top two logits differ by 0.0002 (float64
     differs from float32 there), and step 17's by 0.007; no approximate protocol can be held to a
-    side of such ties (observed: the protocol's logit noise flipped a 0.24 gap once in 200). So: at every step whose reference top-2 gap is at least TIE, v3-mpc's pick
+    side of such ties. So: at every step whose reference top-2 gap is at least TIE, v3-mpc's pick
     is the reference's; at a tie it must be one of the tied tokens (and teacher forcing carries
     on along the reference's path)."""
     from shardlm.models.reference import generate
