@@ -12,7 +12,7 @@ from shardlm.protocols import ring
 def test_ring_product_is_exact_mod_2_64(max_w, k, rows, kernel, monkeypatch):
     if kernel == "fbgemm":
         if not ring.fbgemm_exact():
-            pytest.skip("fbgemm is not exact on this CPU: the ring uses torch._int_mm (the int_mm case)")
+            pytest.skip("fbgemm is not exact on this CPU: its products use the float64 limbs (int_mm is the GPU's)")
     else:
         monkeypatch.setattr(ring, "fbgemm_exact", lambda: False)
     g = torch.Generator().manual_seed(k)
@@ -23,9 +23,11 @@ def test_ring_product_is_exact_mod_2_64(max_w, k, rows, kernel, monkeypatch):
     m[0, :] = -1  # ... times all-ones words, the limb split's worst case
     m[1, :] = -(2**63)
     m[2, :] = 2**63 - 1
-    got = ring.RingMatrix(w).matmul(m)
+    R = ring.RingMatrix(w)
+    got = (R._matmul_f64 if kernel == "float64" else R._matmul_int8)(m)  # each kernel, whichever matmul picks
     want = ring.exact_matmul_reference(m.numpy(), w.numpy())
     assert np.array_equal(got.numpy(), want)
+    assert np.array_equal(R.matmul(m).numpy(), want)
 
 
 def test_weights_outside_the_digit_range_are_refused():
