@@ -583,6 +583,20 @@ class Engine:
             (y,) = self.run([("mul", y, y, self.f + (post if i == n - 1 else 0))])
         return (y, rest) if also else y
 
+    @staticmethod
+    def _minus_each(x: Shared, t: torch.Tensor) -> Shared:
+        """``x - t_i`` for each public ring value ``t_i``, flat and threshold-major (one comparison batch)."""
+        n = t.numel()
+        return Shared((x.c.reshape(1, -1) - t.view(-1, 1)).reshape(-1), x.s.reshape(1, -1).expand(n, -1).reshape(-1))
+
+    @staticmethod
+    def _interval_const(bits: Shared, consts: torch.Tensor, shape) -> Shared:
+        """The public constant ``c_j`` of x's interval j (of m) from the bits ``b_i = [x < t_i]``,
+        i = 1..m-1, threshold-major: ``c_m + sum_i b_i (c_i - c_(i+1))``, local."""
+        d = (consts[:-1] - consts[1:]).view(-1, 1)
+        c = (bits.c.view(d.shape[0], -1) * d).sum(0) + consts[-1]
+        return Shared(c.view(shape), (bits.s.view(d.shape[0], -1) * d).sum(0).view(shape))
+
     def reciprocal(self, x: Shared, lo: float = 0.01, hi: float = 500.0, cmp: bool = False, num_bits: int = 0,
                    per_octave: int = 1, steps: int = 3, also: list[tuple] = (), iters: int = 14):
         """``2^num_bits / x`` for x in [lo, hi].
@@ -609,15 +623,13 @@ class Engine:
         t = [lo * rho ** i for i in range(m)] + [hi]
         num, slack = 2.0 ** num_bits, lo / 16
         # the comparisons may put x up to ``slack`` above t_j into interval j: centre y0 on [t_{j-1}, t_j + slack]
-        ys = [None] + [self.encode(torch.tensor(2 * num / (t[j - 1] + t[j] + (slack if j < m else 0))))
-                       for j in range(1, m + 1)]
-        y0 = Shared(torch.zeros_like(x.c) + ys[m], torch.zeros_like(x.s))
+        tt = torch.tensor(t, dtype=torch.float64)
+        ys = self.encode(2 * num / (tt[:-1] + tt[1:] + torch.where(torch.arange(m) < m - 1, slack, 0.0)))
         if m > 1:
-            k = x.c.numel()
-            bits = self.ltz(cat([self.add_public(x, -ti).map(lambda u: u.reshape(-1)) for ti in t[1:m]], 0),
-                            bound=1.25 * hi, slack=slack)
-            for i in range(1, m):  # b_i = [x < t_i]: the interval is at most the i-th
-                y0 = y0 + self.mul_int(bits.map(lambda u: u[(i - 1) * k:i * k].reshape(x.shape)), ys[i] - ys[i + 1])
+            bits = self.ltz(self._minus_each(x, self.encode(tt[1:m])), bound=1.25 * hi, slack=slack)
+            y0 = self._interval_const(bits, ys, x.shape)
+        else:
+            y0 = Shared(torch.zeros_like(x.c) + ys[0], torch.zeros_like(x.s))
         p, *rest = self.run([("mul", x, y0, self.f + num_bits)] + list(also))
         e = self.add_public(-p, 1.0)
         y = y0
@@ -649,26 +661,22 @@ class Engine:
             G = 18
             rho = 2.0 ** (1 / per_octave)
             m = max(1, math.ceil(math.log(hi / lo) / math.log(rho) - 1e-9))
-            t = [lo * rho ** i for i in range(m)] + [hi]
-            cs = [None] + [self.encode(torch.tensor(2 * (t[j] / t[j - 1]) ** 0.5 / (1 + (t[j] / t[j - 1]) ** 0.5)
-                                                    / math.sqrt(t[j]))) for j in range(1, m + 1)]
-            ws = [None] + [self.encode(self.decode(c) ** 2, self.f + G) for c in cs[1:]]
+            t = torch.tensor([lo * rho ** i for i in range(m)] + [hi], dtype=torch.float64)
+            sr = (t[1:] / t[:-1]).sqrt()
+            cs = self.encode(2 * sr / (1 + sr) / t[1:].sqrt())  # interval j's start, j = 1..m
+            ws = self.encode(self.decode(cs) ** 2, self.f + G)  # its square, G more fraction bits
             if m > 1:
-                k = x.c.numel()
-                cmp = cat([Shared(x.c - self.encode(torch.tensor(ti), self.f + extra), x.s.clone()).map(
-                    lambda u: u.reshape(-1)) for ti in t[1:m]], 0)
+                cmp = self._minus_each(x, self.encode(t[1:m], self.f + extra))
                 if extra:  # x's truncation to scale 2^F rides in the comparisons' last round
                     bits, (x,) = self.ltz(cmp, also=[("trunc", x, extra)])
                 else:
                     bits = self.ltz(cmp)
-            elif extra:
-                x = self.trunc(x, extra)
-            y0 = Shared(torch.zeros_like(x.c) + cs[m], torch.zeros_like(x.s))
-            w0 = Shared(torch.zeros_like(x.c) + ws[m], torch.zeros_like(x.s))
-            for i in range(1, m):  # b_i = [x < t_i]
-                b = bits.map(lambda u: u[(i - 1) * k:i * k].reshape(x.shape))
-                y0 = y0 + self.mul_int(b, cs[i] - cs[i + 1])
-                w0 = w0 + self.mul_int(b, ws[i] - ws[i + 1])
+                y0, w0 = self._interval_const(bits, cs, x.shape), self._interval_const(bits, ws, x.shape)
+            else:
+                if extra:
+                    x = self.trunc(x, extra)
+                y0 = Shared(torch.zeros_like(x.c) + cs[0], torch.zeros_like(x.s))
+                w0 = Shared(torch.zeros_like(x.c) + ws[0], torch.zeros_like(x.s))
             items = [("mul", x, w0, self.f + G)]
             if times is not None:
                 items.append(("mul", times, y0.map(lambda u: u.expand(times.shape)), self.f))
