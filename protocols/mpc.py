@@ -52,27 +52,31 @@ rounds as measured by tests/test_mpc_units.py):
   for 6), n squarings: 5 + 2n rounds. Default n = 8, accurate for x in [-12, 8] (rel. err
   < 2e-3); x above ~10 overflows the ring. The softmax uses n = 7 (19 rounds, rel. err < 1e-3
   on [-12, 0.5], within 1e-5 of 0 down to -320; below ~-350 it grows again: SmolLM2's score
-  spread is < 60 on the accuracy text); the sigmoid degree 6 with n = 2 (11 rounds).
+  spread is < 60 on the accuracy text); the sigmoid degree 6 with n = 3 on [-16, 0] (12 rounds
+  from its u, its result kept with 6 more fraction bits).
 - ``reciprocal``: without comparisons Newton ``y <- y (2 - x y)`` from ``3 exp(0.5 - x) + 0.003``
   for x in [0.01, 500] (14 iterations, ~78 rounds, rel. err < 1e-3). With comparisons
   (``cmp=True``, the caller's public range [lo, hi]): one batch of bounded comparisons against
   thresholds ``lo 2^(i/per_octave)`` picks ``y0 = 2 / (t_{j-1} + t_j)`` for x's interval, so
   ``e = 1 - x y0`` lies within ``(r-1)/(r+1)`` (1/3 for octaves, plus the comparisons' slack);
   then ``y0 (1+e)(1+e^2)...(1+e^(2^(s-1)))`` has relative error ``e^(2^s)`` in 2 + 2s rounds.
-  Softmax: 4 thresholds per octave, s = 2 (12 rounds, < 2e-4); sigmoid: octaves over
-  [2, 3200], s = 3 (14 rounds, < 3e-4; GELU s = 4).
+  Softmax: 4 thresholds per octave, s = 2 (12 rounds, < 2e-4). The sigmoid's 1/(1 + t) over
+  [1, 2.14] needs no comparison (one interval, a public start).
 - ``rsqrt``: without comparisons Newton ``y <- y (3 - x y^2) / 2`` from ``y0 = 1/sqrt(hi)``
   (217 rounds over SmolLM2's 1e9 range). With comparisons: 16 thresholds per octave (one
   batch of exact comparisons, 8 rounds) give ``y0`` within 1.1% and, as the same one-hot sum of
   constants, ``y0^2`` (18 more fraction bits); one Newton step ``y0 (3 - x y0^2) / 2`` in two
   product rounds (the /2 folded into the truncation): rel. err < 2e-4, 12 rounds. The norm
   multiplies ``x w sqrt(d)`` by ``y0`` in the round of ``x y0^2`` instead of forming ``1/sqrt``.
-- ``sigmoid(x) = e^{x/2} / (e^{x/2} + e^{-x/2})``, for x in [-16, 16]; SiLU = x sigmoid(x)
-  (abs. err < 2e-3 on [-16, 16]); GELU(tanh) through ``0.5 (1 + tanh(z)) = sigmoid(2z)``,
-  for x in [-4, 4] only (beyond, 2z leaves the sigmoid's range). With comparisons the
-  exponentials' error cancels in the ratio (sigmoid abs. err < 3e-4 for any x), and
-  ``times * sigmoid`` (SiLU: x, the gated MLP: gate * up) is one product ``(times e^{x/2}) (2^8/d)``
-  truncated by F + 8: 34 rounds for the gated SiLU (121 before).
+- ``sigmoid``: without comparisons ``e^{x/2} / (e^{x/2} + e^{-x/2})``, for x in [-16, 16]; SiLU =
+  x sigmoid(x) (abs. err < 2e-3 on [-16, 16]); GELU(tanh) through ``0.5 (1 + tanh(z)) =
+  sigmoid(2z)``, for x in [-4, 4] only. With comparisons: the clip's two comparisons and the
+  sign ``s`` in one batch, ``t = e^{-min(|x|, 16)}`` (one exponential of a non-positive value),
+  ``sigmoid = (1 - s (1 - t)) / (1 + t)`` (no cancellation for large negative x) with
+  ``1/(1 + t)`` from a public start: abs. err < 3e-4 for any x, and ``times * sigmoid`` (SiLU:
+  x, the gated MLP: gate * up riding in the round after the comparisons) in 30 rounds (121
+  before the round cuts; 33 with two exponentials and a comparison-started reciprocal, whose
+  14 comparisons per element were most of the protocol's traffic).
 - ``softmax``: with ``Ranges.comparisons`` (what real models need), the exact row max (``ltz``:
   A2B of the two shares by a Kogge-Stone adder over XOR shares with boolean AND triples, then
   B2A by one Beaver product; exact), taken by groups of up to 32 keys that compare all their
@@ -560,8 +564,8 @@ class Engine:
         Relative error ~ 2^n |u|^(deg+1) / (deg+1)!: deg 4, n = 8 (the default): < 2e-3 on
         [-12, 8]; deg 4, n = 7 (softmax, x <= 0.5): < 1e-3 on [-12, 0.5]. p(u) < 1 only for u in
         (-2.78, 0) (deg 4; deg 6: (-3.6, 0)): below ``-2.78 2^n`` (n = 7: -356, n = 8: -712) the
-        result grows again and soon overflows the ring. The sigmoid's deg 6, n = 2 on
-        [-8.1, 8.1] is off by up to 6% at the ends, which the sigmoid cancels (see there)."""
+        result grows again and soon overflows the ring. The sigmoid's deg 6, n = 3 on [-16, 0]
+        is within 2e-6 relative down to -4, and within 1e-6 absolute below."""
         if given_u:  # the caller computed u = x / 2^(n+pre) itself; ``also`` rides in the u^2 round
             u = x
             h2, *rest = self.run([("mul", u, u, self.f + 1)] + list(also))
@@ -579,7 +583,7 @@ class Engine:
         elif deg != 4:
             raise ValueError("exp: deg 4 or 6")
         y = self.add_public(y, 1.0)
-        for i in range(n):  # ``post``: the last squaring also divides by 2^post (exp(x) / 2^post)
+        for i in range(n):  # ``post``: the last squaring also divides by 2^post (negative: keeps -post more bits)
             (y,) = self.run([("mul", y, y, self.f + (post if i == n - 1 else 0))])
         return (y, rest) if also else y
 
@@ -598,7 +602,7 @@ class Engine:
         return Shared(c.view(shape), (bits.s.view(d.shape[0], -1) * d).sum(0).view(shape))
 
     def reciprocal(self, x: Shared, lo: float = 0.01, hi: float = 500.0, cmp: bool = False, num_bits: int = 0,
-                   per_octave: int = 1, steps: int = 3, also: list[tuple] = (), iters: int = 14):
+                   per_octave: float = 1, steps: int = 3, also: list[tuple] = (), iters: int = 14):
         """``2^num_bits / x`` for x in [lo, hi].
 
         ``cmp=False``: Newton ``y <- y (2 - x y)`` from ``3 exp(0.5 - x) + 0.003`` (x in [0.01, 500],
@@ -610,7 +614,9 @@ class Engine:
         ``kappa = 2r/(1+r)`` (r the interval's ratio), so ``e = 1 - x y0 / 2^num_bits`` lies within
         ``+-(r-1)/(r+1)`` (1/3 for octaves); then ``y (1+e)(1+e^2)...(1+e^(2^(steps-1)))`` =
         ``(1 - e^(2^steps)) / x``: relative error ``|e|^(2^steps)`` in ``2 + 2 steps`` rounds
-        (octaves, steps 3: (1/3 + 1/24)^8 < 4e-4, 14 rounds in all). ``also``: items of :meth:`run`
+        (octaves, steps 3: (1/3 + 1/24)^8 < 4e-4, 14 rounds in all). ``per_octave=0``: one interval,
+        [lo, hi], no comparisons (``|e| <= (hi - lo)/(hi + lo)``; the sigmoid's [1, 2.14]: 0.36, steps 3:
+        < 3e-4). ``also``: items of :meth:`run`
         riding in the first product's round; the result is then ``(y, their outputs)``."""
         if not cmp:
             y = self.add_public(self.mul_public(self.exp(self.add_public(-x, 0.5)), 3.0), 0.003)
@@ -618,7 +624,7 @@ class Engine:
                 xy = self.mul(x, y)
                 y = self.mul(y, self.add_public(-xy, 2.0))
             return y
-        rho = 2.0 ** (1 / per_octave)
+        rho = 2.0 ** (1 / per_octave) if per_octave else hi / lo
         m = max(1, math.ceil(math.log(hi / lo) / math.log(rho) - 1e-9))
         t = [lo * rho ** i for i in range(m)] + [hi]
         num, slack = 2.0 ** num_bits, lo / 16
@@ -697,50 +703,74 @@ class Engine:
             y = self.mul(times, y.map(lambda u: u.expand(times.shape)))
         return y
 
-    SIGMOID_HI = 3200.0  # e^{x/2} + e^{-x/2} for |x| <= 16 + CMP_SLACK, with room for exp's error
+    def sigmoid(self, x: Shared, times: Shared | None = None, also: list[tuple] = (), steps: int = 4) -> Shared:
+        """``sigmoid(x)`` (``times * sigmoid(x)`` with ``times``). ``also``: products (untruncated)
+        riding in the round after the comparisons; their truncation rides in exp's first round, and
+        ``times`` may then be the index of the item whose result it multiplies (see :meth:`silu_gate`).
 
-    def sigmoid(self, x: Shared, times: Shared | None = None, also: list[tuple] = (), steps: int = 3) -> Shared:
-        """``sigmoid(x)`` (``times * sigmoid(x)`` with ``times``) as ``e^{x/2} / (e^{x/2} + e^{-x/2})``,
-        for x in [-16, 16]. ``also``: products (untruncated) riding in the first round of the clip;
-        their truncation rides in exp's first round, and the results multiply ``times`` (which is
-        then the index of the item: see :meth:`silu_gate`).
-
-        With ``clip_sigmoid`` (comparisons): x is clipped to [-16, 16] (bounded comparisons, |x| <
-        3900) directly at exp's scale ``u = x/8`` (x/8 truncated in the comparisons' last round, the
-        ReLUs on ``x/8 -+ 2``: 7 rounds), ``e^{+-x/2} = p6(+-u)^4`` (exp, deg 6, n = 2: 10 rounds),
-        ``r = 2^8 / d`` for ``d = e^{x/2} + e^{-x/2}`` in [2, 3200] by the comparison-started
-        reciprocal (14 rounds; ``times * e^{x/2}`` rides in its first product), and
-        ``(times e^{x/2}) r`` truncated by F + 8: 33 rounds. ``|times| < 2^13``. Without: the same
-        from ``h = x/2`` with the exp-started reciprocal."""
+        With ``clip_sigmoid`` (comparisons), for any x with |x| < ~3900: one batch of bounded
+        comparisons gives the clip's bits ``[x < 16]``, ``[-x < 16]`` and the sign ``s = [x < 0]``
+        (x/8 truncated in its last round: 6 rounds); one round of bit products (no truncation)
+        gives ``-a/8 = -min(|x|, 16)/8``; ``t = e^{-a} = p6(-a/8)^8`` (exp, degree 6, n = 3: 12
+        rounds) lies in (0, 1]; then ``sigmoid(x) = g / (1 + t)`` with ``g = 1 - s (1 - t)`` (1 for
+        x >= 0; t = e^x for x < 0, so no cancellation for large negative x), ``1/(1 + t)`` over
+        [1, 2.14] from a public start with no comparisons, ``steps`` factors (relative error
+        ``0.362^(2^steps)``: 9e-8 for the default 4), and ``(times g) / (1 + t)``: 30 rounds for
+        SiLU. The sign may read 0 <= x < CMP_SLACK as negative (see :meth:`ltz`): the formula is
+        exact for either sign, and then t <= e^{CMP_SLACK}, inside the reciprocal's range. One
+        exponential of a non-positive argument and 3 comparisons per element in all (the
+        earlier ``e^{x/2} / (e^{x/2} + e^{-x/2})`` took two exponentials and a comparison-started
+        reciprocal: 14 comparisons per element, most of the protocol's traffic).
+        ``|times| < 2^14`` keeps ``times g / (1 + t)`` at scale 2^2F below 2^62.
+        Without comparisons: ``e^{x/2} / (e^{x/2} + e^{-x/2})`` from ``h = x/2`` with the
+        exp-started reciprocal, for x in [-16, 16]."""
         if self.clip_sigmoid:
-            # clip to [-16, 16] and scale by 1/8 (exp's u = x/2 / 2^2) at once: x/8 is truncated in the
-            # comparisons' last round, the ReLUs multiply (x/8 - 2) and (-2 - x/8) by the bits
             n = x.c.numel()
-            both = cat([self.add_public(x, -16.0).map(lambda t: t.reshape(-1)),
-                        self.add_public(-x, -16.0).map(lambda t: t.reshape(-1))], 0)
-            neg, (x8,) = self.ltz(both, bound=self.CMP_BOUND, slack=self.CMP_SLACK, also=[("trunc", x, 3)])
+            flat = x.map(lambda t: t.reshape(-1))
+            cmp = cat([self.add_public(flat, -16.0), self.add_public(-flat, -16.0), flat], 0)
+            bits, (x8,) = self.ltz(cmp, bound=self.CMP_BOUND, slack=self.CMP_SLACK, also=[("trunc", x, 3)])
             f8 = x8.map(lambda t: t.reshape(-1))
             both8 = cat([self.add_public(f8, -2.0), self.add_public(-f8, -2.0)], 0)
-            z, *raw = self.run([("mul", both8, neg, None)] + list(also))
-            r8 = both8 - z  # relu((x - 16)/8), relu((-16 - x)/8)
-            u = x8 - r8.map(lambda t: t[:n].reshape(x.shape)) + r8.map(lambda t: t[n:].reshape(x.shape))
+            neg, sign = bits.map(lambda t: t[:2 * n]), bits.map(lambda t: t[2 * n:])
+            z, fs, *raw = self.run([("mul", both8, neg, None), ("mul", f8, sign, None)] + list(also))
+            r8 = both8 - z  # relu((x - 16)/8), relu((-16 - x)/8): the part of |x|/8 beyond 2
+            # -min(|x|, 16)/8 = -(x/8 - 2 s x/8) + relu((x - 16)/8) + relu((-16 - x)/8)
+            u = (fs + fs - f8 + r8.map(lambda t: t[:n]) + r8.map(lambda t: t[n:])).map(lambda t: t.reshape(x.shape))
             tr = [("trunc", z_, self.f) for z_ in raw]  # gate * up, truncated in exp's first round
-            # e^{+-x/2} / 16 (the last squaring's truncation): times e^{x/2} / 16 stays below 2^22 for |times| < 2^14
-            both, prods = self.exp(cat([u, -u], 0), n=2, pre=1, deg=6, given_u=True, post=4, also=tr) if tr else \
-                (self.exp(cat([u, -u], 0), n=2, pre=1, deg=6, given_u=True, post=4), [])
+            # t with X = 6 more fraction bits (the last squaring truncates by F - X): for x < 0, times t
+            # is the result, and |times| up to 2^14 would scale t's last unit at 2^-F into ~0.06
+            X = 6
+            t, prods = self.exp(u, n=3, deg=6, given_u=True, post=-X, also=tr) if tr else \
+                (self.exp(u, n=3, deg=6, given_u=True, post=-X), [])
             if isinstance(times, int):
                 times = prods[times]
-            x = u
-            h = x.shape[0]
-            ep, em = both.map(lambda t: t[:h]), both.map(lambda t: t[h:])
-            lo, hi = 2.0 / 16, self.SIGMOID_HI / 16  # d / 16; r = 2^8 / (d / 16), so q r = times sigmoid 2^8
+            sign = sign.map(lambda t_: t_.reshape(x.shape))
+            # 1/(1 + t) from the public start c (1 + t in [1, 1 + e^slack]): e = 1 - c (1 + t), |e| < 0.362,
+            # y = c (1 + e)(1 + e^2)...(1 + e^(2^(steps-1))) = (1 - e^(2^steps)) / (1 + t); c (1 + e) is
+            # linear in t, so it comes with e out of one round of truncations
+            c = 2 / (2 + math.exp(self.CMP_SLACK))
+            one_t = Shared(self.encode(torch.tensor(1.0), self.f + X) - t.c, -t.s)  # 1 - t at scale 2^(F+X)
+            items = [("trunc", self.mul_int(t, self.encode(torch.tensor(c))), self.f + X),
+                     ("trunc", self.mul_int(t, self.encode(torch.tensor(c * c))), self.f + X),
+                     ("mul", one_t, sign, None)]
+            ct, c2t, sa = self.run(items)  # c t, c^2 t (scale 2^F), s (1 - t) (scale 2^(F+X))
+            e = self.add_public(-ct, 1 - c)
+            y = self.add_public(-c2t, 2 * c - c * c)
+            # sigmoid = g / (1 + t) with g = 1 - s (1 - t): x < 0 gives t / (1 + t), t = e^x
             if times is None:
-                r, q = self.reciprocal(ep + em, lo, hi, cmp=True, num_bits=8, per_octave=1, steps=steps), ep
-            else:
-                r, (q,) = self.reciprocal(ep + em, lo, hi, cmp=True, num_bits=8, per_octave=1, steps=steps,
-                                          also=[("mul", times, ep, self.f)])
-            (y,) = self.run([("mul", q, r, self.f + 8)])
-            return y
+                (e_pow,) = self.run([("mul", e, e, self.f)])
+                q, qx = Shared(self.encode(torch.tensor(1.0), self.f + X) - sa.c, -sa.s), X  # g at 2^(F+X)
+            else:  # |times sa| < 2^(14 + F + F + X) = 2^60
+                e_pow, tg = self.run([("mul", e, e, self.f), ("mul", times, sa, self.f + X)])
+                q, qx = times - tg, 0
+            for j in range(1, steps):
+                items = [("mul", y, self.add_public(e_pow, 1.0), self.f)]
+                if j < steps - 1:
+                    items.append(("mul", e_pow, e_pow, self.f))
+                y, *nxt = self.run(items)
+                e_pow = nxt[0] if nxt else e_pow
+            (out,) = self.run([("mul", q, y, self.f + qx)])
+            return out
         if also:
             raw = self.run(list(also))
             prods = self.trunc_many([(z, self.f) for z in raw])
@@ -764,7 +794,7 @@ class Engine:
         x3 = self.mul(self.square(x), x)
         z = self.mul_public(x + self.mul_public(x3, 0.044715), 2 * math.sqrt(2 / math.pi))
         # 0.5 x (1 + tanh(z/2)) = x sigmoid(z)
-        return self.sigmoid(z, times=x, steps=4)  # GELU's 5e-4 absolute budget: a 16th-order reciprocal
+        return self.sigmoid(z, times=x)
 
     def softmax(self, x: Shared, mask: torch.Tensor | None = None, shift: float = 0.0,
                 values: Shared | None = None) -> Shared:
