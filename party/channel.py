@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import sys
 
 import trio
 
@@ -20,6 +21,9 @@ from ..wire import codec, frames
 from ..wire.errors import ConnectionClosed, ErrorCode, ProtocolError, RemoteError
 from ..wire.msgtypes import MsgType, is_known
 from .transcript import TranscriptRecorder
+
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup
 
 # Below this size a frame is joined into one write (one TLS record); above, the tensor buffers
 # are written as they are, without a copy.
@@ -87,6 +91,28 @@ class Channel:
     # -- sending --------------------------------------------------------------------------
     async def send(self, msg_type: MsgType, body: dict | None = None) -> int:
         """Send one message; return its size on the wire."""
+        self._count_flight()
+        return await self._write(msg_type, body)
+
+    def _count_flight(self) -> None:
+        if self._last_direction != "send":
+            self._phase_stats().rounds += 1
+            self._last_direction = "send"
+
+    async def exchange(self, msg_type: MsgType, body: dict, receive) -> Message:
+        """One flight each way at once: send this message while ``await receive()`` (this
+        channel's recv/expect, perhaps under a timeout) takes the peer's, in two tasks, so two
+        large flights never block each other and the round costs one trip, not two. Counted
+        as one round, as a send followed by a receive, whichever finishes first."""
+        self._count_flight()
+        got = []
+
+        async def take():
+            got.append(await receive())
+        await concurrently(lambda: self._write(msg_type, body), take)
+        return got[0]
+
+    async def _write(self, msg_type: MsgType, body: dict | None) -> int:
         parts = codec.encode_body(body or {})
         header = frames.encode_header(int(msg_type), self._send_seq, parts)
         size = len(header) + sum(memoryview(p).nbytes for p in parts)
@@ -103,9 +129,6 @@ class Channel:
         st = self._phase_stats()
         st.bytes_sent += size
         st.messages_sent += 1
-        if self._last_direction != "send":
-            st.rounds += 1
-            self._last_direction = "send"
         return size
 
     async def send_error(self, code: ErrorCode, message: str) -> None:
@@ -163,3 +186,25 @@ class Channel:
         finally:  # even when cancelled (a server shutting down): flush the transcript
             if self.recorder is not None:
                 self.recorder.close()
+
+
+async def concurrently(*fns) -> None:
+    """Run async callables in one nursery; re-raise the first real error itself (not wrapped
+    in an exception group), so callers and the server see ProtocolError and friends."""
+    try:
+        async with trio.open_nursery() as nursery:
+            for fn in fns:
+                nursery.start_soon(fn)
+    except BaseExceptionGroup as group:
+        leaves = [e for e in _leaves(group) if not isinstance(e, trio.Cancelled)]
+        if leaves:
+            raise leaves[0] from None
+        raise
+
+
+def _leaves(exc):
+    if isinstance(exc, BaseExceptionGroup):
+        for e in exc.exceptions:
+            yield from _leaves(e)
+    else:
+        yield exc

@@ -41,9 +41,9 @@ import torch
 import trio
 import trio.testing
 
-from ..party.channel import Channel
+from ..party.channel import Channel, concurrently
 from . import beaver, ring
-from .ot.iknp import IknpReceiver, IknpSender, concurrently
+from .ot.iknp import IknpReceiver, IknpSender
 
 _SHIFTS = np.arange(64, dtype=np.uint64)
 

@@ -9,8 +9,9 @@ round), the client's input and linear-layer re-shares are one-way messages, and 
 logits are revealed, to the client. Triples: the client as seeded dealer
 (:class:`beaver.SeededDealerProvider`) or joint IKNP/Gilboa generation over the session channel
 (:class:`beaver_ot.NetOTProvider`, AND triples from random OT). With comparisons a
-SmolLM2 decode token takes 3,345 rounds (~111 per layer; it was 11,727 before the
-round cuts below), which still dominates the online time.
+SmolLM2 decode token takes ~3,280 rounds (~109 per layer; it was 11,727 before the
+round cuts below) and opens ~8.7 M ring elements (16.8 M before the sigmoid below); the
+rounds still dominate the online time.
 
 Rounds. :meth:`Engine.run` opens every Beaver product, matrix product and truncation wrap bit
 of one step in one round (products' own truncations in the next); public factors and powers

@@ -17,7 +17,7 @@ tensor or an extra field, is refused with ``malformed`` and the session closed):
   (``r``, ``W r`` for every linear unit) is dealt locally, as for v3.
 - per forward of T tokens: ``MPC_INPUT`` (enc(x) - r, T x d), then for each linear unit one
   ``MPC_RESHARE`` (x_c - r) and for each round of openings ``MPC_OPEN`` / ``MPC_OPEN_OK``
-  (the client's flight first; a re-share rides in the same flight as the next opening), and
+  (both flights at once; a re-share rides in the same flight as the next opening), and
   at the end ``MPC_REVEAL`` (the server's share of the logits, to the client only). ``ot``
   triples refill their pools and make matrix triples with OT messages (0x11xx) in between.
 
@@ -69,8 +69,10 @@ def ring_tensor(body: dict, name: str, what: str, shape: tuple | None = None) ->
 class ChannelTransport:
     """The engine's meeting points over a Channel, called from the engine's worker thread.
 
-    One opening round is one flight each way: the client sends its shares of the whole round,
-    the server answers with its own (client first, so two large flights never block each other).
+    One opening round is one flight each way, both at once: each party sends its shares of the
+    whole round while it receives the other's (a send and a receive task, so two large flights
+    never block each other). Waiting for the peer's flight before sending would put two
+    one-way trips on every round's critical path instead of one.
     """
 
     def __init__(self, channel, role: str, idle_timeout: float = float("inf")):
@@ -95,13 +97,11 @@ class ChannelTransport:
         return self._call(self._exchange, mine)
 
     async def _exchange(self, mine: torch.Tensor) -> torch.Tensor:
-        if self.role == "client":
-            await self.channel.send(MsgType.MPC_OPEN, {"v": mine.numpy()})
-            return ring_tensor((await self.channel.expect(MsgType.MPC_OPEN_OK)).body, "v", "MPC_OPEN_OK",
-                               tuple(mine.shape))
-        theirs = ring_tensor((await self._expect(MsgType.MPC_OPEN)).body, "v", "MPC_OPEN", tuple(mine.shape))
-        await self.channel.send(MsgType.MPC_OPEN_OK, {"v": mine.numpy()})  # only after a well-formed opening
-        return theirs
+        send, recv = (MsgType.MPC_OPEN, MsgType.MPC_OPEN_OK) if self.role == "client" else \
+            (MsgType.MPC_OPEN_OK, MsgType.MPC_OPEN)
+        msg = await self.channel.exchange(send, {"v": mine.numpy()},
+                                          lambda: self.channel.expect(recv) if self.role == "client" else self._expect(recv))
+        return ring_tensor(msg.body, "v", recv.name, tuple(mine.shape))
 
     def to_server(self, what: str, m: torch.Tensor) -> None:
         self._call(self.channel.send, _TO_SERVER[what], {"m": m.numpy()})

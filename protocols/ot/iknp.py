@@ -39,18 +39,13 @@ advance per chunk, and stopping early on one side desynchronises the extension.
 
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 import trio
 
-from ...party.channel import Channel
+from ...party.channel import Channel, concurrently
 from ...wire.errors import ErrorCode, ProtocolError
 from ...wire.msgtypes import MsgType
 from . import base, prims
-
-if sys.version_info < (3, 11):
-    from exceptiongroup import BaseExceptionGroup
 
 KAPPA = prims.KAPPA
 CHUNK = 1 << 16
@@ -292,25 +287,3 @@ async def _pipelined(ch: Channel, produce, into: dict) -> dict:
 
     await concurrently(produce, consume)
     return into
-
-
-async def concurrently(*fns) -> None:
-    """Run async callables in one nursery; re-raise the first real error itself (not wrapped
-    in an exception group), so callers and the server see ProtocolError and friends."""
-    try:
-        async with trio.open_nursery() as nursery:
-            for fn in fns:
-                nursery.start_soon(fn)
-    except BaseExceptionGroup as group:
-        leaves = [e for e in _leaves(group) if not isinstance(e, trio.Cancelled)]
-        if leaves:
-            raise leaves[0] from None
-        raise
-
-
-def _leaves(exc):
-    if isinstance(exc, BaseExceptionGroup):
-        for e in exc.exceptions:
-            yield from _leaves(e)
-    else:
-        yield exc
