@@ -116,6 +116,14 @@ def _lsr(t: torch.Tensor, k) -> torch.Tensor:
     return torch.bitwise_right_shift(t, k) & mask
 
 
+def _thresholds(lo: float, hi: float, per_octave: float) -> torch.Tensor:
+    """Interval ends ``lo 2^(i/per_octave)`` up to ``hi`` (the last one is ``hi``); ``per_octave=0``:
+    the one interval [lo, hi]. An interval start for Newton comes from one comparison per inner end."""
+    rho = 2.0 ** (1 / per_octave) if per_octave else hi / lo
+    m = max(1, math.ceil(math.log(hi / lo) / math.log(rho) - 1e-9))
+    return torch.tensor([lo * rho ** i for i in range(m)] + [hi], dtype=torch.float64)
+
+
 @dataclasses.dataclass
 class Shared:
     c: torch.Tensor  # client share (int64)
@@ -625,15 +633,13 @@ class Engine:
                 xy = self.mul(x, y)
                 y = self.mul(y, self.add_public(-xy, 2.0))
             return y
-        rho = 2.0 ** (1 / per_octave) if per_octave else hi / lo
-        m = max(1, math.ceil(math.log(hi / lo) / math.log(rho) - 1e-9))
-        t = [lo * rho ** i for i in range(m)] + [hi]
+        t = _thresholds(lo, hi, per_octave)
+        m = len(t) - 1
         num, slack = 2.0 ** num_bits, lo / 16
         # the comparisons may put x up to ``slack`` above t_j into interval j: centre y0 on [t_{j-1}, t_j + slack]
-        tt = torch.tensor(t, dtype=torch.float64)
-        ys = self.encode(2 * num / (tt[:-1] + tt[1:] + torch.where(torch.arange(m) < m - 1, slack, 0.0)))
+        ys = self.encode(2 * num / (t[:-1] + t[1:] + torch.where(torch.arange(m) < m - 1, slack, 0.0)))
         if m > 1:
-            bits = self.ltz(self._minus_each(x, self.encode(tt[1:m])), bound=1.25 * hi, slack=slack)
+            bits = self.ltz(self._minus_each(x, self.encode(t[1:m])), bound=1.25 * hi, slack=slack)
             y0 = self._interval_const(bits, ys, x.shape)
         else:
             y0 = Shared(torch.zeros_like(x.c) + ys[0], torch.zeros_like(x.s))
@@ -666,9 +672,8 @@ class Engine:
         217 rounds, over a 1e9 range)."""
         if self.rsqrt_guess:
             G = 18
-            rho = 2.0 ** (1 / per_octave)
-            m = max(1, math.ceil(math.log(hi / lo) / math.log(rho) - 1e-9))
-            t = torch.tensor([lo * rho ** i for i in range(m)] + [hi], dtype=torch.float64)
+            t = _thresholds(lo, hi, per_octave)
+            m = len(t) - 1
             sr = (t[1:] / t[:-1]).sqrt()
             cs = self.encode(2 * sr / (1 + sr) / t[1:].sqrt())  # interval j's start, j = 1..m
             ws = self.encode(self.decode(cs) ** 2, self.f + G)  # its square, G more fraction bits
