@@ -95,6 +95,7 @@ rounds as measured by tests/test_mpc_units.py):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import torch
@@ -122,6 +123,16 @@ def _thresholds(lo: float, hi: float, per_octave: float) -> torch.Tensor:
     rho = 2.0 ** (1 / per_octave) if per_octave else hi / lo
     m = max(1, math.ceil(math.log(hi / lo) / math.log(rho) - 1e-9))
     return torch.tensor([lo * rho ** i for i in range(m)] + [hi], dtype=torch.float64)
+
+
+@functools.lru_cache(maxsize=None)
+def _winner_factors(g: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For a group of g values compared by pairs ``(I[q], J[q]) = triu_indices(g, g, 1)[:, q]``:
+    ``idx[i]``, the g - 1 pairs that involve i (those where i is first, then those where it is
+    second), and ``beats[i]``, True where i's factor is ``1 - lt_q`` (i first: it wins ties)."""
+    I, J = torch.triu_indices(g, g, 1)
+    rows = [torch.cat([torch.nonzero(I == i).flatten(), torch.nonzero(J == i).flatten()]) for i in range(g)]
+    return torch.stack(rows), torch.stack([I[r] == i for i, r in enumerate(rows)])
 
 
 @dataclasses.dataclass
@@ -539,18 +550,11 @@ class Engine:
             full = xs.map(lambda t: t.reshape(*t.shape[:-2], -1))
         else:
             lt = self.ltz(diff, bound=self.CMP_BOUND)
-        # factors of w_i: [i beats j] = 1 - lt_ij for j > i, lt_ji for j < i
-        rows = []
-        for i in range(g):
-            cols = [lt.map(lambda t: -t[..., q:q + 1]) for q in range(len(I)) if I[q] == i] + \
-                   [lt.map(lambda t: t[..., q:q + 1]) for q in range(len(I)) if J[q] == i]
-            sign = [1] * int((I == i).sum()) + [0] * int((J == i).sum())
-            rows.append((cols, sign))
+        # factors of w_i: [i beats j] = 1 - lt_ij for j > i, lt_ji for j < i (one gather)
+        idx, beats = _winner_factors(g)
+        w = lt.map(lambda t: t[..., idx])  # (..., g, g - 1)
+        w = Shared(torch.where(beats, 1 - w.c, w.c), torch.where(beats, -w.s, w.s))
         one = Shared(torch.ones_like(x.c[..., :1]), torch.zeros_like(x.s[..., :1]))
-        facs = []
-        for cols, sign in rows:  # 1 - lt = one + (-lt)
-            facs.append(cat([c + one if sg else c for c, sg in zip(cols, sign)], -1).map(lambda t: t.unsqueeze(-2)))
-        w = cat(facs, -2)  # (..., g, g - 1)
         while w.shape[-1] > 1:
             m = w.shape[-1]
             if m % 2:
