@@ -36,6 +36,7 @@ from typing import Callable, Sequence
 import torch
 
 from . import ring
+from .void import VOID, real
 
 
 class TripleReuseError(Exception):
@@ -94,7 +95,7 @@ class TripleProvider:
         """A matrix triple for ``(..., m, k) @ (..., k, n)``."""
         t = self._make("matmul", tuple(a_shape), tuple(b_shape))
         self.issued["matmul"] += 1
-        self.elements["matmul"] += t.c[0].numel()
+        self.elements["matmul"] += math.prod(a_shape[:-1]) * b_shape[-1]
         return t
 
     def _make(self, kind: str, a_shape, b_shape) -> Triple:
@@ -129,7 +130,7 @@ class PooledProvider(TripleProvider):
     def _pooled(self, kind: str, a_shape) -> Triple:
         n = math.prod(a_shape)
         pool = self._pools.get(kind)
-        if pool is None or self._cursors[kind] + n > pool[0].numel():
+        if pool is None or self._cursors[kind] + n > real(pool[0], pool[1]).numel():
             self._refill(kind, n)
             pool = self._pools[kind]
         at = self._cursors[kind]
@@ -175,10 +176,10 @@ class SeededDealerProvider(PooledProvider):
     **The client knows a, b and c, so it could unmask every value the server opens:** that is
     harmless only because the client is the owner of the prompt; the server may never deal.
 
-    Elementwise triples come from pools of ``batch`` elements (the first dealt in the offline
-    phase, refills where the pool runs dry, at the same point on both sides); matrix and boolean
-    triples are dealt when asked for. Both parties' engines request the same kinds and shapes in
-    the same order, so the streams stay aligned. The other party's slot is zeros.
+    Elementwise and boolean triples come from pools of ``batch`` elements (words) (the first
+    dealt in the offline phase, refills where a pool runs dry, at the same point on both sides);
+    matrix triples are dealt when asked for. Both parties' engines request the same kinds and shapes in
+    the same order, so the streams stay aligned. The other party's slot is :data:`void.VOID`.
     """
 
     name = "dealer"
@@ -189,6 +190,7 @@ class SeededDealerProvider(PooledProvider):
             raise ValueError(f"role must be 'client' or 'server', not {role!r}")
         self.role = role
         self.server_prg = ring.MaskPRG(seed)
+        self.prefill_kinds = ("mul", "and")  # ~1,500 AND requests per SmolLM2 token: sliced from a pool
         self.own_prg = ring.MaskPRG() if role == "client" else None
 
     def _deal(self, kind, a_shape, b_shape, c_shape) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -203,16 +205,15 @@ class SeededDealerProvider(PooledProvider):
                 op: Callable = torch.mul if kind == "mul" else torch.matmul  # wraps mod 2^64
                 c_c = op(a_c + a_s, b_c + b_s) - c_s
             mine = (a_c, b_c, c_c)
-        return [(m, torch.zeros_like(m)) if self.role == "client" else (torch.zeros_like(m), m) for m in mine]
+        return [(m, VOID) if self.role == "client" else (VOID, m) for m in mine]
 
     def _new_pool(self, n: int, kind: str = "mul") -> list[torch.Tensor]:
         return [t for pair in self._deal(kind, (n,), (n,), (n,)) for t in pair]
 
     def _make(self, kind, a_shape, b_shape) -> Triple:
-        if kind == "mul":
-            return self._pooled("mul", a_shape)
-        b_shape = b_shape if kind == "matmul" else a_shape
-        c_shape = (*a_shape[:-1], b_shape[-1]) if kind == "matmul" else a_shape
+        if kind in ("mul", "and"):
+            return self._pooled(kind, a_shape)
+        c_shape = (*a_shape[:-1], b_shape[-1])
         return Triple(next(self._serials), kind, *self._deal(kind, a_shape, b_shape, c_shape))
 
 

@@ -43,6 +43,7 @@ import trio.testing
 
 from ..party.channel import Channel, concurrently
 from . import beaver, ring
+from .void import VOID
 from .ot.iknp import IknpReceiver, IknpSender
 
 _SHIFTS = np.arange(64, dtype=np.uint64)
@@ -245,7 +246,7 @@ class OTProvider(beaver.PooledProvider):
 
 class NetOTProvider(OTProvider):
     """:class:`OTProvider` for one party of a networked session: the joint generation runs over
-    the session channel, each party keeping only its own shares (the other slot is zeros).
+    the session channel, each party keeping only its own shares (the other slot is :data:`void.VOID`).
 
     ``run(afn)`` runs ``await afn(channel)`` on the channel from the engine's thread. Both
     parties' engines ask for the same triples in the same order (and agree on ``batch`` and
@@ -269,5 +270,5 @@ class NetOTProvider(OTProvider):
             return await fn(ch)
 
         mine = self._run_on_channel(go)
-        blank = tuple(torch.zeros_like(t) for t in mine)
+        blank = (VOID,) * len(mine)  # the other party's shares: no data here
         return (mine, blank) if self.role == "client" else (blank, mine)

@@ -101,6 +101,7 @@ import math
 import torch
 
 from . import beaver, ring
+from .void import VOID, real
 
 FRAC_BITS = 20
 _OFFSET = 1 << 62
@@ -142,7 +143,10 @@ class Shared:
 
     @property
     def shape(self):
-        return self.c.shape
+        return real(self.c, self.s).shape
+
+    def numel(self) -> int:
+        return real(self.c, self.s).numel()
 
     def __add__(self, o: "Shared") -> "Shared":
         return Shared(self.c + o.c, self.s + o.s)
@@ -155,7 +159,7 @@ class Shared:
 
     def map(self, fn) -> "Shared":
         """A local, share-wise linear rearrangement (view, transpose, slice, cat of one)."""
-        return Shared(fn(self.c), fn(self.s))
+        return Shared(VOID if self.c is VOID else fn(self.c), VOID if self.s is VOID else fn(self.s))
 
     def sum(self, dim, keepdim=False) -> "Shared":
         return Shared(self.c.sum(dim, keepdim=keepdim), self.s.sum(dim, keepdim=keepdim))
@@ -179,9 +183,11 @@ class Engine:
     ``transport=None``: the simulator, both shares in one process, openings counted as rounds.
     With a ``transport`` (``role`` "client" or "server"), this process is one party: of every
     :class:`Shared` only its own slot (``c`` for the client, ``s`` for the server) is real; the
-    other slot starts as zeros and is a don't-care from then on (e.g. the client-only public
-    offsets land in it on the server). That is sound because every local operation is slot-wise
-    (each slot is computed from the same slot of its inputs and from public values), and the
+    other slot is :data:`void.VOID`, on which every operation is free (protocols/void.py: the
+    party computes its own half only; a real zero in the other slot would double its CPU). That
+    is sound because every local operation is slot-wise (each slot is computed from the same
+    slot of its inputs and from public values; where a party's private bit becomes a sharing,
+    the other party's share is a real 0 in *its* slot), and the
     only cross-slot points -- :meth:`share`, :meth:`open`, :meth:`reveal`, :meth:`reshare` and
     the triple provider -- go through the transport and read or send only this party's slot.
     The engine is synchronous: the transport blocks its thread for each exchange.
@@ -222,7 +228,7 @@ class Engine:
         if self.role == "server":
             sent = self.transport.from_client("input", shape)
             self.stats.shared_elements += sent.numel()
-            return Shared(torch.zeros_like(sent), sent)
+            return Shared(VOID, sent)
         r = self.prg.ring(*x.shape)
         self.stats.shared_elements += x.numel()
         sent = self.encode(x) - r
@@ -230,14 +236,14 @@ class Engine:
             self.view.append(sent.clone())
         if self.role == "client":
             self.transport.to_server("input", sent)
-            return Shared(r, torch.zeros_like(r))
+            return Shared(r, VOID)
         return Shared(r, sent)
 
     def reshare(self, x: Shared, r: torch.Tensor | None) -> Shared:
         """Move the client's share into its preprocessed mask ``r`` (one message client -> server):
         afterwards the client holds ``r`` and the server ``x - r``, the form a linear layer wants
         (the client's product ``W r`` comes from the mask material). The server passes ``r=None``."""
-        self.stats.shared_elements += x.c.numel()
+        self.stats.shared_elements += x.numel()
         if self.role == "server":
             return Shared(x.c, x.s + self.transport.from_client("reshare", tuple(x.shape)))
         sent = x.c - r
@@ -249,7 +255,7 @@ class Engine:
 
     def reveal(self, x: Shared) -> torch.Tensor | None:
         """The server sends its share to the client (only for the logits); the server gets None."""
-        self.stats.revealed_elements += x.c.numel()
+        self.stats.revealed_elements += x.numel()
         if self.role == "server":
             self.transport.to_client(x.s)
             return None
@@ -264,7 +270,7 @@ class Engine:
         """One round: each party sends its slot of every value in one message (arithmetic shares
         with ``combine=add``, XOR shares with ``bitwise_xor``)."""
         self.stats.rounds += 1
-        self.stats.opened_elements += sum(x.c.numel() for x in xs)
+        self.stats.opened_elements += sum(x.numel() for x in xs)
         if self.transport is None:
             out = [combine(x.c, x.s) for x in xs]
         else:
@@ -297,7 +303,7 @@ class Engine:
         uc = x.c + _OFFSET
         us = x.s
         mc, ms = _msb(uc), _msb(us)
-        zero = torch.zeros_like(mc)
+        zero = torch.zeros_like(real(mc, ms))  # a real 0: the other party's share of its own bit
         lc, ls = _lsr(uc, k), _lsr(us, k)
 
         def finish(pr: Shared) -> Shared:
@@ -423,7 +429,7 @@ class Engine:
         ``p = B - k`` of the sum of the shifted shares: the carry runs over ``p`` bits only,
         ``1 + ceil(log2 p)`` AND rounds (5 for p <= 16 instead of 7). Exact for x < 0; for
         ``0 <= x < slack`` it may also say 1 (the carry lost by the shift), never worse."""
-        zero = torch.zeros_like(x.c)
+        zero = torch.zeros_like(real(x.c, x.s))  # a real 0: the other party's share of its own bit
         if bound is None:
             B, k = 63, 0
         elif not slack:  # exact: no bits dropped
@@ -446,7 +452,7 @@ class Engine:
     def _sum_bit(self, xc: torch.Tensor, xs: torch.Tensor, p: int) -> tuple[torch.Tensor, torch.Tensor]:
         """XOR shares (client's, server's) of bit ``p`` of ``xc + xs`` (mod 2^64), each party holding
         its own addend: a Kogge-Stone carry over the low ``p`` bits, 1 + ceil(log2 p) AND rounds."""
-        zero = torch.zeros_like(xc)
+        zero = torch.zeros_like(real(xc, xs))
         X, Y = Shared(xc, zero), Shared(zero, xs)  # each party's share as an XOR-shared addend
         (G,) = self._and_many([(X, Y)])
         P = Shared(X.c ^ Y.c, X.s ^ Y.s)
@@ -487,7 +493,7 @@ class Engine:
         """``min(max(x, lo), hi)``: both comparisons in the same rounds. ``bounded``: x is known to
         lie within +-``CMP_BOUND`` - max(|lo|, |hi|) (shorter comparisons; the clip may then let
         through up to ``hi + CMP_SLACK`` and ``lo - CMP_SLACK``)."""
-        n = x.c.numel()
+        n = x.numel()
         both = cat([self.add_public(x, -hi).map(lambda t: t.reshape(-1)),
                     self.add_public(-x, lo).map(lambda t: t.reshape(-1))], 0)
         kw = dict(bound=self.CMP_BOUND, slack=self.CMP_SLACK) if bounded else {}
@@ -735,7 +741,7 @@ class Engine:
         Without comparisons: ``e^{x/2} / (e^{x/2} + e^{-x/2})`` from ``h = x/2`` with the
         exp-started reciprocal, for x in [-16, 16]."""
         if self.clip_sigmoid:
-            n = x.c.numel()
+            n = x.numel()
             flat = x.map(lambda t: t.reshape(-1))
             cmp = cat([self.add_public(flat, -16.0), self.add_public(-flat, -16.0), flat], 0)
             bits, (x8,) = self.ltz(cmp, bound=self.CMP_BOUND, slack=self.CMP_SLACK, also=[("trunc", x, 3)])
@@ -942,10 +948,10 @@ class MPCExecutor:
         elif self.e.role == "client":  # re-share into the mask r; W r is preprocessed: no product online
             r, wr = self.store.take(key, x.shape[0])
             self.e.reshare(x, r)
-            y = Shared(wr, torch.zeros_like(wr))
+            y = Shared(wr, VOID)
         else:  # the server multiplies its share x - r by the ring weights on its device
             x = self.e.reshare(x, None)
-            y = Shared(torch.zeros(x.shape[0], W.out_dim, dtype=torch.int64), W.matmul(x.s).cpu())
+            y = Shared(VOID, W.matmul(x.s).cpu())
         y = self.e.trunc(y, k)
         outs, at = [], 0
         for op in ops:

@@ -47,7 +47,7 @@ class IdealEngine(mpc.Engine):
 
     def _products(self, items) -> list[mpc.Shared]:
         self.stats.rounds += 1
-        self.stats.opened_elements += sum(x.c.numel() + y.c.numel() for _, x, y in items)
+        self.stats.opened_elements += sum(x.numel() + y.numel() for _, x, y in items)
         op = {"mul": torch.mul, "matmul": torch.matmul}
         return [self._fresh(op[kind](x.c + x.s, y.c + y.s)) for kind, x, y in items]  # wraps mod 2^64, exactly
 

@@ -341,3 +341,21 @@ def test_ot_and_triples_never_hand_out_a_word_twice_across_pool_refills():
         words = torch.cat([t.a[side] for t in got] + [t.b[side] for t in got])
         assert words.unique().numel() == words.numel()
     assert len({t.serial for t in got}) == len(got)
+
+
+def test_the_other_partys_slot_costs_nothing_and_cannot_be_read():
+    """A party engine's other slot (protocols/void.py): every operation gives it back, reading it
+    raises, so a slot mix-up fails instead of computing with zeros."""
+    from shardlm.protocols.void import VOID, real
+
+    t = torch.arange(6).view(2, 3)
+    for got in (t + VOID, 1 - VOID, VOID * t, t ^ VOID, torch.cat([t, VOID]), torch.bitwise_right_shift(VOID, 3),
+                VOID[..., :1].reshape(-1), torch.where(t > 2, VOID, t), VOID.sum(-1, keepdim=True)):
+        assert got is VOID
+    with pytest.raises(AttributeError):
+        VOID.shape
+    with pytest.raises(TypeError):
+        bool(VOID)
+    assert real(VOID, t) is t and mpc.Shared(VOID, t).shape == (2, 3)
+    with pytest.raises(ValueError):
+        real(VOID, VOID)
