@@ -951,7 +951,7 @@ class MPCExecutor:
             y = Shared(wr, VOID)
         else:  # the server multiplies its share x - r by the ring weights on its device
             x = self.e.reshare(x, None)
-            y = Shared(VOID, W.matmul(x.s).cpu())
+            y = Shared(VOID, self.e.transport.offload(lambda: W.matmul(x.s).cpu()))
         y = self.e.trunc(y, k)
         outs, at = [], 0
         for op in ops:

@@ -1,9 +1,10 @@
 """v3-mpc over the wire: client and server each run one party of protocols/mpc.py.
 
 Each party runs the same :class:`mpc.MPCExecutor` code on its own share of every activation
-(:class:`mpc.Engine` in party mode) in a worker thread; every point where the parties meet is a
-call into :class:`ChannelTransport`, which hops back into trio for the channel exchange. The
-protocol logic never touches I/O, so the same engine runs over an in-memory stream pair or TLS.
+(:class:`mpc.Engine` in party mode) under :func:`party.sync_driver.drive` (a greenlet on the
+session's trio task); every point where the parties meet is a call into
+:class:`ChannelTransport`, which hands the channel exchange to that task to await. The protocol
+logic never touches I/O, so the same engine runs over an in-memory stream pair or TLS.
 
 Session (all message types 0x12xx, every tensor int64 ring elements; anything else, a float
 tensor or an extra field, is refused with ``malformed`` and the session closed):
@@ -35,6 +36,7 @@ import numpy as np
 import torch
 import trio
 
+from ..party import sync_driver
 from ..wire.errors import ErrorCode, ProtocolError
 from ..wire.msgtypes import MsgType
 from . import beaver, beaver_ot, mpc, preprocess
@@ -67,7 +69,8 @@ def ring_tensor(body: dict, name: str, what: str, shape: tuple | None = None) ->
 
 
 class ChannelTransport:
-    """The engine's meeting points over a Channel, called from the engine's worker thread.
+    """The engine's meeting points over a Channel, called from the engine running under
+    :func:`sync_driver.drive`.
 
     One opening round is one flight each way, both at once: each party sends its shares of the
     whole round while it receives the other's (a send and a receive task, so two large flights
@@ -85,13 +88,18 @@ class ChannelTransport:
     def _call(self, afn, *args):
         t0 = time.perf_counter()
         try:
-            return trio.from_thread.run(afn, *args)
+            return sync_driver.call(afn, *args)
         finally:
             self.wait_seconds += time.perf_counter() - t0
 
     def run(self, afn):
         """``await afn(channel)`` (a joint sub-protocol such as OT triple generation)."""
         return self._call(afn, self.channel)
+
+    @staticmethod
+    def offload(fn):
+        """``fn()`` in a worker thread (heavy pure compute: the event loop keeps serving others)."""
+        return sync_driver.call(trio.to_thread.run_sync, fn)
 
     def exchange(self, mine: torch.Tensor) -> torch.Tensor:
         return self._call(self._exchange, mine)
@@ -169,7 +177,7 @@ class MPCServerHandler:
             raise ProtocolError(ErrorCode.SEQ_TOO_LONG, f"{self.executor.length + m.shape[0]} tokens exceed the "
                                                         f"session's max_seq_len of {self.session.max_seq_len}")
         self.transport.pending = m
-        await trio.to_thread.run_sync(lambda: self.executor.forward(n_tokens=m.shape[0]))
+        await sync_driver.drive(lambda: self.executor.forward(n_tokens=m.shape[0]))
 
     async def _setup(self, body: dict) -> None:
         if self.executor is not None:
@@ -202,7 +210,7 @@ class MPCServerHandler:
         # the ring weights are built once per process, off the event loop (seconds for SmolLM2)
         self.executor = await trio.to_thread.run_sync(lambda: mpc.MPCExecutor(self.model, engine, ranges))
         await self.session.channel.send(MsgType.MPC_SETUP_OK, {})
-        await trio.to_thread.run_sync(provider.prefill)  # the first pool (joint with the client for ot)
+        await sync_driver.drive(provider.prefill)  # the first pool (joint with the client for ot)
 
 
 # -- client --------------------------------------------------------------------------------------
@@ -233,7 +241,7 @@ class MPCClient:
         if self.seed is not None:
             body["seed"] = np.frombuffer(self.seed, dtype=np.int64).copy()
         await self.channel.request(MsgType.MPC_SETUP, body, MsgType.MPC_SETUP_OK)
-        await trio.to_thread.run_sync(self.provider.prefill)  # dealt before the prompt is used
+        await sync_driver.drive(self.provider.prefill)  # dealt before the prompt is used
         self.offline_ms += (time.perf_counter() - t0) * 1e3
 
     def new_cache(self, capacity: int):
@@ -244,7 +252,7 @@ class MPCClient:
     async def forward(self, ids: list[int]) -> torch.Tensor:
         before = self._counters()
         t0, w0 = time.perf_counter(), self.transport.wait_seconds
-        logits = await trio.to_thread.run_sync(lambda: self.executor.forward(ids))
+        logits = await sync_driver.drive(lambda: self.executor.forward(ids))
         after = self._counters()
         self.forwards.append({"tokens": len(ids), "seconds": time.perf_counter() - t0,
                               "wait_seconds": self.transport.wait_seconds - w0,

@@ -304,6 +304,7 @@ def test_party_engines_over_a_memory_stream_pair_compute_what_the_simulator_does
     products, the exact comparison, softmax and the reveal."""
     import trio.testing
 
+    from shardlm.party import sync_driver
     from shardlm.party.channel import Channel
 
     g = torch.Generator().manual_seed(0)
@@ -325,7 +326,7 @@ def test_party_engines_over_a_memory_stream_pair_compute_what_the_simulator_does
             t = mpc_service.ChannelTransport(Channel(stream), role)
             e = mpc.Engine(beaver.SeededDealerProvider(role, seed, 256), transport=t)
             e.exact_max = True
-            out[role] = await trio.to_thread.run_sync(program, e, x if role == "client" else None)
+            out[role] = await sync_driver.drive(program, e, x if role == "client" else None)
             out[role + "_rounds"] = e.stats.rounds
 
         async with trio.open_nursery() as n:
