@@ -108,14 +108,23 @@ _OFFSET = 1 << 62
 
 
 def _msb(t: torch.Tensor) -> torch.Tensor:
-    return torch.bitwise_right_shift(t, 63) & 1
+    return t if t is VOID else torch.bitwise_right_shift(t, 63) & 1
 
 
 def _lsr(t: torch.Tensor, k) -> torch.Tensor:
-    """Logical shift right of int64 bits (as unsigned)."""
-    k = torch.as_tensor(k, dtype=torch.int64)
+    """Logical shift right of int64 bits (as unsigned) by an int or a per-element tensor k >= 1."""
+    if t is VOID:
+        return t
+    if isinstance(k, int):  # the common case: two tensor operations
+        return torch.bitwise_right_shift(t, k) & ((1 << (64 - k)) - 1)
     mask = torch.bitwise_left_shift(torch.ones_like(k), 64 - k) - 1
     return torch.bitwise_right_shift(t, k) & mask
+
+
+def _ring_int(v: int) -> int:
+    """A Python int as the int64 that stands for it mod 2^64."""
+    v &= (1 << 64) - 1
+    return v - (1 << 64) if v >> 63 else v
 
 
 def _thresholds(lo: float, hi: float, per_octave: float) -> torch.Tensor:
@@ -297,7 +306,10 @@ class Engine:
 
     def _trunc_prep(self, x: Shared, k: int | torch.Tensor):
         """The wrap-bit product a truncation needs (a Beaver pair) and the local finish given it."""
-        k = torch.as_tensor(k, dtype=torch.int64)
+        if not isinstance(k, int):
+            k = torch.as_tensor(k, dtype=torch.int64)
+            if k.dim() == 0:
+                k = int(k)
         # the client adds 2^62: the value is now in [0, 2^63) (a party engine on the server adds it to
         # its don't-care c slot only; so do the public e&d and e*d terms of the Beaver products)
         uc = x.c + _OFFSET
@@ -305,12 +317,16 @@ class Engine:
         mc, ms = _msb(uc), _msb(us)
         zero = torch.zeros_like(real(mc, ms))  # a real 0: the other party's share of its own bit
         lc, ls = _lsr(uc, k), _lsr(us, k)
+        if isinstance(k, int):
+            top, off = _ring_int(1 << (64 - k)), 1 << (62 - k)
+        else:
+            top = torch.bitwise_left_shift(torch.ones_like(k), 64 - k)
+            off = torch.bitwise_left_shift(torch.ones_like(k), 62 - k)
 
         def finish(pr: Shared) -> Shared:
             # wrap bit w = mc OR ms = mc + ms - mc ms (known MSB 0 of the offset value)
             wc, ws = mc - pr.c, ms - pr.s
-            top = torch.bitwise_left_shift(torch.ones_like(k), 64 - k)
-            return Shared(lc - wc * top - torch.bitwise_left_shift(torch.ones_like(k), 62 - k), ls - ws * top)
+            return Shared(lc - wc * top - off, ls - ws * top)
         return (Shared(mc, zero), Shared(zero.clone(), ms)), finish
 
     def add_public(self, x: Shared, v: torch.Tensor | float) -> Shared:
