@@ -8,7 +8,7 @@ function and switches the result (or the exception, e.g. trio.Cancelled) back in
 
 The price: the engine's compute between two meetings holds the event loop (~0.5 ms per round
 for SmolLM2 decode). Long pure-compute pieces (the server's weight products) go to a worker
-thread through :func:`call`\\ (``trio.to_thread.run_sync``, fn), so other sessions keep moving.
+thread with ``call(trio.to_thread.run_sync, fn)``, so other sessions keep moving.
 """
 
 from __future__ import annotations

@@ -43,8 +43,8 @@ import trio.testing
 
 from ..party.channel import Channel, concurrently
 from . import beaver, ring
-from .void import VOID
 from .ot.iknp import IknpReceiver, IknpSender
+from .void import VOID
 
 _SHIFTS = np.arange(64, dtype=np.uint64)
 
@@ -248,7 +248,7 @@ class NetOTProvider(OTProvider):
     """:class:`OTProvider` for one party of a networked session: the joint generation runs over
     the session channel, each party keeping only its own shares (the other slot is :data:`void.VOID`).
 
-    ``run(afn)`` runs ``await afn(channel)`` on the channel from the engine's thread. Both
+    ``run(afn)`` runs ``await afn(channel)`` on the channel from the engine (under ``sync_driver.drive``). Both
     parties' engines ask for the same triples in the same order (and agree on ``batch`` and
     ``prefill_and`` at set-up), so every pool refill and every matrix triple starts on both sides
     at the same point of the computation: no request message is needed.

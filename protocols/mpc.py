@@ -199,7 +199,8 @@ class Engine:
     the other party's share is a real 0 in *its* slot), and the
     only cross-slot points -- :meth:`share`, :meth:`open`, :meth:`reveal`, :meth:`reshare` and
     the triple provider -- go through the transport and read or send only this party's slot.
-    The engine is synchronous: the transport blocks its thread for each exchange.
+    The engine is synchronous: each exchange suspends it (party/sync_driver.py) until the
+    session's trio task has the peer's reply.
     """
 
     def __init__(self, provider: beaver.TripleProvider | None = None, frac_bits: int = FRAC_BITS,

@@ -72,10 +72,9 @@ class ChannelTransport:
     """The engine's meeting points over a Channel, called from the engine running under
     :func:`sync_driver.drive`.
 
-    One opening round is one flight each way, both at once: each party sends its shares of the
-    whole round while it receives the other's (a send and a receive task, so two large flights
-    never block each other). Waiting for the peer's flight before sending would put two
-    one-way trips on every round's critical path instead of one.
+    One opening round is one flight each way, both at once (:meth:`Channel.exchange`): each party
+    sends its shares of the whole round without waiting for the other's. Waiting for the peer's
+    flight before sending would put two one-way trips on every round's critical path, not one.
     """
 
     def __init__(self, channel, role: str, idle_timeout: float = float("inf")):

@@ -56,10 +56,6 @@ def _void_method(*_args, **_kwargs):
     return VOID
 
 
-def is_void(t) -> bool:
-    return t is VOID
-
-
 def real(*slots) -> torch.Tensor:
     """The one real tensor among ``slots`` (a party's own)."""
     for t in slots:

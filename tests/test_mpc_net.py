@@ -300,7 +300,7 @@ def test_cli_generate_v3_mpc_between_two_processes(tmp_path):
 
 
 def test_party_engines_over_a_memory_stream_pair_compute_what_the_simulator_does():
-    """The same engine code, one party per thread, over an in-memory stream pair (no TLS): shares,
+    """The same engine code, one party per sync_driver greenlet, over an in-memory stream pair (no TLS): shares,
     products, the exact comparison, softmax and the reveal."""
     import trio.testing
 

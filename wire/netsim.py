@@ -99,7 +99,7 @@ class NetsimStream(trio.abc.HalfCloseableStream):
         self._out_send.send_nowait((self._tx_free + self.spec.one_way, data))
 
     async def wait_send_all_might_not_block(self) -> None:
-        await trio.sleep_until(self._tx_free)
+        await _sleep_until(self._tx_free)
 
     async def send_eof(self) -> None:
         self._out_send.send_nowait((self._tx_free + self.spec.one_way, None))
