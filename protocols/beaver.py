@@ -43,8 +43,19 @@ class TripleReuseError(Exception):
     """A Beaver triple was asked for a second time."""
 
 
+class _SingleUse:
+    serial: int
+    used: bool
+
+    def take(self):
+        if self.used:
+            raise TripleReuseError(f"Beaver triple #{self.serial} was already used; triples are single-use")
+        self.used = True
+        return self
+
+
 @dataclasses.dataclass
-class Triple:
+class Triple(_SingleUse):
     """Shares of ``a``, ``b`` and ``c = a * b`` (``kind='mul'``), ``c = a @ b`` (``kind='matmul'``), or
     XOR shares with ``c = a & b`` (``kind='and'``)."""
 
@@ -55,11 +66,25 @@ class Triple:
     c: tuple[torch.Tensor, torch.Tensor]
     used: bool = False
 
-    def take(self) -> "Triple":
-        if self.used:
-            raise TripleReuseError(f"Beaver triple #{self.serial} was already used; triples are single-use")
-        self.used = True
-        return self
+
+@dataclasses.dataclass
+class Correlation(_SingleUse):
+    """A Beaver triple generalised to a polynomial's monomials (protocols/poly.py): shares of
+    masks ``a_i`` and of the products ``prod_{i in S} a_i`` for each multiset ``S`` of mask
+    indices (sorted tuples, size >= 2). ``((0,), (1,))`` masks with ``{(0, 1): ...}`` is a triple."""
+
+    serial: int
+    masks: list[tuple[torch.Tensor, torch.Tensor]]
+    prods: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]]
+    used: bool = False
+
+
+def mask_products(masks: list[torch.Tensor], subsets: Sequence[tuple[int, ...]]) -> dict[tuple[int, ...], torch.Tensor]:
+    """``prod_{i in S} masks[i]`` mod 2^64 for each S (sorted by size, so ``S[:-1]`` comes first)."""
+    out: dict[tuple[int, ...], torch.Tensor] = {}
+    for S in subsets:
+        out[S] = (masks[S[0]] if len(S) == 2 else out[S[:-1]]) * masks[S[-1]]
+    return out
 
 
 def _share(prg: ring.MaskPRG, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,6 +114,14 @@ class TripleProvider:
         t = self._make("mul", tuple(shape), None)
         self.issued["mul"] += 1
         self.elements["mul"] += math.prod(shape)
+        return t
+
+    def poly(self, shape: Sequence[int], n: int, subsets: Sequence[tuple[int, ...]]) -> Correlation:
+        """``n`` masks of ``shape`` and the products over ``subsets`` (see :class:`Correlation`)."""
+        key = ("poly", n, tuple(subsets))
+        t = self._make(key, tuple(shape), None)
+        self.issued["poly"] = self.issued.get("poly", 0) + 1
+        self.elements["poly"] = self.elements.get("poly", 0) + math.prod(shape) * len(subsets)
         return t
 
     def matmul(self, a_shape: Sequence[int], b_shape: Sequence[int]) -> Triple:
@@ -123,11 +156,13 @@ class PooledProvider(TripleProvider):
         for kind in self.prefill_kinds:
             self._refill(kind, n or self.batch)
 
-    def _refill(self, kind: str, need: int) -> None:
-        self._pools[kind] = self._new_pool(max(need, self.batch), kind)
+    def _refill(self, kind, need: int) -> None:
+        # a polynomial's correlation holds several masks and products per element: smaller pools
+        batch = self.batch if isinstance(kind, str) else max(self.batch // 4, 1)
+        self._pools[kind] = self._new_pool(max(need, batch), kind)
         self._cursors[kind] = 0
 
-    def _pooled(self, kind: str, a_shape) -> Triple:
+    def _pooled(self, kind, a_shape) -> Triple | Correlation:
         n = math.prod(a_shape)
         pool = self._pools.get(kind)
         if pool is None or self._cursors[kind] + n > real(pool[0], pool[1]).numel():
@@ -136,7 +171,17 @@ class PooledProvider(TripleProvider):
         at = self._cursors[kind]
         self._cursors[kind] = at + n  # the pool's cursor only moves forward: every element is used once
         p = [t[at:at + n].reshape(a_shape) for t in pool]
+        if isinstance(kind, tuple):
+            return _correlation(next(self._serials), kind, p)
         return Triple(next(self._serials), kind, (p[0], p[1]), (p[2], p[3]), (p[4], p[5]))
+
+
+def _correlation(serial: int, key: tuple, flat: list[torch.Tensor]) -> Correlation:
+    """A :class:`Correlation` from its tensors laid out as (client, server) pairs: the masks,
+    then the products in the order of ``key = ("poly", n, subsets)``."""
+    _, n, subsets = key
+    pairs = [(flat[2 * i], flat[2 * i + 1]) for i in range(len(flat) // 2)]
+    return Correlation(serial, pairs[:n], dict(zip(subsets, pairs[n:])))
 
 
 class DealerProvider(TripleProvider):
@@ -148,7 +193,12 @@ class DealerProvider(TripleProvider):
         super().__init__()
         self.prg = ring.MaskPRG(seed)
 
-    def _make(self, kind, a_shape, b_shape) -> Triple:
+    def _make(self, kind, a_shape, b_shape) -> Triple | Correlation:
+        if isinstance(kind, tuple):  # ("poly", n, subsets)
+            masks = [self.prg.ring(*a_shape) for _ in range(kind[1])]
+            prods = mask_products(masks, kind[2])
+            flat = [t for v in masks + [prods[S] for S in kind[2]] for t in _share(self.prg, v)]
+            return _correlation(next(self._serials), kind, flat)
         a = self.prg.ring(*a_shape)
         if kind == "and":  # XOR shares
             b = self.prg.ring(*a_shape)
@@ -207,11 +257,24 @@ class SeededDealerProvider(PooledProvider):
             mine = (a_c, b_c, c_c)
         return [(m, VOID) if self.role == "client" else (VOID, m) for m in mine]
 
-    def _new_pool(self, n: int, kind: str = "mul") -> list[torch.Tensor]:
+    def _new_pool(self, n: int, kind="mul") -> list[torch.Tensor]:
+        if isinstance(kind, tuple):
+            return [t for pair in self._deal_poly(n, kind[1], kind[2]) for t in pair]
         return [t for pair in self._deal(kind, (n,), (n,), (n,)) for t in pair]
 
-    def _make(self, kind, a_shape, b_shape) -> Triple:
-        if kind in ("mul", "and"):
+    def _deal_poly(self, n: int, k: int, subsets) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """A polynomial correlation: the server's masks and product shares from its seed, the
+        client's masks from its own PRG and its product shares ``prod (a_c + a_s) - p_s``."""
+        masks_s = [self.server_prg.ring(n) for _ in range(k)]
+        prods_s = [self.server_prg.ring(n) for _ in subsets]
+        if self.role == "server":
+            return [(VOID, m) for m in masks_s + prods_s]
+        masks_c = [self.own_prg.ring(n) for _ in range(k)]
+        full = mask_products([c + s for c, s in zip(masks_c, masks_s)], subsets)
+        return [(m, VOID) for m in masks_c + [full[S] - p for S, p in zip(subsets, prods_s)]]
+
+    def _make(self, kind, a_shape, b_shape) -> Triple | Correlation:
+        if kind in ("mul", "and") or isinstance(kind, tuple):
             return self._pooled(kind, a_shape)
         c_shape = (*a_shape[:-1], b_shape[-1])
         return Triple(next(self._serials), kind, *self._deal(kind, a_shape, b_shape, c_shape))

@@ -154,6 +154,21 @@ class Party:
         cross = await self._cross(ch, _u64(a), _u64(b), gilboa_send, gilboa_recv)
         return a, b, a * b + _t(cross)
 
+    async def poly(self, ch: Channel, n: int, k: int, subsets) -> list[torch.Tensor]:
+        """``k`` masks of ``n`` elements and this party's shares of their products over ``subsets``
+        (:class:`beaver.Correlation`): each product of a shared prefix product (or mask) with one
+        more mask by Gilboa, one batch per degree."""
+        masks = [self.prg.ring(n) for _ in range(k)]
+        prods: dict[tuple[int, ...], torch.Tensor] = {}
+        for size in sorted({len(S) for S in subsets}):
+            level = [S for S in subsets if len(S) == size]
+            u = torch.cat([masks[S[0]] if size == 2 else prods[S[:-1]] for S in level])
+            v = torch.cat([masks[S[-1]] for S in level])
+            cross = _t(await self._cross(ch, _u64(u), _u64(v), gilboa_send, gilboa_recv))
+            for S, c in zip(level, (u * v + cross).split(n)):
+                prods[S] = c
+        return masks + [prods[S] for S in subsets]
+
     async def and_(self, ch: Channel, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``n`` words of AND bits: this party's XOR shares of a, b and c = a & b."""
         b = self.prg.ring(n)  # the choice bits of this party's random OTs as receiver
@@ -224,13 +239,17 @@ class OTProvider(beaver.PooledProvider):
         self.ot_bytes += sum(ch.totals().bytes_sent for ch in chans)
         return c, s
 
-    def _new_pool(self, n: int, kind: str = "mul") -> list[torch.Tensor]:
+    def _new_pool(self, n: int, kind="mul") -> list[torch.Tensor]:
+        if isinstance(kind, tuple):  # ("poly", k, subsets)
+            c, s = self._run(lambda ch: self.client.poly(ch, n, kind[1], kind[2]),
+                             lambda ch: self.server.poly(ch, n, kind[1], kind[2]))
+            return [t for pair in zip(c, s) for t in pair]
         fc, fs = (self.client.mul, self.server.mul) if kind == "mul" else (self.client.and_, self.server.and_)
         c, s = self._run(lambda ch: fc(ch, n), lambda ch: fs(ch, n))
         return [c[0], s[0], c[1], s[1], c[2], s[2]]
 
-    def _make(self, kind, a_shape, b_shape) -> beaver.Triple:
-        if kind in ("mul", "and"):
+    def _make(self, kind, a_shape, b_shape) -> beaver.Triple | beaver.Correlation:
+        if kind in ("mul", "and") or isinstance(kind, tuple):
             return self._pooled(kind, a_shape)
         *batch, m, k = a_shape
         n = b_shape[-1]

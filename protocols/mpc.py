@@ -100,7 +100,8 @@ import math
 
 import torch
 
-from . import beaver, ring
+from . import beaver, poly, ring
+from .poly import Poly, ring_int
 from .void import VOID, real
 
 FRAC_BITS = 20
@@ -119,12 +120,6 @@ def _lsr(t: torch.Tensor, k) -> torch.Tensor:
         return torch.bitwise_right_shift(t, k) & ((1 << (64 - k)) - 1)
     mask = torch.bitwise_left_shift(torch.ones_like(k), 64 - k) - 1
     return torch.bitwise_right_shift(t, k) & mask
-
-
-def _ring_int(v: int) -> int:
-    """A Python int as the int64 that stands for it mod 2^64."""
-    v &= (1 << 64) - 1
-    return v - (1 << 64) if v >> 63 else v
 
 
 def _thresholds(lo: float, hi: float, per_octave: float) -> torch.Tensor:
@@ -305,30 +300,29 @@ class Engine:
             return [Shared(torch.bitwise_right_shift(x.c, k), -torch.bitwise_right_shift(-x.s, k)) for x, k in items]
         return self.run([("trunc", x, k) for x, k in items]) if items else []
 
-    def _trunc_prep(self, x: Shared, k: int | torch.Tensor):
-        """The wrap-bit product a truncation needs (a Beaver pair) and the local finish given it."""
+    def lazy_trunc(self, x: Shared, k: int | torch.Tensor) -> Poly:
+        """The truncation of ``x`` by ``k`` as a polynomial whose one product (the wrap bit's) is not
+        yet done: ``L - 2^(64-k) (mc + ms - mc ms)`` (module docstring). Forcing it is one round; a
+        product that takes it as a factor does that product in its own round (protocols/poly.py)."""
         if not isinstance(k, int):
             k = torch.as_tensor(k, dtype=torch.int64)
             if k.dim() == 0:
                 k = int(k)
         # the client adds 2^62: the value is now in [0, 2^63) (a party engine on the server adds it to
-        # its don't-care c slot only; so do the public e&d and e*d terms of the Beaver products)
+        # its don't-care c slot only)
         uc = x.c + _OFFSET
         us = x.s
         mc, ms = _msb(uc), _msb(us)
         zero = torch.zeros_like(real(mc, ms))  # a real 0: the other party's share of its own bit
-        lc, ls = _lsr(uc, k), _lsr(us, k)
         if isinstance(k, int):
-            top, off = _ring_int(1 << (64 - k)), 1 << (62 - k)
+            top, off = ring_int(1 << (64 - k)), 1 << (62 - k)
         else:
             top = torch.bitwise_left_shift(torch.ones_like(k), 64 - k)
             off = torch.bitwise_left_shift(torch.ones_like(k), 62 - k)
-
-        def finish(pr: Shared) -> Shared:
-            # wrap bit w = mc OR ms = mc + ms - mc ms (known MSB 0 of the offset value)
-            wc, ws = mc - pr.c, ms - pr.s
-            return Shared(lc - wc * top - off, ls - ws * top)
-        return (Shared(mc, zero), Shared(zero.clone(), ms)), finish
+        L = Shared(_lsr(uc, k) - off, _lsr(us, k))
+        # wrap bit w = mc OR ms = mc + ms - mc ms (known MSB 0 of the offset value)
+        return Poly([L, Shared(mc, zero), Shared(zero.clone(), ms)],
+                    {(0,): 1, (1,): -top, (2,): -top, (1, 2): top}, source=(x, k))
 
     def add_public(self, x: Shared, v: torch.Tensor | float) -> Shared:
         v = self.encode(torch.as_tensor(v))
@@ -358,60 +352,122 @@ class Engine:
     def matmul_many(self, pairs: list[tuple[Shared, Shared]], truncate: bool = True) -> list[Shared]:
         return self.run([("matmul", x, y, self.f if truncate else None) for x, y in pairs])
 
-    def run(self, items: list[tuple]) -> list[Shared]:
+    def run(self, items: list[tuple], lazy: bool = False) -> list[Shared | Poly]:
         """One round of openings for every item, then one round of truncations for the products
-        that ask for one. Items:
+        that ask for one (``lazy``: none; each such product comes back as the :class:`Poly` of its
+        truncation, which a later product takes as a factor, its wrap bits opened in that
+        product's round, or a ``force`` item truncates). Items:
 
         - ``("mul" | "matmul", x, y, bits[, v])``: the Beaver product ``x * y`` (``x @ y``), times
           the public integer ``v`` if given, then truncated by ``bits`` (an int, a per-element
           tensor, or None for no truncation). ``bits = F + s`` folds a public division by ``2^s``
           into the truncation; ``v = round(c 2^b)`` with ``bits = F + b`` a public factor ``c``
-          (the caller keeps ``|x y v| < 2^(62 - F)`` at scale 2^F).
-        - ``("trunc", x, k)``: a truncation, whose wrap-bit product rides in the same first round.
+          (the caller keeps ``|x y v| < 2^(62 - F)`` at scale 2^F). An elementwise product's
+          factors may be :class:`Poly` (a lazy truncation, an affine function of one): the whole
+          polynomial is multiplied out in this round.
+        - ``("trunc", x, k)``: a truncation (of a lazy truncation: from its untruncated value).
+        - ``("force", p)``: the value of the :class:`Poly` ``p`` (e.g. a lazy truncation).
         """
-        beav, fins = [], []
+        beav, fins, polys = [], [], []
         for it in items:
-            if it[0] == "trunc" and self.local_trunc:
+            kind, x = it[0], it[1]
+            if kind == "trunc" and self.local_trunc:
                 fins.append(("done", self.trunc_many([it[1:]])[0]))
-            elif it[0] == "trunc":
-                pair, fin = self._trunc_prep(it[1], it[2])
-                beav.append(("mul", *pair))
-                fins.append(("trunc", fin))
+                continue
+            if kind == "trunc":
+                k = it[2]
+                if isinstance(x, Poly):  # truncate the untruncated value once, by both shifts
+                    if x.source is None:
+                        raise TypeError("trunc of a polynomial that is not a truncation: force it first")
+                    x, k = x.source[0], x.source[1] + k
+                polys.append(self.lazy_trunc(x, k))
+                fins.append(("poly", len(polys) - 1, None, None))
+            elif kind == "force":
+                polys.append(x)
+                fins.append(("poly", len(polys) - 1, None, None))
+            elif kind == "mul" and (isinstance(x, Poly) or isinstance(it[2], Poly)):
+                px = x if isinstance(x, Poly) else Poly.of(x)
+                py = px if it[2] is x else it[2] if isinstance(it[2], Poly) else Poly.of(it[2])
+                polys.append(px * py)
+                fins.append(("poly", len(polys) - 1, it[3], it[4] if len(it) > 4 else None))
             else:
                 beav.append(it[:3])
-                fins.append(("prod", it[3], it[4] if len(it) > 4 else None))
-        prods = self._products(beav) if beav else []
-        out, later, j = [], [], 0
+                fins.append(("prod", len(beav) - 1, it[3], it[4] if len(it) > 4 else None))
+        groups: dict[tuple, list[int]] = {}  # polys of one shape share their variables' masks
+        for i, p in enumerate(polys):
+            groups.setdefault(tuple(p.shape), []).append(i)
+        res = self._products(beav + [("poly", [polys[i] for i in g]) for g in groups.values()]) if beav or polys else []
+        done = {i: z for g, zs in zip(groups.values(), res[len(beav):]) for i, z in zip(g, zs)}
+        out, later = [], []
         for i, fin in enumerate(fins):
             if fin[0] == "done":
                 out.append(fin[1])
                 continue
-            z = prods[j]
-            j += 1
-            if fin[0] == "trunc":
-                out.append(fin[1](z))
-                continue
-            if fin[2] is not None:
-                z = self.mul_int(z, fin[2])
-            out.append(z)
-            if fin[1] is not None:
+            z = res[fin[1]] if fin[0] == "prod" else done[fin[1]]
+            if fin[3] is not None:
+                z = self.mul_int(z, fin[3])
+            if fin[2] is not None and lazy:
+                z = self.lazy_trunc(z, fin[2])
+            elif fin[2] is not None:
                 later.append(i)
+            out.append(z)
         if later:
-            done = self.trunc_many([(out[i], fins[i][1]) for i in later])
+            done = self.trunc_many([(out[i], fins[i][2]) for i in later])
             for i, z in zip(later, done):
                 out[i] = z
         return out
 
-    def _products(self, items: list[tuple[str, Shared, Shared]]) -> list[Shared]:
-        """Untruncated Beaver products ``("mul" | "matmul", x, y)``: one round of openings for all."""
-        triples = [self.provider.mul(x.shape).take() if kind == "mul" else self.provider.matmul(x.shape, y.shape).take()
-                   for kind, x, y in items]
-        masked = []
-        for (_, x, y), t in zip(items, triples):
-            masked += [Shared(x.c - t.a[0], x.s - t.a[1]), Shared(y.c - t.b[0], y.s - t.b[1])]
-        opened = self.open(masked)
-        return [Shared(*beaver.beaver_combine(kind, t, opened[2 * j], opened[2 * j + 1]))
-                for j, ((kind, _, _), t) in enumerate(zip(items, triples))]
+    def force(self, p: Poly) -> Shared:
+        return self.run([("force", p)])[0]
+
+    def _products(self, items: list[tuple]) -> list:
+        """One round of openings for all items: untruncated Beaver products ``("mul" | "matmul", x, y)``
+        (a :class:`Shared` each) and polynomial groups ``("poly", polys)`` (a list each)."""
+        plans, masked = [], []
+        for it in items:
+            if it[0] == "poly":
+                vars, terms, opened, subsets = poly.plan(it[1])
+                corr = self.provider.poly(vars[0].shape, len(opened), subsets).take() if opened else None
+                masked += [vars[i] - Shared(*corr.masks[j]) for j, i in enumerate(opened)]
+                plans.append((vars, terms, opened, corr))
+            else:
+                kind, x, y = it
+                t = self.provider.mul(x.shape).take() if kind == "mul" else self.provider.matmul(x.shape, y.shape).take()
+                masked += [Shared(x.c - t.a[0], x.s - t.a[1]), Shared(y.c - t.b[0], y.s - t.b[1])]
+                plans.append(t)
+        d = self.open(masked) if masked else []
+        out, at = [], 0
+        for it, pl in zip(items, plans):
+            if it[0] == "poly":
+                vars, terms, opened, corr = pl
+                out.append([self._poly_value(vars, t, opened, corr, d[at:at + len(opened)]) for t in terms])
+                at += len(opened)
+            else:
+                out.append(Shared(*beaver.beaver_combine(it[0], pl, d[at], d[at + 1])))
+                at += 2
+        return out
+
+    @staticmethod
+    def _poly_value(vars, terms, opened, corr, d) -> Shared:
+        """Shares of ``sum coef monomial`` from the opened ``d`` (see poly.monomial_share); the
+        constant and the public products go into the client's share."""
+        slot = {i: j for j, i in enumerate(opened)}
+        acc = [torch.zeros_like(vars[0].c), torch.zeros_like(vars[0].s)]
+        for m, coef in terms.items():
+            for side in (0, 1):
+                if len(m) == 0:
+                    term = coef if side == 0 else None
+                elif len(m) == 1:
+                    term = (vars[m[0]].c, vars[m[0]].s)[side]
+                else:
+                    term = poly.monomial_share(m, slot, d, [a[side] for a in corr.masks],
+                                               {S: p[side] for S, p in corr.prods.items()}, public=side == 0)
+                if term is None:
+                    continue
+                if len(m) and not (isinstance(coef, int) and coef == 1):
+                    term = term * coef
+                acc[side] = acc[side] + term
+        return Shared(*acc)
 
     def mul(self, x: Shared, y: Shared) -> Shared:
         return self.mul_many([(x, y)])[0]

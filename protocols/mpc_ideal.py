@@ -28,7 +28,7 @@ import math
 
 import torch
 
-from . import mpc
+from . import mpc, poly
 
 
 class IdealEngine(mpc.Engine):
@@ -45,11 +45,23 @@ class IdealEngine(mpc.Engine):
     def ring_matmul(self, W, x: mpc.Shared) -> mpc.Shared:
         return self._fresh(W.matmul(x.c + x.s))  # W x_c + W x_s = W x mod 2^64
 
-    def _products(self, items) -> list[mpc.Shared]:
-        self.stats.rounds += 1
-        self.stats.opened_elements += sum(x.numel() + y.numel() for _, x, y in items)
+    def _products(self, items) -> list:
         op = {"mul": torch.mul, "matmul": torch.matmul}
-        return [self._fresh(op[kind](x.c + x.s, y.c + y.s)) for kind, x, y in items]  # wraps mod 2^64, exactly
+        out, opened = [], 0
+        for it in items:
+            if it[0] == "poly":  # every polynomial's value, exactly (wraps mod 2^64)
+                vars, terms, masked, _ = poly.plan(it[1])
+                opened += len(masked) * vars[0].numel()
+                full = [v.c + v.s for v in vars]
+                out.append([self._fresh(poly.value(t, full)) for t in terms])
+            else:
+                kind, x, y = it
+                opened += x.numel() + y.numel()
+                out.append(self._fresh(op[kind](x.c + x.s, y.c + y.s)))  # wraps mod 2^64, exactly
+        if opened:
+            self.stats.rounds += 1
+            self.stats.opened_elements += opened
+        return out
 
     def _sum_bit(self, xc: torch.Tensor, xs: torch.Tensor, p: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Bit ``p`` of ``xc + xs`` computed directly, XOR-shared with a fresh random bit; the adder's

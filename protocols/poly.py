@@ -1,0 +1,197 @@
+"""A shared value kept as a polynomial in shared variables, multiplied out in one round.
+
+Beaver's trick works for any polynomial, not only for ``x y``: open ``d_i = v_i - a_i`` for every
+variable (``a_i`` a fresh uniform mask), and every monomial
+``v_1 v_2 ... v_m = prod (d_i + a_i)`` expands into public products of the ``d``'s times products
+of the masks, whose shares a correlation supplies (the dealer's or the OT provider's; for
+``m = 2`` that is a Beaver triple). So a value that is itself a polynomial in shared variables
+can be a factor of a product *before* its own multiplications are done, and both happen in the
+product's round.
+
+What the engine uses this for (protocols/mpc.py):
+
+- a truncation is ``L - 2^(64-k) (mc + ms - mc ms)`` (local shifts ``L``, the two parties'
+  private MSB bits ``mc``, ``ms``, one product): kept as that polynomial, the product that
+  consumes it opens the wrap bits with its own factors, so a chain of products costs one round per
+  product instead of two (``x y``'s truncation rides in the round of ``(x y) z``);
+- the XOR-to-additive step of a comparison bit ``1 - bc - bs + 2 bc bs`` rides in the round of
+  the product that uses the bit.
+
+Every opened ``d_i`` is a fresh uniform mask's difference, as in a Beaver product. A variable's
+mask is shared by all the monomials of one round (one opening per variable). Coefficients are
+public ring values (Python ints mod 2^64 or int64 tensors); a monomial is a sorted tuple of
+variable indices, with repeats for powers (``(0, 0)`` is ``v_0^2``), ``()`` the constant.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+Coef = int | torch.Tensor
+
+
+def ring_int(v: int) -> int:
+    """A Python int as the int64 that stands for it mod 2^64."""
+    v &= (1 << 64) - 1
+    return v - (1 << 64) if v >> 63 else v
+
+
+def _cmul(a: Coef, b: Coef) -> Coef:
+    if isinstance(a, int) and isinstance(b, int):
+        return ring_int(a * b)
+    return a * b  # int64 tensors wrap mod 2^64
+
+
+def _cadd(a: Coef, b: Coef) -> Coef:
+    if isinstance(a, int) and isinstance(b, int):
+        return ring_int(a + b)
+    return a + b
+
+
+def _is_zero(c: Coef) -> bool:
+    return isinstance(c, int) and c == 0
+
+
+class Poly:
+    """``sum_j coef_j prod_{i in mono_j} vars[i]`` over :class:`mpc.Shared` variables of one shape.
+
+    ``source``: for a truncation, the untruncated value and the shift (a comparison can read the
+    sign from it, a further truncation can start from it)."""
+
+    def __init__(self, vars: list, terms: dict[tuple[int, ...], Coef], source=None):
+        self.vars = vars
+        self.terms = {m: c for m, c in terms.items() if not _is_zero(c)}
+        self.source = source
+
+    @classmethod
+    def of(cls, x) -> "Poly":
+        return cls([x], {(0,): 1})
+
+    @property
+    def shape(self):
+        return self.vars[0].shape
+
+    def numel(self) -> int:
+        return self.vars[0].numel()
+
+    @property
+    def degree(self) -> int:
+        return max((len(m) for m in self.terms), default=0)
+
+    def _merged(self, other: "Poly") -> tuple[list, dict[int, int]]:
+        """Variables of both (shared by identity) and the index map of ``other``'s."""
+        vars = list(self.vars)
+        remap = {}
+        for j, v in enumerate(other.vars):
+            at = next((i for i, u in enumerate(vars) if u is v), None)
+            if at is None:
+                vars.append(v)
+                at = len(vars) - 1
+            remap[j] = at
+        return vars, remap
+
+    def __add__(self, other: "Poly") -> "Poly":
+        vars, remap = self._merged(other)
+        terms = dict(self.terms)
+        for m, c in other.terms.items():
+            key = tuple(sorted(remap[i] for i in m))
+            terms[key] = _cadd(terms[key], c) if key in terms else c
+        return Poly(vars, terms)
+
+    def __neg__(self) -> "Poly":
+        return self.scale(-1)
+
+    def __sub__(self, other: "Poly") -> "Poly":
+        return self + (-other)
+
+    def __mul__(self, other: "Poly") -> "Poly":
+        vars, remap = self._merged(other)
+        terms: dict[tuple[int, ...], Coef] = {}
+        for (m1, c1), (m2, c2) in itertools.product(self.terms.items(), other.terms.items()):
+            c = _cmul(c1, c2)
+            if _is_zero(c):  # e.g. 2^(64-k) 2^(64-k') = 0 mod 2^64
+                continue
+            key = tuple(sorted(m1 + tuple(remap[i] for i in m2)))
+            terms[key] = _cadd(terms[key], c) if key in terms else c
+        return Poly(vars, terms)
+
+    def scale(self, v: Coef) -> "Poly":
+        """``v`` times the value, for a public ring integer ``v``."""
+        return Poly(self.vars, {m: _cmul(c, v) for m, c in self.terms.items()})
+
+    def add_public(self, v: Coef) -> "Poly":
+        """Plus the public ring value ``v`` (already encoded)."""
+        terms = dict(self.terms)
+        terms[()] = _cadd(terms[()], v) if () in terms else v
+        return Poly(self.vars, terms)
+
+    def map(self, fn) -> "Poly":
+        """A share-wise rearrangement (view, expand, slice) of the value: of every variable and
+        every tensor coefficient (the products are elementwise, so they commute with it)."""
+        return Poly([v.map(fn) for v in self.vars],
+                    {m: fn(c) if isinstance(c, torch.Tensor) and c.dim() else c for m, c in self.terms.items()})
+
+
+def plan(polys: list[Poly]) -> tuple[list, list[dict[tuple[int, ...], Coef]], list[int], list[tuple[int, ...]]]:
+    """One round's evaluation of ``polys`` (of one shape) with one mask per variable.
+
+    Returns the variables (merged by identity), each poly's terms over them, the variables to
+    open (those in a monomial of degree >= 2, in the order of their masks) and the mask products
+    the correlation must hold: every sub-multiset of size >= 2 of every monomial, over mask
+    indices, sorted."""
+    vars, terms = [], []
+    for p in polys:
+        remap = {}
+        for j, v in enumerate(p.vars):
+            at = next((i for i, u in enumerate(vars) if u is v), None)
+            if at is None:
+                vars.append(v)
+                at = len(vars) - 1
+            remap[j] = at
+        terms.append({tuple(sorted(remap[i] for i in m)): c for m, c in p.terms.items()})
+    opened = sorted({i for t in terms for m in t if len(m) >= 2 for i in m})
+    slot = {v: j for j, v in enumerate(opened)}
+    subsets = set()
+    for t in terms:
+        for m in t:
+            if len(m) >= 2:
+                for r in range(2, len(m) + 1):
+                    subsets.update(itertools.combinations(tuple(slot[i] for i in m), r))
+    return vars, terms, opened, sorted(subsets, key=lambda s: (len(s), s))
+
+
+def monomial_share(m: tuple[int, ...], slot: dict[int, int], d: list[torch.Tensor], mask: list,
+                   prods: dict[tuple[int, ...], torch.Tensor], public: bool) -> torch.Tensor:
+    """This party's share of the monomial ``prod_{i in m} v_i`` (degree >= 2) from the opened
+    ``d`` (by mask index), its shares of the masks and of their products; ``public``: this party
+    adds the public term ``prod d`` (the client)."""
+    pos = [slot[i] for i in m]
+    out = None
+    for r in range(0, len(pos) + 1):
+        for chosen in itertools.combinations(range(len(pos)), r):
+            rest = [pos[j] for j in range(len(pos)) if j not in chosen]
+            if r == 0:
+                if not public:
+                    continue
+                term = None
+            elif r == 1:
+                term = mask[pos[chosen[0]]]
+            else:
+                term = prods[tuple(sorted(pos[j] for j in chosen))]
+            for i in rest:
+                term = d[i] if term is None else term * d[i]
+            out = term if out is None else out + term
+    return out
+
+
+def value(terms: dict[tuple[int, ...], Coef], full: list[torch.Tensor]) -> torch.Tensor:
+    """The polynomial's value from its variables' values (the simulator's ideal evaluation)."""
+    out = torch.zeros_like(full[0])
+    for m, c in terms.items():
+        t = c
+        for i in m:
+            t = t * full[i]
+        out = out + t
+    return out
