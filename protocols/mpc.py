@@ -153,9 +153,13 @@ class Shared:
         return real(self.c, self.s).numel()
 
     def __add__(self, o: "Shared") -> "Shared":
+        if not isinstance(o, Shared):  # a Poly: its __radd__
+            return NotImplemented
         return Shared(self.c + o.c, self.s + o.s)
 
     def __sub__(self, o: "Shared") -> "Shared":
+        if not isinstance(o, Shared):
+            return NotImplemented
         return Shared(self.c - o.c, self.s - o.s)
 
     def __neg__(self) -> "Shared":
@@ -171,6 +175,12 @@ class Shared:
 
 def cat(xs: list[Shared], dim: int) -> Shared:
     return Shared(torch.cat([x.c for x in xs], dim), torch.cat([x.s for x in xs], dim))
+
+
+@dataclasses.dataclass(frozen=True)
+class Lazy:
+    """A product's truncation by ``k`` left for the round that consumes it (:meth:`Engine.run`)."""
+    k: int
 
 
 @dataclasses.dataclass
@@ -324,8 +334,10 @@ class Engine:
         return Poly([L, Shared(mc, zero), Shared(zero.clone(), ms)],
                     {(0,): 1, (1,): -top, (2,): -top, (1, 2): top}, source=(x, k))
 
-    def add_public(self, x: Shared, v: torch.Tensor | float) -> Shared:
+    def add_public(self, x: Shared | Poly, v: torch.Tensor | float) -> Shared | Poly:
         v = self.encode(torch.as_tensor(v))
+        if isinstance(x, Poly):
+            return x.add_public(v)
         return Shared(x.c + v, x.s.clone() if v.dim() == 0 else x.s + torch.zeros_like(v))
 
     def mul_public(self, x: Shared, v: torch.Tensor | float, bits: int | None = None) -> Shared:
@@ -337,6 +349,8 @@ class Engine:
     def mul_int(self, x: Shared, v: torch.Tensor | int) -> Shared:
         """``x * v`` for a public integer (e.g. a 0/1 mask): exact, no truncation."""
         v = torch.as_tensor(v, dtype=torch.int64)
+        if isinstance(x, Poly):
+            return x.scale(v if v.dim() else int(v))
         return Shared(x.c * v, x.s * v)
 
     def ring_matmul(self, W: ring.RingMatrix, x: Shared) -> Shared:
@@ -352,15 +366,15 @@ class Engine:
     def matmul_many(self, pairs: list[tuple[Shared, Shared]], truncate: bool = True) -> list[Shared]:
         return self.run([("matmul", x, y, self.f if truncate else None) for x, y in pairs])
 
-    def run(self, items: list[tuple], lazy: bool = False) -> list[Shared | Poly]:
+    def run(self, items: list[tuple]) -> list[Shared | Poly]:
         """One round of openings for every item, then one round of truncations for the products
-        that ask for one (``lazy``: none; each such product comes back as the :class:`Poly` of its
-        truncation, which a later product takes as a factor, its wrap bits opened in that
-        product's round, or a ``force`` item truncates). Items:
+        that ask for one. Items:
 
         - ``("mul" | "matmul", x, y, bits[, v])``: the Beaver product ``x * y`` (``x @ y``), times
           the public integer ``v`` if given, then truncated by ``bits`` (an int, a per-element
-          tensor, or None for no truncation). ``bits = F + s`` folds a public division by ``2^s``
+          tensor, or None for no truncation; ``Lazy(k)``: no round for it, the result is the
+          :class:`Poly` of its truncation, which a later product takes as a factor, its wrap bits
+          opened in that product's round, or a ``force`` item truncates). ``bits = F + s`` folds a public division by ``2^s``
           into the truncation; ``v = round(c 2^b)`` with ``bits = F + b`` a public factor ``c``
           (the caller keeps ``|x y v| < 2^(62 - F)`` at scale 2^F). An elementwise product's
           factors may be :class:`Poly` (a lazy truncation, an affine function of one): the whole
@@ -406,8 +420,8 @@ class Engine:
             z = res[fin[1]] if fin[0] == "prod" else done[fin[1]]
             if fin[3] is not None:
                 z = self.mul_int(z, fin[3])
-            if fin[2] is not None and lazy:
-                z = self.lazy_trunc(z, fin[2])
+            if isinstance(fin[2], Lazy):
+                z = self.lazy_trunc(z, fin[2].k)
             elif fin[2] is not None:
                 later.append(i)
             out.append(z)
@@ -490,11 +504,13 @@ class Engine:
         return out
 
     def ltz(self, x: Shared, bound: float | None = None, slack: float | None = None,
-            also: list[tuple] = ()) -> Shared | tuple[Shared, list[Shared]]:
+            also: list[tuple] = (), lazy: bool = False) -> Shared | Poly | tuple[Shared, list[Shared]]:
         """Arithmetic shares of the bit ``x < 0``: AND rounds for a carry (Kogge-Stone over the two
         shares as XOR-shared addends), then one Beaver product to turn the XOR-shared bit into an
         additive one (``also``: single-round items of :meth:`run` riding in that round; then the
-        result is ``(bit, their outputs)``).
+        result is ``(bit, their outputs)``). ``lazy``: no round for that product; the bit comes as
+        the :class:`Poly` ``1 - bc - bs + 2 bc bs``, multiplied out in the round of the product
+        that uses it.
 
         Default: the MSB of ``x_c + x_s``, exact, 7 AND rounds (8 in all). With a public ``bound``
         (|x| < bound) and ``slack``: the client adds ``2^B >= (bound + slack) 2^F``, both parties
@@ -518,6 +534,10 @@ class Engine:
         xs = _lsr(x.s, k) if k else x.s
         bc, bs = self._sum_bit(xc, xs, p)
         # the bit [x >= 0] is bc XOR bs = bc + bs - 2 bc bs (bc bs by one Beaver product), ltz = 1 - it
+        if lazy:
+            if also:
+                raise ValueError("a lazy comparison has no round of its own for 'also' items")
+            return Poly([Shared(bc, zero), Shared(zero.clone(), bs)], {(): 1, (0,): -1, (1,): -1, (0, 1): 2})
         prod, *rest = self.run([("mul", Shared(bc, zero), Shared(zero.clone(), bs), None)] + list(also))
         bit = Shared(1 - bc + 2 * prod.c, -bs + 2 * prod.s)
         return (bit, rest) if also else bit
@@ -551,9 +571,10 @@ class Engine:
     def relu(self, x: Shared, bound: float | None = None, slack: float | None = None,
              also: list[tuple] = ()) -> Shared | tuple[Shared, list[Shared]]:
         """``max(x, 0)``: the comparison (``bound``, ``slack`` as in :meth:`ltz`; with them relu
-        may also return 0 for ``0 <= x < slack``), then one product by the bit, in whose round the
-        single-round items ``also`` ride (the result is then ``(relu, their outputs)``)."""
-        neg = self.ltz(x, bound, slack)
+        may also return 0 for ``0 <= x < slack``), then one product by the bit (its XOR-to-additive
+        step in the same round), in whose round the single-round items ``also`` ride (the result
+        is then ``(relu, their outputs)``)."""
+        neg = self.ltz(x, bound, slack, lazy=True)
         z, *rest = self.run([("mul", x, neg, None)] + list(also))
         return (x - z, rest) if also else x - z
 
@@ -623,60 +644,77 @@ class Engine:
             return x.map(lambda t: t[..., 0]), (xs or x).map(lambda t: t[..., 0]), None
         I, J = torch.triu_indices(g, g, 1)
         diff = x.map(lambda t: t[..., I] - t[..., J])
-        full = None
-        if xs is None:
-            lt, (xs,) = self.ltz(diff, bound=self.CMP_BOUND, also=[("trunc", x, shift)])  # [x_i < x_j], i < j
-            full = xs.map(lambda t: t.reshape(*t.shape[:-2], -1))
-        else:
-            lt = self.ltz(diff, bound=self.CMP_BOUND)
-        # factors of w_i: [i beats j] = 1 - lt_ij for j > i, lt_ji for j < i (one gather)
+        lt = self.ltz(diff, bound=self.CMP_BOUND, lazy=True)  # [x_i < x_j], i < j
+        # factors of w_i: [i beats j] = 1 - lt_ij for j > i, lt_ji for j < i (one gather):
+        # beats + (1 - 2 beats) lt, still lazy (the comparisons' last step rides in the first products)
         idx, beats = _winner_factors(g)
-        w = lt.map(lambda t: t[..., idx])  # (..., g, g - 1)
-        w = Shared(torch.where(beats, 1 - w.c, w.c), torch.where(beats, -w.s, w.s))
-        one = Shared(torch.ones_like(x.c[..., :1]), torch.zeros_like(x.s[..., :1]))
-        while w.shape[-1] > 1:
-            m = w.shape[-1]
-            if m % 2:
-                w = cat([w, one.map(lambda t: t.unsqueeze(-1).expand(*w.shape[:-1], 1))], -1)
-                m += 1
-            (w,) = self.run([("mul", w.map(lambda t: t[..., 0:m:2]), w.map(lambda t: t[..., 1:m:2]), None)])
+        b = beats.to(torch.int64)
+        w = lt.map(lambda t: t[..., idx]).scale(1 - 2 * b).add_public(b)  # (..., g, g - 1)
+        ride = [("trunc", x, shift)] if xs is None else []  # x / 2^shift, in the first round of products
+        full = None
+        while isinstance(w, Poly) or w.shape[-1] > 1:
+            m, h = w.shape[-1], w.shape[-1] // 2
+            items = [("mul", w.map(lambda t: t[..., 0:2 * h:2]), w.map(lambda t: t[..., 1:2 * h:2]), None)] if h else []
+            last = w.map(lambda t: t[..., m - 1:]) if m % 2 else None  # an odd factor out goes along
+            if isinstance(last, Poly):
+                items.append(("force", last))
+            out = self.run(items + ride)
+            if ride:
+                xs = out.pop()
+                full = xs.map(lambda t: t.reshape(*t.shape[:-2], -1))
+                ride = []
+            parts = out[:1] if h else []
+            if last is not None:
+                parts.append(out[-1] if isinstance(last, Poly) else last)
+            w = cat(parts, -1) if len(parts) > 1 else parts[0]
         wz = w.map(lambda t: t[..., 0])
         z, zs = self.run([("mul", x, wz, None), ("mul", xs, wz, None)])
         return z.sum(-1), zs.sum(-1), full
 
     # -- nonlinear functions --------------------------------------------------------------------
     def exp(self, x: Shared, n: int = 8, pre: int = 0, deg: int = 4, also: list[tuple] = (),
-            given_u: bool = False, post: int = 0) -> Shared | tuple[Shared, list[Shared]]:
-        """``exp(x / 2^pre)`` as ``(p(u))^(2^n)``, ``u = x / 2^(n + pre)`` (one truncation, in whose
-        round the single-round items ``also`` ride; ``given_u``: x is u already, one round less), p
-        the Taylor polynomial of degree ``deg`` (4 or 6) with its coefficients folded into the
-        products' truncations (u^2/2; u^3/6 and u^4/24 side by side; for deg 6 then u^5/120 and
-        u^6/720): 5 + 2n rounds (deg 6: 7 + 2n).
+            given_u: bool = False, post: int = 0, lazy: bool = False) -> Shared | Poly | tuple:
+        """``exp(x / 2^pre)`` as ``(p(u))^(2^n)``, ``u = x / 2^(n + pre)`` (a truncation forced in
+        the round of u^2, in which the single-round items ``also`` ride; ``given_u``: x is u
+        already), p the Taylor polynomial of degree ``deg`` (4 or 6) with its coefficients folded
+        into the products' truncations (u^2/2; u^3/6 and u^4/24 side by side; for deg 6 then
+        u^5/120 and u^6/720). Each product's truncation rides in the next product's round (lazy
+        truncations, protocols/poly.py): 4 + n rounds (deg 6: 6 + n), the last truncation
+        included; ``lazy``: the result is that last truncation's :class:`Poly` (one round less).
 
         Relative error ~ 2^n |u|^(deg+1) / (deg+1)!: deg 4, n = 8 (the default): < 2e-3 on
         [-12, 8]; deg 4, n = 7 (softmax, x <= 0.5): < 1e-3 on [-12, 0.5]. p(u) < 1 only for u in
         (-2.78, 0) (deg 4; deg 6: (-3.6, 0)): below ``-2.78 2^n`` (n = 7: -356, n = 8: -712) the
         result grows again and soon overflows the ring. The sigmoid's deg 6, n = 3 on [-16, 0]
         is within 2e-6 relative down to -4, and within 1e-6 absolute below."""
+        if deg not in (4, 6):
+            raise ValueError("exp: deg 4 or 6")
         if given_u:  # the caller computed u = x / 2^(n+pre) itself; ``also`` rides in the u^2 round
             u = x
-            h2, *rest = self.run([("mul", u, u, self.f + 1)] + list(also))
-        else:
-            u, *rest = self.run([("trunc", x, n + pre)] + list(also))  # x / 2^(n+pre)
-            (h2,) = self.run([("mul", u, u, self.f + 1)])  # u^2 / 2
+            if isinstance(u, Poly):  # u's value too, out of the same round
+                h2, u, *rest = self.run([("mul", u, u, Lazy(self.f + 1)), ("force", u)] + list(also))
+            else:
+                h2, *rest = self.run([("mul", u, u, Lazy(self.f + 1))] + list(also))
+        else:  # u = x / 2^(n+pre), its value out of the round of u^2 / 2
+            lu = self.lazy_trunc(x, n + pre)
+            h2, u, *rest = self.run([("mul", lu, lu, Lazy(self.f + 1)), ("force", lu)] + list(also))
 
         def c(v):
             return self.encode(torch.tensor(v), 16)
-        z3, z4 = self.run([("mul", h2, u, self.f + 16, c(1 / 3)), ("mul", h2, h2, self.f + 16, c(1 / 6))])
-        y = u + h2 + z3 + z4  # u + u^2/2 + u^3/6 + u^4/24
+        # u^3/6, u^4/24 with h2's truncation in their round, and h2 itself (deg 6: both lazy, forced
+        # in the round of u^5/120 and u^6/720)
+        zk = Lazy(self.f + 16) if deg == 6 else self.f + 16
+        z3, z4, h2 = self.run([("mul", h2, u, zk, c(1 / 3)), ("mul", h2, h2, zk, c(1 / 6)), ("force", h2)])
+        y = u + h2
         if deg == 6:
-            z5, z6 = self.run([("mul", z4, u, self.f + 16, c(1 / 5)), ("mul", z4, h2, self.f + 16, c(1 / 15))])
+            z5, z6, z4, z3 = self.run([("mul", z4, u, self.f + 16, c(1 / 5)), ("mul", z4, h2, self.f + 16, c(1 / 15)),
+                                       ("force", z4), ("force", z3)])
             y = y + z5 + z6
-        elif deg != 4:
-            raise ValueError("exp: deg 4 or 6")
-        y = self.add_public(y, 1.0)
+        y = self.add_public(y + z3 + z4, 1.0)  # 1 + u + u^2/2 + u^3/6 + u^4/24 (+ u^5/120 + u^6/720)
         for i in range(n):  # ``post``: the last squaring also divides by 2^post (negative: keeps -post more bits)
-            (y,) = self.run([("mul", y, y, self.f + (post if i == n - 1 else 0))])
+            (y,) = self.run([("mul", y, y, Lazy(self.f + (post if i == n - 1 else 0)))])
+        if not lazy:
+            y = self.force(y)
         return (y, rest) if also else y
 
     @staticmethod
@@ -694,7 +732,8 @@ class Engine:
         return Shared(c.view(shape), (bits.s.view(d.shape[0], -1) * d).sum(0).view(shape))
 
     def reciprocal(self, x: Shared, lo: float = 0.01, hi: float = 500.0, cmp: bool = False, num_bits: int = 0,
-                   per_octave: float = 1, steps: int = 3, also: list[tuple] = (), iters: int = 14):
+                   per_octave: float = 1, steps: int = 3, also: list[tuple] = (), iters: int = 14,
+                   lazy: bool = False):
         """``2^num_bits / x`` for x in [lo, hi].
 
         ``cmp=False``: Newton ``y <- y (2 - x y)`` from ``3 exp(0.5 - x) + 0.003`` (x in [0.01, 500],
@@ -705,8 +744,10 @@ class Engine:
         ``hi <= 3200 lo``-ish), start ``y0 = kappa 2^num_bits / t_j`` at the interval's upper end with
         ``kappa = 2r/(1+r)`` (r the interval's ratio), so ``e = 1 - x y0 / 2^num_bits`` lies within
         ``+-(r-1)/(r+1)`` (1/3 for octaves); then ``y (1+e)(1+e^2)...(1+e^(2^(steps-1)))`` =
-        ``(1 - e^(2^steps)) / x``: relative error ``|e|^(2^steps)`` in ``2 + 2 steps`` rounds
-        (octaves, steps 3: (1/3 + 1/24)^8 < 4e-4, 14 rounds in all). ``per_octave=0``: one interval,
+        ``(1 - e^(2^steps)) / x``: relative error ``|e|^(2^steps)`` in ``2 + steps`` rounds, each
+        truncation riding in the next product's round (octaves, steps 3: (1/3 + 1/24)^8 < 4e-4, 11
+        rounds in all; ``lazy``: the result is its last truncation's :class:`Poly`, one round less).
+        ``per_octave=0``: one interval,
         [lo, hi], no comparisons (``|e| <= (hi - lo)/(hi + lo)``; the sigmoid's [1, 2.14]: 0.36, steps 3:
         < 3e-4). ``also``: items of :meth:`run`
         riding in the first product's round; the result is then ``(y, their outputs)``."""
@@ -726,17 +767,19 @@ class Engine:
             y0 = self._interval_const(bits, ys, x.shape)
         else:
             y0 = Shared(torch.zeros_like(x.c) + ys[0], torch.zeros_like(x.s))
-        p, *rest = self.run([("mul", x, y0, self.f + num_bits)] + list(also))
+        p, *rest = self.run([("mul", x, y0, Lazy(self.f + num_bits))] + list(also))
         e = self.add_public(-p, 1.0)
         y = y0
         for j in range(steps):
             if j < steps - 1:
-                e, y = self.run([("mul", e, e, self.f), ("mul", y, self.add_public(e, 1.0), self.f)])
+                e, y = self.run([("mul", e, e, Lazy(self.f)), ("mul", y, self.add_public(e, 1.0), Lazy(self.f))])
             else:
-                (y,) = self.run([("mul", y, self.add_public(e, 1.0), self.f)])
+                (y,) = self.run([("mul", y, self.add_public(e, 1.0), Lazy(self.f))])
+        if not lazy:
+            y = self.force(y)
         return (y, rest) if also else y
 
-    def rsqrt(self, x: Shared, lo: float, hi: float, iters: int | None = None, times: Shared | None = None,
+    def rsqrt(self, x: Shared, lo: float, hi: float, iters: int | None = None, times: Shared | Poly | None = None,
               extra: int = 0, per_octave: int = 16) -> Shared:
         """``1/sqrt(x)`` (``times * 1/sqrt(x)`` with ``times``, broadcast over the last dim) for x in
         [lo, hi].
@@ -747,7 +790,8 @@ class Engine:
         for 16 per octave); ``y0^2`` is the same one-hot sum of public constants (encoded with 18
         more fraction bits), so ``e = 1 - x y0^2`` is one product, and one Newton step
         ``y0 (2 + e) / 2`` (the /2 folded into the truncation) leaves a relative error ~ 3 e^2 / 8
-        < 2e-4: 12 rounds. ``times * y0`` rides in the round of ``x y0^2``. ``extra``: x comes at
+        < 2e-4: 11 rounds (each product's truncation in the next one's round). ``times * y0`` rides
+        in the round of ``x y0^2`` (``times`` may be a lazy truncation). ``extra``: x comes at
         scale 2^(F + extra) (compared as is; its truncation rides in the comparisons' last round).
         x y0^2 must stay below ~15 (x < 15 hi).
 
@@ -772,14 +816,14 @@ class Engine:
                     x = self.trunc(x, extra)
                 y0 = Shared(torch.zeros_like(x.c) + cs[0], torch.zeros_like(x.s))
                 w0 = Shared(torch.zeros_like(x.c) + ws[0], torch.zeros_like(x.s))
-            items = [("mul", x, w0, self.f + G)]
+            items = [("mul", x, w0, Lazy(self.f + G))]
             if times is not None:
-                items.append(("mul", times, y0.map(lambda u: u.expand(times.shape)), self.f))
+                items.append(("mul", times, y0.map(lambda u: u.expand(times.shape)), Lazy(self.f)))
             p, *ty = self.run(items)
             e2 = self.add_public(-p, 3.0)  # 2 + e = 3 - x y0^2
             base = ty[0] if times is not None else y0
-            (y,) = self.run([("mul", base, e2.map(lambda u: u.expand(base.shape)), self.f + 1)])
-            return y
+            (y,) = self.run([("mul", base, e2.map(lambda u: u.expand(base.shape)), Lazy(self.f + 1))])
+            return self.force(y)
         if extra:
             x = self.trunc(x, extra)
         y = self.add_public(Shared(torch.zeros_like(x.c), torch.zeros_like(x.s)), 1 / math.sqrt(hi))
@@ -817,45 +861,50 @@ class Engine:
             n = x.numel()
             flat = x.map(lambda t: t.reshape(-1))
             cmp = cat([self.add_public(flat, -16.0), self.add_public(-flat, -16.0), flat], 0)
-            bits, (x8,) = self.ltz(cmp, bound=self.CMP_BOUND, slack=self.CMP_SLACK, also=[("trunc", x, 3)])
-            f8 = x8.map(lambda t: t.reshape(-1))
-            both8 = cat([self.add_public(f8, -2.0), self.add_public(-f8, -2.0)], 0)
-            neg, sign = bits.map(lambda t: t[:2 * n]), bits.map(lambda t: t[2 * n:])
-            z, fs, *raw = self.run([("mul", both8, neg, None), ("mul", f8, sign, None)] + list(also))
-            r8 = both8 - z  # relu((x - 16)/8), relu((-16 - x)/8): the part of |x|/8 beyond 2
-            # -min(|x|, 16)/8 = -(x/8 - 2 s x/8) + relu((x - 16)/8) + relu((-16 - x)/8)
-            u = (fs + fs - f8 + r8.map(lambda t: t[:n]) + r8.map(lambda t: t[n:])).map(lambda t: t.reshape(x.shape))
+            # the bits and x/8 lazy: the comparisons' last step and the truncation ride in the products' round
+            bits = self.ltz(cmp, bound=self.CMP_BOUND, slack=self.CMP_SLACK, lazy=True)
+            f8 = self.lazy_trunc(x, 3).map(lambda t: t.reshape(-1))
+            hi8, lo8 = self.add_public(f8, -2.0), self.add_public(-f8, -2.0)
+            sign = bits.map(lambda t: t[2 * n:])
+            za, zb, fs, *raw = self.run([("mul", hi8, bits.map(lambda t: t[:n]), None),
+                                         ("mul", lo8, bits.map(lambda t: t[n:2 * n]), None),
+                                         ("mul", f8, sign, None)] + list(also))
+            # relu((x - 16)/8) = hi8 - za, relu((-16 - x)/8) = lo8 - zb: the part of |x|/8 beyond 2;
+            # -min(|x|, 16)/8 = -(x/8 - 2 s x/8) + relu((x - 16)/8) + relu((-16 - x)/8) = 2 fs - za - zb - 4 - x/8
+            u = self.add_public(-f8, -4.0) + (fs + fs - za - zb)
+            u = u.map(lambda t: t.reshape(x.shape))
             tr = [("trunc", z_, self.f) for z_ in raw]  # gate * up, truncated in exp's first round
             # t with X = 6 more fraction bits (the last squaring truncates by F - X): for x < 0, times t
             # is the result, and |times| up to 2^14 would scale t's last unit at 2^-F into ~0.06
             X = 6
-            t, prods = self.exp(u, n=3, deg=6, given_u=True, post=-X, also=tr) if tr else \
-                (self.exp(u, n=3, deg=6, given_u=True, post=-X), [])
+            t, prods = self.exp(u, n=3, deg=6, given_u=True, post=-X, also=tr, lazy=True) if tr else \
+                (self.exp(u, n=3, deg=6, given_u=True, post=-X, lazy=True), [])
             if isinstance(times, int):
                 times = prods[times]
             sign = sign.map(lambda t_: t_.reshape(x.shape))
             # 1/(1 + t) from the public start c (1 + t in [1, 1 + e^slack]): e = 1 - c (1 + t), |e| < 0.362,
             # y = c (1 + e)(1 + e^2)...(1 + e^(2^(steps-1))) = (1 - e^(2^steps)) / (1 + t); c (1 + e) is
-            # linear in t, so it comes with e out of one round of truncations
+            # linear in t. t is exp's lazy truncation of its last square z (scale 2^2F, by F - X): c t and
+            # c^2 t at scale 2^F are lazy truncations of c z, c^2 z (< 2^61) by 2F, and every truncation
+            # below rides in the round of the product that uses it
             c = 2 / (2 + math.exp(self.CMP_SLACK))
-            one_t = Shared(self.encode(torch.tensor(1.0), self.f + X) - t.c, -t.s)  # 1 - t at scale 2^(F+X)
-            items = [("trunc", self.mul_int(t, self.encode(torch.tensor(c))), self.f + X),
-                     ("trunc", self.mul_int(t, self.encode(torch.tensor(c * c))), self.f + X),
-                     ("mul", one_t, sign, None)]
-            ct, c2t, sa = self.run(items)  # c t, c^2 t (scale 2^F), s (1 - t) (scale 2^(F+X))
+            z, kz = t.source
+            ct, c2t = (self.lazy_trunc(self.mul_int(z, self.encode(torch.tensor(v))), kz + self.f + X) for v in (c, c * c))
+            one_t = (-t).add_public(self.encode(torch.tensor(1.0), self.f + X))  # 1 - t at scale 2^(F+X)
+            (sa,) = self.run([("mul", one_t, sign, None)])  # s (1 - t) (scale 2^(F+X))
             e = self.add_public(-ct, 1 - c)
             y = self.add_public(-c2t, 2 * c - c * c)
             # sigmoid = g / (1 + t) with g = 1 - s (1 - t): x < 0 gives t / (1 + t), t = e^x
             if times is None:
-                (e_pow,) = self.run([("mul", e, e, self.f)])
+                (e_pow,) = self.run([("mul", e, e, Lazy(self.f))])
                 q, qx = Shared(self.encode(torch.tensor(1.0), self.f + X) - sa.c, -sa.s), X  # g at 2^(F+X)
             else:  # |times sa| < 2^(14 + F + F + X) = 2^60
-                e_pow, tg = self.run([("mul", e, e, self.f), ("mul", times, sa, self.f + X)])
+                e_pow, tg = self.run([("mul", e, e, Lazy(self.f)), ("mul", times, sa, Lazy(self.f + X))])
                 q, qx = times - tg, 0
             for j in range(1, steps):
-                items = [("mul", y, self.add_public(e_pow, 1.0), self.f)]
+                items = [("mul", y, self.add_public(e_pow, 1.0), Lazy(self.f))]
                 if j < steps - 1:
-                    items.append(("mul", e_pow, e_pow, self.f))
+                    items.append(("mul", e_pow, e_pow, Lazy(self.f)))
                 y, *nxt = self.run(items)
                 e_pow = nxt[0] if nxt else e_pow
             (out,) = self.run([("mul", q, y, self.f + qx)])
@@ -910,12 +959,13 @@ class Engine:
             hi = n * 1.01  # the max is exact: every term <= 1 (up to exp's error), the max's term ~1
             nb = min(8, math.ceil(math.log2(hi)))
             s = e.sum(-1, keepdim=True)
+            # 1/s and e @ values stay lazy truncations: both ride in the round of their product
             if values is None:
-                r = self.reciprocal(s, 0.99, hi, cmp=True, num_bits=nb, per_octave=4, steps=2)
+                r = self.reciprocal(s, 0.99, hi, cmp=True, num_bits=nb, per_octave=4, steps=2, lazy=True)
                 (y,) = self.run([("mul", e, r.map(lambda t: t.expand(x.shape)), self.f + nb)])
                 return y
             r, (ev,) = self.reciprocal(s, 0.99, hi, cmp=True, num_bits=nb, per_octave=4, steps=2,
-                                       also=[("matmul", e, values, self.f)])
+                                       also=[("matmul", e, values, Lazy(self.f))], lazy=True)
             (y,) = self.run([("mul", ev, r.map(lambda t: t.expand(ev.shape)), self.f + nb)])
             return y
         if mask is not None:  # mean over the allowed entries only, masked ones set to the mean
@@ -1048,8 +1098,9 @@ class MPCExecutor:
         # w sqrt(d) with 12 fraction bits: x w sqrt(d) 2^(F+12) stays below 2^62 for SmolLM2's massive
         # activations (|x| ~ 2^14.5, w sqrt(d) up to ~2^7); with 20 bits it overflowed the truncation
         wv = e.encode(w[step.weight].to(torch.float64) * math.sqrt(d), 12)
-        xs, xw = e.trunc_many([(x, 8), (e.mul_int(x, wv), 12)])
-        (sq,) = e.mul_many([(xs, xs)], truncate=False)
+        # both truncations lazy: x/2^8's in the round of its square, x w sqrt(d)'s forced there too
+        xs = e.lazy_trunc(x, 8)
+        sq, xw = e.run([("mul", xs, xs, None), ("force", e.lazy_trunc(e.mul_int(x, wv), 12))])
         # S at scale 2^(2F-16); rsqrt compares it as is and truncates it by F - 16 on the way
         S = sq.sum(-1, keepdim=True)
         S = Shared(S.c + e.encode(torch.tensor(d * step.eps), 2 * e.f - 16), S.s)

@@ -92,7 +92,9 @@ class Poly:
             remap[j] = at
         return vars, remap
 
-    def __add__(self, other: "Poly") -> "Poly":
+    def __add__(self, other) -> "Poly":
+        if not isinstance(other, Poly):  # a Shared
+            other = Poly.of(other)
         vars, remap = self._merged(other)
         terms = dict(self.terms)
         for m, c in other.terms.items():
@@ -103,8 +105,14 @@ class Poly:
     def __neg__(self) -> "Poly":
         return self.scale(-1)
 
-    def __sub__(self, other: "Poly") -> "Poly":
-        return self + (-other)
+    def __sub__(self, other) -> "Poly":
+        return self + (-(other if isinstance(other, Poly) else Poly.of(other)))
+
+    def __radd__(self, other) -> "Poly":
+        return self + other
+
+    def __rsub__(self, other) -> "Poly":
+        return Poly.of(other) - self
 
     def __mul__(self, other: "Poly") -> "Poly":
         vars, remap = self._merged(other)

@@ -1,0 +1,117 @@
+"""Polynomials on shares (protocols/poly.py): the correlations every provider makes, one-round
+evaluation, and lazy truncations and comparison bits riding in the round of their product."""
+
+import pytest
+import torch
+
+from shardlm.protocols import beaver, beaver_ot, mpc, ring
+from shardlm.protocols.mpc import Lazy, Shared
+from shardlm.protocols.poly import Poly
+from shardlm.protocols.void import VOID
+
+SUBSETS = ((0, 1), (0, 2), (1, 1), (0, 1, 2), (0, 1, 1))
+
+
+def _check_correlation(masks, prods):
+    for S, p in prods.items():
+        want = masks[S[0]]
+        for i in S[1:]:
+            want = want * masks[i]
+        assert torch.equal(p, want), S
+
+
+@pytest.mark.parametrize("provider", ["dealer", "seeded", "ot"])
+def test_every_provider_makes_masks_and_their_products(provider):
+    shape = (3, 7)
+    if provider == "seeded":
+        seed = bytes(range(32))
+        c, s = beaver.SeededDealerProvider("client", seed, 64), beaver.SeededDealerProvider("server", seed, 64)
+        tc, ts = c.poly(shape, 3, SUBSETS), s.poly(shape, 3, SUBSETS)
+        assert tc.masks[0][1] is VOID and ts.masks[0][0] is VOID  # each party holds only its own shares
+        masks = [a[0] + b[1] for a, b in zip(tc.masks, ts.masks)]
+        prods = {S: tc.prods[S][0] + ts.prods[S][1] for S in SUBSETS}
+    else:
+        p = beaver.DealerProvider() if provider == "dealer" else beaver_ot.OTProvider(batch=64)
+        t = p.poly(shape, 3, SUBSETS)
+        masks = [a[0] + a[1] for a in t.masks]
+        prods = {S: v[0] + v[1] for S, v in t.prods.items()}
+    assert all(m.shape == shape for m in masks)
+    assert len({m[0, 0].item() for m in masks}) == 3  # independent masks
+    _check_correlation(masks, prods)
+
+
+def test_a_correlation_is_single_use():
+    t = beaver.DealerProvider().poly((4,), 2, ((0, 1),))
+    t.take()
+    with pytest.raises(beaver.TripleReuseError):
+        t.take()
+
+
+def test_a_polynomial_is_multiplied_out_in_one_round_exactly():
+    """Degree 4 with repeated variables, tensor and int coefficients and a constant: the ring value
+    of the plaintext polynomial, exactly, in one round that opens one masked value per variable."""
+    e = mpc.Engine()
+    prg = ring.MaskPRG()
+    vals = [prg.ring(5, 6) for _ in range(3)]
+    xs = [Shared(v - r, r) for v in vals for r in [prg.ring(5, 6)]]
+    coef = prg.ring(5, 6)
+    p = Poly(xs, {(0, 1, 1, 2): 3, (0, 2): coef, (1,): -7, (): 11})
+    r0, o0 = e.stats.rounds, e.stats.opened_elements
+    (z,) = e.run([("force", p)])
+    a, b, c = vals
+    assert torch.equal(z.c + z.s, 3 * a * b * b * c + coef * a * c - 7 * b + 11)
+    assert e.stats.rounds - r0 == 1 and e.stats.opened_elements - o0 == 3 * 30
+
+
+def test_a_product_of_lazy_truncations_equals_truncating_first_in_one_round_less():
+    """x y truncated, times z: the lazy truncation gives the same ring value as the eager one (the
+    same local shifts and wrap bits of the same shares), in 2 rounds instead of 3 (squares too)."""
+    g = torch.Generator().manual_seed(0)
+    e = mpc.Engine()
+    x, y, z = (e.share(torch.randn(200, generator=g) * 30) for _ in range(3))
+    (xy,) = e.run([("mul", x, y, None)])
+    r0 = e.stats.rounds
+    t = e.trunc(xy, e.f)
+    eager = e.run([("mul", t, z, None), ("mul", t, t, None)])
+    r1 = e.stats.rounds
+    lz = e.lazy_trunc(xy, e.f)
+    lazy = e.run([("mul", lz, z, None), ("mul", lz, lz, None)])
+    r2 = e.stats.rounds
+    for u, v in zip(eager, lazy):
+        assert torch.equal(u.c + u.s, v.c + v.s)
+    assert (r1 - r0, r2 - r1) == (2, 1)
+
+
+def test_lazy_results_chain_one_round_per_product():
+    """x^(2^4) by four lazy squarings: 4 rounds and one to force, against 8 eager."""
+    e = mpc.Engine()
+    x = torch.linspace(-1.2, 1.2, 101, dtype=torch.float64)
+    y, r0 = e.share(x), e.stats.rounds
+    for _ in range(4):
+        (y,) = e.run([("mul", y, y, Lazy(e.f))])
+    out = e.reveal(e.force(y))
+    assert e.stats.rounds - r0 == 5
+    want = x ** 16
+    assert ((out - want).abs() <= 1e-5 + 2e-5 * want).all()
+
+
+def test_a_lazy_comparison_bit_rides_in_its_products_round():
+    """relu = x - x [x < 0] with the bit's XOR-to-additive step inside the product's round: exact."""
+    e = mpc.Engine()
+    x = torch.linspace(-50, 50, 1001, dtype=torch.float64)
+    X = e.share(x)
+    r0 = e.stats.rounds
+    bit = e.ltz(X, lazy=True)
+    r1 = e.stats.rounds
+    (z,) = e.run([("mul", X, bit, None)])
+    assert e.stats.rounds - r1 == 1 and r1 - r0 == 7  # the AND rounds only, then the product
+    assert torch.equal(e.reveal(X - z), e.decode(e.encode(x)).clamp_min(0))
+    with pytest.raises(ValueError):
+        e.ltz(X, lazy=True, also=[("trunc", X, 1)])
+
+
+def test_a_truncation_of_a_general_polynomial_is_refused():
+    e = mpc.Engine()
+    X = e.share(torch.ones(3))
+    with pytest.raises(TypeError):
+        e.run([("trunc", Poly.of(X), 2)])
