@@ -461,27 +461,19 @@ class Engine:
                 at += 2
         return out
 
-    @staticmethod
-    def _poly_value(vars, terms, opened, corr, d) -> Shared:
-        """Shares of ``sum coef monomial`` from the opened ``d`` (see poly.monomial_share); the
-        constant and the public products go into the client's share."""
+    def _poly_value(self, vars, terms, opened, corr, d) -> Shared:
+        """Shares of ``sum coef monomial`` from the opened ``d`` (poly.share), for each slot this
+        engine computes (a party its own only); the public terms go into the client's share."""
         slot = {i: j for j, i in enumerate(opened)}
-        acc = [torch.zeros_like(vars[0].c), torch.zeros_like(vars[0].s)]
-        for m, coef in terms.items():
-            for side in (0, 1):
-                if len(m) == 0:
-                    term = coef if side == 0 else None
-                elif len(m) == 1:
-                    term = (vars[m[0]].c, vars[m[0]].s)[side]
-                else:
-                    term = poly.monomial_share(m, slot, d, [a[side] for a in corr.masks],
-                                               {S: p[side] for S, p in corr.prods.items()}, public=side == 0)
-                if term is None:
-                    continue
-                if len(m) and not (isinstance(coef, int) and coef == 1):
-                    term = term * coef
-                acc[side] = acc[side] + term
-        return Shared(*acc)
+        out = []
+        for side in (0, 1):
+            if self.role == ("server", "client")[side]:  # the other party's slot
+                out.append(VOID)
+                continue
+            out.append(poly.share(terms, slot, d, [(v.c, v.s)[side] for v in vars],
+                                  [a[side] for a in corr.masks] if corr else [],
+                                  {S: p[side] for S, p in corr.prods.items()} if corr else {}, public=side == 0))
+        return Shared(*out)
 
     def mul(self, x: Shared, y: Shared) -> Shared:
         return self.mul_many([(x, y)])[0]
@@ -504,7 +496,7 @@ class Engine:
         return out
 
     def ltz(self, x: Shared, bound: float | None = None, slack: float | None = None,
-            also: list[tuple] = (), lazy: bool = False) -> Shared | Poly | tuple[Shared, list[Shared]]:
+            also: list[tuple] = (), lazy: bool = False, scale: int = 0) -> Shared | Poly | tuple[Shared, list[Shared]]:
         """Arithmetic shares of the bit ``x < 0``: AND rounds for a carry (Kogge-Stone over the two
         shares as XOR-shared addends), then one Beaver product to turn the XOR-shared bit into an
         additive one (``also``: single-round items of :meth:`run` riding in that round; then the
@@ -517,15 +509,18 @@ class Engine:
         drop the low ``k`` bits of their share (``2^(k+1) <= slack 2^F``), and the bit is bit
         ``p = B - k`` of the sum of the shifted shares: the carry runs over ``p`` bits only,
         ``1 + ceil(log2 p)`` AND rounds (5 for p <= 16 instead of 7). Exact for x < 0; for
-        ``0 <= x < slack`` it may also say 1 (the carry lost by the shift), never worse."""
+        ``0 <= x < slack`` it may also say 1 (the carry lost by the shift), never worse. ``scale``:
+        x comes with that many more fraction bits (an untruncated product; ``bound`` and ``slack``
+        stay in real units)."""
         zero = torch.zeros_like(real(x.c, x.s))  # a real 0: the other party's share of its own bit
+        F = self.f + scale
         if bound is None:
             B, k = 63, 0
         elif not slack:  # exact: no bits dropped
-            B, k = self.f + max(1, math.ceil(math.log2(bound))), 0
+            B, k = F + max(1, math.ceil(math.log2(bound))), 0
         else:
-            B = self.f + max(1, math.ceil(math.log2(bound + slack)))
-            k = max(0, min(B - 1, math.floor(math.log2(slack * 2.0 ** self.f)) - 1))
+            B = F + max(1, math.ceil(math.log2(bound + slack)))
+            k = max(0, min(B - 1, math.floor(math.log2(slack * 2.0 ** F)) - 1))
             if B > 63:
                 raise ValueError(f"ltz bound {bound} too large for the ring")
         p = B - k
@@ -757,16 +752,32 @@ class Engine:
                 xy = self.mul(x, y)
                 y = self.mul(y, self.add_public(-xy, 2.0))
             return y
+        y0, pre = self.reciprocal_start(x, lo, hi, num_bits, per_octave)
+        y, rest = self.reciprocal_refine(x, y0, num_bits, steps, also=also, lazy=lazy)
+        return (y, pre + rest) if also else y
+
+    def reciprocal_start(self, x: Shared | Poly, lo: float, hi: float, num_bits: int = 0, per_octave: float = 1,
+                         also: list[tuple] = ()) -> tuple[Shared, list[Shared]]:
+        """The start ``y0`` of :meth:`reciprocal` (``cmp=True``) and the outputs of the single-round
+        items ``also``, which ride in the comparisons' last round (in a round of their own when there
+        is no comparison: ``per_octave=0``). ``x`` may be a lazy truncation: it is compared
+        untruncated."""
         t = _thresholds(lo, hi, per_octave)
         m = len(t) - 1
         num, slack = 2.0 ** num_bits, lo / 16
         # the comparisons may put x up to ``slack`` above t_j into interval j: centre y0 on [t_{j-1}, t_j + slack]
         ys = self.encode(2 * num / (t[:-1] + t[1:] + torch.where(torch.arange(m) < m - 1, slack, 0.0)))
-        if m > 1:
-            bits = self.ltz(self._minus_each(x, self.encode(t[1:m])), bound=1.25 * hi, slack=slack)
-            y0 = self._interval_const(bits, ys, x.shape)
-        else:
-            y0 = Shared(torch.zeros_like(x.c) + ys[0], torch.zeros_like(x.s))
+        src, k = x.source if isinstance(x, Poly) else (x, 0)
+        if m == 1:
+            return Shared(torch.zeros_like(src.c) + ys[0], torch.zeros_like(src.s)), self.run(list(also)) if also else []
+        cmp = self._minus_each(src, self.encode(t[1:m], self.f + k))
+        bits, rest = self.ltz(cmp, bound=1.25 * hi, slack=slack, scale=k, also=also) if also else \
+            (self.ltz(cmp, bound=1.25 * hi, slack=slack, scale=k), [])
+        return self._interval_const(bits, ys, src.shape), rest
+
+    def reciprocal_refine(self, x: Shared | Poly, y0: Shared, num_bits: int, steps: int, also: list[tuple] = (),
+                          lazy: bool = False) -> tuple[Shared | Poly, list[Shared]]:
+        """:meth:`reciprocal`'s products from the start ``y0``: ``also`` rides in the first one's round."""
         p, *rest = self.run([("mul", x, y0, Lazy(self.f + num_bits))] + list(also))
         e = self.add_public(-p, 1.0)
         y = y0
@@ -777,7 +788,7 @@ class Engine:
                 (y,) = self.run([("mul", y, self.add_public(e, 1.0), Lazy(self.f))])
         if not lazy:
             y = self.force(y)
-        return (y, rest) if also else y
+        return y, rest
 
     def rsqrt(self, x: Shared, lo: float, hi: float, iters: int | None = None, times: Shared | Poly | None = None,
               extra: int = 0, per_octave: int = 16) -> Shared:
@@ -953,19 +964,24 @@ class Engine:
             # exp's u = (x - m) / 2^7 from x / 2^7 and m / 2^7, both out of the max (no round of their own)
             _, m7, x7 = self.max_last_scaled(self.add_public(x, big), 7)
             u = self.add_public(x7, -big / 128) - m7.map(lambda t: t.expand(x.shape))
-            e = self.exp(u, n=7, given_u=True)
+            # e lazy: the sum s truncated once from the untruncated squares, compared as is, and e itself
+            # forced in the comparisons' last round
+            e = self.exp(u, n=7, given_u=True, lazy=True)
+            z, k = e.source
             if mask is not None:
-                e = self.mul_int(e, mask.to(torch.int64))
+                z = self.mul_int(z, mask.to(torch.int64))
             hi = n * 1.01  # the max is exact: every term <= 1 (up to exp's error), the max's term ~1
             nb = min(8, math.ceil(math.log2(hi)))
-            s = e.sum(-1, keepdim=True)
+            s = self.lazy_trunc(z.sum(-1, keepdim=True), k)
+            y0, (e,) = self.reciprocal_start(s, 0.99, hi, num_bits=nb, per_octave=4, also=[("force", e)])
+            if mask is not None:
+                e = self.mul_int(e, mask.to(torch.int64))
             # 1/s and e @ values stay lazy truncations: both ride in the round of their product
             if values is None:
-                r = self.reciprocal(s, 0.99, hi, cmp=True, num_bits=nb, per_octave=4, steps=2, lazy=True)
+                r, _ = self.reciprocal_refine(s, y0, nb, steps=2, lazy=True)
                 (y,) = self.run([("mul", e, r.map(lambda t: t.expand(x.shape)), self.f + nb)])
                 return y
-            r, (ev,) = self.reciprocal(s, 0.99, hi, cmp=True, num_bits=nb, per_octave=4, steps=2,
-                                       also=[("matmul", e, values, Lazy(self.f))], lazy=True)
+            r, (ev,) = self.reciprocal_refine(s, y0, nb, steps=2, also=[("matmul", e, values, Lazy(self.f))], lazy=True)
             (y,) = self.run([("mul", ev, r.map(lambda t: t.expand(ev.shape)), self.f + nb)])
             return y
         if mask is not None:  # mean over the allowed entries only, masked ones set to the mean

@@ -25,6 +25,7 @@ variable indices, with repeats for powers (``(0, 0)`` is ``v_0^2``), ``()`` the 
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import torch
@@ -170,27 +171,51 @@ def plan(polys: list[Poly]) -> tuple[list, list[dict[tuple[int, ...], Coef]], li
     return vars, terms, opened, sorted(subsets, key=lambda s: (len(s), s))
 
 
-def monomial_share(m: tuple[int, ...], slot: dict[int, int], d: list[torch.Tensor], mask: list,
-                   prods: dict[tuple[int, ...], torch.Tensor], public: bool) -> torch.Tensor:
-    """This party's share of the monomial ``prod_{i in m} v_i`` (degree >= 2) from the opened
-    ``d`` (by mask index), its shares of the masks and of their products; ``public``: this party
-    adds the public term ``prod d`` (the client)."""
-    pos = [slot[i] for i in m]
-    out = None
-    for r in range(0, len(pos) + 1):
-        for chosen in itertools.combinations(range(len(pos)), r):
-            rest = [pos[j] for j in range(len(pos)) if j not in chosen]
-            if r == 0:
-                if not public:
+@functools.lru_cache(maxsize=None)
+def expansion(m: tuple[int, ...]) -> tuple[tuple[int, tuple[int, ...], tuple[int, ...]], ...]:
+    """``prod_{i in m} (d_i + a_i)`` as ``sum count * prod_{rest} d * A_chosen`` (multisets of mask
+    indices; ``A_()`` is 1, ``A_(i)`` the mask, larger ones the correlation's products)."""
+    acc: dict[tuple, int] = {}
+    for r in range(len(m) + 1):
+        for chosen in itertools.combinations(range(len(m)), r):
+            key = (tuple(m[j] for j in range(len(m)) if j not in chosen), tuple(m[j] for j in chosen))
+            acc[key] = acc.get(key, 0) + 1
+    return tuple((c, rest, T) for (rest, T), c in acc.items())
+
+
+def share(terms: dict[tuple[int, ...], Coef], slot: dict[int, int], d: list[torch.Tensor], var_shares: list,
+          masks: list, prods: dict, public: bool) -> torch.Tensor:
+    """This party's share of ``sum coef prod_{i in m} v_i`` from the opened ``d_j = v - a_j`` (by
+    mask index ``slot[i]``), its shares of the variables, the masks and their products (a Beaver
+    product per monomial, expanded by :func:`expansion`). ``public``: this party adds the public
+    terms (the constant and the products of opened values: the client)."""
+    dp: dict[tuple[int, ...], torch.Tensor] = {}
+
+    def dprod(rest):  # products of opened values, shared by every monomial of the round
+        if rest not in dp:
+            dp[rest] = d[rest[0]] if len(rest) == 1 else dprod(rest[:-1]) * d[rest[-1]]
+        return dp[rest]
+
+    out = torch.zeros_like(var_shares[0])
+    for m, coef in terms.items():
+        if len(m) == 0:
+            if public:
+                out = out + coef
+            continue
+        if len(m) == 1:
+            term = var_shares[m[0]]
+        else:
+            term = None
+            for cnt, rest, T in expansion(tuple(slot[i] for i in m)):
+                if not T and not public:
                     continue
-                term = None
-            elif r == 1:
-                term = mask[pos[chosen[0]]]
-            else:
-                term = prods[tuple(sorted(pos[j] for j in chosen))]
-            for i in rest:
-                term = d[i] if term is None else term * d[i]
-            out = term if out is None else out + term
+                t = dprod(rest) if not T else (masks[T[0]] if len(T) == 1 else prods[T])
+                if T and rest:
+                    t = t * dprod(rest)
+                if cnt != 1:
+                    t = t * cnt
+                term = t if term is None else term + t
+        out = out + (term if isinstance(coef, int) and coef == 1 else term * coef)
     return out
 
 
