@@ -281,16 +281,19 @@ class Engine:
         """One round: every value in ``xs`` opened to both parties."""
         return self._open_with(xs, torch.add)
 
-    def _open_with(self, xs: list[Shared], combine) -> list[torch.Tensor]:
+    def _open_with(self, xs: list[Shared], combine, bits: int = 64) -> list[torch.Tensor]:
         """One round: each party sends its slot of every value in one message (arithmetic shares
-        with ``combine=add``, XOR shares with ``bitwise_xor``)."""
+        with ``combine=add``, XOR shares with ``bitwise_xor``). ``bits``: only the low ``bits`` bits
+        of the opened values are ever read (the rest of each opened value is then garbage), and only
+        they travel, packed 4 (or 2) to a ring element (ring.pack_low)."""
         self.stats.rounds += 1
         self.stats.opened_elements += sum(x.numel() for x in xs)
         if self.transport is None:
             out = [combine(x.c, x.s) for x in xs]
         else:
             mine = [self._mine(x) for x in xs]
-            theirs = self.transport.exchange(torch.cat([m.reshape(-1) for m in mine]))
+            flat = torch.cat([m.reshape(-1) for m in mine])
+            theirs = ring.unpack_low(self.transport.exchange(ring.pack_low(flat, bits)), flat.numel(), bits)
             out, at = [], 0
             for m in mine:
                 out.append(combine(m, theirs[at:at + m.numel()].view(m.shape)))
@@ -482,13 +485,14 @@ class Engine:
         return self.mul(x, x)
 
     # -- comparison: A2B by a Kogge-Stone adder on XOR shares, MSB, B2A ---------------------------
-    def _and_many(self, pairs: list[tuple[Shared, Shared]]) -> list[Shared]:
-        """Bitwise AND of XOR-shared int64 words, all in one round."""
+    def _and_many(self, pairs: list[tuple[Shared, Shared]], bits: int = 64) -> list[Shared]:
+        """Bitwise AND of XOR-shared int64 words, all in one round (``bits``: of the low bits only;
+        the upper bits of the results are garbage)."""
         triples = [self.provider.and_(x.shape).take() for x, _ in pairs]
         masked = []
         for (x, y), t in zip(pairs, triples):
             masked += [Shared(x.c ^ t.a[0], x.s ^ t.a[1]), Shared(y.c ^ t.b[0], y.s ^ t.b[1])]
-        opened = self._open_with(masked, torch.bitwise_xor)
+        opened = self._open_with(masked, torch.bitwise_xor, bits)
         out = []
         for i, t in enumerate(triples):
             e, d = opened[2 * i], opened[2 * i + 1]
@@ -542,7 +546,8 @@ class Engine:
         its own addend: a Kogge-Stone carry over the low ``p`` bits, 1 + ceil(log2 p) AND rounds."""
         zero = torch.zeros_like(real(xc, xs))
         X, Y = Shared(xc, zero), Shared(zero, xs)  # each party's share as an XOR-shared addend
-        (G,) = self._and_many([(X, Y)])
+        # only bits below p matter (every step is bitwise or shifts left): openings carry those alone
+        (G,) = self._and_many([(X, Y)], p)
         P = Shared(X.c ^ Y.c, X.s ^ Y.s)
         P0 = P
         levels = max(0, math.ceil(math.log2(p))) if p > 1 else 0
@@ -551,10 +556,10 @@ class Engine:
             Gs = G.map(lambda t: torch.bitwise_left_shift(t, sh))
             Ps = P.map(lambda t: torch.bitwise_left_shift(t, sh))
             if lv < levels - 1:
-                pg, pp = self._and_many([(P, Gs), (P, Ps)])
+                pg, pp = self._and_many([(P, Gs), (P, Ps)], p)
                 P = pp
             else:
-                (pg,) = self._and_many([(P, Gs)])
+                (pg,) = self._and_many([(P, Gs)], p)
             G = Shared(G.c ^ pg.c, G.s ^ pg.s)  # G and P & G<<k are disjoint: OR = XOR
         top = Shared(P0.c ^ torch.bitwise_left_shift(G.c, 1), P0.s ^ torch.bitwise_left_shift(G.s, 1))
         return torch.bitwise_right_shift(top.c, p) & 1, torch.bitwise_right_shift(top.s, p) & 1
@@ -673,9 +678,10 @@ class Engine:
         the round of u^2, in which the single-round items ``also`` ride; ``given_u``: x is u
         already), p the Taylor polynomial of degree ``deg`` (4 or 6) with its coefficients folded
         into the products' truncations (u^2/2; u^3/6 and u^4/24 side by side; for deg 6 then
-        u^5/120 and u^6/720). Each product's truncation rides in the next product's round (lazy
-        truncations, protocols/poly.py): 4 + n rounds (deg 6: 6 + n), the last truncation
-        included; ``lazy``: the result is that last truncation's :class:`Poly` (one round less).
+        u^5/120 and u^6/720; the terms beyond u^2/2 are summed untruncated and truncated once). Each
+        product's truncation rides in the next product's round (lazy truncations, protocols/poly.py):
+        3 + n rounds (deg 6: 4 + n), the last truncation included;
+        ``lazy``: the result is that last truncation's :class:`Poly` (one round less).
 
         Relative error ~ 2^n |u|^(deg+1) / (deg+1)!: deg 4, n = 8 (the default): < 2e-3 on
         [-12, 8]; deg 4, n = 7 (softmax, x <= 0.5): < 1e-3 on [-12, 0.5]. p(u) < 1 only for u in
@@ -696,16 +702,18 @@ class Engine:
 
         def c(v):
             return self.encode(torch.tensor(v), 16)
-        # u^3/6, u^4/24 with h2's truncation in their round, and h2 itself (deg 6: both lazy, forced
-        # in the round of u^5/120 and u^6/720)
-        zk = Lazy(self.f + 16) if deg == 6 else self.f + 16
-        z3, z4, h2 = self.run([("mul", h2, u, zk, c(1 / 3)), ("mul", h2, h2, zk, c(1 / 6)), ("force", h2)])
-        y = u + h2
-        if deg == 6:
-            z5, z6, z4, z3 = self.run([("mul", z4, u, self.f + 16, c(1 / 5)), ("mul", z4, h2, self.f + 16, c(1 / 15)),
-                                       ("force", z4), ("force", z3)])
-            y = y + z5 + z6
-        y = self.add_public(y + z3 + z4, 1.0)  # 1 + u + u^2/2 + u^3/6 + u^4/24 (+ u^5/120 + u^6/720)
+        # u^3/6 and u^4/24 untruncated (one scale), with h2's truncation in their round and h2 itself;
+        # deg 6: u^4/24 lazy too, a factor of u^5/120 and u^6/720 in the next round
+        f16 = self.f + 16
+        z3, z4, h2 = self.run([("mul", h2, u, None, c(1 / 3)), ("mul", h2, h2, None if deg == 4 else Lazy(f16), c(1 / 6)),
+                               ("force", h2)])
+        if deg == 4:
+            high, y = z3 + z4, u + h2
+        else:
+            z5, z6, z4 = self.run([("mul", z4, u, None, c(1 / 5)), ("mul", z4, h2, None, c(1 / 15)), ("force", z4)])
+            high, y = z3 + z5 + z6, u + h2 + z4
+        # the untruncated terms summed and truncated once, lazily: it rides in the first squaring's round
+        y = self.add_public(self.lazy_trunc(high, f16) + y, 1.0)  # 1 + u + u^2/2 + u^3/6 + u^4/24 (+ u^5/120 + u^6/720)
         for i in range(n):  # ``post``: the last squaring also divides by 2^post (negative: keeps -post more bits)
             (y,) = self.run([("mul", y, y, Lazy(self.f + (post if i == n - 1 else 0)))])
         if not lazy:

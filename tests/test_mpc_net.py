@@ -16,7 +16,7 @@ from shardlm.models.sampling import SamplingParams
 from shardlm.party.client import connect
 from shardlm.party.run import run_generation
 from shardlm.party.transcript import load_transcript, session_dirs
-from shardlm.protocols import beaver, mpc, mpc_service
+from shardlm.protocols import beaver, mpc, mpc_service, ring
 from shardlm.protocols.void import VOID
 from shardlm.wire.errors import RemoteError
 from shardlm.wire.msgtypes import MsgType
@@ -237,10 +237,11 @@ def test_ot_triples_over_tls_equal_the_reference_and_the_client_view_is_uniform(
     # messages: the client party runs in this process (the server too: told apart by role)
     rounds, open_with = [], mpc.Engine._open_with
 
-    def logged(self, xs, combine):
-        if self.role == "client":
-            rounds.append((combine is torch.bitwise_xor, sum(x.c.numel() for x in xs)))
-        return open_with(self, xs, combine)
+    def logged(self, xs, combine, bits=64):
+        if self.role == "client":  # the message's ring elements: AND words travel packed to their low bits
+            n = sum(x.c.numel() for x in xs)
+            rounds.append((combine is torch.bitwise_xor, -(-n * ring.lane_bits(bits) // 64)))
+        return open_with(self, xs, combine, bits)
     monkeypatch.setattr(mpc.Engine, "_open_with", logged)
 
     async def main():

@@ -99,3 +99,14 @@ def test_mask_rows_slices_the_same_stream():
         assert torch.equal(ring.mask_rows(seed, start, n, 6), full[start:start + n])
     odd = ring.MaskPRG(seed).ring(7, 5)  # 40-byte rows: slices start mid AES block
     assert torch.equal(ring.mask_rows(seed, 3, 3, 5), odd[3:6])
+
+
+@pytest.mark.parametrize("bits", [10, 16, 17, 32, 63])
+def test_packed_low_bits_round_trip_and_take_a_fraction_of_the_words(bits):
+    v = ring.MaskPRG().ring(1001)
+    p = ring.pack_low(v, bits)
+    lane = ring.lane_bits(bits)
+    assert p.dtype == torch.int64 and p.numel() == -(-1001 * lane // 64)
+    back = ring.unpack_low(p, 1001, bits)
+    low = (1 << bits) - 1 if bits < 64 else -1
+    assert torch.equal(back & low, v & low)  # every meaningful bit survives
