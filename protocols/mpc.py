@@ -727,12 +727,14 @@ class Engine:
         return Shared((x.c.reshape(1, -1) - t.view(-1, 1)).reshape(-1), x.s.reshape(1, -1).expand(n, -1).reshape(-1))
 
     @staticmethod
-    def _interval_const(bits: Shared, consts: torch.Tensor, shape) -> Shared:
+    def _interval_const(bits: Shared, consts: torch.Tensor, shape, base: Shared | None = None) -> Shared:
         """The public constant ``c_j`` of x's interval j (of m) from the bits ``b_i = [x < t_i]``,
-        i = 1..m-1, threshold-major: ``c_m + sum_i b_i (c_i - c_(i+1))``, local."""
+        i = 1..m-1, threshold-major: ``c_m + sum_i b_i (c_i - c_(i+1))``, local. With ``base`` (= c_m x)
+        and the products ``x b_i`` in place of the bits: ``c_j x``."""
         d = (consts[:-1] - consts[1:]).view(-1, 1)
-        c = (bits.c.view(d.shape[0], -1) * d).sum(0) + consts[-1]
-        return Shared(c.view(shape), (bits.s.view(d.shape[0], -1) * d).sum(0).view(shape))
+        c = (bits.c.view(d.shape[0], -1) * d).sum(0).view(shape)
+        s = (bits.s.view(d.shape[0], -1) * d).sum(0).view(shape)
+        return Shared(c + consts[-1], s) if base is None else Shared(c + base.c, s + base.s)
 
     def reciprocal(self, x: Shared, lo: float = 0.01, hi: float = 500.0, cmp: bool = False, num_bits: int = 0,
                    per_octave: float = 1, steps: int = 3, also: list[tuple] = (), iters: int = 14,
@@ -760,16 +762,21 @@ class Engine:
                 xy = self.mul(x, y)
                 y = self.mul(y, self.add_public(-xy, 2.0))
             return y
-        y0, pre = self.reciprocal_start(x, lo, hi, num_bits, per_octave)
-        y, rest = self.reciprocal_refine(x, y0, num_bits, steps, also=also, lazy=lazy)
+        y0, p, pre = self.reciprocal_start(x, lo, hi, num_bits, per_octave)
+        y, rest = self.reciprocal_refine(x, y0, num_bits, steps, also=also, lazy=lazy, p=p)
         return (y, pre + rest) if also else y
 
     def reciprocal_start(self, x: Shared | Poly, lo: float, hi: float, num_bits: int = 0, per_octave: float = 1,
-                         also: list[tuple] = ()) -> tuple[Shared, list[Shared]]:
-        """The start ``y0`` of :meth:`reciprocal` (``cmp=True``) and the outputs of the single-round
+                         also: list[tuple] = ()) -> tuple[Shared, Poly | None, list[Shared]]:
+        """The start ``y0`` of :meth:`reciprocal` (``cmp=True``), and the outputs of the single-round
         items ``also``, which ride in the comparisons' last round (in a round of their own when there
-        is no comparison: ``per_octave=0``). ``x`` may be a lazy truncation: it is compared
-        untruncated."""
+        is no comparison: ``per_octave=0``).
+
+        ``x`` may be a lazy truncation: it is compared untruncated, and then the comparisons' last
+        step, x's truncation and the first product are one round: ``x y0 = c_m x + sum_i (c_i -
+        c_(i+1)) x b_i`` from the products of x with every comparison bit (lazy bits; m - 1 products
+        per element). The second value returned is then that product's lazy truncation by
+        ``F + num_bits`` (for :meth:`reciprocal_refine`), else None."""
         t = _thresholds(lo, hi, per_octave)
         m = len(t) - 1
         num, slack = 2.0 ** num_bits, lo / 16
@@ -777,23 +784,39 @@ class Engine:
         ys = self.encode(2 * num / (t[:-1] + t[1:] + torch.where(torch.arange(m) < m - 1, slack, 0.0)))
         src, k = x.source if isinstance(x, Poly) else (x, 0)
         if m == 1:
-            return Shared(torch.zeros_like(src.c) + ys[0], torch.zeros_like(src.s)), self.run(list(also)) if also else []
+            return Shared(torch.zeros_like(src.c) + ys[0], torch.zeros_like(src.s)), None, \
+                self.run(list(also)) if also else []
         cmp = self._minus_each(src, self.encode(t[1:m], self.f + k))
-        bits, rest = self.ltz(cmp, bound=1.25 * hi, slack=slack, scale=k, also=also) if also else \
-            (self.ltz(cmp, bound=1.25 * hi, slack=slack, scale=k), [])
-        return self._interval_const(bits, ys, src.shape), rest
+        if not isinstance(x, Poly):
+            bits, rest = self.ltz(cmp, bound=1.25 * hi, slack=slack, also=also) if also else \
+                (self.ltz(cmp, bound=1.25 * hi, slack=slack), [])
+            return self._interval_const(bits, ys, src.shape), None, rest
+        bits = self.ltz(cmp, bound=1.25 * hi, slack=slack, scale=k, lazy=True)
+        xe = x.map(lambda u: u.reshape(1, -1).expand(m - 1, -1).reshape(-1))  # threshold-major, as the bits
+        xb, b, xv, *rest = self.run([("mul", xe, bits, None), ("force", bits), ("force", x)] + list(also))
+        xy0 = self._interval_const(xb, ys, src.shape, base=self.mul_int(xv, ys[-1]))
+        return self._interval_const(b, ys, src.shape), self.lazy_trunc(xy0, self.f + num_bits), rest
 
     def reciprocal_refine(self, x: Shared | Poly, y0: Shared, num_bits: int, steps: int, also: list[tuple] = (),
-                          lazy: bool = False) -> tuple[Shared | Poly, list[Shared]]:
-        """:meth:`reciprocal`'s products from the start ``y0``: ``also`` rides in the first one's round."""
-        p, *rest = self.run([("mul", x, y0, Lazy(self.f + num_bits))] + list(also))
+                          lazy: bool = False, p: Poly | None = None) -> tuple[Shared | Poly, list[Shared]]:
+        """:meth:`reciprocal`'s products from the start ``y0``: ``also`` rides in the first one's
+        round. ``p``: the first product ``x y0 / 2^(F + num_bits)`` already made (lazy), by
+        :meth:`reciprocal_start`; ``also`` then rides in the next round."""
+        later, rest = [], []
+        if p is None:
+            p, *rest = self.run([("mul", x, y0, Lazy(self.f + num_bits))] + list(also))
+        else:
+            later = list(also)
         e = self.add_public(-p, 1.0)
         y = y0
         for j in range(steps):
             if j < steps - 1:
-                e, y = self.run([("mul", e, e, Lazy(self.f)), ("mul", y, self.add_public(e, 1.0), Lazy(self.f))])
+                e, y, *out = self.run([("mul", e, e, Lazy(self.f)), ("mul", y, self.add_public(e, 1.0), Lazy(self.f))]
+                                      + later)
             else:
-                (y,) = self.run([("mul", y, self.add_public(e, 1.0), Lazy(self.f))])
+                y, *out = self.run([("mul", y, self.add_public(e, 1.0), Lazy(self.f))] + later)
+            if later:
+                rest, later = out, []
         if not lazy:
             y = self.force(y)
         return y, rest
@@ -910,12 +933,12 @@ class Engine:
             z, kz = t.source
             ct, c2t = (self.lazy_trunc(self.mul_int(z, self.encode(torch.tensor(v))), kz + self.f + X) for v in (c, c * c))
             one_t = (-t).add_public(self.encode(torch.tensor(1.0), self.f + X))  # 1 - t at scale 2^(F+X)
-            (sa,) = self.run([("mul", one_t, sign, None)])  # s (1 - t) (scale 2^(F+X))
+            sa = one_t * sign  # s (1 - t) (scale 2^(F+X)): a polynomial in t's and the sign's variables
             e = self.add_public(-ct, 1 - c)
             y = self.add_public(-c2t, 2 * c - c * c)
             # sigmoid = g / (1 + t) with g = 1 - s (1 - t): x < 0 gives t / (1 + t), t = e^x
             if times is None:
-                (e_pow,) = self.run([("mul", e, e, Lazy(self.f))])
+                e_pow, sa = self.run([("mul", e, e, Lazy(self.f)), ("force", sa)])
                 q, qx = Shared(self.encode(torch.tensor(1.0), self.f + X) - sa.c, -sa.s), X  # g at 2^(F+X)
             else:  # |times sa| < 2^(14 + F + F + X) = 2^60
                 e_pow, tg = self.run([("mul", e, e, Lazy(self.f)), ("mul", times, sa, Lazy(self.f + X))])
@@ -981,15 +1004,15 @@ class Engine:
             hi = n * 1.01  # the max is exact: every term <= 1 (up to exp's error), the max's term ~1
             nb = min(8, math.ceil(math.log2(hi)))
             s = self.lazy_trunc(z.sum(-1, keepdim=True), k)
-            y0, (e,) = self.reciprocal_start(s, 0.99, hi, num_bits=nb, per_octave=4, also=[("force", e)])
+            y0, p, (e,) = self.reciprocal_start(s, 0.99, hi, num_bits=nb, per_octave=4, also=[("force", e)])
             if mask is not None:
                 e = self.mul_int(e, mask.to(torch.int64))
             # 1/s and e @ values stay lazy truncations: both ride in the round of their product
             if values is None:
-                r, _ = self.reciprocal_refine(s, y0, nb, steps=2, lazy=True)
+                r, _ = self.reciprocal_refine(s, y0, nb, steps=2, lazy=True, p=p)
                 (y,) = self.run([("mul", e, r.map(lambda t: t.expand(x.shape)), self.f + nb)])
                 return y
-            r, (ev,) = self.reciprocal_refine(s, y0, nb, steps=2, also=[("matmul", e, values, Lazy(self.f))], lazy=True)
+            r, (ev,) = self.reciprocal_refine(s, y0, nb, steps=2, also=[("matmul", e, values, Lazy(self.f))], lazy=True, p=p)
             (y,) = self.run([("mul", ev, r.map(lambda t: t.expand(ev.shape)), self.f + nb)])
             return y
         if mask is not None:  # mean over the allowed entries only, masked ones set to the mean
