@@ -170,7 +170,7 @@ class PooledProvider(TripleProvider):
             pool = self._pools[kind]
         at = self._cursors[kind]
         self._cursors[kind] = at + n  # the pool's cursor only moves forward: every element is used once
-        p = [t[at:at + n].reshape(a_shape) for t in pool]
+        p = [t if t is VOID else t[at:at + n].reshape(a_shape) for t in pool]
         if isinstance(kind, tuple):
             return _correlation(next(self._serials), kind, p)
         return Triple(next(self._serials), kind, (p[0], p[1]), (p[2], p[3]), (p[4], p[5]))

@@ -9,17 +9,24 @@ round), the client's input and linear-layer re-shares are one-way messages, and 
 logits are revealed, to the client. Triples: the client as seeded dealer
 (:class:`beaver.SeededDealerProvider`) or joint IKNP/Gilboa generation over the session channel
 (:class:`beaver_ot.NetOTProvider`, AND triples from random OT). With comparisons a
-SmolLM2 decode token takes ~3,280 rounds (~109 per layer; it was 11,727 before the
-round cuts below) and opens ~8.7 M ring elements (16.8 M before the sigmoid below); the
-rounds still dominate the online time.
+SmolLM2 decode token takes ~2,350 rounds (~78 per layer; 3,280 before the lazy truncations
+below, 11,727 before the earlier round cuts) and opens ~8 M ring elements; the rounds still
+dominate the online time.
 
 Rounds. :meth:`Engine.run` opens every Beaver product, matrix product and truncation wrap bit
-of one step in one round (products' own truncations in the next); public factors and powers
-of two are folded into the truncation that follows a product (``("mul", x, y, F + s, v)``:
-``x y v / 2^(F+s)``) instead of costing a round each, and operations take ``also`` items that
-ride in their first round (e.g. ``e @ V`` in the reciprocal's first product, ``gate * up`` in
-the clip's last round). The comparison ``ltz`` takes a public bound: the carry then runs over
-fewer bits (5 AND rounds instead of 7 for |x| < 4000 with 1/8 slack, 6 exact).
+of one step in one round; public factors and powers of two are folded into the truncation
+that follows a product (``("mul", x, y, F + s, v)``: ``x y v / 2^(F+s)``) instead of costing a
+round each, and operations take ``also`` items that ride in their first round (e.g. ``e @ V``
+in the reciprocal's first product, ``gate * up`` in the clip's last round). A truncation
+needs one product (its wrap bit, below) and so a round; a product's truncation asked for as
+``Lazy(k)`` is kept as that unevaluated polynomial (protocols/poly.py) and multiplied out in
+the round of the product that takes it as a factor, so a chain of products costs one round per
+product, not two (exp's squarings, the Newton and reciprocal factors, the norm, the sigmoid).
+Likewise a comparison's last step (XOR to additive, one product) rides in the round of the
+product that uses the bit (``ltz(lazy=True)``: relu, the max's winner products, the sigmoid's
+clip). The comparison ``ltz`` takes a public bound: the carry then runs over fewer bits (5 AND
+rounds instead of 7 for |x| < 4000 with 1/8 slack, 6 exact), and its AND openings carry only
+those bits (packed 4 to a ring element for p <= 16).
 
 Encoding. A real ``x`` is the ring element ``round(x * 2^F)`` (``F = FRAC_BITS``), read as a
 signed int64; shares ``x = x_c + x_s mod 2^64``.
@@ -34,7 +41,9 @@ wraps past 2^64 exactly when ``msb(u_c) OR msb(u_s)``, and
 ``u >> k = (u_c >> k) + (u_s >> k) - w 2^(64-k)`` up to the lost carry (one unit in the last
 place, never more), with ``w = msb_c + msb_s - msb_c msb_s``; the product of the two parties'
 private bits is one Beaver product. Every truncation of a step is batched into that one
-round. No failure probability as long as ``|x| < 2^62`` (values below 2^22 at scale 2^2F).
+round, or, lazy, the round of the product that consumes it (``L - 2^(64-k) w`` times ``y`` has
+the monomials ``L y``, ``msb_c y``, ``msb_s y``, ``msb_c msb_s y``: one round with the matching
+correlation). No failure probability as long as ``|x| < 2^62`` (values below 2^22 at scale 2^2F).
 ``Engine.local_trunc = True`` switches back to SecureML's local truncation (tests only).
 
 Linear layers. The server's weights are integers with a per-row power-of-two scale
