@@ -286,27 +286,33 @@ class Engine:
         other = x.s if self.role is None else self.transport.from_server(tuple(x.shape))
         return self.decode(x.c + other)
 
-    def open(self, xs: list[Shared]) -> list[torch.Tensor]:
-        """One round: every value in ``xs`` opened to both parties."""
-        return self._open_with(xs, torch.add)
+    def open(self, xs: list[Shared], bits: int | list[int] = 64) -> list[torch.Tensor]:
+        """One round: every value in ``xs`` opened to both parties (``bits``: see :meth:`_open_with`)."""
+        return self._open_with(xs, torch.add, bits)
 
-    def _open_with(self, xs: list[Shared], combine, bits: int = 64) -> list[torch.Tensor]:
+    def _open_with(self, xs: list[Shared], combine, bits: int | list[int] = 64) -> list[torch.Tensor]:
         """One round: each party sends its slot of every value in one message (arithmetic shares
-        with ``combine=add``, XOR shares with ``bitwise_xor``). ``bits``: only the low ``bits`` bits
-        of the opened values are ever read (the rest of each opened value is then garbage), and only
-        they travel, packed 4 (or 2) to a ring element (ring.pack_low)."""
+        with ``combine=add``, XOR shares with ``bitwise_xor``). ``bits`` (for all values, or one per
+        value): only the low ``bits`` bits of an opened value are ever read (the rest of it is then
+        garbage), and only they travel, packed 4 (or 2) to a ring element (ring.pack_low)."""
         self.stats.rounds += 1
         self.stats.opened_elements += sum(x.numel() for x in xs)
         if self.transport is None:
             out = [combine(x.c, x.s) for x in xs]
         else:
             mine = [self._mine(x) for x in xs]
-            flat = torch.cat([m.reshape(-1) for m in mine])
-            theirs = ring.unpack_low(self.transport.exchange(ring.pack_low(flat, bits)), flat.numel(), bits)
-            out, at = [], 0
-            for m in mine:
-                out.append(combine(m, theirs[at:at + m.numel()].view(m.shape)))
-                at += m.numel()
+            lanes = [ring.lane_bits(b) for b in ([bits] * len(xs) if isinstance(bits, int) else bits)]
+            groups = [(w, [i for i, lw in enumerate(lanes) if lw == w]) for w in (16, 32, 64)]
+            groups = [(w, idx, torch.cat([mine[i].reshape(-1) for i in idx])) for w, idx in groups if idx]
+            got = self.transport.exchange(torch.cat([ring.pack_low(flat, w) for w, _, flat in groups]))
+            theirs, at = [None] * len(xs), 0
+            for w, idx, flat in groups:  # the same layout on both sides: it follows from the public plan
+                words = -(-flat.numel() * w // 64)
+                vals, at, off = ring.unpack_low(got[at:at + words], flat.numel(), w), at + words, 0
+                for i in idx:
+                    theirs[i] = vals[off:off + mine[i].numel()].view(mine[i].shape)
+                    off += mine[i].numel()
+            out = [combine(m, t) for m, t in zip(mine, theirs)]
         if self.view is not None:
             self.view += [o.clone() for o in out]
         return out
@@ -449,19 +455,21 @@ class Engine:
     def _products(self, items: list[tuple]) -> list:
         """One round of openings for all items: untruncated Beaver products ``("mul" | "matmul", x, y)``
         (a :class:`Shared` each) and polynomial groups ``("poly", polys)`` (a list each)."""
-        plans, masked = [], []
+        plans, masked, bits = [], [], []
         for it in items:
             if it[0] == "poly":
-                vars, terms, opened, subsets = poly.plan(it[1])
+                vars, terms, opened, subsets, need = poly.plan(it[1])
                 corr = self.provider.poly(vars[0].shape, len(opened), subsets).take() if opened else None
                 masked += [vars[i] - Shared(*corr.masks[j]) for j, i in enumerate(opened)]
+                bits += need
                 plans.append((vars, terms, opened, corr))
             else:
                 kind, x, y = it
                 t = self.provider.mul(x.shape).take() if kind == "mul" else self.provider.matmul(x.shape, y.shape).take()
                 masked += [Shared(x.c - t.a[0], x.s - t.a[1]), Shared(y.c - t.b[0], y.s - t.b[1])]
+                bits += [64, 64]
                 plans.append(t)
-        d = self.open(masked) if masked else []
+        d = self.open(masked, bits) if masked else []
         out, at = [], 0
         for it, pl in zip(items, plans):
             if it[0] == "poly":

@@ -143,13 +143,23 @@ class Poly:
                     {m: fn(c) if isinstance(c, torch.Tensor) and c.dim() else c for m, c in self.terms.items()})
 
 
-def plan(polys: list[Poly]) -> tuple[list, list[dict[tuple[int, ...], Coef]], list[int], list[tuple[int, ...]]]:
+def _low_zeros(c: Coef) -> int:
+    """How many low bits of the coefficient are 0 (64 for 0): an opened value multiplied by it
+    matters only in its low ``64 - that`` bits."""
+    if isinstance(c, int):
+        return 64 if c == 0 else ((c & -c).bit_length() - 1)
+    return 0
+
+
+def plan(polys: list[Poly]) -> tuple[list, list[dict[tuple[int, ...], Coef]], list[int], list[tuple[int, ...]], list[int]]:
     """One round's evaluation of ``polys`` (of one shape) with one mask per variable.
 
     Returns the variables (merged by identity), each poly's terms over them, the variables to
-    open (those in a monomial of degree >= 2, in the order of their masks) and the mask products
-    the correlation must hold: every sub-multiset of size >= 2 of every monomial, over mask
-    indices, sorted."""
+    open (those in a monomial of degree >= 2, in the order of their masks), the mask products
+    the correlation must hold (every sub-multiset of size >= 2 of every monomial, over mask
+    indices, sorted) and, for each opened variable, how many low bits of its opening are read:
+    a truncation's wrap bits only appear times ``2^(64-k)``, so only their low k bits count
+    (ring.pack_low sends no more)."""
     vars, terms = [], []
     for p in polys:
         remap = {}
@@ -161,6 +171,12 @@ def plan(polys: list[Poly]) -> tuple[list, list[dict[tuple[int, ...], Coef]], li
             remap[j] = at
         terms.append({tuple(sorted(remap[i] for i in m)): c for m, c in p.terms.items()})
     opened = sorted({i for t in terms for m in t if len(m) >= 2 for i in m})
+    need = {i: 0 for i in opened}
+    for t in terms:
+        for m, c in t.items():
+            if len(m) >= 2:
+                for i in m:
+                    need[i] = max(need[i], 64 - _low_zeros(c))
     slot = {v: j for j, v in enumerate(opened)}
     subsets = set()
     for t in terms:
@@ -168,7 +184,7 @@ def plan(polys: list[Poly]) -> tuple[list, list[dict[tuple[int, ...], Coef]], li
             if len(m) >= 2:
                 for r in range(2, len(m) + 1):
                     subsets.update(itertools.combinations(tuple(slot[i] for i in m), r))
-    return vars, terms, opened, sorted(subsets, key=lambda s: (len(s), s))
+    return vars, terms, opened, sorted(subsets, key=lambda s: (len(s), s)), [need[i] for i in opened]
 
 
 @functools.lru_cache(maxsize=None)
@@ -188,7 +204,9 @@ def share(terms: dict[tuple[int, ...], Coef], slot: dict[int, int], d: list[torc
     """This party's share of ``sum coef prod_{i in m} v_i`` from the opened ``d_j = v - a_j`` (by
     mask index ``slot[i]``), its shares of the variables, the masks and their products (a Beaver
     product per monomial, expanded by :func:`expansion`). ``public``: this party adds the public
-    terms (the constant and the products of opened values: the client)."""
+    terms (the constant and the products of opened values: the client). The terms with integer
+    coefficients are summed as two stacked tensor expressions (one per round of a polynomial's
+    dozens of terms, instead of a multiply-add each)."""
     dp: dict[tuple[int, ...], torch.Tensor] = {}
 
     def dprod(rest):  # products of opened values, shared by every monomial of the round
@@ -197,25 +215,30 @@ def share(terms: dict[tuple[int, ...], Coef], slot: dict[int, int], d: list[torc
         return dp[rest]
 
     out = torch.zeros_like(var_shares[0])
+    lin, lin_c, quad_a, quad_b, quad_c = [], [], [], [], []  # sum c a  and  sum c a b
     for m, coef in terms.items():
         if len(m) == 0:
             if public:
                 out = out + coef
             continue
-        if len(m) == 1:
-            term = var_shares[m[0]]
-        else:
-            term = None
-            for cnt, rest, T in expansion(tuple(slot[i] for i in m)):
-                if not T and not public:
-                    continue
-                t = dprod(rest) if not T else (masks[T[0]] if len(T) == 1 else prods[T])
-                if T and rest:
-                    t = t * dprod(rest)
-                if cnt != 1:
-                    t = t * cnt
-                term = t if term is None else term + t
-        out = out + (term if isinstance(coef, int) and coef == 1 else term * coef)
+        pieces = [(1, var_shares[m[0]], None)] if len(m) == 1 else \
+            [(cnt, dprod(rest) if not T else masks[T[0]] if len(T) == 1 else prods[T], dprod(rest) if T and rest else None)
+             for cnt, rest, T in expansion(tuple(slot[i] for i in m)) if T or public]
+        for cnt, a, b in pieces:
+            if not isinstance(coef, int):
+                out = out + (a if b is None else a * b) * (coef if cnt == 1 else coef * cnt)
+            elif b is None:
+                lin.append(a)
+                lin_c.append(ring_int(coef * cnt))
+            else:
+                quad_a.append(a)
+                quad_b.append(b)
+                quad_c.append(ring_int(coef * cnt))
+    shape = (-1,) + (1,) * out.dim()
+    if lin:
+        out = out + (torch.stack(lin) * torch.tensor(lin_c).view(shape)).sum(0)
+    if quad_a:
+        out = out + (torch.stack(quad_a) * torch.stack(quad_b) * torch.tensor(quad_c).view(shape)).sum(0)
     return out
 
 

@@ -153,6 +153,9 @@ def random_ring(*shape: int) -> torch.Tensor:
 
 
 INT8_MAX_ROWS = 4  # measured crossover (bench_ring, SmolLM2 shapes): int8 (fbgemm) wins up to ~4 rows, float64 above
+_LANE_SHIFTS = {w: torch.arange(64 // w, dtype=torch.int64) * w for w in (16, 32)}
+
+
 def lane_bits(bits: int) -> int:
     """The lane a value of ``bits`` meaningful low bits travels in: 16, 32 or 64 bits."""
     return 16 if bits <= 16 else 32 if bits <= 32 else 64
@@ -169,8 +172,7 @@ def pack_low(v: torch.Tensor, bits: int) -> torch.Tensor:
     per = 64 // w
     pad = (-v.numel()) % per
     lanes = (torch.cat([v, random_ring(pad)]) if pad else v).bitwise_and((1 << w) - 1).view(-1, per)
-    shifts = torch.arange(per, dtype=torch.int64) * w
-    return (torch.bitwise_left_shift(lanes, shifts)).sum(1)  # disjoint bits: the sum is their OR
+    return (torch.bitwise_left_shift(lanes, _LANE_SHIFTS[w])).sum(1)  # disjoint bits: the sum is their OR
 
 
 def unpack_low(p: torch.Tensor, n: int, bits: int) -> torch.Tensor:
@@ -178,9 +180,7 @@ def unpack_low(p: torch.Tensor, n: int, bits: int) -> torch.Tensor:
     w = lane_bits(bits)
     if w == 64:
         return p
-    per = 64 // w
-    shifts = torch.arange(per, dtype=torch.int64) * w
-    return (torch.bitwise_right_shift(p.view(-1, 1), shifts) & ((1 << w) - 1)).reshape(-1)[:n]
+    return (torch.bitwise_right_shift(p.view(-1, 1), _LANE_SHIFTS[w]) & ((1 << w) - 1)).reshape(-1)[:n]
 
 
 FBGEMM_K = 1024  # 128 * 128 * 1024 = 2^24: every accumulator of a chunk converts to float32 exactly

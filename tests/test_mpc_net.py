@@ -238,9 +238,10 @@ def test_ot_triples_over_tls_equal_the_reference_and_the_client_view_is_uniform(
     rounds, open_with = [], mpc.Engine._open_with
 
     def logged(self, xs, combine, bits=64):
-        if self.role == "client":  # the message's ring elements: AND words travel packed to their low bits
-            n = sum(x.c.numel() for x in xs)
-            rounds.append((combine is torch.bitwise_xor, -(-n * ring.lane_bits(bits) // 64)))
+        if self.role == "client":  # the message's ring elements: values travel packed to the bits read
+            widths = [ring.lane_bits(b) for b in ([bits] * len(xs) if isinstance(bits, int) else bits)]
+            size = sum(-(-sum(x.c.numel() for x, lw in zip(xs, widths) if lw == w) * w // 64) for w in (16, 32, 64))
+            rounds.append((combine is torch.bitwise_xor, size))
         return open_with(self, xs, combine, bits)
     monkeypatch.setattr(mpc.Engine, "_open_with", logged)
 

@@ -4,7 +4,7 @@ evaluation, and lazy truncations and comparison bits riding in the round of thei
 import pytest
 import torch
 
-from shardlm.protocols import beaver, beaver_ot, mpc, ring
+from shardlm.protocols import beaver, beaver_ot, mpc, poly, ring
 from shardlm.protocols.mpc import Lazy, Shared
 from shardlm.protocols.poly import Poly
 from shardlm.protocols.void import VOID
@@ -115,3 +115,14 @@ def test_a_truncation_of_a_general_polynomial_is_refused():
     X = e.share(torch.ones(3))
     with pytest.raises(TypeError):
         e.run([("trunc", Poly.of(X), 2)])
+
+
+def test_a_truncations_wrap_bits_are_opened_in_their_low_k_bits_only():
+    """In ``(L - 2^(64-k) (mc + ms - mc ms)) y`` the wrap bits only appear times 2^(64-k): only the
+    low k bits of their openings are read (and sent); L and y are read whole."""
+    e = mpc.Engine()
+    x, y = e.share(torch.randn(10)), e.share(torch.randn(10))
+    lz = e.lazy_trunc(x, 20)
+    vars, _, opened, _, need = poly.plan([lz * Poly.of(y)])
+    names = {id(lz.vars[0]): "L", id(lz.vars[1]): "mc", id(lz.vars[2]): "ms", id(y): "y"}
+    assert {names[id(vars[i])]: b for i, b in zip(opened, need)} == {"L": 64, "mc": 20, "ms": 20, "y": 64}
