@@ -920,18 +920,17 @@ class Engine:
             n = x.numel()
             flat = x.map(lambda t: t.reshape(-1))
             cmp = cat([self.add_public(flat, -16.0), self.add_public(-flat, -16.0), flat], 0)
-            # the bits and x/8 lazy: the comparisons' last step and the truncation ride in the products' round
+            # the bits lazy: the comparisons' last step rides in the round of x's products with them (exact
+            # at scale 2^F: the bits are integers), where the bits' values come out too
             bits = self.ltz(cmp, bound=self.CMP_BOUND, slack=self.CMP_SLACK, lazy=True)
-            f8 = self.lazy_trunc(x, 3).map(lambda t: t.reshape(-1))
-            hi8, lo8 = self.add_public(f8, -2.0), self.add_public(-f8, -2.0)
-            sign = bits.map(lambda t: t[2 * n:])
-            za, zb, fs, *raw = self.run([("mul", hi8, bits.map(lambda t: t[:n]), None),
-                                         ("mul", lo8, bits.map(lambda t: t[n:2 * n]), None),
-                                         ("mul", f8, sign, None)] + list(also))
-            # relu((x - 16)/8) = hi8 - za, relu((-16 - x)/8) = lo8 - zb: the part of |x|/8 beyond 2;
-            # -min(|x|, 16)/8 = -(x/8 - 2 s x/8) + relu((x - 16)/8) + relu((-16 - x)/8) = 2 fs - za - zb - 4 - x/8
-            u = self.add_public(-f8, -4.0) + (fs + fs - za - zb)
-            u = u.map(lambda t: t.reshape(x.shape))
+            nh, nl, sg = (bits.map(lambda t, a=a: t[a * n:(a + 1) * n]) for a in range(3))
+            ph, pl, ps, nh, nl, sign, *raw = self.run(
+                [("mul", flat, nh, None), ("mul", flat, nl, None), ("mul", flat, sg, None),
+                 ("force", nh), ("force", nl), ("force", sg)] + list(also))
+            # -min(|x|, 16)/8 = -(x/8 - 2 s x/8) + relu((x - 16)/8) + relu((-16 - x)/8), i.e. 8 u =
+            # 2 x s - x - (x - 16) nh - (-x - 16) nl - 32 = 2 ps - x - ph + pl + 16 (nh + nl) - 32: one lazy /8
+            u8 = self.add_public(ps + ps - flat - ph + pl + self.mul_int(nh + nl, self.encode(torch.tensor(16.0))), -32.0)
+            u = self.lazy_trunc(u8, 3).map(lambda t: t.reshape(x.shape))
             tr = [("trunc", z_, self.f) for z_ in raw]  # gate * up, truncated in exp's first round
             # t with X = 6 more fraction bits (the last squaring truncates by F - X): for x < 0, times t
             # is the result, and |times| up to 2^14 would scale t's last unit at 2^-F into ~0.06
@@ -950,7 +949,7 @@ class Engine:
             z, kz = t.source
             ct, c2t = (self.lazy_trunc(self.mul_int(z, self.encode(torch.tensor(v))), kz + self.f + X) for v in (c, c * c))
             one_t = (-t).add_public(self.encode(torch.tensor(1.0), self.f + X))  # 1 - t at scale 2^(F+X)
-            sa = one_t * sign  # s (1 - t) (scale 2^(F+X)): a polynomial in t's and the sign's variables
+            sa = one_t * Poly.of(sign)  # s (1 - t) (scale 2^(F+X)), multiplied out in the round that uses it
             e = self.add_public(-ct, 1 - c)
             y = self.add_public(-c2t, 2 * c - c * c)
             # sigmoid = g / (1 + t) with g = 1 - s (1 - t): x < 0 gives t / (1 + t), t = e^x
