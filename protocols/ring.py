@@ -156,6 +156,13 @@ INT8_MAX_ROWS = 4  # measured crossover (bench_ring, SmolLM2 shapes): int8 (fbge
 _LANE_SHIFTS = {w: torch.arange(64 // w, dtype=torch.int64) * w for w in (16, 32)}
 
 
+@functools.lru_cache(maxsize=1)
+def _pad_prg() -> "MaskPRG":
+    """One keystream for the padding lanes (a fresh key per process; a new MaskPRG per message
+    cost a key draw and a cipher set-up each time)."""
+    return MaskPRG()
+
+
 def lane_bits(bits: int) -> int:
     """The lane a value of ``bits`` meaningful low bits travels in: 16, 32 or 64 bits."""
     return 16 if bits <= 16 else 32 if bits <= 32 else 64
@@ -171,7 +178,7 @@ def pack_low(v: torch.Tensor, bits: int) -> torch.Tensor:
         return v
     per = 64 // w
     pad = (-v.numel()) % per
-    lanes = (torch.cat([v, random_ring(pad)]) if pad else v).bitwise_and((1 << w) - 1).view(-1, per)
+    lanes = (torch.cat([v, _pad_prg().ring(pad)]) if pad else v).bitwise_and((1 << w) - 1).view(-1, per)
     return (torch.bitwise_left_shift(lanes, _LANE_SHIFTS[w])).sum(1)  # disjoint bits: the sum is their OR
 
 
