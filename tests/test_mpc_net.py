@@ -232,7 +232,7 @@ def test_ot_triples_over_tls_equal_the_reference_and_the_client_view_is_uniform(
 
     n, rec = 2, tmp_path / "client-view"
     prompts = [PROMPT[:4], [250, 1, 1, 99]]
-    opts = {"triples": "ot", "mpc_ranges": "wide", "triple_batch": 1 << 13}
+    opts = {"triples": "ot", "mpc_ranges": "wide", "triple_batch": 1 << 12}
     # which of the client's opening rounds are XOR (AND gates), to sort its recorded MPC_OPEN_OK
     # messages: the client party runs in this process (the server too: told apart by role)
     rounds, open_with = [], mpc.Engine._open_with
