@@ -391,12 +391,12 @@ class Engine:
         - ``("mul" | "matmul", x, y, bits[, v])``: the Beaver product ``x * y`` (``x @ y``), times
           the public integer ``v`` if given, then truncated by ``bits`` (an int, a per-element
           tensor, or None for no truncation; ``Lazy(k)``: no round for it, the result is the
-          :class:`Poly` of its truncation, which a later product takes as a factor, its wrap bits
-          opened in that product's round, or a ``force`` item truncates). ``bits = F + s`` folds a public division by ``2^s``
-          into the truncation; ``v = round(c 2^b)`` with ``bits = F + b`` a public factor ``c``
-          (the caller keeps ``|x y v| < 2^(62 - F)`` at scale 2^F). An elementwise product's
-          factors may be :class:`Poly` (a lazy truncation, an affine function of one): the whole
-          polynomial is multiplied out in this round.
+          :class:`Poly` of its truncation, which a later product takes as a factor, its wrap
+          bits opened in that product's round, or a ``force`` item truncates). ``bits = F + s``
+          folds a public division by ``2^s`` into the truncation; ``v = round(c 2^b)`` with
+          ``bits = F + b`` a public factor ``c`` (the caller keeps ``|x y v| < 2^(62 - F)`` at
+          scale 2^F). An elementwise product's factors may be :class:`Poly` (a lazy truncation,
+          an affine function of one): the whole polynomial is multiplied out in this round.
         - ``("trunc", x, k)``: a truncation (of a lazy truncation: from its untruncated value).
         - ``("force", p)``: the value of the :class:`Poly` ``p`` (e.g. a lazy truncation).
         """
@@ -474,26 +474,27 @@ class Engine:
         for it, pl in zip(items, plans):
             if it[0] == "poly":
                 vars, terms, opened, corr = pl
-                out.append([self._poly_value(vars, t, opened, corr, d[at:at + len(opened)]) for t in terms])
+                out.append(self._poly_values(vars, terms, opened, corr, d[at:at + len(opened)]))
                 at += len(opened)
             else:
                 out.append(Shared(*beaver.beaver_combine(it[0], pl, d[at], d[at + 1])))
                 at += 2
         return out
 
-    def _poly_value(self, vars, terms, opened, corr, d) -> Shared:
-        """Shares of ``sum coef monomial`` from the opened ``d`` (poly.share), for each slot this
-        engine computes (a party its own only); the public terms go into the client's share."""
+    def _poly_values(self, vars, terms, opened, corr, d) -> list[Shared]:
+        """Shares of each ``sum coef monomial`` of one round's group from the opened ``d``
+        (poly.shares), for each slot this engine computes (a party its own only); the public
+        terms go into the client's share."""
         slot = {i: j for j, i in enumerate(opened)}
-        out = []
+        sides = []
         for side in (0, 1):
             if self.role == ("server", "client")[side]:  # the other party's slot
-                out.append(VOID)
+                sides.append([VOID] * len(terms))
                 continue
-            out.append(poly.share(terms, slot, d, [(v.c, v.s)[side] for v in vars],
-                                  [a[side] for a in corr.masks] if corr else [],
-                                  {S: p[side] for S, p in corr.prods.items()} if corr else {}, public=side == 0))
-        return Shared(*out)
+            sides.append(poly.shares(terms, slot, d, [(v.c, v.s)[side] for v in vars],
+                                     [a[side] for a in corr.masks] if corr else [],
+                                     {S: p[side] for S, p in corr.prods.items()} if corr else {}, public=side == 0))
+        return [Shared(c, s_) for c, s_ in zip(*sides)]
 
     def mul(self, x: Shared, y: Shared) -> Shared:
         return self.mul_many([(x, y)])[0]

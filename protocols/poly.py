@@ -33,6 +33,18 @@ import torch
 Coef = int | torch.Tensor
 
 
+def merge_vars(vars: list, at: dict[int, int], new: list) -> dict[int, int]:
+    """Append to ``vars`` those of ``new`` it lacks (by identity; ``at``: id -> index, kept up to
+    date) and return the index in ``vars`` of each of ``new``'s."""
+    remap = {}
+    for j, v in enumerate(new):
+        if id(v) not in at:
+            at[id(v)] = len(vars)
+            vars.append(v)
+        remap[j] = at[id(v)]
+    return remap
+
+
 def ring_int(v: int) -> int:
     """A Python int as the int64 that stands for it mod 2^64."""
     v &= (1 << 64) - 1
@@ -74,24 +86,10 @@ class Poly:
     def shape(self):
         return self.vars[0].shape
 
-    def numel(self) -> int:
-        return self.vars[0].numel()
-
-    @property
-    def degree(self) -> int:
-        return max((len(m) for m in self.terms), default=0)
-
     def _merged(self, other: "Poly") -> tuple[list, dict[int, int]]:
         """Variables of both (shared by identity) and the index map of ``other``'s."""
         vars = list(self.vars)
-        remap = {}
-        for j, v in enumerate(other.vars):
-            at = next((i for i, u in enumerate(vars) if u is v), None)
-            if at is None:
-                vars.append(v)
-                at = len(vars) - 1
-            remap[j] = at
-        return vars, remap
+        return vars, merge_vars(vars, {id(v): i for i, v in enumerate(vars)}, other.vars)
 
     def __add__(self, other) -> "Poly":
         if not isinstance(other, Poly):  # a Shared
@@ -160,15 +158,9 @@ def plan(polys: list[Poly]) -> tuple[list, list[dict[tuple[int, ...], Coef]], li
     indices, sorted) and, for each opened variable, how many low bits of its opening are read:
     a truncation's wrap bits only appear times ``2^(64-k)``, so only their low k bits count
     (ring.pack_low sends no more)."""
-    vars, terms = [], []
+    vars, terms, at = [], [], {}
     for p in polys:
-        remap = {}
-        for j, v in enumerate(p.vars):
-            at = next((i for i, u in enumerate(vars) if u is v), None)
-            if at is None:
-                vars.append(v)
-                at = len(vars) - 1
-            remap[j] = at
+        remap = merge_vars(vars, at, p.vars)
         terms.append({tuple(sorted(remap[i] for i in m)): c for m, c in p.terms.items()})
     opened = sorted({i for t in terms for m in t if len(m) >= 2 for i in m})
     need = {i: 0 for i in opened}
@@ -199,14 +191,15 @@ def expansion(m: tuple[int, ...]) -> tuple[tuple[int, tuple[int, ...], tuple[int
     return tuple((c, rest, T) for (rest, T), c in acc.items())
 
 
-def share(terms: dict[tuple[int, ...], Coef], slot: dict[int, int], d: list[torch.Tensor], var_shares: list,
-          masks: list, prods: dict, public: bool) -> torch.Tensor:
-    """This party's share of ``sum coef prod_{i in m} v_i`` from the opened ``d_j = v - a_j`` (by
-    mask index ``slot[i]``), its shares of the variables, the masks and their products (a Beaver
-    product per monomial, expanded by :func:`expansion`). ``public``: this party adds the public
-    terms (the constant and the products of opened values: the client). The terms with integer
-    coefficients are summed as two stacked tensor expressions (one per round of a polynomial's
-    dozens of terms, instead of a multiply-add each)."""
+def shares(polys: list[dict[tuple[int, ...], Coef]], slot: dict[int, int], d: list[torch.Tensor], var_shares: list,
+           masks: list, prods: dict, public: bool) -> list[torch.Tensor]:
+    """This party's share of each ``sum coef prod_{i in m} v_i`` (the terms of one round's
+    polynomials) from the opened ``d_j = v - a_j`` (by mask index ``slot[i]``), its shares of the
+    variables, the masks and their products (a Beaver product per monomial, expanded by
+    :func:`expansion`). ``public``: this party adds the public terms (the constant and the
+    products of opened values: the client). The products of opened values are made once for all
+    the polynomials; the terms with integer coefficients are summed as two stacked tensor
+    expressions per polynomial (instead of a multiply-add each)."""
     dp: dict[tuple[int, ...], torch.Tensor] = {}
 
     def dprod(rest):  # products of opened values, shared by every monomial of the round
@@ -214,32 +207,35 @@ def share(terms: dict[tuple[int, ...], Coef], slot: dict[int, int], d: list[torc
             dp[rest] = d[rest[0]] if len(rest) == 1 else dprod(rest[:-1]) * d[rest[-1]]
         return dp[rest]
 
-    out = torch.zeros_like(var_shares[0])
-    lin, lin_c, quad_a, quad_b, quad_c = [], [], [], [], []  # sum c a  and  sum c a b
-    for m, coef in terms.items():
-        if len(m) == 0:
-            if public:
-                out = out + coef
-            continue
-        pieces = [(1, var_shares[m[0]], None)] if len(m) == 1 else \
-            [(cnt, dprod(rest) if not T else masks[T[0]] if len(T) == 1 else prods[T], dprod(rest) if T and rest else None)
-             for cnt, rest, T in expansion(tuple(slot[i] for i in m)) if T or public]
-        for cnt, a, b in pieces:
-            if not isinstance(coef, int):
-                out = out + (a if b is None else a * b) * (coef if cnt == 1 else coef * cnt)
-            elif b is None:
-                lin.append(a)
-                lin_c.append(ring_int(coef * cnt))
-            else:
-                quad_a.append(a)
-                quad_b.append(b)
-                quad_c.append(ring_int(coef * cnt))
-    shape = (-1,) + (1,) * out.dim()
-    if lin:
-        out = out + (torch.stack(lin) * torch.tensor(lin_c).view(shape)).sum(0)
-    if quad_a:
-        out = out + (torch.stack(quad_a) * torch.stack(quad_b) * torch.tensor(quad_c).view(shape)).sum(0)
-    return out
+    outs = []
+    for terms in polys:
+        out = torch.zeros_like(var_shares[0])
+        lin, lin_c, quad_a, quad_b, quad_c = [], [], [], [], []  # sum c a  and  sum c a b
+        for m, coef in terms.items():
+            if len(m) == 0:
+                if public:
+                    out = out + coef
+                continue
+            pieces = [(1, var_shares[m[0]], None)] if len(m) == 1 else \
+                [(cnt, dprod(rest) if not T else masks[T[0]] if len(T) == 1 else prods[T], dprod(rest) if T and rest else None)
+                 for cnt, rest, T in expansion(tuple(slot[i] for i in m)) if T or public]
+            for cnt, a, b in pieces:
+                if not isinstance(coef, int):
+                    out = out + (a if b is None else a * b) * (coef if cnt == 1 else coef * cnt)
+                elif b is None:
+                    lin.append(a)
+                    lin_c.append(ring_int(coef * cnt))
+                else:
+                    quad_a.append(a)
+                    quad_b.append(b)
+                    quad_c.append(ring_int(coef * cnt))
+        shape = (-1,) + (1,) * out.dim()
+        if lin:
+            out = out + (torch.stack(lin) * torch.tensor(lin_c).view(shape)).sum(0)
+        if quad_a:
+            out = out + (torch.stack(quad_a) * torch.stack(quad_b) * torch.tensor(quad_c).view(shape)).sum(0)
+        outs.append(out)
+    return outs
 
 
 def value(terms: dict[tuple[int, ...], Coef], full: list[torch.Tensor]) -> torch.Tensor:
