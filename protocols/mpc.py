@@ -149,6 +149,11 @@ def _winner_factors(g: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack(rows), torch.stack([I[r] == i for i, r in enumerate(rows)])
 
 
+def _product(factors: list) -> Poly:
+    """The product of shared values as one :class:`Poly` (multiplied out in one round)."""
+    return functools.reduce(lambda a, b: a * b, [Poly.of(f) for f in factors])
+
+
 @dataclasses.dataclass
 class Shared:
     c: torch.Tensor  # client share (int64)
@@ -184,6 +189,25 @@ class Shared:
 
 def cat(xs: list[Shared], dim: int) -> Shared:
     return Shared(torch.cat([x.c for x in xs], dim), torch.cat([x.s for x in xs], dim))
+
+
+@dataclasses.dataclass
+class LazySum:
+    """``h + trunc(src, k)``: the residual stream plus a linear layer's output whose truncation
+    (by the per-column ``k``) is left to the RMS norm that reads the sum, which opens its wrap bits
+    in its own first round (:meth:`MPCExecutor.norm`). ``h`` None: the linear's output alone."""
+    h: Shared | None
+    src: Shared
+    k: torch.Tensor
+
+    def __add__(self, o: Shared) -> "LazySum":
+        return LazySum(o if self.h is None else self.h + o, self.src, self.k)
+
+    __radd__ = __add__
+
+    def map(self, fn) -> "LazySum":
+        """A slice of rows (tokens); ``k`` is per column."""
+        return LazySum(None if self.h is None else self.h.map(fn), self.src.map(fn), self.k)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -398,7 +422,9 @@ class Engine:
           scale 2^F). An elementwise product's factors may be :class:`Poly` (a lazy truncation,
           an affine function of one): the whole polynomial is multiplied out in this round.
         - ``("trunc", x, k)``: a truncation (of a lazy truncation: from its untruncated value).
-        - ``("force", p)``: the value of the :class:`Poly` ``p`` (e.g. a lazy truncation).
+        - ``("force", p[, bits[, v]])``: the value of the :class:`Poly` ``p`` (e.g. a lazy
+          truncation, or a product of three factors: ``x^3``), times ``v`` and truncated by
+          ``bits`` as for a product.
         """
         beav, fins, polys = [], [], []
         for it in items:
@@ -416,7 +442,7 @@ class Engine:
                 fins.append(("poly", len(polys) - 1, None, None))
             elif kind == "force":
                 polys.append(x)
-                fins.append(("poly", len(polys) - 1, None, None))
+                fins.append(("poly", len(polys) - 1, it[2] if len(it) > 2 else None, it[3] if len(it) > 3 else None))
             elif kind == "mul" and (isinstance(x, Poly) or isinstance(it[2], Poly)):
                 px = x if isinstance(x, Poly) else Poly.of(x)
                 py = px if it[2] is x else it[2] if isinstance(it[2], Poly) else Poly.of(it[2])
@@ -599,6 +625,10 @@ class Engine:
     # comparisons of values known to lie within +-CMP_BOUND (activations, score differences): 5 AND
     # rounds instead of 7, at the price of reading 0 <= x < CMP_SLACK as negative (see ltz)
     CMP_BOUND, CMP_SLACK = 4000.0, 1 / 8
+    # the max's winner indicator: at most this many shared bits multiplied in one round (2^8 mask
+    # products per element, 2^9 with the value it selects)
+    _MAX_FACTORS = 8
+    _DIV_BITS = 32  # x / N for a public integer N as x round(2^32 / N) / 2^32 (|x| < CMP_BOUND: below 2^57)
 
     def clip(self, x: Shared, lo: float, hi: float, bounded: bool = False,
              also: list[tuple] = ()) -> Shared | tuple[Shared, list[Shared]]:
@@ -633,11 +663,13 @@ class Engine:
             return x
         return self.max_last_scaled(x, 0)[0]
 
-    def max_last_scaled(self, x: Shared, shift: int) -> tuple[Shared, Shared, Shared]:
-        """:meth:`max_last` (bounded) of x, and also ``x / 2^shift`` and the same element of it
-        (``m / 2^shift`` up to one ulp): ``x / 2^shift`` is truncated in the first comparisons' last
-        round and carried through the selections, so ``(x - m) / 2^shift`` costs no round."""
+    def max_last_scaled(self, x: Shared, shift: int, mult: int = 1) -> tuple[Shared, Shared, Shared]:
+        """:meth:`max_last` (bounded) of x, and also ``x mult / 2^shift`` and the same element of it
+        (``m mult / 2^shift`` up to one ulp): ``x mult / 2^shift`` is truncated in the first
+        comparisons' last round and carried through the selections, so ``(x - m) mult / 2^shift``
+        costs no round (``|x mult| < 2^(62 - F)``)."""
         xs = None
+        scaled = self.mul_int(x, mult) if mult != 1 else x
         while x.shape[-1] > 1:
             n = x.shape[-1]
             g = n if n <= 32 else 8
@@ -646,17 +678,21 @@ class Engine:
                 x = cat([x, x.map(lambda t: t[..., -1:].expand(*t.shape[:-1], pad))], -1)
                 if xs is not None:
                     xs = cat([xs, xs.map(lambda t: t[..., -1:].expand(*t.shape[:-1], pad))], -1)
+                else:
+                    scaled = cat([scaled, scaled.map(lambda t: t[..., -1:].expand(*t.shape[:-1], pad))], -1)
             grp = (lambda t: t.reshape(*t.shape[:-1], t.shape[-1] // g, g))
-            x, xs, full = self._max_groups(x.map(grp), None if xs is None else xs.map(grp), shift)
+            x, xs, full = self._max_groups(x.map(grp), None if xs is None else xs.map(grp), shift,
+                                           scaled.map(grp) if xs is None else None)
             if full is not None:
                 x_shifted = full.map(lambda t: t[..., :n])
         if xs is None:  # a single key: nothing compared
-            xs = x_shifted = self.trunc(x, shift) if shift else x
+            xs = x_shifted = self.trunc(scaled, shift) if shift else scaled
         return x, xs, x_shifted
 
-    def _max_groups(self, x: Shared, xs: Shared | None = None, shift: int = 0):
+    def _max_groups(self, x: Shared, xs: Shared | None = None, shift: int = 0, scaled: Shared | None = None):
         """(..., G, g) -> (..., G): each group's max, exactly (see :meth:`max_last`), and the same
-        selection of ``xs`` (x / 2^shift; truncated here when None, and then returned whole too)."""
+        selection of ``xs`` (``scaled / 2^shift``, scaled = x times a public integer; truncated here
+        when xs is None, and then returned whole too)."""
         g = x.shape[-1]
         if g == 1:
             return x.map(lambda t: t[..., 0]), (xs or x).map(lambda t: t[..., 0]), None
@@ -668,30 +704,29 @@ class Engine:
         idx, beats = _winner_factors(g)
         b = beats.to(torch.int64)
         w = lt.map(lambda t: t[..., idx]).scale(1 - 2 * b).add_public(b)  # (..., g, g - 1)
-        ride = [("trunc", x, shift)] if xs is None else []  # x / 2^shift, in the first round of products
-        full = None
-        while isinstance(w, Poly) or w.shape[-1] > 1:
-            m, h = w.shape[-1], w.shape[-1] // 2
-            items = [("mul", w.map(lambda t: t[..., 0:2 * h:2]), w.map(lambda t: t[..., 1:2 * h:2]), None)] if h else []
-            last = w.map(lambda t: t[..., m - 1:]) if m % 2 else None  # an odd factor out goes along
-            if isinstance(last, Poly):
-                items.append(("force", last))
-            out = self.run(items + ride)
-            if ride:
-                xs = out.pop()
-                full = xs.map(lambda t: t.reshape(*t.shape[:-2], -1))
-                ride = []
-            parts = out[:1] if h else []
-            if last is not None:
-                parts.append(out[-1] if isinstance(last, Poly) else last)
-            w = cat(parts, -1) if len(parts) > 1 else parts[0]
-        wz = w.map(lambda t: t[..., 0])
-        z, zs = self.run([("mul", x, wz, None), ("mul", xs, wz, None)])
+        ride = [("trunc", x if scaled is None else scaled, shift)] if xs is None else []  # in the first round of products
+        # round 1: the lazy bits by pairs (their XOR-to-additive steps ride here), an odd one forced
+        f, h = g - 1, (g - 1) // 2
+        items = [("mul", w.map(lambda t: t[..., 0:2 * h:2]), w.map(lambda t: t[..., 1:2 * h:2]), None)] if h else []
+        if f % 2:
+            items.append(("force", w.map(lambda t: t[..., f - 1:])))
+        *parts, xs = self.run(items + ride) if ride else self.run(items) + [xs]
+        full = xs.map(lambda t: t.reshape(*t.shape[:-2], -1)) if ride else None
+        w = cat(parts, -1) if len(parts) > 1 else parts[0]
+        # then up to _MAX_FACTORS factors at once (a product of r shared factors is one round with
+        # 2^r mask products per element), and the last round: x and xs times the product of all
+        while w.shape[-1] > self._MAX_FACTORS:
+            r = w.shape[-1]
+            q = -(-r // -(-r // self._MAX_FACTORS))  # factors per product, as even as possible
+            w = cat(self.run([("force", _product([w.map(lambda t, j=j: t[..., j:j + 1]) for j in range(a, min(a + q, r))]))
+                              for a in range(0, r, q)]), -1)
+        W = _product([w.map(lambda t, j=j: t[..., j]) for j in range(w.shape[-1])])
+        z, zs = self.run([("force", W * Poly.of(x)), ("force", W * Poly.of(xs))])
         return z.sum(-1), zs.sum(-1), full
 
     # -- nonlinear functions --------------------------------------------------------------------
     def exp(self, x: Shared, n: int = 8, pre: int = 0, deg: int = 4, also: list[tuple] = (),
-            given_u: bool = False, post: int = 0, lazy: bool = False) -> Shared | Poly | tuple:
+            given_u: bool = False, post: int = 0, lazy: bool = False, cubes: int = 0) -> Shared | Poly | tuple:
         """``exp(x / 2^pre)`` as ``(p(u))^(2^n)``, ``u = x / 2^(n + pre)`` (a truncation forced in
         the round of u^2, in which the single-round items ``also`` ride; ``given_u``: x is u
         already), p the Taylor polynomial of degree ``deg`` (4 or 6) with its coefficients folded
@@ -700,11 +735,15 @@ class Engine:
         product's truncation rides in the next product's round (lazy truncations, protocols/poly.py):
         3 + n rounds (deg 6: 4 + n), the last truncation included;
         ``lazy``: the result is that last truncation's :class:`Poly` (one round less).
+        ``cubes`` (with ``given_u``, u = x / (3^cubes 2^n) <= 0): that many cubings before the n
+        squarings, one round each (a product of three factors: y^3 <= 1 at scale 2^3F stays below
+        2^62), so N = 3^cubes 2^n takes cubes + n rounds instead of log2(N).
 
-        Relative error ~ 2^n |u|^(deg+1) / (deg+1)!: deg 4, n = 8 (the default): < 2e-3 on
-        [-12, 8]; deg 4, n = 7 (softmax, x <= 0.5): < 1e-3 on [-12, 0.5]. p(u) < 1 only for u in
-        (-2.78, 0) (deg 4; deg 6: (-3.6, 0)): below ``-2.78 2^n`` (n = 7: -356, n = 8: -712) the
-        result grows again and soon overflows the ring. The sigmoid's deg 6, n = 3 on [-16, 0]
+        Relative error ~ N |u|^(deg+1) / (deg+1)! (N = 3^cubes 2^n): deg 4, n = 8 (the default):
+        < 2e-3 on [-12, 8]; deg 4, N = 162 (softmax, x <= 0.5): < 1e-3 on [-12, 0.5] with the
+        truncations (on [-4, 0] 9.2e-4 measured; 7.8e-4 with n = 7 squarings). p(u) < 1 only
+        for u in (-2.78, 0) (deg 4; deg 6: (-3.6, 0)): below ``-2.78 N`` (N = 162: -450, n = 8:
+        -712) the result grows again and soon overflows the ring. The sigmoid's deg 6, n = 3 on [-16, 0]
         is within 2e-6 relative down to -4, and within 1e-6 absolute below."""
         if deg not in (4, 6):
             raise ValueError("exp: deg 4 or 6")
@@ -732,6 +771,9 @@ class Engine:
             high, y = z3 + z5 + z6, u + h2 + z4
         # the untruncated terms summed and truncated once, lazily: it rides in the first squaring's round
         y = self.add_public(self.lazy_trunc(high, f16) + y, 1.0)  # 1 + u + u^2/2 + u^3/6 + u^4/24 (+ u^5/120 + u^6/720)
+        for i in range(cubes):
+            py = y if isinstance(y, Poly) else Poly.of(y)
+            (y,) = self.run([("force", py * py * py, Lazy(2 * self.f + (post if i == cubes + n - 1 else 0)))])
         for i in range(n):  # ``post``: the last squaring also divides by 2^post (negative: keeps -post more bits)
             (y,) = self.run([("mul", y, y, Lazy(self.f + (post if i == n - 1 else 0)))])
         if not lazy:
@@ -1009,12 +1051,14 @@ class Engine:
             big = torch.zeros(x.shape, dtype=torch.float64)
             if mask is not None:
                 big = big.masked_fill(~mask, -2000.0)  # masked keys can never be the max
-            # exp's u = (x - m) / 2^7 from x / 2^7 and m / 2^7, both out of the max (no round of their own)
-            _, m7, x7 = self.max_last_scaled(self.add_public(x, big), 7)
-            u = self.add_public(x7, -big / 128) - m7.map(lambda t: t.expand(x.shape))
+            # exp's u = (x - m) / N from x / N and m / N, both out of the max (no round of their own):
+            # N = 3^4 2, four cubings and a squaring (the last: s sums its untruncated squares)
+            N = 162
+            _, mN, xN = self.max_last_scaled(self.add_public(x, big), self._DIV_BITS, round(2 ** self._DIV_BITS / N))
+            u = self.add_public(xN, -big / N) - mN.map(lambda t: t.expand(x.shape))
             # e lazy: the sum s truncated once from the untruncated squares, compared as is, and e itself
             # forced in the comparisons' last round
-            e = self.exp(u, n=7, given_u=True, lazy=True)
+            e = self.exp(u, n=1, cubes=4, given_u=True, lazy=True)
             z, k = e.source
             if mask is not None:
                 z = self.mul_int(z, mask.to(torch.int64))
@@ -1127,7 +1171,8 @@ class MPCExecutor:
         self.length = 0
         self.k_cache, self.v_cache = {}, {}
 
-    def linear(self, ops, x: Shared) -> list[Shared]:
+    def linear(self, ops, x: Shared, lazy: bool = False) -> list[Shared] | list[LazySum]:
+        """``lazy`` (one op, no bias): its output as a :class:`LazySum`, truncated by the norm."""
         key = ops[0].fuse_group if ops[0].fuse_group else ops[0].name
         W, k = self.mats[key]
         if self.e.role is None:  # simulator: the same products, both slots here
@@ -1139,6 +1184,8 @@ class MPCExecutor:
         else:  # the server multiplies its share x - r by the ring weights on its device
             x = self.e.reshare(x, None)
             y = Shared(VOID, self.e.transport.offload(lambda: W.matmul(x.s).cpu()))
+        if lazy:
+            return [LazySum(None, y, k)]
         y = self.e.trunc(y, k)
         outs, at = [], 0
         for op in ops:
@@ -1149,29 +1196,42 @@ class MPCExecutor:
             outs.append(part)
         return outs
 
-    def norm(self, step, x: Shared) -> Shared:
-        """RMSNorm / LayerNorm on shares. ``S = sum x^2`` is formed from ``x / 2^8`` squared without
+    def norm(self, step, x: Shared | LazySum) -> tuple[Shared, Shared]:
+        """RMSNorm / LayerNorm on shares; returns the output and x (its value, when x came as a
+        :class:`LazySum`). ``S = sum x^2`` is formed from ``x / 2^8`` squared without
         truncation (scale 2^2F) and summed before one truncation by ``F - 16`` bits, so elements up
         to ~2^14 neither overflow the ring nor lose small rows' precision; ``1/sqrt(d)`` is folded
-        into the public weight: ``x rsqrt(mean x^2 + eps) = sqrt(d) x rsqrt(S + d eps)``."""
+        into the public weight: ``x rsqrt(mean x^2 + eps) = sqrt(d) x rsqrt(S + d eps)``.
+        An RMS norm of ``h + trunc(W a, k)`` (a LazySum) squares ``h / 2^8 + trunc(W a, k + 8)`` (one
+        ulp more) and truncates ``W a`` by ``k`` in that round: the linear layer's truncation costs
+        no round of its own."""
         e, w = self.e, self.model.weights
-        d = x.shape[-1]
+        d = x.shape[-1] if isinstance(x, Shared) else x.src.shape[-1]
         if step.kind == "layer":
+            if isinstance(x, LazySum):
+                raise ValueError("a LayerNorm's input is a value, not a LazySum")
             x = x - e.mul_public(x.sum(-1, keepdim=True), 1 / d).map(lambda t: t.expand(x.shape))
-        # x / 2^8 (for S) and x * w sqrt(d) (what rsqrt multiplies) in one round of truncations
-        # w sqrt(d) with 12 fraction bits: x w sqrt(d) 2^(F+12) stays below 2^62 for SmolLM2's massive
-        # activations (|x| ~ 2^14.5, w sqrt(d) up to ~2^7); with 20 bits it overflowed the truncation
+        # x / 2^8 (for S) and x * w sqrt(d) (what rsqrt multiplies); both truncations lazy: x/2^8's in
+        # the round of its square, x w sqrt(d)'s in rsqrt's first product. w sqrt(d) with 12 fraction
+        # bits: x w sqrt(d) 2^(F+12) stays below 2^62 for SmolLM2's massive activations (|x| ~ 2^14.5,
+        # w sqrt(d) up to ~2^7); with 20 bits it overflowed the truncation
         wv = e.encode(w[step.weight].to(torch.float64) * math.sqrt(d), 12)
-        # both truncations lazy: x/2^8's in the round of its square, x w sqrt(d)'s forced there too
-        xs = e.lazy_trunc(x, 8)
-        sq, xw = e.run([("mul", xs, xs, None), ("force", e.lazy_trunc(e.mul_int(x, wv), 12))])
+        if isinstance(x, LazySum):
+            xs = e.lazy_trunc(x.src, x.k + 8)
+            xs = xs if x.h is None else e.lazy_trunc(x.h, 8) + xs
+            sq, o = e.run([("mul", xs, xs, None), ("force", e.lazy_trunc(x.src, x.k))])
+            x = o if x.h is None else x.h + o
+        else:
+            xs = e.lazy_trunc(x, 8)
+            (sq,) = e.run([("mul", xs, xs, None)])
+        xw = e.lazy_trunc(e.mul_int(x, wv), 12)
         # S at scale 2^(2F-16); rsqrt compares it as is and truncates it by F - 16 on the way
         S = sq.sum(-1, keepdim=True)
         S = Shared(S.c + e.encode(torch.tensor(d * step.eps), 2 * e.f - 16), S.s)
         y = e.rsqrt(S, d * self.ranges.norm_lo, d * self.ranges.norm_hi, times=xw, extra=e.f - 16)
         if step.bias:
             y = e.add_public(y, w[step.bias].to(torch.float64))
-        return y
+        return y, x
 
     def attention(self, step, q: Shared, k: Shared, v: Shared) -> Shared:
         e = self.e
@@ -1235,7 +1295,12 @@ class MPCExecutor:
                 while step.fuse_group and i + len(ops) < len(steps) and \
                         getattr(steps[i + len(ops)], "fuse_group", None) == step.fuse_group:
                     ops.append(steps[i + len(ops)])
-                for op, out in zip(ops, self.linear(tuple(ops), env[step.inp])):
+                # a residual's linear layer whose sum an RMS norm reads next: its truncation rides there
+                nxt = steps[i + 1:i + 3]
+                lazy = len(ops) == 1 and not step.bias and len(nxt) == 2 and isinstance(nxt[0], Add) \
+                    and step.out in nxt[0].inputs and isinstance(nxt[1], Norm) and nxt[1].kind == "rms" \
+                    and nxt[1].inp == nxt[0].out
+                for op, out in zip(ops, self.linear(tuple(ops), env[step.inp], lazy=lazy)):
                     env[op.out] = out
                 i += len(ops)
                 continue
@@ -1249,7 +1314,7 @@ class MPCExecutor:
                         x = x + w[step.pos_weight][self.length:self.length + n_tokens]
                     env[step.out] = e.share(x)
             elif isinstance(step, Norm):
-                env[step.out] = self.norm(step, env[step.inp])
+                env[step.out], env[step.inp] = self.norm(step, env[step.inp])
             elif isinstance(step, Attention):
                 env[step.out] = self.attention(step, env[step.q], env[step.k], env[step.v])
             elif isinstance(step, Add):
