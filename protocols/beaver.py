@@ -157,8 +157,9 @@ class PooledProvider(TripleProvider):
             self._refill(kind, n or self.batch)
 
     def _refill(self, kind, need: int) -> None:
-        # a polynomial's correlation holds several masks and products per element: smaller pools
-        batch = self.batch if isinstance(kind, str) else max(self.batch // 4, 1)
+        # a polynomial's correlation holds n masks and their products per element: pools of about
+        # ``batch`` ring elements (a max's winner products hold ~100 per element, a truncation's 3)
+        batch = self.batch if isinstance(kind, str) else max(self.batch // (kind[1] + len(kind[2])), 1)
         self._pools[kind] = self._new_pool(max(need, batch), kind)
         self._cursors[kind] = 0
 
