@@ -191,6 +191,36 @@ def expansion(m: tuple[int, ...]) -> tuple[tuple[int, tuple[int, ...], tuple[int
     return tuple((c, rest, T) for (rest, T), c in acc.items())
 
 
+@functools.lru_cache(maxsize=4096)
+def _compiled(sig: tuple, public: bool) -> tuple:
+    """The pieces of :func:`shares` for one polynomial's structure ``sig`` (each term's mask
+    indices and its coefficient, None for a tensor one), cached: the same call sites recur every
+    token. Returns the constant (or None), the linear pieces ``(factor, coef)``, the quadratic
+    pieces ``(factor, factor, coef)`` and the tensor-coefficient terms ``(term index, pieces)``,
+    a factor being ``("v", var)``, ``("d", opened indices)`` or ``("a", mask indices)``."""
+    const, lin, quad, tens = None, {}, {}, []
+    for j, (m, coef) in enumerate(sig):
+        if len(m) == 0:
+            if public and coef is None:
+                tens.append((j, None))  # a tensor constant: added as it is
+            elif public:
+                const = coef
+            continue
+        if m[0] == "v":
+            pieces = [(1, ("v", m[1]), None)]
+        else:
+            pieces = [(cnt, ("d", rest) if not T else ("a", T), ("d", rest) if T and rest else None)
+                      for cnt, rest, T in expansion(m) if T or public]
+        if coef is None:
+            tens.append((j, tuple(pieces)))
+            continue
+        for cnt, a, b in pieces:
+            acc, key = (lin, a) if b is None else (quad, (a, b))
+            acc[key] = ring_int(acc.get(key, 0) + coef * cnt)
+    return (const, tuple((a, c) for a, c in lin.items() if c), tuple((a, b, c) for (a, b), c in quad.items() if c),
+            tuple(tens))
+
+
 def shares(polys: list[dict[tuple[int, ...], Coef]], slot: dict[int, int], d: list[torch.Tensor], var_shares: list,
            masks: list, prods: dict, public: bool) -> list[torch.Tensor]:
     """This party's share of each ``sum coef prod_{i in m} v_i`` (the terms of one round's
@@ -207,33 +237,36 @@ def shares(polys: list[dict[tuple[int, ...], Coef]], slot: dict[int, int], d: li
             dp[rest] = d[rest[0]] if len(rest) == 1 else dprod(rest[:-1]) * d[rest[-1]]
         return dp[rest]
 
+    def get(f):
+        kind, i = f
+        if kind == "v":
+            return var_shares[i]
+        if kind == "d":
+            return dprod(i)
+        return masks[i[0]] if len(i) == 1 else prods[i]
+
     outs = []
     for terms in polys:
+        # a degree-1 term is the variable's own share; higher ones go by their masks' indices
+        sig = tuple((("v", m[0]) if len(m) == 1 else tuple(slot[i] for i in m),
+                     c if isinstance(c, int) else None) for m, c in terms.items())
+        const, lin, quad, tens = _compiled(sig, public)
         out = torch.zeros_like(var_shares[0])
-        lin, lin_c, quad_a, quad_b, quad_c = [], [], [], [], []  # sum c a  and  sum c a b
-        for m, coef in terms.items():
-            if len(m) == 0:
-                if public:
-                    out = out + coef
+        if const is not None:
+            out = out + const
+        coefs = list(terms.values())
+        for j, pieces in tens:
+            if pieces is None:
+                out = out + coefs[j]
                 continue
-            pieces = [(1, var_shares[m[0]], None)] if len(m) == 1 else \
-                [(cnt, dprod(rest) if not T else masks[T[0]] if len(T) == 1 else prods[T], dprod(rest) if T and rest else None)
-                 for cnt, rest, T in expansion(tuple(slot[i] for i in m)) if T or public]
             for cnt, a, b in pieces:
-                if not isinstance(coef, int):
-                    out = out + (a if b is None else a * b) * (coef if cnt == 1 else coef * cnt)
-                elif b is None:
-                    lin.append(a)
-                    lin_c.append(ring_int(coef * cnt))
-                else:
-                    quad_a.append(a)
-                    quad_b.append(b)
-                    quad_c.append(ring_int(coef * cnt))
+                out = out + (get(a) if b is None else get(a) * get(b)) * (coefs[j] * cnt)
         shape = (-1,) + (1,) * out.dim()
         if lin:
-            out = out + (torch.stack(lin) * torch.tensor(lin_c).view(shape)).sum(0)
-        if quad_a:
-            out = out + (torch.stack(quad_a) * torch.stack(quad_b) * torch.tensor(quad_c).view(shape)).sum(0)
+            out = out + (torch.stack([get(a) for a, _ in lin]) * torch.tensor([c for _, c in lin]).view(shape)).sum(0)
+        if quad:
+            out = out + (torch.stack([get(a) for a, _, _ in quad]) * torch.stack([get(b) for _, b, _ in quad])
+                         * torch.tensor([c for _, _, c in quad]).view(shape)).sum(0)
         outs.append(out)
     return outs
 
