@@ -1098,11 +1098,15 @@ class Engine:
 WEIGHT_BITS = 16  # a row encodes as round(W * 2^k_j), k_j <= WEIGHT_BITS: products stay below 2^(F+16) per unit
 
 
-def encode_weights_pow2(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """float (out, in) -> (int64 weights, per-row public shifts k_j)."""
+def encode_weights_pow2(w: torch.Tensor, partner: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """float (out, in) -> (int64 weights, per-row public shifts k_j). ``partner``: row j's shift is
+    also row ``partner[j]``'s (the smaller of the two): RoPE rotates rows j and j + D/2 of each
+    head together, and on untruncated products they must share their scale."""
     w = w.to(torch.float64)
     peak = w.abs().amax(dim=1).clamp_min(1e-30)
     k = torch.clamp(torch.floor(torch.log2(ring.WMAX / peak)), max=WEIGHT_BITS).to(torch.int64)
+    if partner is not None:
+        k = torch.minimum(k, k[partner])
     w_int = torch.round(w * torch.pow(2.0, k.to(torch.float64))[:, None]).to(torch.int64)
     return w_int.clamp_(-ring.WMAX, ring.WMAX), k
 
@@ -1110,13 +1114,36 @@ def encode_weights_pow2(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def mpc_matrices(model) -> dict[str, tuple[ring.RingMatrix, torch.Tensor]]:
     from .masked import _cached, unit_weight, units_for
 
+    rope = _rope_linears(model.plan)
+
     def make():
         out = {}
         for name, u in units_for(model.plan, "v3").items():
-            w_int, k = encode_weights_pow2(unit_weight(u, model.weights))
+            partner, at = [], 0
+            for op in u.ops:  # rows j and j + D/2 of each rotated head share their shift
+                rows = torch.arange(op.out_dim)
+                if op.name in rope:
+                    D = rope[op.name]
+                    rows = rows // D * D + (rows % D + D // 2) % D
+                partner.append(rows + at)
+                at += op.out_dim
+            w_int, k = encode_weights_pow2(unit_weight(u, model.weights), torch.cat(partner))
             out[name] = (ring.RingMatrix(w_int), k)
         return out
     return _cached(model, ("mpc-matrices",), make)
+
+
+def _rope_linears(plan) -> dict[str, int]:
+    """The linear steps whose outputs a RoPE attention rotates (its q and k), with the head dim."""
+    from ..models.plan import Attention, Linear
+
+    made, out = {}, {}
+    for step in plan.steps:
+        if isinstance(step, Linear):
+            made[step.out] = step.name
+        elif isinstance(step, Attention) and step.rope:
+            out.update({made[step.q]: step.head_dim, made[step.k]: step.head_dim})
+    return out
 
 
 @dataclasses.dataclass
@@ -1172,7 +1199,8 @@ class MPCExecutor:
         self.k_cache, self.v_cache = {}, {}
 
     def linear(self, ops, x: Shared, lazy: bool = False) -> list[Shared] | list[LazySum]:
-        """``lazy`` (one op, no bias): its output as a :class:`LazySum`, truncated by the norm."""
+        """``lazy`` (no bias): each op's output untruncated, as a :class:`LazySum` (the norm or the
+        RoPE attention that reads it truncates it in a round of its own)."""
         key = ops[0].fuse_group if ops[0].fuse_group else ops[0].name
         W, k = self.mats[key]
         if self.e.role is None:  # simulator: the same products, both slots here
@@ -1184,8 +1212,12 @@ class MPCExecutor:
         else:  # the server multiplies its share x - r by the ring weights on its device
             x = self.e.reshare(x, None)
             y = Shared(VOID, self.e.transport.offload(lambda: W.matmul(x.s).cpu()))
-        if lazy:
-            return [LazySum(None, y, k)]
+        if lazy:  # no bias (checked by the caller): the truncation is the consumer's
+            outs, at = [], 0
+            for op in ops:
+                outs.append(LazySum(None, y.map(lambda t, a=at, b=op.out_dim: t[:, a:a + b]), k[at:at + op.out_dim]))
+                at += op.out_dim
+            return outs
         y = self.e.trunc(y, k)
         outs, at = [], 0
         for op in ops:
@@ -1233,11 +1265,22 @@ class MPCExecutor:
             y = e.add_public(y, w[step.bias].to(torch.float64))
         return y, x
 
-    def attention(self, step, q: Shared, k: Shared, v: Shared) -> Shared:
+    # RoPE on the qkv layer's untruncated output: cos and sin with this many fraction bits
+    # (|q| 2^(F + 16 + 16) < 2^62 for |q| < 2^10; SmolLM2's q and k stay below 21)
+    ROPE_BITS = 16
+
+    def attention(self, step, q: Shared | LazySum, k: Shared | LazySum, v: Shared | LazySum) -> Shared:
+        """``q``, ``k``, ``v`` as LazySums (the qkv layer's untruncated outputs, RoPE): the rotation
+        runs on them (a rope pair of weight rows shares its shift) and one round truncates q (its
+        1/sqrt(D) folded in), k and v, where the layer's truncation and the rotation's took two."""
         e = self.e
-        T, start = q.shape[0], self.length
+        lazy = isinstance(q, LazySum)
+        T, start = (q.src if lazy else q).shape[0], self.length
         end = start + T
         H, KV, D = step.n_heads, step.n_kv_heads, step.head_dim
+        if lazy:  # per-column shifts, laid out as the heads below
+            ks = [z.k.view(n, 1, D).expand(n, T, D) for z, n in ((q, H), (k, KV), (v, KV))]
+            q, k, v = q.src, k.src, v.src
         q = q.map(lambda t: t.view(T, H, D).transpose(0, 1))
         k = k.map(lambda t: t.view(T, KV, D).transpose(0, 1))
         v = v.map(lambda t: t.view(T, KV, D).transpose(0, 1))
@@ -1249,10 +1292,17 @@ class MPCExecutor:
                 return s.map(lambda t: torch.cat((-t[..., half:], t[..., :half]), dim=-1))
 
             # q's 1/sqrt(D) folded into its rotation: both rotations in one round of truncations
-            c, s_ = e.encode(cos), e.encode(sin)
-            cq, sq = e.encode(cos / math.sqrt(D)), e.encode(sin / math.sqrt(D))
-            q, k = e.trunc_many([(e.mul_int(q, cq) + e.mul_int(rot(q), sq), e.f),
-                                 (e.mul_int(k, c) + e.mul_int(rot(k), s_), e.f)])
+            b = self.ROPE_BITS if lazy else e.f
+            sd = math.ceil(math.log2(math.sqrt(D)))  # 1/sqrt(D) keeps b bits: encoded with b + sd
+            c, s_ = e.encode(cos, b), e.encode(sin, b)
+            cq, sq = e.encode(cos / math.sqrt(D), b + sd), e.encode(sin / math.sqrt(D), b + sd)
+            qr, kr = e.mul_int(q, cq) + e.mul_int(rot(q), sq), e.mul_int(k, c) + e.mul_int(rot(k), s_)
+            if lazy:
+                q, k, v = e.trunc_many([(qr, ks[0] + b + sd), (kr, ks[1] + b), (v, ks[2])])
+            else:
+                q, k = e.trunc_many([(qr, b + sd), (kr, b)])
+        elif lazy:
+            raise ValueError("untruncated q, k, v are for a RoPE attention")
         if step.layer in self.k_cache:
             k = cat([self.k_cache[step.layer], k], 1)
             v = cat([self.v_cache[step.layer], v], 1)
@@ -1295,11 +1345,14 @@ class MPCExecutor:
                 while step.fuse_group and i + len(ops) < len(steps) and \
                         getattr(steps[i + len(ops)], "fuse_group", None) == step.fuse_group:
                     ops.append(steps[i + len(ops)])
-                # a residual's linear layer whose sum an RMS norm reads next: its truncation rides there
-                nxt = steps[i + 1:i + 3]
-                lazy = len(ops) == 1 and not step.bias and len(nxt) == 2 and isinstance(nxt[0], Add) \
-                    and step.out in nxt[0].inputs and isinstance(nxt[1], Norm) and nxt[1].kind == "rms" \
-                    and nxt[1].inp == nxt[0].out
+                # a residual's linear layer whose sum an RMS norm reads next, or the qkv layer of a RoPE
+                # attention: its truncation rides in their first round
+                nxt = steps[i + len(ops):i + len(ops) + 2]
+                lazy = not any(op.bias for op in ops) and len(nxt) == 2 and (
+                    len(ops) == 1 and isinstance(nxt[0], Add) and step.out in nxt[0].inputs
+                    and isinstance(nxt[1], Norm) and nxt[1].kind == "rms" and nxt[1].inp == nxt[0].out
+                    or isinstance(nxt[0], Attention) and nxt[0].rope
+                    and {nxt[0].q, nxt[0].k, nxt[0].v} == {op.out for op in ops})
                 for op, out in zip(ops, self.linear(tuple(ops), env[step.inp], lazy=lazy)):
                     env[op.out] = out
                 i += len(ops)
