@@ -60,10 +60,12 @@ rounds as measured by tests/test_mpc_units.py):
 - ``exp``: limit form ``p(x/2^n)^(2^n)``, p the degree-4 (or 6) Taylor polynomial with its
   coefficients folded into the products' truncations (two product levels for degree 4, three
   for 6), n squarings: 5 + 2n rounds. Default n = 8, accurate for x in [-12, 8] (rel. err
-  < 2e-3); x above ~10 overflows the ring. The softmax uses n = 7 (19 rounds, rel. err < 1e-3
-  on [-12, 0.5], within 1e-5 of 0 down to -320; below ~-350 it grows again: SmolLM2's score
-  spread is < 60 on the accuracy text); the sigmoid degree 6 with n = 3 on [-16, 0] (12 rounds
-  from its u, its result kept with 6 more fraction bits).
+  < 2e-3); x above ~10 overflows the ring. Each product's truncation rides in the next product's
+  round (see Rounds). The softmax takes u = (x - max) / 162 out of the max and raises p(u) to
+  the 162nd power by four cubings (a product of three factors is one round: y^3 <= 1 at scale
+  2^3F) and a squaring (rel. err < 1e-3 on [-12, 0.5], within 1e-5 of 0 down to -440; below
+  ~-450 it grows again: SmolLM2's score spread is < 60 on the accuracy text); the sigmoid
+  degree 6 with n = 3 on [-16, 0] (its result kept with 6 more fraction bits).
 - ``reciprocal``: without comparisons Newton ``y <- y (2 - x y)`` from ``3 exp(0.5 - x) + 0.003``
   for x in [0.01, 500] (14 iterations, ~78 rounds, rel. err < 1e-3). With comparisons
   (``cmp=True``, the caller's public range [lo, hi]): one batch of bounded comparisons against
@@ -84,13 +86,14 @@ rounds as measured by tests/test_mpc_units.py):
   sign ``s`` in one batch, ``t = e^{-min(|x|, 16)}`` (one exponential of a non-positive value),
   ``sigmoid = (1 - s (1 - t)) / (1 + t)`` (no cancellation for large negative x) with
   ``1/(1 + t)`` from a public start: abs. err < 3e-4 for any x, and ``times * sigmoid`` (SiLU:
-  x, the gated MLP: gate * up riding in the round after the comparisons) in 30 rounds (121
+  x, the gated MLP: gate * up riding in the round after the comparisons) in 17 rounds (121
   before the round cuts; 33 with two exponentials and a comparison-started reciprocal, whose
   14 comparisons per element were most of the protocol's traffic).
 - ``softmax``: with ``Ranges.comparisons`` (what real models need), the exact row max (``ltz``:
   A2B of the two shares by a Kogge-Stone adder over XOR shares with boolean AND triples, then
   B2A by one Beaver product; exact), taken by groups of up to 32 keys that compare all their
-  pairs in one batch (12 rounds for up to 17 keys; a binary tournament needed 9 per halving),
+  pairs in one batch, the winner's bits multiplied up to 8 at once (8 rounds for up to 17
+  keys; a binary tournament needed 9 per halving),
   so exp only sees x - max <= 0 and the sum lies in [1, n]; ``(e @ V) / sum`` with ``e @ V``
   in the reciprocal's first round. Without comparisons: scores minus their row mean, which is
   safe only while the centred scores stay below ~6 and a row holds at most 64 keys. Masked
@@ -649,9 +652,9 @@ class Engine:
         (9 rounds each). ``bounded=True`` (every pairwise difference within +-``CMP_BOUND``): groups of
         up to 32 values (8 while more than 32 remain) compare all their pairs in one batch (exact
         bounded comparisons, 7 rounds), the winner's indicator is the product of its g - 1 bits
-        (ceil(log2(g - 1)) rounds of bit products) and the group max ``sum_i w_i x_i`` one product:
-        12 rounds for n <= 17 (13 up to 33), instead of 7-9 per halving. Exact (ties go to the
-        first index)."""
+        (by pairs in the comparisons' last round, then up to ``_MAX_FACTORS`` at once) and the
+        group max ``sum_i w_i x_i`` one product of x and all those factors: 8 rounds for n <= 17
+        (9 up to 33), instead of 7-9 per halving. Exact (ties go to the first index)."""
         if not bounded:
             while x.shape[-1] > 1:
                 n = x.shape[-1]
@@ -950,8 +953,8 @@ class Engine:
         rounds) lies in (0, 1]; then ``sigmoid(x) = g / (1 + t)`` with ``g = 1 - s (1 - t)`` (1 for
         x >= 0; t = e^x for x < 0, so no cancellation for large negative x), ``1/(1 + t)`` over
         [1, 2.14] from a public start with no comparisons, ``steps`` factors (relative error
-        ``0.362^(2^steps)``: 9e-8 for the default 4), and ``(times g) / (1 + t)``: 30 rounds for
-        SiLU. The sign may read 0 <= x < CMP_SLACK as negative (see :meth:`ltz`): the formula is
+        ``0.362^(2^steps)``: 9e-8 for the default 4; one round per factor after the first, each
+        a product of three), and ``(times g) / (1 + t)``: 17 rounds for SiLU. The sign may read 0 <= x < CMP_SLACK as negative (see :meth:`ltz`): the formula is
         exact for either sign, and then t <= e^{CMP_SLACK}, inside the reciprocal's range. One
         exponential of a non-positive argument and 3 comparisons per element in all (the
         earlier ``e^{x/2} / (e^{x/2} + e^{-x/2})`` took two exponentials and a comparison-started
@@ -995,19 +998,25 @@ class Engine:
             sa = one_t * Poly.of(sign)  # s (1 - t) (scale 2^(F+X)), multiplied out in the round that uses it
             e = self.add_public(-ct, 1 - c)
             y = self.add_public(-c2t, 2 * c - c * c)
-            # sigmoid = g / (1 + t) with g = 1 - s (1 - t): x < 0 gives t / (1 + t), t = e^x
+            # sigmoid = g / (1 + t) with g = 1 - s (1 - t): x < 0 gives t / (1 + t), t = e^x.
+            # Each round multiplies y by 1 + p^2 (p = e^(2^(j-1))) as one product of three factors
+            # (y + y p p at scale 2^3F: y <= 1, p^2 < 0.14) and squares p alongside: steps - 1 rounds
             if times is None:
-                e_pow, sa = self.run([("mul", e, e, Lazy(self.f)), ("force", sa)])
-                q, qx = Shared(self.encode(torch.tensor(1.0), self.f + X) - sa.c, -sa.s), X  # g at 2^(F+X)
+                first = [("force", sa)]
             else:  # |times sa| < 2^(14 + F + F + X) = 2^60
-                e_pow, tg = self.run([("mul", e, e, Lazy(self.f)), ("mul", times, sa, Lazy(self.f + X))])
-                q, qx = times - tg, 0
+                first = [("mul", times, sa, Lazy(self.f + X))]
+            p_ = e
             for j in range(1, steps):
-                items = [("mul", y, self.add_public(e_pow, 1.0), Lazy(self.f))]
+                py, pp = (v if isinstance(v, Poly) else Poly.of(v) for v in (y, p_))
+                items = [("force", py.scale(1 << 2 * self.f) + py * pp * pp, Lazy(2 * self.f))]
                 if j < steps - 1:
-                    items.append(("mul", e_pow, e_pow, Lazy(self.f)))
-                y, *nxt = self.run(items)
-                e_pow = nxt[0] if nxt else e_pow
+                    items.append(("mul", p_, p_, Lazy(self.f)))
+                y, *nxt = self.run(items + (first if j == 1 else []))
+                if j == 1:
+                    g = nxt.pop()
+                    q, qx = (Shared(self.encode(torch.tensor(1.0), self.f + X) - g.c, -g.s), X) if times is None \
+                        else (times - g, 0)  # g at 2^(F+X), or times g
+                p_ = nxt[0] if nxt else p_
             (out,) = self.run([("mul", q, y, self.f + qx)])
             return out
         if also:
