@@ -36,7 +36,7 @@ from typing import Callable, Sequence
 import torch
 
 from . import ring
-from .void import VOID, real
+from .void import VOID
 
 
 class TripleReuseError(Exception):
@@ -145,7 +145,9 @@ class PooledProvider(TripleProvider):
     def __init__(self, batch: int):
         super().__init__()
         self.batch = batch
-        self._pools: dict[str, list[torch.Tensor]] = {}  # kind -> a_c, a_s, b_c, b_s, c_c, c_s (flat)
+        # kind -> (the real ones of a_c, a_s, b_c, b_s, c_c, c_s (or masks and products) stacked,
+        # which of those are the other party's VOID)
+        self._pools: dict = {}
         self._cursors: dict[str, int] = {}
         self.prefill_kinds: tuple[str, ...] = ("mul",)
 
@@ -160,18 +162,24 @@ class PooledProvider(TripleProvider):
         # a polynomial's correlation holds n masks and their products per element: pools of about
         # ``batch`` ring elements (a max's winner products hold ~100 per element, a truncation's 3)
         batch = self.batch if isinstance(kind, str) else max(self.batch // (kind[1] + len(kind[2])), 1)
-        self._pools[kind] = self._new_pool(max(need, batch), kind)
+        flat = self._new_pool(max(need, batch), kind)
+        # kept as one (tensors, elements) block of this party's real tensors: a take slices it once
+        self._pools[kind] = (torch.stack([t for t in flat if t is not VOID]), [t is VOID for t in flat])
         self._cursors[kind] = 0
+
+    def pool_size(self, kind) -> int:
+        """Elements (words) in the current pool of ``kind`` (0 before the first)."""
+        return self._pools[kind][0].shape[1] if kind in self._pools else 0
 
     def _pooled(self, kind, a_shape) -> Triple | Correlation:
         n = math.prod(a_shape)
-        pool = self._pools.get(kind)
-        if pool is None or self._cursors[kind] + n > real(pool[0], pool[1]).numel():
+        if self._cursors.get(kind, 0) + n > self.pool_size(kind):
             self._refill(kind, n)
-            pool = self._pools[kind]
+        block, void = self._pools[kind]
         at = self._cursors[kind]
         self._cursors[kind] = at + n  # the pool's cursor only moves forward: every element is used once
-        p = [t if t is VOID else t[at:at + n].reshape(a_shape) for t in pool]
+        rows = iter(block[:, at:at + n].reshape(block.shape[0], *a_shape).unbind(0))
+        p = [VOID if v else next(rows) for v in void]
         if isinstance(kind, tuple):
             return _correlation(next(self._serials), kind, p)
         return Triple(next(self._serials), kind, (p[0], p[1]), (p[2], p[3]), (p[4], p[5]))
