@@ -547,7 +547,7 @@ class Engine:
         return out
 
     def ltz(self, x: Shared, bound: float | None = None, slack: float | None = None,
-            also: list[tuple] = (), lazy: bool = False, scale: int = 0) -> Shared | Poly | tuple[Shared, list[Shared]]:
+            also: list[tuple] = (), lazy: bool = False, scale: int | torch.Tensor = 0) -> Shared | Poly | tuple[Shared, list[Shared]]:
         """Arithmetic shares of the bit ``x < 0``: AND rounds for a carry (Kogge-Stone over the two
         shares as XOR-shared addends), then one Beaver product to turn the XOR-shared bit into an
         additive one (``also``: single-round items of :meth:`run` riding in that round; then the
@@ -562,9 +562,20 @@ class Engine:
         ``1 + ceil(log2 p)`` AND rounds (5 for p <= 16 instead of 7). Exact for x < 0; for
         ``0 <= x < slack`` it may also say 1 (the carry lost by the shift), never worse. ``scale``:
         x comes with that many more fraction bits (an untruncated product; ``bound`` and ``slack``
-        stay in real units)."""
+        stay in real units); a tensor: per element (with ``bound`` and ``slack``: B and k move
+        with it, p does not), e.g. a linear layer's untruncated output with its per-column shifts."""
         zero = torch.zeros_like(real(x.c, x.s))  # a real 0: the other party's share of its own bit
         F = self.f + scale
+        if isinstance(scale, torch.Tensor):
+            if not (bound and slack):
+                raise ValueError("ltz: a per-element scale needs a bound and a slack")
+            cb, kb = max(1, math.ceil(math.log2(bound + slack))), math.floor(math.log2(slack)) - 1
+            B, k = F + cb, F + kb
+            if int(B.max()) > 62 or int(k.min()) < 0:
+                raise ValueError(f"ltz bound {bound} too large for the ring at scale {int(scale.max())}")
+            off = torch.bitwise_left_shift(torch.ones_like(B), B)
+            bc, bs = self._sum_bit(_lsr(x.c + off, k), _lsr(x.s, k), cb - kb)
+            return self._b2a(bc, bs, zero, also, lazy)
         if bound is None:
             B, k = 63, 0
         elif not slack:  # exact: no bits dropped
@@ -579,6 +590,10 @@ class Engine:
         xc = _lsr(x.c + off, k) if k else x.c + off
         xs = _lsr(x.s, k) if k else x.s
         bc, bs = self._sum_bit(xc, xs, p)
+        return self._b2a(bc, bs, zero, also, lazy)
+
+    def _b2a(self, bc, bs, zero, also, lazy):
+        """:meth:`ltz`'s last step: ``1 - (bc XOR bs)`` as an additive sharing (or its Poly)."""
         # the bit [x >= 0] is bc XOR bs = bc + bs - 2 bc bs (bc bs by one Beaver product), ltz = 1 - it
         if lazy:
             if also:
@@ -941,10 +956,14 @@ class Engine:
             y = self.mul(times, y.map(lambda u: u.expand(times.shape)))
         return y
 
-    def sigmoid(self, x: Shared, times: Shared | None = None, also: list[tuple] = (), steps: int = 4) -> Shared:
+    def sigmoid(self, x: Shared | Poly, times: Shared | None = None, also: list[tuple] = (), steps: int = 4,
+                untrunc: tuple[Shared, torch.Tensor] | None = None) -> Shared:
         """``sigmoid(x)`` (``times * sigmoid(x)`` with ``times``). ``also``: products (untruncated)
         riding in the round after the comparisons; their truncation rides in exp's first round, and
         ``times`` may then be the index of the item whose result it multiplies (see :meth:`silu_gate`).
+        ``untrunc = (src, k)`` (with comparisons): x is the lazy truncation of ``src`` by the
+        per-element shifts ``k`` (a linear layer's output): the comparisons read src as it is and
+        x's value comes out of the round after them, so the layer's truncation costs no round.
 
         With ``clip_sigmoid`` (comparisons), for any x with |x| < ~3900: one batch of bounded
         comparisons gives the clip's bits ``[x < 16]``, ``[-x < 16]`` and the sign ``s = [x < 0]``
@@ -963,16 +982,23 @@ class Engine:
         Without comparisons: ``e^{x/2} / (e^{x/2} + e^{-x/2})`` from ``h = x/2`` with the
         exp-started reciprocal, for x in [-16, 16]."""
         if self.clip_sigmoid:
-            n = x.numel()
+            n = math.prod(x.shape)
             flat = x.map(lambda t: t.reshape(-1))
-            cmp = cat([self.add_public(flat, -16.0), self.add_public(-flat, -16.0), flat], 0)
+            if untrunc is None:
+                cmp, scale = cat([self.add_public(flat, -16.0), self.add_public(-flat, -16.0), flat], 0), 0
+            else:  # 16 at each element's scale 2^(F + k)
+                src, k = untrunc[0].map(lambda t: t.reshape(-1)), untrunc[1].expand(untrunc[0].shape).reshape(-1)
+                t16 = torch.bitwise_left_shift(torch.full_like(k, 16), self.f + k)
+                cmp, scale = Shared(torch.cat([src.c - t16, -src.c - t16, src.c]), torch.cat([src.s, -src.s, src.s])), k.repeat(3)
             # the bits lazy: the comparisons' last step rides in the round of x's products with them (exact
             # at scale 2^F: the bits are integers), where the bits' values come out too
-            bits = self.ltz(cmp, bound=self.CMP_BOUND, slack=self.CMP_SLACK, lazy=True)
+            bits = self.ltz(cmp, bound=self.CMP_BOUND, slack=self.CMP_SLACK, lazy=True, scale=scale)
             nh, nl, sg = (bits.map(lambda t, a=a: t[a * n:(a + 1) * n]) for a in range(3))
             ph, pl, ps, nh, nl, sign, *raw = self.run(
                 [("mul", flat, nh, None), ("mul", flat, nl, None), ("mul", flat, sg, None),
-                 ("force", nh), ("force", nl), ("force", sg)] + list(also))
+                 ("force", nh), ("force", nl), ("force", sg)] + ([("force", flat)] if untrunc else []) + list(also))
+            if untrunc:
+                flat, *raw = raw
             # -min(|x|, 16)/8 = -(x/8 - 2 s x/8) + relu((x - 16)/8) + relu((-16 - x)/8), i.e. 8 u =
             # 2 x s - x - (x - 16) nh - (-x - 16) nl - 32 = 2 ps - x - ph + pl + 16 (nh + nl) - 32: one lazy /8
             u8 = self.add_public(ps + ps - flat - ph + pl + self.mul_int(nh + nl, self.encode(torch.tensor(16.0))), -32.0)
@@ -1034,8 +1060,14 @@ class Engine:
     def silu(self, x: Shared) -> Shared:
         return self.sigmoid(x, times=x)
 
-    def silu_gate(self, x: Shared, up: Shared) -> Shared:
-        """``silu(x) * up = sigmoid(x) * (x up)``: the product x up rides in the clip's last round."""
+    def silu_gate(self, x: "Shared | LazySum", up: "Shared | LazySum") -> Shared:
+        """``silu(x) * up = sigmoid(x) * (x up)``: the product x up rides in the clip's last round.
+        As LazySums (the gate_up layer's untruncated outputs; with comparisons): their truncations
+        ride in that round too (:meth:`sigmoid`'s ``untrunc``)."""
+        if isinstance(x, LazySum):
+            # shifts at full shape: the Poly's tensor coefficients then follow its reshapes
+            xp, upp = (self.lazy_trunc(z.src, z.k.expand(z.src.shape)) for z in (x, up))
+            return self.sigmoid(xp, times=0, also=[("mul", xp, upp, None)], untrunc=(x.src, x.k))
         return self.sigmoid(x, times=0, also=[("mul", x, up, None)])
 
     def gelu_tanh(self, x: Shared) -> Shared:
@@ -1361,7 +1393,9 @@ class MPCExecutor:
                     len(ops) == 1 and isinstance(nxt[0], Add) and step.out in nxt[0].inputs
                     and isinstance(nxt[1], Norm) and nxt[1].kind == "rms" and nxt[1].inp == nxt[0].out
                     or isinstance(nxt[0], Attention) and nxt[0].rope
-                    and {nxt[0].q, nxt[0].k, nxt[0].v} == {op.out for op in ops})
+                    and {nxt[0].q, nxt[0].k, nxt[0].v} == {op.out for op in ops}
+                    or isinstance(nxt[0], Activation) and nxt[0].kind == "silu_gate" and e.clip_sigmoid
+                    and tuple(nxt[0].inputs) == tuple(op.out for op in ops))
                 for op, out in zip(ops, self.linear(tuple(ops), env[step.inp], lazy=lazy)):
                     env[op.out] = out
                 i += len(ops)

@@ -288,6 +288,29 @@ def test_silu_gate_is_silu_times_up_in_the_rounds_of_silu():
     assert e.stats.rounds - r0 == 17
 
 
+def test_silu_gate_on_a_linear_layers_untruncated_outputs_saves_its_truncation_round():
+    """gate and up as a linear layer leaves them (scale 2^(F + k_j) per column, k_j public): the
+    comparisons read them as they are (ltz with a per-element scale), their truncations ride in the
+    round after the comparisons: the same values as from the truncated inputs, one round less."""
+    e = _cmp_engine()
+    g = torch.Generator().manual_seed(3)
+    x, u = torch.randn(4, 96, generator=g) * 20, torch.randn(4, 96, generator=g) * 5
+    x[0, :48] = torch.linspace(-3900, 3900, 48)
+    x[1, :8] = torch.tensor([0.0, 1e-6, -1e-6, 16.0, -16.0, 16.01, -15.99, 2.0 ** -20])
+    k = torch.randint(4, 17, (96,), generator=g)  # per-column shifts, as encode_weights_pow2's
+    raw = [e.share(t * 2.0 ** k.double()) for t in (x, u)]  # x 2^(F + k): what W a holds
+    want = F.silu(x.double()) * u.double()
+    r0 = e.stats.rounds
+    y = e.reveal(e.silu_gate(*(mpc.LazySum(None, r, k) for r in raw)))
+    lazy_rounds, r0 = e.stats.rounds - r0, e.stats.rounds
+    y2 = e.reveal(e.silu_gate(*e.trunc_many([(r, k) for r in raw])))  # the layer's truncation: one round
+    assert e.stats.rounds - r0 == lazy_rounds + 1 == 18
+    for got in (y, y2):
+        assert ((got - want).abs() <= 2e-3 * (1 + u.double().abs()) + 3e-4 * want.abs()).all(), (got - want).abs().max()
+    sign = e.reveal(e.ltz(raw[0], bound=e.CMP_BOUND, slack=e.CMP_SLACK, scale=k.expand(4, 96))) * 2.0 ** e.f
+    assert (sign[x < 0] == 1).all() and (sign[x >= e.CMP_SLACK] == 0).all()
+
+
 @pytest.mark.parametrize("bound,slack", [(None, None), (4000.0, 1 / 8), (100.0, 1 / 1024)])
 def test_bounded_comparison_is_exact_below_zero_and_off_only_within_the_slack(bound, slack):
     e = mpc.Engine()
