@@ -96,6 +96,9 @@ class TripleProvider:
     """Where Beaver triples come from. Subclasses implement :meth:`_make`."""
 
     name = "abstract"
+    # True where the client is (or a simulation's) dealer: it knows every mask, so a bit of the
+    # server's may be opened to it as it is (mpc.ServerBit); never for jointly generated triples
+    client_deals = False
 
     def __init__(self):
         self._serials = itertools.count()
@@ -197,6 +200,7 @@ class DealerProvider(TripleProvider):
     """Triples from the client's trusted dealer (who could unmask: see the module docstring)."""
 
     name = "dealer"
+    client_deals = True
 
     def __init__(self, seed: bytes | None = None):
         super().__init__()
@@ -242,6 +246,7 @@ class SeededDealerProvider(PooledProvider):
     """
 
     name = "dealer"
+    client_deals = True
 
     def __init__(self, role: str, seed: bytes, batch: int = 1 << 20):
         super().__init__(batch)

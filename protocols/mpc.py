@@ -45,6 +45,10 @@ round, or, lazy, the round of the product that consumes it (``L - 2^(64-k) w`` t
 the monomials ``L y``, ``msb_c y``, ``msb_s y``, ``msb_c msb_s y``: one round with the matching
 correlation). No failure probability as long as ``|x| < 2^62`` (values below 2^22 at scale 2^2F).
 ``Engine.local_trunc = True`` switches back to SecureML's local truncation (tests only).
+With the client as dealer (``--triples dealer``) the server's wrap bit ``msb_s`` (and a lazy
+comparison's server bit) is opened to the client as it is, one bit, instead of masked
+(:class:`ServerBit`): the client knows every mask and could unmask it anyway, and the server's
+view is unchanged; with OT triples it stays masked, so the client's view stays uniform.
 
 Linear layers. The server's weights are integers with a per-row power-of-two scale
 ``2^k_j`` (``k_j`` public, about 20 significant bits per row). Networked, the client first
@@ -184,10 +188,17 @@ class Shared:
 
     def map(self, fn) -> "Shared":
         """A local, share-wise linear rearrangement (view, transpose, slice, cat of one)."""
-        return Shared(VOID if self.c is VOID else fn(self.c), VOID if self.s is VOID else fn(self.s))
+        return type(self)(VOID if self.c is VOID else fn(self.c), VOID if self.s is VOID else fn(self.s))
 
     def sum(self, dim, keepdim=False) -> "Shared":
         return Shared(self.c.sum(dim, keepdim=keepdim), self.s.sum(dim, keepdim=keepdim))
+
+
+class ServerBit(Shared):
+    """A bit the server holds in the clear (its share; the client's is a real 0): a truncation's
+    wrap bit ``ms``, a comparison's ``bs``. With a provider whose dealer is the client
+    (``TripleProvider.client_deals``), a polynomial opens it as it is, one bit, instead of masked:
+    the client could unmask it anyway, and the server learns nothing new."""
 
 
 def cat(xs: list[Shared], dim: int) -> Shared:
@@ -317,11 +328,14 @@ class Engine:
         """One round: every value in ``xs`` opened to both parties (``bits``: see :meth:`_open_with`)."""
         return self._open_with(xs, torch.add, bits)
 
-    def _open_with(self, xs: list[Shared], combine, bits: int | list[int] = 64) -> list[torch.Tensor]:
+    def _open_with(self, xs: list[Shared], combine, bits: int | list[int] = 64,
+                   bare: list[bool] | None = None) -> list[torch.Tensor]:
         """One round: each party sends its slot of every value in one message (arithmetic shares
         with ``combine=add``, XOR shares with ``bitwise_xor``). ``bits`` (for all values, or one per
         value): only the low ``bits`` bits of an opened value are ever read (the rest of it is then
-        garbage), and only they travel, packed 4 (or 2) to a ring element (ring.pack_low)."""
+        garbage), and only they travel, packed 4 (or 2, or 64 bits) to a ring element (ring.pack_low).
+        ``bare``: per value, True for a :class:`ServerBit` opened as it is (the server's own: not part
+        of the server's view)."""
         self.stats.rounds += 1
         self.stats.opened_elements += sum(x.numel() for x in xs)
         if self.transport is None:
@@ -329,11 +343,19 @@ class Engine:
         else:
             mine = [self._mine(x) for x in xs]
             lanes = [ring.lane_bits(b) for b in ([bits] * len(xs) if isinstance(bits, int) else bits)]
-            groups = [(w, [i for i, lw in enumerate(lanes) if lw == w]) for w in (16, 32, 64)]
-            groups = [(w, idx, torch.cat([mine[i].reshape(-1) for i in idx])) for w, idx in groups if idx]
-            got = self.transport.exchange(torch.cat([ring.pack_low(flat, w) for w, _, flat in groups]))
-            theirs, at = [None] * len(xs), 0
-            for w, idx, flat in groups:  # the same layout on both sides: it follows from the public plan
+            bare = bare or [False] * len(xs)
+            # by lane width, the bare server bits last: only the server sends those (the client's
+            # share of them is 0); the layout follows from the public plan, the same on both sides
+            groups = [(w, b, [i for i in range(len(xs)) if lanes[i] == w and bare[i] == b])
+                      for w, b in ((1, False), (16, False), (32, False), (64, False), (1, True))]
+            groups = [(w, b, idx, torch.cat([mine[i].reshape(-1) for i in idx])) for w, b, idx in groups if idx]
+            sent = [g for g in groups if not g[1] or self.role == "server"]
+            recv = [g for g in groups if not g[1] or self.role == "client"]
+            got = self.transport.exchange(torch.cat([ring.pack_low(flat, w) for w, _, _, flat in sent] or
+                                                    [torch.zeros(0, dtype=torch.int64)]),
+                                          sum(-(-flat.numel() * w // 64) for w, _, _, flat in recv))
+            theirs, at = [torch.zeros_like(m) if b else None for m, b in zip(mine, bare)], 0
+            for w, _, idx, flat in recv:
                 words = -(-flat.numel() * w // 64)
                 vals, at, off = ring.unpack_low(got[at:at + words], flat.numel(), w), at + words, 0
                 for i in idx:
@@ -341,7 +363,7 @@ class Engine:
                     off += mine[i].numel()
             out = [combine(m, t) for m, t in zip(mine, theirs)]
         if self.view is not None:
-            self.view += [o.clone() for o in out]
+            self.view += [o.clone() for i, o in enumerate(out) if not (bare and bare[i])]
         return out
 
     # -- local operations ---------------------------------------------------------------------
@@ -376,7 +398,7 @@ class Engine:
             off = torch.bitwise_left_shift(torch.ones_like(k), 62 - k)
         L = Shared(_lsr(uc, k) - off, _lsr(us, k))
         # wrap bit w = mc OR ms = mc + ms - mc ms (known MSB 0 of the offset value)
-        return Poly([L, Shared(mc, zero), Shared(zero.clone(), ms)],
+        return Poly([L, Shared(mc, zero), ServerBit(zero.clone(), ms)],
                     {(0,): 1, (1,): -top, (2,): -top, (1, 2): top}, source=(x, k))
 
     def add_public(self, x: Shared | Poly, v: torch.Tensor | float) -> Shared | Poly:
@@ -484,33 +506,40 @@ class Engine:
     def _products(self, items: list[tuple]) -> list:
         """One round of openings for all items: untruncated Beaver products ``("mul" | "matmul", x, y)``
         (a :class:`Shared` each) and polynomial groups ``("poly", polys)`` (a list each)."""
-        plans, masked, bits = [], [], []
+        plans, masked, bits, bare = [], [], [], []
         for it in items:
             if it[0] == "poly":
-                vars, terms, opened, subsets, need = poly.plan(it[1])
-                corr = self.provider.poly(vars[0].shape, len(opened), subsets).take() if opened else None
-                masked += [vars[i] - Shared(*corr.masks[j]) for j, i in enumerate(opened)]
+                vars, terms, opened, subsets, need, n = poly.plan(it[1], self._shown)
+                corr = self.provider.poly(vars[0].shape, n, subsets).take() if n else None
+                masked += [vars[i] - Shared(*corr.masks[j]) for j, i in enumerate(opened[:n])]
+                masked += [vars[i] for i in opened[n:]]  # the server's own bits, as they are
+                bare += [False] * n + [True] * (len(opened) - n)
                 bits += need
-                plans.append((vars, terms, opened, corr))
+                plans.append((vars, terms, opened, corr, n))
             else:
                 kind, x, y = it
                 t = self.provider.mul(x.shape).take() if kind == "mul" else self.provider.matmul(x.shape, y.shape).take()
                 masked += [Shared(x.c - t.a[0], x.s - t.a[1]), Shared(y.c - t.b[0], y.s - t.b[1])]
+                bare += [False, False]
                 bits += [64, 64]
                 plans.append(t)
-        d = self.open(masked, bits) if masked else []
+        d = self._open_with(masked, torch.add, bits, bare) if masked else []
         out, at = [], 0
         for it, pl in zip(items, plans):
             if it[0] == "poly":
-                vars, terms, opened, corr = pl
-                out.append(self._poly_values(vars, terms, opened, corr, d[at:at + len(opened)]))
+                vars, terms, opened, corr, n = pl
+                out.append(self._poly_values(vars, terms, opened, corr, d[at:at + len(opened)], n))
                 at += len(opened)
             else:
                 out.append(Shared(*beaver.beaver_combine(it[0], pl, d[at], d[at + 1])))
                 at += 2
         return out
 
-    def _poly_values(self, vars, terms, opened, corr, d) -> list[Shared]:
+    def _shown(self, v) -> bool:
+        """Whether a polynomial variable is opened as it is (:class:`ServerBit`)."""
+        return self.provider.client_deals and isinstance(v, ServerBit)
+
+    def _poly_values(self, vars, terms, opened, corr, d, n_masked: int) -> list[Shared]:
         """Shares of each ``sum coef monomial`` of one round's group from the opened ``d``
         (poly.shares), for each slot this engine computes (a party its own only); the public
         terms go into the client's share."""
@@ -522,7 +551,8 @@ class Engine:
                 continue
             sides.append(poly.shares(terms, slot, d, [(v.c, v.s)[side] for v in vars],
                                      [a[side] for a in corr.masks] if corr else [],
-                                     {S: p[side] for S, p in corr.prods.items()} if corr else {}, public=side == 0))
+                                     {S: p[side] for S, p in corr.prods.items()} if corr else {}, public=side == 0,
+                                     n_masked=n_masked))
         return [Shared(c, s_) for c, s_ in zip(*sides)]
 
     def mul(self, x: Shared, y: Shared) -> Shared:
@@ -598,7 +628,7 @@ class Engine:
         if lazy:
             if also:
                 raise ValueError("a lazy comparison has no round of its own for 'also' items")
-            return Poly([Shared(bc, zero), Shared(zero.clone(), bs)], {(): 1, (0,): -1, (1,): -1, (0, 1): 2})
+            return Poly([Shared(bc, zero), ServerBit(zero.clone(), bs)], {(): 1, (0,): -1, (1,): -1, (0, 1): 2})
         prod, *rest = self.run([("mul", Shared(bc, zero), Shared(zero.clone(), bs), None)] + list(also))
         bit = Shared(1 - bc + 2 * prod.c, -bs + 2 * prod.s)
         return (bit, rest) if also else bit

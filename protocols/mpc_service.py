@@ -100,15 +100,16 @@ class ChannelTransport:
         """``fn()`` in a worker thread (heavy pure compute: the event loop keeps serving others)."""
         return sync_driver.call(trio.to_thread.run_sync, fn)
 
-    def exchange(self, mine: torch.Tensor) -> torch.Tensor:
-        return self._call(self._exchange, mine)
+    def exchange(self, mine: torch.Tensor, theirs: int | None = None) -> torch.Tensor:
+        """Send ``mine``, receive the peer's flight of ``theirs`` words (default: as many as mine)."""
+        return self._call(self._exchange, mine, mine.numel() if theirs is None else theirs)
 
-    async def _exchange(self, mine: torch.Tensor) -> torch.Tensor:
+    async def _exchange(self, mine: torch.Tensor, theirs: int) -> torch.Tensor:
         send, recv = (MsgType.MPC_OPEN, MsgType.MPC_OPEN_OK) if self.role == "client" else \
             (MsgType.MPC_OPEN_OK, MsgType.MPC_OPEN)
         msg = await self.channel.exchange(send, {"v": mine.numpy()},
                                           lambda: self.channel.expect(recv) if self.role == "client" else self._expect(recv))
-        return ring_tensor(msg.body, "v", recv.name, tuple(mine.shape))
+        return ring_tensor(msg.body, "v", recv.name, (theirs,))
 
     def to_server(self, what: str, m: torch.Tensor) -> None:
         self._call(self.channel.send, _TO_SERVER[what], {"m": m.numpy()})

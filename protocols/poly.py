@@ -149,34 +149,42 @@ def _low_zeros(c: Coef) -> int:
     return 0
 
 
-def plan(polys: list[Poly]) -> tuple[list, list[dict[tuple[int, ...], Coef]], list[int], list[tuple[int, ...]], list[int]]:
+def plan(polys: list[Poly], shown=None) -> tuple[list, list[dict[tuple[int, ...], Coef]], list[int],
+                                                 list[tuple[int, ...]], list[int], int]:
     """One round's evaluation of ``polys`` (of one shape) with one mask per variable.
 
     Returns the variables (merged by identity), each poly's terms over them, the variables to
-    open (those in a monomial of degree >= 2, in the order of their masks), the mask products
-    the correlation must hold (every sub-multiset of size >= 2 of every monomial, over mask
-    indices, sorted) and, for each opened variable, how many low bits of its opening are read:
-    a truncation's wrap bits only appear times ``2^(64-k)``, so only their low k bits count
-    (ring.pack_low sends no more)."""
+    open (those in a monomial of degree >= 2: first the masked ones, in the order of their masks,
+    then those ``shown(var)`` says are opened as they are, without a mask), the mask products
+    the correlation must hold (every sub-multiset of size >= 2 of every monomial's masked
+    variables, over mask indices, sorted), for each opened variable how many low bits of its
+    opening are read (a truncation's wrap bits only appear times ``2^(64-k)``, so only their low
+    k bits count, and a shown bit only its lowest: ring.pack_low sends no more), and how many
+    of the opened variables are masked."""
     vars, terms, at = [], [], {}
     for p in polys:
         remap = merge_vars(vars, at, p.vars)
         terms.append({tuple(sorted(remap[i] for i in m)): c for m, c in p.terms.items()})
-    opened = sorted({i for t in terms for m in t if len(m) >= 2 for i in m})
-    need = {i: 0 for i in opened}
+    used = {i for t in terms for m in t if len(m) >= 2 for i in m}
+    bare = {i for i in used if shown is not None and shown(vars[i])}
+    opened = sorted(used - bare) + sorted(bare)
+    need = {i: 1 if i in bare else 0 for i in opened}
     for t in terms:
         for m, c in t.items():
             if len(m) >= 2:
                 for i in m:
-                    need[i] = max(need[i], 64 - _low_zeros(c))
+                    if i not in bare:
+                        need[i] = max(need[i], 64 - _low_zeros(c))
     slot = {v: j for j, v in enumerate(opened)}
     subsets = set()
     for t in terms:
         for m in t:
             if len(m) >= 2:
-                for r in range(2, len(m) + 1):
-                    subsets.update(itertools.combinations(tuple(slot[i] for i in m), r))
-    return vars, terms, opened, sorted(subsets, key=lambda s: (len(s), s)), [need[i] for i in opened]
+                masked = tuple(slot[i] for i in m if i not in bare)
+                for r in range(2, len(masked) + 1):
+                    subsets.update(itertools.combinations(masked, r))
+    return vars, terms, opened, sorted(subsets, key=lambda s: (len(s), s)), [need[i] for i in opened], \
+        len(opened) - len(bare)
 
 
 @functools.lru_cache(maxsize=None)
@@ -192,12 +200,13 @@ def expansion(m: tuple[int, ...]) -> tuple[tuple[int, tuple[int, ...], tuple[int
 
 
 @functools.lru_cache(maxsize=4096)
-def _compiled(sig: tuple, public: bool) -> tuple:
+def _compiled(sig: tuple, public: bool, n_masked: int) -> tuple:
     """The pieces of :func:`shares` for one polynomial's structure ``sig`` (each term's mask
     indices and its coefficient, None for a tensor one), cached: the same call sites recur every
     token. Returns the constant (or None), the linear pieces ``(factor, coef)``, the quadratic
     pieces ``(factor, factor, coef)`` and the tensor-coefficient terms ``(term index, pieces)``,
-    a factor being ``("v", var)``, ``("d", opened indices)`` or ``("a", mask indices)``."""
+    a factor being ``("v", var)``, ``("d", opened indices)`` or ``("a", mask indices)``. Opened
+    indices from ``n_masked`` on were opened without a mask: no piece chooses their mask."""
     const, lin, quad, tens = None, {}, {}, []
     for j, (m, coef) in enumerate(sig):
         if len(m) == 0:
@@ -210,7 +219,7 @@ def _compiled(sig: tuple, public: bool) -> tuple:
             pieces = [(1, ("v", m[1]), None)]
         else:
             pieces = [(cnt, ("d", rest) if not T else ("a", T), ("d", rest) if T and rest else None)
-                      for cnt, rest, T in expansion(m) if T or public]
+                      for cnt, rest, T in expansion(m) if (T or public) and all(j < n_masked for j in T)]
         if coef is None:
             tens.append((j, tuple(pieces)))
             continue
@@ -222,14 +231,15 @@ def _compiled(sig: tuple, public: bool) -> tuple:
 
 
 def shares(polys: list[dict[tuple[int, ...], Coef]], slot: dict[int, int], d: list[torch.Tensor], var_shares: list,
-           masks: list, prods: dict, public: bool) -> list[torch.Tensor]:
+           masks: list, prods: dict, public: bool, n_masked: int | None = None) -> list[torch.Tensor]:
     """This party's share of each ``sum coef prod_{i in m} v_i`` (the terms of one round's
     polynomials) from the opened ``d_j = v - a_j`` (by mask index ``slot[i]``), its shares of the
     variables, the masks and their products (a Beaver product per monomial, expanded by
     :func:`expansion`). ``public``: this party adds the public terms (the constant and the
     products of opened values: the client). The products of opened values are made once for all
     the polynomials; the terms with integer coefficients are summed as two stacked tensor
-    expressions per polynomial (instead of a multiply-add each)."""
+    expressions per polynomial (instead of a multiply-add each). ``d`` from ``n_masked`` on: variables
+    opened without a mask (their own values: no mask product involves them)."""
     dp: dict[tuple[int, ...], torch.Tensor] = {}
 
     def dprod(rest):  # products of opened values, shared by every monomial of the round
@@ -250,7 +260,7 @@ def shares(polys: list[dict[tuple[int, ...], Coef]], slot: dict[int, int], d: li
         # a degree-1 term is the variable's own share; higher ones go by their masks' indices
         sig = tuple((("v", m[0]) if len(m) == 1 else tuple(slot[i] for i in m),
                      c if isinstance(c, int) else None) for m, c in terms.items())
-        const, lin, quad, tens = _compiled(sig, public)
+        const, lin, quad, tens = _compiled(sig, public, len(d) if n_masked is None else n_masked)
         out = torch.zeros_like(var_shares[0])
         if const is not None:
             out = out + const

@@ -153,7 +153,7 @@ def random_ring(*shape: int) -> torch.Tensor:
 
 
 INT8_MAX_ROWS = 4  # measured crossover (bench_ring, SmolLM2 shapes): int8 (fbgemm) wins up to ~4 rows, float64 above
-_LANE_SHIFTS = {w: torch.arange(64 // w, dtype=torch.int64) * w for w in (16, 32)}
+_LANE_SHIFTS = {w: torch.arange(64 // w, dtype=torch.int64) * w for w in (1, 16, 32)}
 
 
 @functools.lru_cache(maxsize=1)
@@ -164,8 +164,8 @@ def _pad_prg() -> "MaskPRG":
 
 
 def lane_bits(bits: int) -> int:
-    """The lane a value of ``bits`` meaningful low bits travels in: 16, 32 or 64 bits."""
-    return 16 if bits <= 16 else 32 if bits <= 32 else 64
+    """The lane a value of ``bits`` meaningful low bits travels in: 1, 16, 32 or 64 bits."""
+    return 1 if bits <= 1 else 16 if bits <= 16 else 32 if bits <= 32 else 64
 
 
 def pack_low(v: torch.Tensor, bits: int) -> torch.Tensor:
