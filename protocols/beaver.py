@@ -76,6 +76,9 @@ class Correlation(_SingleUse):
     serial: int
     masks: list[tuple[torch.Tensor, torch.Tensor]]
     prods: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]]
+    # masks that are random bits (``bit_slots``): their values, which only the dealer (the client,
+    # or the simulator) holds (VOID on the server): an XOR-masked opening needs them
+    bits: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
     used: bool = False
 
 
@@ -119,9 +122,13 @@ class TripleProvider:
         self.elements["mul"] += math.prod(shape)
         return t
 
-    def poly(self, shape: Sequence[int], n: int, subsets: Sequence[tuple[int, ...]]) -> Correlation:
-        """``n`` masks of ``shape`` and the products over ``subsets`` (see :class:`Correlation`)."""
-        key = ("poly", n, tuple(subsets))
+    def poly(self, shape: Sequence[int], n: int, subsets: Sequence[tuple[int, ...]],
+             bit_slots: Sequence[int] = ()) -> Correlation:
+        """``n`` masks of ``shape`` and the products over ``subsets`` (see :class:`Correlation`);
+        the masks ``bit_slots`` are random bits (only a provider whose dealer is the client)."""
+        if bit_slots and not self.client_deals:
+            raise ValueError("bit masks need the client as dealer (it opens v XOR a itself)")
+        key = ("poly", n, tuple(subsets)) + ((tuple(bit_slots),) if bit_slots else ())
         t = self._make(key, tuple(shape), None)
         self.issued["poly"] = self.issued.get("poly", 0) + 1
         self.elements["poly"] = self.elements.get("poly", 0) + math.prod(shape) * len(subsets)
@@ -191,9 +198,11 @@ class PooledProvider(TripleProvider):
 def _correlation(serial: int, key: tuple, flat: list[torch.Tensor]) -> Correlation:
     """A :class:`Correlation` from its tensors laid out as (client, server) pairs: the masks,
     then the products in the order of ``key = ("poly", n, subsets)``."""
-    _, n, subsets = key
+    n, subsets, bits = key[1], key[2], key[3] if len(key) > 3 else ()
     pairs = [(flat[2 * i], flat[2 * i + 1]) for i in range(len(flat) // 2)]
-    return Correlation(serial, pairs[:n], dict(zip(subsets, pairs[n:])))
+    m = n + len(subsets)
+    return Correlation(serial, pairs[:n], dict(zip(subsets, pairs[n:m])),
+                       {j: pairs[m + i][0] for i, j in enumerate(bits)})
 
 
 class DealerProvider(TripleProvider):
@@ -207,10 +216,12 @@ class DealerProvider(TripleProvider):
         self.prg = ring.MaskPRG(seed)
 
     def _make(self, kind, a_shape, b_shape) -> Triple | Correlation:
-        if isinstance(kind, tuple):  # ("poly", n, subsets)
-            masks = [self.prg.ring(*a_shape) for _ in range(kind[1])]
+        if isinstance(kind, tuple):  # ("poly", n, subsets[, bit slots])
+            bits = kind[3] if len(kind) > 3 else ()
+            masks = [self.prg.ring(*a_shape) & (1 if j in bits else -1) for j in range(kind[1])]
             prods = mask_products(masks, kind[2])
             flat = [t for v in masks + [prods[S] for S in kind[2]] for t in _share(self.prg, v)]
+            flat += [t for j in bits for t in (masks[j], VOID)]
             return _correlation(next(self._serials), kind, flat)
         a = self.prg.ring(*a_shape)
         if kind == "and":  # XOR shares
@@ -273,19 +284,25 @@ class SeededDealerProvider(PooledProvider):
 
     def _new_pool(self, n: int, kind="mul") -> list[torch.Tensor]:
         if isinstance(kind, tuple):
-            return [t for pair in self._deal_poly(n, kind[1], kind[2]) for t in pair]
+            return [t for pair in self._deal_poly(n, kind[1], kind[2], kind[3] if len(kind) > 3 else ()) for t in pair]
         return [t for pair in self._deal(kind, (n,), (n,), (n,)) for t in pair]
 
-    def _deal_poly(self, n: int, k: int, subsets) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _deal_poly(self, n: int, k: int, subsets, bits=()) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """A polynomial correlation: the server's masks and product shares from its seed, the
-        client's masks from its own PRG and its product shares ``prod (a_c + a_s) - p_s``."""
+        client's masks from its own PRG and its product shares ``prod (a_c + a_s) - p_s``; a bit
+        mask (``bits``) is a random bit ``a`` (``a_c = a - a_s``), which the client also keeps."""
         masks_s = [self.server_prg.ring(n) for _ in range(k)]
         prods_s = [self.server_prg.ring(n) for _ in subsets]
         if self.role == "server":
-            return [(VOID, m) for m in masks_s + prods_s]
+            return [(VOID, m) for m in masks_s + prods_s] + [(VOID, VOID)] * len(bits)
         masks_c = [self.own_prg.ring(n) for _ in range(k)]
-        full = mask_products([c + s for c, s in zip(masks_c, masks_s)], subsets)
-        return [(m, VOID) for m in masks_c + [full[S] - p for S, p in zip(subsets, prods_s)]]
+        full = [c + s for c, s in zip(masks_c, masks_s)]
+        for j in bits:
+            full[j] = full[j] & 1
+            masks_c[j] = full[j] - masks_s[j]
+        prods = mask_products(full, subsets)
+        return [(m, VOID) for m in masks_c + [prods[S] - p for S, p in zip(subsets, prods_s)]] + \
+            [(full[j], VOID) for j in bits]
 
     def _make(self, kind, a_shape, b_shape) -> Triple | Correlation:
         if kind in ("mul", "and") or isinstance(kind, tuple):

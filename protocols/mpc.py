@@ -45,10 +45,12 @@ round, or, lazy, the round of the product that consumes it (``L - 2^(64-k) w`` t
 the monomials ``L y``, ``msb_c y``, ``msb_s y``, ``msb_c msb_s y``: one round with the matching
 correlation). No failure probability as long as ``|x| < 2^62`` (values below 2^22 at scale 2^2F).
 ``Engine.local_trunc = True`` switches back to SecureML's local truncation (tests only).
-With the client as dealer (``--triples dealer``) the server's wrap bit ``msb_s`` (and a lazy
-comparison's server bit) is opened to the client as it is, one bit, instead of masked
-(:class:`ServerBit`): the client knows every mask and could unmask it anyway, and the server's
-view is unchanged; with OT triples it stays masked, so the client's view stays uniform.
+With the client as dealer (``--triples dealer``) the two parties' own bits in a polynomial (a
+truncation's ``msb_c``, ``msb_s``, a lazy comparison's) travel as one bit each instead of a
+masked ring element: the server's as it is (:class:`ServerBit`: the client knows every mask and
+could unmask it anyway), the client's XOR a random mask bit of the correlation
+(:class:`ClientBit`: a uniform bit to the server). With OT triples both stay masked ring
+elements, so the client's view stays uniform too.
 
 Linear layers. The server's weights are integers with a per-row power-of-two scale
 ``2^k_j`` (``k_j`` public, about 20 significant bits per row). Networked, the client first
@@ -201,6 +203,13 @@ class ServerBit(Shared):
     the client could unmask it anyway, and the server learns nothing new."""
 
 
+class ClientBit(Shared):
+    """A bit the client holds in the clear (its share; the server's is a real 0): a truncation's
+    wrap bit ``mc``, a comparison's ``bc``. With the client as dealer, a polynomial masks it with
+    a random bit ``a`` of the correlation (the client knows it) and the client alone sends
+    ``mc XOR a``: one uniform bit instead of a masked ring element (poly.plan's ``xor``)."""
+
+
 def cat(xs: list[Shared], dim: int) -> Shared:
     return Shared(torch.cat([x.c for x in xs], dim), torch.cat([x.s for x in xs], dim))
 
@@ -329,32 +338,34 @@ class Engine:
         return self._open_with(xs, torch.add, bits)
 
     def _open_with(self, xs: list[Shared], combine, bits: int | list[int] = 64,
-                   bare: list[bool] | None = None) -> list[torch.Tensor]:
+                   sender: list[str] | None = None) -> list[torch.Tensor]:
         """One round: each party sends its slot of every value in one message (arithmetic shares
         with ``combine=add``, XOR shares with ``bitwise_xor``). ``bits`` (for all values, or one per
         value): only the low ``bits`` bits of an opened value are ever read (the rest of it is then
-        garbage), and only they travel, packed 4 (or 2, or 64 bits) to a ring element (ring.pack_low).
-        ``bare``: per value, True for a :class:`ServerBit` opened as it is (the server's own: not part
-        of the server's view)."""
+        garbage), and only they travel, packed 4 (or 2, or 64 one-bit values) to a ring element
+        (ring.pack_low). ``sender``: per value "both" (default), or the one party whose slot is the
+        whole value (the other's is 0 and not sent): "server" for a :class:`ServerBit` opened as it
+        is (the server's own: not part of the server's view), "client" for an XOR-masked
+        :class:`ClientBit`."""
         self.stats.rounds += 1
         self.stats.opened_elements += sum(x.numel() for x in xs)
+        sender = sender or ["both"] * len(xs)
         if self.transport is None:
             out = [combine(x.c, x.s) for x in xs]
         else:
             mine = [self._mine(x) for x in xs]
             lanes = [ring.lane_bits(b) for b in ([bits] * len(xs) if isinstance(bits, int) else bits)]
-            bare = bare or [False] * len(xs)
-            # by lane width, the bare server bits last: only the server sends those (the client's
-            # share of them is 0); the layout follows from the public plan, the same on both sides
-            groups = [(w, b, [i for i in range(len(xs)) if lanes[i] == w and bare[i] == b])
-                      for w, b in ((1, False), (16, False), (32, False), (64, False), (1, True))]
-            groups = [(w, b, idx, torch.cat([mine[i].reshape(-1) for i in idx])) for w, b, idx in groups if idx]
-            sent = [g for g in groups if not g[1] or self.role == "server"]
-            recv = [g for g in groups if not g[1] or self.role == "client"]
+            # by lane width, then the one-sided bits: the layout follows from the public plan, the
+            # same on both sides
+            keys = [(w, "both") for w in (1, 16, 32, 64)] + [(1, "client"), (1, "server")]
+            groups = [(w, who, [i for i in range(len(xs)) if lanes[i] == w and sender[i] == who]) for w, who in keys]
+            groups = [(w, who, idx, torch.cat([mine[i].reshape(-1) for i in idx])) for w, who, idx in groups if idx]
+            sent = [g for g in groups if g[1] in ("both", self.role)]
+            recv = [g for g in groups if g[1] != self.role]
             got = self.transport.exchange(torch.cat([ring.pack_low(flat, w) for w, _, _, flat in sent] or
                                                     [torch.zeros(0, dtype=torch.int64)]),
                                           sum(-(-flat.numel() * w // 64) for w, _, _, flat in recv))
-            theirs, at = [torch.zeros_like(m) if b else None for m, b in zip(mine, bare)], 0
+            theirs, at = [torch.zeros_like(m) if who == self.role else None for m, who in zip(mine, sender)], 0
             for w, _, idx, flat in recv:
                 words = -(-flat.numel() * w // 64)
                 vals, at, off = ring.unpack_low(got[at:at + words], flat.numel(), w), at + words, 0
@@ -362,8 +373,9 @@ class Engine:
                     theirs[i] = vals[off:off + mine[i].numel()].view(mine[i].shape)
                     off += mine[i].numel()
             out = [combine(m, t) for m, t in zip(mine, theirs)]
-        if self.view is not None:
-            self.view += [o.clone() for i, o in enumerate(out) if not (bare and bare[i])]
+        if self.view is not None:  # what the server receives: a client-sent bit travels packed, 64 to a word
+            self.view += [ring.pack_low(o.reshape(-1), 1) if who == "client" else o.clone()
+                          for o, who in zip(out, sender) if who != "server"]
         return out
 
     # -- local operations ---------------------------------------------------------------------
@@ -398,7 +410,7 @@ class Engine:
             off = torch.bitwise_left_shift(torch.ones_like(k), 62 - k)
         L = Shared(_lsr(uc, k) - off, _lsr(us, k))
         # wrap bit w = mc OR ms = mc + ms - mc ms (known MSB 0 of the offset value)
-        return Poly([L, Shared(mc, zero), ServerBit(zero.clone(), ms)],
+        return Poly([L, ClientBit(mc, zero), ServerBit(zero.clone(), ms)],
                     {(0,): 1, (1,): -top, (2,): -top, (1, 2): top}, source=(x, k))
 
     def add_public(self, x: Shared | Poly, v: torch.Tensor | float) -> Shared | Poly:
@@ -506,43 +518,56 @@ class Engine:
     def _products(self, items: list[tuple]) -> list:
         """One round of openings for all items: untruncated Beaver products ``("mul" | "matmul", x, y)``
         (a :class:`Shared` each) and polynomial groups ``("poly", polys)`` (a list each)."""
-        plans, masked, bits, bare = [], [], [], []
+        plans, masked, bits, sender = [], [], [], []
         for it in items:
             if it[0] == "poly":
-                vars, terms, opened, subsets, need, n = poly.plan(it[1], self._shown)
-                corr = self.provider.poly(vars[0].shape, n, subsets).take() if n else None
-                masked += [vars[i] - Shared(*corr.masks[j]) for j, i in enumerate(opened[:n])]
-                masked += [vars[i] for i in opened[n:]]  # the server's own bits, as they are
-                bare += [False] * n + [True] * (len(opened) - n)
-                bits += need
-                plans.append((vars, terms, opened, corr, n))
+                pl = poly.plan(it[1], self._shown, self._xor)
+                n = pl.n_masked
+                corr = self.provider.poly(pl.vars[0].shape, n, pl.subsets, pl.bit_slots).take() if n else None
+                for j, i in enumerate(pl.opened[:n]):
+                    v = pl.vars[i]
+                    if j in pl.bit_slots:  # the client's own bit XOR its mask bit: the client sends it
+                        masked.append(Shared(VOID if v.c is VOID else v.c ^ corr.bits[j], v.s))
+                        sender.append("client")
+                    else:
+                        masked.append(v - Shared(*corr.masks[j]))
+                        sender.append("both")
+                masked += [pl.vars[i] for i in pl.opened[n:]]  # the server's own bits, as they are
+                sender += ["server"] * (len(pl.opened) - n)
+                bits += pl.need
+                plans.append((pl, corr))
             else:
                 kind, x, y = it
                 t = self.provider.mul(x.shape).take() if kind == "mul" else self.provider.matmul(x.shape, y.shape).take()
                 masked += [Shared(x.c - t.a[0], x.s - t.a[1]), Shared(y.c - t.b[0], y.s - t.b[1])]
-                bare += [False, False]
+                sender += ["both", "both"]
                 bits += [64, 64]
                 plans.append(t)
-        d = self._open_with(masked, torch.add, bits, bare) if masked else []
+        d = self._open_with(masked, torch.add, bits, sender) if masked else []
         out, at = [], 0
         for it, pl in zip(items, plans):
             if it[0] == "poly":
-                vars, terms, opened, corr, n = pl
-                out.append(self._poly_values(vars, terms, opened, corr, d[at:at + len(opened)], n))
-                at += len(opened)
+                pl, corr = pl
+                out.append(self._poly_values(pl, corr, d[at:at + len(pl.opened)]))
+                at += len(pl.opened)
             else:
                 out.append(Shared(*beaver.beaver_combine(it[0], pl, d[at], d[at + 1])))
                 at += 2
         return out
 
     def _shown(self, v) -> bool:
-        """Whether a polynomial variable is opened as it is (:class:`ServerBit`)."""
+        """With the client as dealer a :class:`ServerBit` is opened as it is (poly.plan's ``shown``)."""
         return self.provider.client_deals and isinstance(v, ServerBit)
 
-    def _poly_values(self, vars, terms, opened, corr, d, n_masked: int) -> list[Shared]:
+    def _xor(self, v) -> bool:
+        """With the client as dealer a :class:`ClientBit` is opened XOR-masked (poly.plan's ``xor``)."""
+        return self.provider.client_deals and isinstance(v, ClientBit)
+
+    def _poly_values(self, pl: poly.Plan, corr, d) -> list[Shared]:
         """Shares of each ``sum coef monomial`` of one round's group from the opened ``d``
         (poly.shares), for each slot this engine computes (a party its own only); the public
         terms go into the client's share."""
+        vars, terms, opened = pl.vars, pl.terms, pl.opened
         slot = {i: j for j, i in enumerate(opened)}
         sides = []
         for side in (0, 1):
@@ -552,7 +577,7 @@ class Engine:
             sides.append(poly.shares(terms, slot, d, [(v.c, v.s)[side] for v in vars],
                                      [a[side] for a in corr.masks] if corr else [],
                                      {S: p[side] for S, p in corr.prods.items()} if corr else {}, public=side == 0,
-                                     n_masked=n_masked))
+                                     n_masked=pl.n_masked, bit_slots=pl.bit_slots))
         return [Shared(c, s_) for c, s_ in zip(*sides)]
 
     def mul(self, x: Shared, y: Shared) -> Shared:
@@ -628,7 +653,7 @@ class Engine:
         if lazy:
             if also:
                 raise ValueError("a lazy comparison has no round of its own for 'also' items")
-            return Poly([Shared(bc, zero), ServerBit(zero.clone(), bs)], {(): 1, (0,): -1, (1,): -1, (0, 1): 2})
+            return Poly([ClientBit(bc, zero), ServerBit(zero.clone(), bs)], {(): 1, (0,): -1, (1,): -1, (0, 1): 2})
         prod, *rest = self.run([("mul", Shared(bc, zero), Shared(zero.clone(), bs), None)] + list(also))
         bit = Shared(1 - bc + 2 * prod.c, -bs + 2 * prod.s)
         return (bit, rest) if also else bit

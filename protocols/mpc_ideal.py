@@ -50,7 +50,7 @@ class IdealEngine(mpc.Engine):
         out, opened = [], 0
         for it in items:
             if it[0] == "poly":  # every polynomial's value, exactly (wraps mod 2^64)
-                vars, terms, masked, _, _, _ = poly.plan(it[1])
+                vars, terms, masked = poly.plan(it[1])[:3]
                 opened += len(masked) * vars[0].numel()
                 full = [v.c + v.s for v in vars]
                 out.append([self._fresh(poly.value(t, full)) for t in terms])

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+from typing import NamedTuple
 
 import torch
 
@@ -149,18 +150,27 @@ def _low_zeros(c: Coef) -> int:
     return 0
 
 
-def plan(polys: list[Poly], shown=None) -> tuple[list, list[dict[tuple[int, ...], Coef]], list[int],
-                                                 list[tuple[int, ...]], list[int], int]:
+class Plan(NamedTuple):
+    vars: list
+    terms: list  # each poly's terms over ``vars``
+    opened: list[int]  # the masked variables (in the order of their masks), then the shown ones
+    subsets: list[tuple[int, ...]]  # the mask products the correlation holds
+    need: list[int]  # per opened variable, the low bits of its opening that are read
+    n_masked: int
+    bit_slots: tuple[int, ...]  # masks that are random bits: those variables open XOR-masked
+
+
+def plan(polys: list[Poly], shown=None, xor=None) -> Plan:
     """One round's evaluation of ``polys`` (of one shape) with one mask per variable.
 
-    Returns the variables (merged by identity), each poly's terms over them, the variables to
-    open (those in a monomial of degree >= 2: first the masked ones, in the order of their masks,
-    then those ``shown(var)`` says are opened as they are, without a mask), the mask products
-    the correlation must hold (every sub-multiset of size >= 2 of every monomial's masked
-    variables, over mask indices, sorted), for each opened variable how many low bits of its
-    opening are read (a truncation's wrap bits only appear times ``2^(64-k)``, so only their low
-    k bits count, and a shown bit only its lowest: ring.pack_low sends no more), and how many
-    of the opened variables are masked."""
+    The variables are merged by identity. Opened are those in a monomial of degree >= 2: first
+    the masked ones, in the order of their masks, then those ``shown(var)`` says are opened as
+    they are, without a mask. A variable ``xor(var)`` says is a bit gets a random bit as its mask
+    and opens as ``v XOR a`` (one bit; ``v = d + (1 - 2d) a``). The correlation holds the
+    products of every sub-multiset of size >= 2 of every monomial's masked variables (over mask
+    indices, sorted). Only the low bits of an opening that are read travel (ring.pack_low): a
+    truncation's wrap bits only appear times ``2^(64-k)``, so their low k bits; a shown or XOR
+    masked bit its lowest."""
     vars, terms, at = [], [], {}
     for p in polys:
         remap = merge_vars(vars, at, p.vars)
@@ -168,12 +178,13 @@ def plan(polys: list[Poly], shown=None) -> tuple[list, list[dict[tuple[int, ...]
     used = {i for t in terms for m in t if len(m) >= 2 for i in m}
     bare = {i for i in used if shown is not None and shown(vars[i])}
     opened = sorted(used - bare) + sorted(bare)
-    need = {i: 1 if i in bare else 0 for i in opened}
+    bits = {i for i in used - bare if xor is not None and xor(vars[i])}
+    need = {i: 1 if i in bare or i in bits else 0 for i in opened}
     for t in terms:
         for m, c in t.items():
             if len(m) >= 2:
                 for i in m:
-                    if i not in bare:
+                    if not (i in bare or i in bits):
                         need[i] = max(need[i], 64 - _low_zeros(c))
     slot = {v: j for j, v in enumerate(opened)}
     subsets = set()
@@ -183,8 +194,8 @@ def plan(polys: list[Poly], shown=None) -> tuple[list, list[dict[tuple[int, ...]
                 masked = tuple(slot[i] for i in m if i not in bare)
                 for r in range(2, len(masked) + 1):
                     subsets.update(itertools.combinations(masked, r))
-    return vars, terms, opened, sorted(subsets, key=lambda s: (len(s), s)), [need[i] for i in opened], \
-        len(opened) - len(bare)
+    return Plan(vars, terms, opened, sorted(subsets, key=lambda s: (len(s), s)), [need[i] for i in opened],
+                len(opened) - len(bare), tuple(sorted(slot[i] for i in bits)))
 
 
 @functools.lru_cache(maxsize=None)
@@ -200,13 +211,15 @@ def expansion(m: tuple[int, ...]) -> tuple[tuple[int, tuple[int, ...], tuple[int
 
 
 @functools.lru_cache(maxsize=4096)
-def _compiled(sig: tuple, public: bool, n_masked: int) -> tuple:
+def _compiled(sig: tuple, public: bool, n_masked: int, bit_slots: tuple[int, ...] = ()) -> tuple:
     """The pieces of :func:`shares` for one polynomial's structure ``sig`` (each term's mask
     indices and its coefficient, None for a tensor one), cached: the same call sites recur every
     token. Returns the constant (or None), the linear pieces ``(factor, coef)``, the quadratic
     pieces ``(factor, factor, coef)`` and the tensor-coefficient terms ``(term index, pieces)``,
-    a factor being ``("v", var)``, ``("d", opened indices)`` or ``("a", mask indices)``. Opened
-    indices from ``n_masked`` on were opened without a mask: no piece chooses their mask."""
+    a factor being ``("v", var)``, ``("d", opened indices)``, ``("a", mask indices)`` or
+    ``("db", opened indices, bit slots)`` (the opened values' product times ``1 - 2 d_j`` for each
+    chosen bit mask j: ``v = d + (1 - 2d) a`` for an XOR-masked bit). Opened indices from
+    ``n_masked`` on were opened without a mask: no piece chooses their mask."""
     const, lin, quad, tens = None, {}, {}, []
     for j, (m, coef) in enumerate(sig):
         if len(m) == 0:
@@ -218,8 +231,13 @@ def _compiled(sig: tuple, public: bool, n_masked: int) -> tuple:
         if m[0] == "v":
             pieces = [(1, ("v", m[1]), None)]
         else:
-            pieces = [(cnt, ("d", rest) if not T else ("a", T), ("d", rest) if T and rest else None)
-                      for cnt, rest, T in expansion(m) if (T or public) and all(j < n_masked for j in T)]
+            pieces = []
+            for cnt, rest, T in expansion(m):
+                if not (T or public) or any(j >= n_masked for j in T):
+                    continue
+                js = tuple(j for j in T if j in bit_slots)
+                pub = ("db", rest, js) if js else ("d", rest) if rest else None
+                pieces.append((cnt, ("a", T), pub) if T else (cnt, pub, None))
         if coef is None:
             tens.append((j, tuple(pieces)))
             continue
@@ -231,7 +249,8 @@ def _compiled(sig: tuple, public: bool, n_masked: int) -> tuple:
 
 
 def shares(polys: list[dict[tuple[int, ...], Coef]], slot: dict[int, int], d: list[torch.Tensor], var_shares: list,
-           masks: list, prods: dict, public: bool, n_masked: int | None = None) -> list[torch.Tensor]:
+           masks: list, prods: dict, public: bool, n_masked: int | None = None,
+           bit_slots: tuple[int, ...] = ()) -> list[torch.Tensor]:
     """This party's share of each ``sum coef prod_{i in m} v_i`` (the terms of one round's
     polynomials) from the opened ``d_j = v - a_j`` (by mask index ``slot[i]``), its shares of the
     variables, the masks and their products (a Beaver product per monomial, expanded by
@@ -239,7 +258,8 @@ def shares(polys: list[dict[tuple[int, ...], Coef]], slot: dict[int, int], d: li
     products of opened values: the client). The products of opened values are made once for all
     the polynomials; the terms with integer coefficients are summed as two stacked tensor
     expressions per polynomial (instead of a multiply-add each). ``d`` from ``n_masked`` on: variables
-    opened without a mask (their own values: no mask product involves them)."""
+    opened without a mask (their own values: no mask product involves them); ``bit_slots``: masks
+    that are random bits, whose variables were opened XOR-masked (see :func:`plan`)."""
     dp: dict[tuple[int, ...], torch.Tensor] = {}
 
     def dprod(rest):  # products of opened values, shared by every monomial of the round
@@ -247,12 +267,22 @@ def shares(polys: list[dict[tuple[int, ...], Coef]], slot: dict[int, int], d: li
             dp[rest] = d[rest[0]] if len(rest) == 1 else dprod(rest[:-1]) * d[rest[-1]]
         return dp[rest]
 
+    def beta(j):
+        if ("b", j) not in dp:
+            dp[("b", j)] = 1 - 2 * d[j]
+        return dp[("b", j)]
+
     def get(f):
-        kind, i = f
+        kind, i = f[0], f[1]
         if kind == "v":
             return var_shares[i]
         if kind == "d":
             return dprod(i)
+        if kind == "db":  # the opened values' product times 1 - 2 d_j per chosen bit mask
+            if f not in dp:
+                b = beta(f[2][0]) if len(f[2]) == 1 else get(("db", (), f[2][:-1])) * beta(f[2][-1])
+                dp[f] = dprod(i) * b if i else b
+            return dp[f]
         return masks[i[0]] if len(i) == 1 else prods[i]
 
     outs = []
@@ -260,7 +290,7 @@ def shares(polys: list[dict[tuple[int, ...], Coef]], slot: dict[int, int], d: li
         # a degree-1 term is the variable's own share; higher ones go by their masks' indices
         sig = tuple((("v", m[0]) if len(m) == 1 else tuple(slot[i] for i in m),
                      c if isinstance(c, int) else None) for m, c in terms.items())
-        const, lin, quad, tens = _compiled(sig, public, len(d) if n_masked is None else n_masked)
+        const, lin, quad, tens = _compiled(sig, public, len(d) if n_masked is None else n_masked, bit_slots)
         out = torch.zeros_like(var_shares[0])
         if const is not None:
             out = out + const

@@ -237,13 +237,13 @@ def test_ot_triples_over_tls_equal_the_reference_and_the_client_view_is_uniform(
     # messages: the client party runs in this process (the server too: told apart by role)
     rounds, open_with = [], mpc.Engine._open_with
 
-    def logged(self, xs, combine, bits=64, bare=None):
-        assert not any(bare or [])  # with OT triples no bit is opened as it is (mpc.ServerBit)
+    def logged(self, xs, combine, bits=64, sender=None):
+        assert set(sender or ["both"]) == {"both"}  # with OT triples every value is masked by both
         if self.role == "client":  # the message's ring elements: values travel packed to the bits read
             widths = [ring.lane_bits(b) for b in ([bits] * len(xs) if isinstance(bits, int) else bits)]
             size = sum(-(-sum(x.c.numel() for x, lw in zip(xs, widths) if lw == w) * w // 64) for w in (1, 16, 32, 64))
             rounds.append((combine is torch.bitwise_xor, size))
-        return open_with(self, xs, combine, bits, bare)
+        return open_with(self, xs, combine, bits, sender)
     monkeypatch.setattr(mpc.Engine, "_open_with", logged)
 
     async def main():

@@ -123,28 +123,36 @@ def test_a_truncations_wrap_bits_are_opened_in_their_low_k_bits_only():
     e = mpc.Engine()
     x, y = e.share(torch.randn(10)), e.share(torch.randn(10))
     lz = e.lazy_trunc(x, 20)
-    vars, _, opened, _, need, _ = poly.plan([lz * Poly.of(y)])
+    vars, _, opened, _, need, _, _ = poly.plan([lz * Poly.of(y)])
     names = {id(lz.vars[0]): "L", id(lz.vars[1]): "mc", id(lz.vars[2]): "ms", id(y): "y"}
     assert {names[id(vars[i])]: b for i, b in zip(opened, need)} == {"L": 64, "mc": 20, "ms": 20, "y": 64}
 
 
 @pytest.mark.parametrize("provider", ["dealer", "ot"])
-def test_the_servers_own_bits_are_opened_as_they_are_only_when_the_client_deals(provider):
-    """A truncation's server wrap bit ``ms`` (mpc.ServerBit): with the client as dealer (who knows
-    every mask and could unmask it anyway) it is opened as it is, one bit, and no mask product
-    involves it; with jointly generated (OT) correlations it is masked like any variable. The
-    value is the same either way."""
+def test_the_parties_own_wrap_bits_open_as_one_bit_only_when_the_client_deals(provider):
+    """A truncation's wrap bits: with the client as dealer (who knows every mask and could unmask
+    anything anyway) the server's ``ms`` (mpc.ServerBit) is opened as it is and the client's
+    ``mc`` (mpc.ClientBit) as ``mc XOR a`` for a random bit mask a: one bit each, and no mask
+    product involves ``ms``; with jointly generated (OT) correlations both are masked ring
+    elements like any variable. The value is the same either way."""
     e = mpc.Engine(beaver.DealerProvider() if provider == "dealer" else beaver_ot.OTProvider(batch=256))
     g = torch.Generator().manual_seed(4)
     x, y = torch.randn(64, generator=g) * 50, torch.randn(64, generator=g) * 3
     X, Y = e.share(x), e.share(y)
     lz = e.lazy_trunc(X, 20)
-    vars, _, opened, subsets, need, n = poly.plan([lz * Poly.of(Y)], e._shown)
-    if provider == "dealer":
-        assert n == len(opened) - 1 and need[-1] == 1 and vars[opened[-1]] is lz.vars[2]
-        assert isinstance(lz.vars[2], mpc.ServerBit) and all(n not in S for S in subsets)
+    pl = poly.plan([lz * Poly.of(Y)], e._shown, e._xor)
+    assert isinstance(lz.vars[1], mpc.ClientBit) and isinstance(lz.vars[2], mpc.ServerBit)
+    if provider == "dealer":  # L, mc (XOR-masked), y; then ms as it is
+        assert [pl.vars[i] for i in pl.opened] == [lz.vars[0], lz.vars[1], Y, lz.vars[2]]
+        assert pl.n_masked == 3 and pl.bit_slots == (1,) and pl.need == [64, 1, 64, 1]
+        assert all(3 not in S for S in pl.subsets)
+        corr = e.provider.poly((64,), 3, pl.subsets, pl.bit_slots)
+        assert set(corr.bits[1].unique().tolist()) <= {0, 1}  # the mask of mc: a random bit ...
+        assert torch.equal(corr.masks[1][0] + corr.masks[1][1], corr.bits[1])  # ... shared additively
     else:
-        assert n == len(opened) and need == [64, 20, 20, 64]
+        assert pl.n_masked == 4 and pl.bit_slots == () and pl.need == [64, 20, 20, 64]
+        with pytest.raises(ValueError):
+            e.provider.poly((64,), 2, [(0, 1)], (1,))
     (z,) = e.run([("mul", lz, Y, e.f)])
     want = e.decode(e.encode(x) // 2 ** 20) * y
     assert (e.reveal(z) - want).abs().max() < 1e-4
