@@ -126,6 +126,10 @@ FRAC_BITS = 20
 _OFFSET = 1 << 62
 
 
+# an opening's message: values by lane width, then the one-sided bits (Engine._open_with)
+_OPEN_LAYOUT = [(w, "both") for w in (1, 16, 32, 64)] + [(1, "client"), (1, "server")]
+
+
 def _msb(t: torch.Tensor) -> torch.Tensor:
     return t if t is VOID else torch.bitwise_right_shift(t, 63) & 1
 
@@ -357,9 +361,12 @@ class Engine:
             lanes = [ring.lane_bits(b) for b in ([bits] * len(xs) if isinstance(bits, int) else bits)]
             # by lane width, then the one-sided bits: the layout follows from the public plan, the
             # same on both sides
-            keys = [(w, "both") for w in (1, 16, 32, 64)] + [(1, "client"), (1, "server")]
-            groups = [(w, who, [i for i in range(len(xs)) if lanes[i] == w and sender[i] == who]) for w, who in keys]
-            groups = [(w, who, idx, torch.cat([mine[i].reshape(-1) for i in idx])) for w, who, idx in groups if idx]
+            at_key: dict[tuple, list[int]] = {}
+            for i, key in enumerate(zip(lanes, sender)):
+                at_key.setdefault(key, []).append(i)
+            groups = [(w, who, at_key[(w, who)]) for w, who in _OPEN_LAYOUT if (w, who) in at_key]
+            groups = [(w, who, idx, torch.cat([mine[i].reshape(-1) for i in idx]) if len(idx) > 1 else mine[idx[0]].reshape(-1))
+                      for w, who, idx in groups]
             sent = [g for g in groups if g[1] in ("both", self.role)]
             recv = [g for g in groups if g[1] != self.role]
             got = self.transport.exchange(torch.cat([ring.pack_low(flat, w) for w, _, _, flat in sent] or

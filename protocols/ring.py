@@ -156,11 +156,25 @@ INT8_MAX_ROWS = 4  # measured crossover (bench_ring, SmolLM2 shapes): int8 (fbge
 _LANE_SHIFTS = {w: torch.arange(64 // w, dtype=torch.int64) * w for w in (1, 16, 32)}
 
 
+class _PadStream:
+    """Random words for the padding lanes from one keystream (a fresh key per process), drawn
+    in blocks: a cipher call per message's few pad words cost more than the packing."""
+
+    BLOCK = 1 << 14
+
+    def __init__(self):
+        self.prg, self.buf, self.at = MaskPRG(), torch.empty(0, dtype=torch.int64), 0
+
+    def ring(self, n: int) -> torch.Tensor:
+        if self.at + n > self.buf.numel():
+            self.buf, self.at = self.prg.ring(max(n, self.BLOCK)), 0
+        self.at += n
+        return self.buf[self.at - n:self.at]
+
+
 @functools.lru_cache(maxsize=1)
-def _pad_prg() -> "MaskPRG":
-    """One keystream for the padding lanes (a fresh key per process; a new MaskPRG per message
-    cost a key draw and a cipher set-up each time)."""
-    return MaskPRG()
+def _pad_prg() -> _PadStream:
+    return _PadStream()
 
 
 def lane_bits(bits: int) -> int:
