@@ -488,8 +488,8 @@ class Engine:
                 polys.append(x)
                 fins.append(("poly", len(polys) - 1, it[2] if len(it) > 2 else None, it[3] if len(it) > 3 else None))
             elif kind == "mul" and (isinstance(x, Poly) or isinstance(it[2], Poly)):
-                px = x if isinstance(x, Poly) else Poly.of(x)
-                py = px if it[2] is x else it[2] if isinstance(it[2], Poly) else Poly.of(it[2])
+                px = Poly.of(x)
+                py = px if it[2] is x else Poly.of(it[2])
                 polys.append(px * py)
                 fins.append(("poly", len(polys) - 1, it[3], it[4] if len(it) > 4 else None))
             else:
@@ -627,30 +627,24 @@ class Engine:
         stay in real units); a tensor: per element (with ``bound`` and ``slack``: B and k move
         with it, p does not), e.g. a linear layer's untruncated output with its per-column shifts."""
         zero = torch.zeros_like(real(x.c, x.s))  # a real 0: the other party's share of its own bit
-        F = self.f + scale
-        if isinstance(scale, torch.Tensor):
-            if not (bound and slack):
-                raise ValueError("ltz: a per-element scale needs a bound and a slack")
-            cb, kb = max(1, math.ceil(math.log2(bound + slack))), math.floor(math.log2(slack)) - 1
-            B, k = F + cb, F + kb
-            if int(B.max()) > 62 or int(k.min()) < 0:
-                raise ValueError(f"ltz bound {bound} too large for the ring at scale {int(scale.max())}")
-            off = torch.bitwise_left_shift(torch.ones_like(B), B)
-            bc, bs = self._sum_bit(_lsr(x.c + off, k), _lsr(x.s, k), cb - kb)
-            return self._b2a(bc, bs, zero, also, lazy)
+        F = self.f + scale  # an int, or a tensor (per element): B and k move with it, p does not
+        per_element = isinstance(scale, torch.Tensor)
+        if per_element and not (bound and slack):
+            raise ValueError("ltz: a per-element scale needs a bound and a slack")
         if bound is None:
             B, k = 63, 0
         elif not slack:  # exact: no bits dropped
             B, k = F + max(1, math.ceil(math.log2(bound))), 0
-        else:
-            B = F + max(1, math.ceil(math.log2(bound + slack)))
-            k = max(0, min(B - 1, math.floor(math.log2(slack * 2.0 ** F)) - 1))
-            if B > 63:
+        else:  # drop k bits, 2^(k+1) <= slack 2^F
+            B, k = F + max(1, math.ceil(math.log2(bound + slack))), F + math.floor(math.log2(slack)) - 1
+            if not per_element:
+                k = max(0, min(B - 1, k))
+            if int(torch.as_tensor(B).max()) > 63 or int(torch.as_tensor(k).min()) < 0:
                 raise ValueError(f"ltz bound {bound} too large for the ring")
-        p = B - k
-        off = torch.tensor(1, dtype=torch.int64) << B if B < 63 else torch.tensor(-(1 << 63), dtype=torch.int64)
-        xc = _lsr(x.c + off, k) if k else x.c + off
-        xs = _lsr(x.s, k) if k else x.s
+        p = int(torch.as_tensor(B - k).max())
+        off = torch.bitwise_left_shift(torch.ones_like(torch.as_tensor(B)), B)  # 2^63 wraps to -2^63
+        xc = _lsr(x.c + off, k) if per_element or k else x.c + off
+        xs = _lsr(x.s, k) if per_element or k else x.s
         bc, bs = self._sum_bit(xc, xs, p)
         return self._b2a(bc, bs, zero, also, lazy)
 
@@ -852,7 +846,7 @@ class Engine:
         # the untruncated terms summed and truncated once, lazily: it rides in the first squaring's round
         y = self.add_public(self.lazy_trunc(high, f16) + y, 1.0)  # 1 + u + u^2/2 + u^3/6 + u^4/24 (+ u^5/120 + u^6/720)
         for i in range(cubes):
-            py = y if isinstance(y, Poly) else Poly.of(y)
+            py = Poly.of(y)
             (y,) = self.run([("force", py * py * py, Lazy(2 * self.f + (post if i == cubes + n - 1 else 0)))])
         for i in range(n):  # ``post``: the last squaring also divides by 2^post (negative: keeps -post more bits)
             (y,) = self.run([("mul", y, y, Lazy(self.f + (post if i == n - 1 else 0)))])
@@ -1095,7 +1089,7 @@ class Engine:
                 first = [("mul", times, sa, Lazy(self.f + X))]
             p_ = e
             for j in range(1, steps):
-                py, pp = (v if isinstance(v, Poly) else Poly.of(v) for v in (y, p_))
+                py, pp = Poly.of(y), Poly.of(p_)
                 items = [("force", py.scale(1 << 2 * self.f) + py * pp * pp, Lazy(2 * self.f))]
                 if j < steps - 1:
                     items.append(("mul", p_, p_, Lazy(self.f)))

@@ -81,7 +81,8 @@ class Poly:
 
     @classmethod
     def of(cls, x) -> "Poly":
-        return cls([x], {(0,): 1})
+        """``x`` as a polynomial: a shared value as the one variable, a polynomial as it is."""
+        return x if isinstance(x, Poly) else cls([x], {(0,): 1})
 
     @property
     def shape(self):
@@ -93,8 +94,7 @@ class Poly:
         return vars, merge_vars(vars, {id(v): i for i, v in enumerate(vars)}, other.vars)
 
     def __add__(self, other) -> "Poly":
-        if not isinstance(other, Poly):  # a Shared
-            other = Poly.of(other)
+        other = Poly.of(other)
         vars, remap = self._merged(other)
         terms = dict(self.terms)
         for m, c in other.terms.items():
@@ -106,7 +106,7 @@ class Poly:
         return self.scale(-1)
 
     def __sub__(self, other) -> "Poly":
-        return self + (-(other if isinstance(other, Poly) else Poly.of(other)))
+        return self + (-Poly.of(other))
 
     def __radd__(self, other) -> "Poly":
         return self + other
@@ -233,9 +233,9 @@ def _compiled(sig: tuple, public: bool, n_masked: int, bit_slots: tuple[int, ...
         else:
             pieces = []
             for cnt, rest, T in expansion(m):
-                if not (T or public) or any(j >= n_masked for j in T):
+                if not (T or public) or any(t >= n_masked for t in T):
                     continue
-                js = tuple(j for j in T if j in bit_slots)
+                js = tuple(t for t in T if t in bit_slots)
                 pub = ("db", rest, js) if js else ("d", rest) if rest else None
                 pieces.append((cnt, ("a", T), pub) if T else (cnt, pub, None))
         if coef is None:
