@@ -29,9 +29,10 @@ Every share, mask and triple is drawn from :class:`ring.MaskPRG` (AES-256-CTR ke
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 
@@ -71,15 +72,29 @@ class Triple(_SingleUse):
 class Correlation(_SingleUse):
     """A Beaver triple generalised to a polynomial's monomials (protocols/poly.py): shares of
     masks ``a_i`` and of the products ``prod_{i in S} a_i`` for each multiset ``S`` of mask
-    indices (sorted tuples, size >= 2). ``((0,), (1,))`` masks with ``{(0, 1): ...}`` is a triple."""
+    indices (sorted tuples, size >= 2). ``((0,), (1,))`` masks with ``{(0, 1): ...}`` is a triple.
+
+    Kept as one block per side (client, server): that side's ``n`` masks then its products in the
+    order of ``subsets``, stacked (``(n + len(subsets), *shape)``; :data:`void.VOID` for a side this
+    party does not hold): the evaluation (poly.shares) reads the block as it is."""
 
     serial: int
-    masks: list[tuple[torch.Tensor, torch.Tensor]]
-    prods: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]]
+    n: int
+    subsets: tuple[tuple[int, ...], ...]
+    blocks: tuple[torch.Tensor, torch.Tensor]
     # masks that are random bits (``bit_slots``): their values, which only the dealer (the client,
     # or the simulator) holds (VOID on the server): an XOR-masked opening needs them
     bits: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
     used: bool = False
+
+    @functools.cached_property
+    def masks(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return list(zip(*(b[:self.n].unbind(0) if b is not VOID else [VOID] * self.n for b in self.blocks)))
+
+    @property
+    def prods(self) -> dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]]:
+        m = len(self.subsets)
+        return dict(zip(self.subsets, zip(*(b[self.n:].unbind(0) if b is not VOID else [VOID] * m for b in self.blocks))))
 
 
 def mask_products(masks: list[torch.Tensor], subsets: Sequence[tuple[int, ...]]) -> dict[tuple[int, ...], torch.Tensor]:
@@ -188,21 +203,46 @@ class PooledProvider(TripleProvider):
         block, void = self._pools[kind]
         at = self._cursors[kind]
         self._cursors[kind] = at + n  # the pool's cursor only moves forward: every element is used once
+        if isinstance(kind, tuple):
+            rows = block[:, at:at + n].reshape(block.shape[0], *a_shape)
+            real = list(itertools.accumulate((not v for v in void), initial=0))  # flat index -> row
+            flat = [VOID if v else _Row(rows, real[i]) for i, v in enumerate(void)]
+            return _correlation(next(self._serials), kind, flat)
         rows = iter(block[:, at:at + n].reshape(block.shape[0], *a_shape).unbind(0))
         p = [VOID if v else next(rows) for v in void]
-        if isinstance(kind, tuple):
-            return _correlation(next(self._serials), kind, p)
         return Triple(next(self._serials), kind, (p[0], p[1]), (p[2], p[3]), (p[4], p[5]))
 
 
-def _correlation(serial: int, key: tuple, flat: list[torch.Tensor]) -> Correlation:
+class _Row(NamedTuple):
+    """Row ``i`` of a pool's block, not yet sliced out (:func:`_correlation` takes the rows it can
+    as one slice)."""
+    rows: torch.Tensor
+    i: int
+
+
+def _correlation(serial: int, key: tuple, flat: list) -> Correlation:
     """A :class:`Correlation` from its tensors laid out as (client, server) pairs: the masks,
-    then the products in the order of ``key = ("poly", n, subsets)``."""
+    then the products in the order of ``key = ("poly", n, subsets[, bit slots])``, then (the
+    client's) bit masks' values. Entries may be :class:`_Row` s of one pool block: a side's masks
+    and products are then one slice of it, not a copy."""
     n, subsets, bits = key[1], key[2], key[3] if len(key) > 3 else ()
-    pairs = [(flat[2 * i], flat[2 * i + 1]) for i in range(len(flat) // 2)]
     m = n + len(subsets)
-    return Correlation(serial, pairs[:n], dict(zip(subsets, pairs[n:m])),
-                       {j: pairs[m + i][0] for i, j in enumerate(bits)})
+
+    def block(side: int):
+        part = flat[side:2 * m:2]
+        if part[0] is VOID:
+            return VOID
+        if isinstance(part[0], _Row):
+            at, step = part[0].i, (part[1].i - part[0].i if m > 1 else 1)
+            if all(r.i == at + j * step for j, r in enumerate(part)):
+                return part[0].rows[at:at + m * step:step]
+            part = [r.rows[r.i] for r in part]
+        return torch.stack(part)
+
+    def value(t):
+        return t.rows[t.i] if isinstance(t, _Row) else t
+    return Correlation(serial, n, tuple(subsets), (block(0), block(1)),
+                       {j: value(flat[2 * (m + i)]) for i, j in enumerate(bits)})
 
 
 class DealerProvider(TripleProvider):

@@ -372,14 +372,15 @@ class Engine:
             got = self.transport.exchange(torch.cat([ring.pack_low(flat, w) for w, _, _, flat in sent] or
                                                     [torch.zeros(0, dtype=torch.int64)]),
                                           sum(-(-flat.numel() * w // 64) for w, _, _, flat in recv))
-            theirs, at = [torch.zeros_like(m) if who == self.role else None for m, who in zip(mine, sender)], 0
-            for w, _, idx, flat in recv:
-                words = -(-flat.numel() * w // 64)
-                vals, at, off = ring.unpack_low(got[at:at + words], flat.numel(), w), at + words, 0
-                for i in idx:
-                    theirs[i] = vals[off:off + mine[i].numel()].view(mine[i].shape)
-                    off += mine[i].numel()
-            out = [combine(m, t) for m, t in zip(mine, theirs)]
+            # combined a group at a time (the slot of a one-sided value's other party is 0), then split
+            out, at = [None] * len(xs), 0
+            for w, who, idx, flat in groups:
+                if who != self.role:
+                    words = -(-flat.numel() * w // 64)
+                    flat, at = combine(flat, ring.unpack_low(got[at:at + words], flat.numel(), w)), at + words
+                parts = flat.split([mine[i].numel() for i in idx]) if len(idx) > 1 else (flat,)
+                for i, part in zip(idx, parts):
+                    out[i] = part.view(mine[i].shape)
         if self.view is not None:  # what the server receives: a client-sent bit travels packed, 64 to a word
             self.view += [ring.pack_low(o.reshape(-1), 1) if who == "client" else o.clone()
                           for o, who in zip(out, sender) if who != "server"]
@@ -582,9 +583,8 @@ class Engine:
                 sides.append([VOID] * len(terms))
                 continue
             sides.append(poly.shares(terms, slot, d, [(v.c, v.s)[side] for v in vars],
-                                     [a[side] for a in corr.masks] if corr else [],
-                                     {S: p[side] for S, p in corr.prods.items()} if corr else {}, public=side == 0,
-                                     n_masked=pl.n_masked, bit_slots=pl.bit_slots))
+                                     corr.blocks[side] if corr else None, public=side == 0,
+                                     n_masked=pl.n_masked, bit_slots=pl.bit_slots, subsets=pl.subsets))
         return [Shared(c, s_) for c, s_ in zip(*sides)]
 
     def mul(self, x: Shared, y: Shared) -> Shared:
@@ -597,16 +597,18 @@ class Engine:
     def _and_many(self, pairs: list[tuple[Shared, Shared]], bits: int = 64) -> list[Shared]:
         """Bitwise AND of XOR-shared int64 words, all in one round (``bits``: of the low bits only;
         the upper bits of the results are garbage)."""
-        triples = [self.provider.and_(x.shape).take() for x, _ in pairs]
-        masked = []
-        for (x, y), t in zip(pairs, triples):
-            masked += [Shared(x.c ^ t.a[0], x.s ^ t.a[1]), Shared(y.c ^ t.b[0], y.s ^ t.b[1])]
-        opened = self._open_with(masked, torch.bitwise_xor, bits)
-        out = []
-        for i, t in enumerate(triples):
-            e, d = opened[2 * i], opened[2 * i + 1]
-            out.append(Shared(t.c[0] ^ (e & t.b[0]) ^ (d & t.a[0]) ^ (e & d), t.c[1] ^ (e & t.b[1]) ^ (d & t.a[1])))
-        return out
+        if len(pairs) > 1:  # one triple for all: flat and side by side, split afterwards
+            sizes = [x.numel() for x, _ in pairs]
+            x, y = (cat([p[j].map(lambda t: t.reshape(-1)) for p in pairs], 0) for j in (0, 1))
+            (z,) = self._and_many([(x, y)], bits)
+            zc, zs = (VOID if t is VOID else t.split(sizes) for t in (z.c, z.s))
+            return [Shared(VOID if zc is VOID else zc[i].view(x_.shape), VOID if zs is VOID else zs[i].view(x_.shape))
+                    for i, (x_, _) in enumerate(pairs)]
+        ((x, y),) = pairs
+        t = self.provider.and_(x.shape).take()
+        e, d = self._open_with([Shared(x.c ^ t.a[0], x.s ^ t.a[1]), Shared(y.c ^ t.b[0], y.s ^ t.b[1])],
+                               torch.bitwise_xor, bits)
+        return [Shared(t.c[0] ^ (e & t.b[0]) ^ (d & t.a[0]) ^ (e & d), t.c[1] ^ (e & t.b[1]) ^ (d & t.a[1]))]
 
     def ltz(self, x: Shared, bound: float | None = None, slack: float | None = None,
             also: list[tuple] = (), lazy: bool = False, scale: int | torch.Tensor = 0) -> Shared | Poly | tuple[Shared, list[Shared]]:

@@ -210,104 +210,199 @@ def expansion(m: tuple[int, ...]) -> tuple[tuple[int, tuple[int, ...], tuple[int
     return tuple((c, rest, T) for (rest, T), c in acc.items())
 
 
-@functools.lru_cache(maxsize=4096)
-def _compiled(sig: tuple, public: bool, n_masked: int, bit_slots: tuple[int, ...] = ()) -> tuple:
-    """The pieces of :func:`shares` for one polynomial's structure ``sig`` (each term's mask
-    indices and its coefficient, None for a tensor one), cached: the same call sites recur every
-    token. Returns the constant (or None), the linear pieces ``(factor, coef)``, the quadratic
-    pieces ``(factor, factor, coef)`` and the tensor-coefficient terms ``(term index, pieces)``,
-    a factor being ``("v", var)``, ``("d", opened indices)``, ``("a", mask indices)`` or
-    ``("db", opened indices, bit slots)`` (the opened values' product times ``1 - 2 d_j`` for each
-    chosen bit mask j: ``v = d + (1 - 2d) a`` for an XOR-masked bit). Opened indices from
-    ``n_masked`` on were opened without a mask: no piece chooses their mask."""
-    const, lin, quad, tens = None, {}, {}, []
-    for j, (m, coef) in enumerate(sig):
-        if len(m) == 0:
-            if public and coef is None:
-                tens.append((j, None))  # a tensor constant: added as it is
-            elif public:
-                const = coef
-            continue
-        if m[0] == "v":
-            pieces = [(1, ("v", m[1]), None)]
-        else:
-            pieces = []
-            for cnt, rest, T in expansion(m):
-                if not (T or public) or any(t >= n_masked for t in T):
-                    continue
-                js = tuple(t for t in T if t in bit_slots)
-                pub = ("db", rest, js) if js else ("d", rest) if rest else None
-                pieces.append((cnt, ("a", T), pub) if T else (cnt, pub, None))
-        if coef is None:
-            tens.append((j, tuple(pieces)))
-            continue
-        for cnt, a, b in pieces:
-            acc, key = (lin, a) if b is None else (quad, (a, b))
-            acc[key] = ring_int(acc.get(key, 0) + coef * cnt)
-    return (const, tuple((a, c) for a, c in lin.items() if c), tuple((a, b, c) for (a, b), c in quad.items() if c),
-            tuple(tens))
+class _Batch(NamedTuple):
+    """Pieces ``coef * F[ia] (* F[ib]) (* C[ic])``, sorted by output polynomial: ``segs`` holds
+    each one's ``(polynomial, first, end)`` (a slice sum per polynomial: index_add_ goes row by row)."""
+    ia: torch.Tensor
+    ib: torch.Tensor | None
+    ic: torch.Tensor | None  # rows of the tensor coefficients C (then ``coef`` is the count)
+    coef: torch.Tensor | None  # None: all 1
+    segs: tuple[tuple[int, int, int], ...]
+
+
+class _Program(NamedTuple):
+    """:func:`shares` compiled for one round's structure: the rows of the factor table F (a row of
+    ones, this party's variable shares, its masks and their products, then the public products
+    of opened values, built level by level), and every piece ``coef * F[ia] * F[ib]`` of every
+    polynomial as index tensors, so that a round is a few tensor operations whatever its size."""
+    n_vars: int
+    n_mask_rows: int  # masks then products, in the order of the plan's subsets
+    levels: tuple  # per product length >= 2: (prefix row in the previous level, base row) index tensors
+    n_pub: int  # rows of the public table (the bases: opened values, then 1 - 2 d_j per bit mask)
+    t_terms: tuple  # tensor coefficients: (polynomial, term index) of each, in the order of C's rows
+    batches: tuple  # of :class:`_Batch`: the int-coefficient linear, quadratic and tensor-coefficient pieces
+    consts: tuple  # (polynomial, int constant)
+    t_consts: tuple  # (polynomial, term index) of a tensor constant, added as it is
+
+
+_PROGRAMS: dict = {}
+
+
+def _program(sig: tuple, public: bool, n_masked: int, n_open: int, bit_slots: tuple[int, ...], subsets) -> _Program:
+    """The :class:`_Program` of a round with structure ``sig`` (per polynomial, per term: ``("v",
+    var)`` for a degree-1 term, else the opened indices of its variables; its int coefficient or
+    None for a tensor one), cached: the same call sites recur every token. ``subsets`` (the
+    plan's, a function of ``sig`` and ``n_masked``) are read on a miss only. Opened indices from
+    ``n_masked`` on were opened without a mask: no piece chooses their mask. A piece's public
+    factor is the product of the opened values it keeps times ``1 - 2 d_j`` for each bit mask j
+    it chooses (``v = d + (1 - 2d) a`` for an XOR-masked bit)."""
+    key = (sig, public, n_masked, n_open, bit_slots)
+    if key in _PROGRAMS:
+        return _PROGRAMS[key]
+    n_vars = 1 + max((m[1] for t in sig for m, _ in t if m and m[0] == "v"), default=-1)
+    mask_row = {(i,): i for i in range(n_masked)} | {S: n_masked + j for j, S in enumerate(subsets)}
+    bit_base = {j: n_open + k for k, j in enumerate(bit_slots)}  # the base row of 1 - 2 d_j
+    pub: dict[tuple[int, ...], int] = {}  # sorted base rows -> (level, row in level)
+    level_rows: list[list[tuple[int, int]]] = [[]]
+
+    def pub_row(bases: tuple[int, ...]) -> tuple[int, int]:
+        level_rows[0] = [None]  # the bases are read
+        if len(bases) == 1:
+            return 0, bases[0]
+        if bases not in pub:
+            lv, r = pub_row(bases[:-1])
+            while len(level_rows) <= len(bases) - 1:
+                level_rows.append([])
+            pub[bases] = (len(bases) - 1, len(level_rows[len(bases) - 1]))
+            level_rows[len(bases) - 1].append((r, bases[-1]))
+        return pub[bases]
+
+    ints, tens, consts, t_consts, t_terms = {}, [], [], [], []
+    for p, terms in enumerate(sig):
+        for j, (m, coef) in enumerate(terms):
+            if len(m) == 0:
+                if public and coef is None:
+                    t_consts.append((p, j))
+                elif public:
+                    consts.append((p, coef))
+                continue
+            if m[0] == "v":
+                pieces = [(1, ("v", m[1]), None)]
+            else:
+                pieces = []
+                for cnt, rest, T in expansion(m):
+                    if not (T or public) or any(t >= n_masked for t in T):
+                        continue
+                    bases = tuple(sorted(rest + tuple(bit_base[t] for t in T if t in bit_base)))
+                    pieces.append((cnt, ("a", T) if T else None, bases or None))
+            if coef is None:
+                t_terms.append((p, j))
+            for cnt, a, b in pieces:
+                fa = ("one",) if a is None else a
+                fb = ("one",) if b is None else ("p",) + pub_row(b)
+                if coef is None:
+                    tens.append((fa, fb, len(t_terms) - 1, cnt, p))
+                else:
+                    k = (fa, fb, p)
+                    ints[k] = ring_int(ints.get(k, 0) + coef * cnt)
+    # F's rows: ones, variables, masks and products, then the public levels (level 0: the bases)
+    n_mask_rows = n_masked + len(subsets)
+    offs = [1 + n_vars + n_mask_rows, 1 + n_vars + n_mask_rows + n_open + len(bit_slots)]
+    for lv in level_rows[1:]:
+        offs.append(offs[-1] + len(lv))
+
+    def row(f) -> int:
+        if f[0] == "one":
+            return 0
+        if f[0] == "v":
+            return 1 + f[1]
+        if f[0] == "a":
+            return 1 + n_vars + mask_row[f[1]]
+        return offs[f[1]] + f[2]
+
+    lin = sorted((p, row(a), c) for (a, b, p), c in ints.items() if c and b == ("one",))
+    quad = sorted((p, row(a), row(b), c) for (a, b, p), c in ints.items() if c and b != ("one",))
+    tens = sorted((p, row(a), row(b), ic, cnt) for a, b, ic, cnt, p in tens)
+    batches = [_batch([t[0] for t in lin], [t[1] for t in lin], None, None, [t[2] for t in lin]),
+               _batch([t[0] for t in quad], [t[1] for t in quad], [t[2] for t in quad], None, [t[3] for t in quad]),
+               _batch([t[0] for t in tens], [t[1] for t in tens], [t[2] for t in tens], [t[3] for t in tens],
+                      [t[4] for t in tens])]
+    prog = _Program(
+        n_vars, n_mask_rows,
+        tuple((_long([r for r, _ in lv]), _long([b for _, b in lv])) for lv in level_rows[1:]),
+        n_open + len(bit_slots) if level_rows[0] else 0,
+        tuple(t_terms), tuple(b for b in batches if b is not None), tuple(consts), tuple(t_consts))
+    if len(_PROGRAMS) >= 8192:  # a long chat keeps making new shapes of the max's groups
+        _PROGRAMS.clear()
+    _PROGRAMS[key] = prog
+    return prog
+
+
+def _long(v: list) -> torch.Tensor:
+    return torch.tensor(v, dtype=torch.int64)
+
+
+def _batch(prow: list[int], ia: list[int], ib: list[int] | None, ic: list[int] | None, coef: list[int]) -> _Batch | None:
+    """A :class:`_Batch` of pieces already sorted by output polynomial ``prow`` (None if empty)."""
+    if not prow:
+        return None
+    segs, lo = [], 0
+    for i in range(1, len(prow) + 1):
+        if i == len(prow) or prow[i] != prow[lo]:
+            segs.append((prow[lo], lo, i))
+            lo = i
+    return _Batch(_long(ia), None if ib is None else _long(ib), None if ic is None else _long(ic),
+                  None if all(c == 1 for c in coef) else _long(coef), tuple(segs))
+
+
+_CHUNK = 1 << 22  # ring elements of pieces materialised at once (32 MB)
+
+
+def _accumulate(out: torch.Tensor, F: torch.Tensor, C: torch.Tensor | None, b: _Batch) -> None:
+    """``out[p] += sum of p's pieces`` for the batch ``b``, a chunk of pieces at a time."""
+    step = max(1, _CHUNK // max(1, F.shape[1]))
+    for lo in range(0, b.ia.numel(), step):
+        hi = lo + step
+        G = F.index_select(0, b.ia[lo:hi])
+        if b.ib is not None:
+            G.mul_(F.index_select(0, b.ib[lo:hi]))
+        if b.ic is not None:
+            G.mul_(C.index_select(0, b.ic[lo:hi]))
+        if b.coef is not None:
+            G.mul_(b.coef[lo:hi, None])
+        for p, s0, s1 in b.segs:
+            if s0 < hi and s1 > lo:
+                out[p] += G[max(s0, lo) - lo:min(s1, hi) - lo].sum(0)
 
 
 def shares(polys: list[dict[tuple[int, ...], Coef]], slot: dict[int, int], d: list[torch.Tensor], var_shares: list,
-           masks: list, prods: dict, public: bool, n_masked: int | None = None,
-           bit_slots: tuple[int, ...] = ()) -> list[torch.Tensor]:
+           block: torch.Tensor | None, public: bool, n_masked: int, bit_slots: tuple[int, ...],
+           subsets: list[tuple[int, ...]]) -> list[torch.Tensor]:
     """This party's share of each ``sum coef prod_{i in m} v_i`` (the terms of one round's
     polynomials) from the opened ``d_j = v - a_j`` (by mask index ``slot[i]``), its shares of the
-    variables, the masks and their products (a Beaver product per monomial, expanded by
-    :func:`expansion`). ``public``: this party adds the public terms (the constant and the
-    products of opened values: the client). The products of opened values are made once for all
-    the polynomials; the terms with integer coefficients are summed as two stacked tensor
-    expressions per polynomial (instead of a multiply-add each). ``d`` from ``n_masked`` on: variables
-    opened without a mask (their own values: no mask product involves them); ``bit_slots``: masks
-    that are random bits, whose variables were opened XOR-masked (see :func:`plan`)."""
-    dp: dict[tuple[int, ...], torch.Tensor] = {}
-
-    def dprod(rest):  # products of opened values, shared by every monomial of the round
-        if rest not in dp:
-            dp[rest] = d[rest[0]] if len(rest) == 1 else dprod(rest[:-1]) * d[rest[-1]]
-        return dp[rest]
-
-    def beta(j):
-        if ("b", j) not in dp:
-            dp[("b", j)] = 1 - 2 * d[j]
-        return dp[("b", j)]
-
-    def get(f):
-        kind, i = f[0], f[1]
-        if kind == "v":
-            return var_shares[i]
-        if kind == "d":
-            return dprod(i)
-        if kind == "db":  # the opened values' product times 1 - 2 d_j per chosen bit mask
-            if f not in dp:
-                b = beta(f[2][0]) if len(f[2]) == 1 else get(("db", (), f[2][:-1])) * beta(f[2][-1])
-                dp[f] = dprod(i) * b if i else b
-            return dp[f]
-        return masks[i[0]] if len(i) == 1 else prods[i]
-
-    outs = []
-    for terms in polys:
-        # a degree-1 term is the variable's own share; higher ones go by their masks' indices
-        sig = tuple((("v", m[0]) if len(m) == 1 else tuple(slot[i] for i in m),
-                     c if isinstance(c, int) else None) for m, c in terms.items())
-        const, lin, quad, tens = _compiled(sig, public, len(d) if n_masked is None else n_masked, bit_slots)
-        out = torch.zeros_like(var_shares[0])
-        if const is not None:
-            out = out + const
-        coefs = list(terms.values())
-        for j, pieces in tens:
-            if pieces is None:
-                out = out + coefs[j]
-                continue
-            for cnt, a, b in pieces:
-                out = out + (get(a) if b is None else get(a) * get(b)) * (coefs[j] * cnt)
-        shape = (-1,) + (1,) * out.dim()
-        if lin:
-            out = out + (torch.stack([get(a) for a, _ in lin]) * torch.tensor([c for _, c in lin]).view(shape)).sum(0)
-        if quad:
-            out = out + (torch.stack([get(a) for a, _, _ in quad]) * torch.stack([get(b) for _, b, _ in quad])
-                         * torch.tensor([c for _, _, c in quad]).view(shape)).sum(0)
-        outs.append(out)
+    variables, and its block of the correlation (the masks, then their products in the order of
+    ``subsets``; a Beaver product per monomial, expanded by :func:`expansion`). ``public``: this
+    party adds the public terms (the constant and the products of opened values: the client).
+    ``d`` from ``n_masked`` on: variables opened without a mask (their own values: no mask
+    product involves them); ``bit_slots``: masks that are random bits, whose variables were
+    opened XOR-masked (see :func:`plan`)."""
+    sig = tuple(tuple((("v", m[0]) if len(m) == 1 else tuple(slot[i] for i in m), c if isinstance(c, int) else None)
+                      for m, c in terms.items()) for terms in polys)
+    prog = _program(sig, public, n_masked, len(d), tuple(bit_slots), subsets)
+    shape = var_shares[0].shape
+    n = var_shares[0].numel()
+    rows = [torch.ones(1, n, dtype=torch.int64)]
+    if prog.n_vars:
+        rows.append(torch.stack(var_shares[:prog.n_vars]).reshape(-1, n))
+    if prog.n_mask_rows:
+        rows.append(block.reshape(-1, n))
+    if prog.n_pub:
+        base = level = torch.stack(list(d) + [1 - 2 * d[j] for j in bit_slots]).reshape(-1, n)
+        rows.append(base)
+        for parents, bases in prog.levels:
+            level = level.index_select(0, parents) * base.index_select(0, bases)
+            rows.append(level)
+    F = torch.cat(rows)
+    out = torch.zeros(len(polys), n, dtype=torch.int64)
+    C = torch.stack([torch.broadcast_to(list(polys[p].values())[j], shape).reshape(n) for p, j in prog.t_terms]) \
+        if prog.t_terms else None
+    for b in prog.batches:
+        _accumulate(out, F, C, b)
+    for p, c in prog.consts:
+        out[p] += c
+    outs = list(out.view(len(polys), *shape).unbind(0))
+    for p, j in prog.t_consts:
+        outs[p] = outs[p] + list(polys[p].values())[j]
     return outs
 
 
