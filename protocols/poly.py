@@ -64,6 +64,16 @@ def _cadd(a: Coef, b: Coef) -> Coef:
     return a + b
 
 
+def _as_int(c: torch.Tensor, shape) -> Coef:
+    """A tensor coefficient whose elements are all equal (and which broadcasts to the value's
+    shape) as that int: e.g. per-column shifts that happen to agree, or ``2^(64-k) 2^(64-k')``
+    = 0 mod 2^64 everywhere. Its terms then take the int path (and a 0 drops out)."""
+    if c.dim() > len(shape) or any(a not in (1, b) for a, b in zip(reversed(c.shape), reversed(shape))):
+        return c  # it widens the value: keep it (torch.broadcast_shapes imports sympy and is slow)
+    flat = c.reshape(-1)
+    return int(flat[0]) if flat.numel() and bool((flat == flat[0]).all()) else c
+
+
 def _is_zero(c: Coef) -> bool:
     return isinstance(c, int) and c == 0
 
@@ -76,6 +86,7 @@ class Poly:
 
     def __init__(self, vars: list, terms: dict[tuple[int, ...], Coef], source=None):
         self.vars = vars
+        terms = {m: _as_int(c, vars[0].shape) if isinstance(c, torch.Tensor) else c for m, c in terms.items()}
         self.terms = {m: c for m, c in terms.items() if not _is_zero(c)}
         self.source = source
 

@@ -156,3 +156,24 @@ def test_the_parties_own_wrap_bits_open_as_one_bit_only_when_the_client_deals(pr
     (z,) = e.run([("mul", lz, Y, e.f)])
     want = e.decode(e.encode(x) // 2 ** 20) * y
     assert (e.reveal(z) - want).abs().max() < 1e-4
+
+
+def test_a_tensor_coefficient_of_one_value_is_an_int_and_a_vanishing_one_drops_out():
+    """Per-element shifts that all agree make int coefficients, so that a product of two
+    truncations loses its terms with ``2^(64-k) 2^(64-k') = 0 mod 2^64`` (fewer monomials and
+    mask products), and the value is still exact; shifts that differ stay a tensor."""
+    g = torch.Generator().manual_seed(1)
+    e = mpc.Engine()
+    x, y = (e.share(torch.randn(40, generator=g) * 30) for _ in range(2))
+    (xy,) = e.run([("mul", x, y, None)])
+    same = e.lazy_trunc(xy, torch.full((40,), e.f))
+    assert all(isinstance(c, int) for c in same.terms.values())
+    sq = same * same
+    assert all(m.count(1) <= 1 and m.count(2) <= 1 for m in sq.terms)  # no (wrap bit)^2 term
+    assert len(sq.terms) < len(same.terms) ** 2
+    (got,) = e.run([("force", sq)])
+    t = e.trunc(xy, e.f)
+    (want,) = e.run([("mul", t, t, None)])
+    assert torch.equal(got.c + got.s, want.c + want.s)
+    differ = e.lazy_trunc(xy, torch.arange(40) % 3 + e.f)
+    assert any(isinstance(c, torch.Tensor) for c in differ.terms.values())
