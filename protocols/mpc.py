@@ -352,38 +352,41 @@ class Engine:
         is (the server's own: not part of the server's view), "client" for an XOR-masked
         :class:`ClientBit`."""
         self.stats.rounds += 1
-        self.stats.opened_elements += sum(x.numel() for x in xs)
-        sender = sender or ["both"] * len(xs)
         if self.transport is None:
+            self.stats.opened_elements += sum(x.numel() for x in xs)
             out = [combine(x.c, x.s) for x in xs]
         else:
-            mine = [self._mine(x) for x in xs]
-            lanes = [ring.lane_bits(b) for b in ([bits] * len(xs) if isinstance(bits, int) else bits)]
-            # by lane width, then the one-sided bits: the layout follows from the public plan, the
-            # same on both sides
-            at_key: dict[tuple, list[int]] = {}
-            for i, key in enumerate(zip(lanes, sender)):
-                at_key.setdefault(key, []).append(i)
-            groups = [(w, who, at_key[(w, who)]) for w, who in _OPEN_LAYOUT if (w, who) in at_key]
-            groups = [(w, who, idx, torch.cat([mine[i].reshape(-1) for i in idx]) if len(idx) > 1 else mine[idx[0]].reshape(-1))
-                      for w, who, idx in groups]
-            sent = [g for g in groups if g[1] in ("both", self.role)]
-            recv = [g for g in groups if g[1] != self.role]
-            got = self.transport.exchange(torch.cat([ring.pack_low(flat, w) for w, _, _, flat in sent] or
-                                                    [torch.zeros(0, dtype=torch.int64)]),
-                                          sum(-(-flat.numel() * w // 64) for w, _, _, flat in recv))
+            mine = [x.s for x in xs] if self.role == "server" else [x.c for x in xs]
+            sizes = [m.numel() for m in mine]
+            self.stats.opened_elements += sum(sizes)
+            if sender is None and isinstance(bits, int):  # one group (the AND rounds)
+                groups = [(ring.lane_bits(bits), "both", range(len(xs)))]
+            else:
+                # by lane width, then the one-sided bits: the layout follows from the public plan,
+                # the same on both sides
+                at_key: dict[tuple, list[int]] = {}
+                for i, key in enumerate(zip((ring.lane_bits(b) for b in ([bits] * len(xs) if isinstance(bits, int) else bits)),
+                                            sender or ["both"] * len(xs))):
+                    at_key.setdefault(key, []).append(i)
+                groups = [(w, who, at_key[(w, who)]) for w, who in _OPEN_LAYOUT if (w, who) in at_key]
+            flats = [torch.cat([mine[i].reshape(-1) for i in idx]) if len(idx) > 1 else mine[idx[0]].reshape(-1)
+                     for _, _, idx in groups]
+            sent = [ring.pack_low(f, w) for (w, who, _), f in zip(groups, flats) if who in ("both", self.role)]
+            got = self.transport.exchange(torch.cat(sent) if len(sent) > 1 else sent[0] if sent else
+                                          torch.zeros(0, dtype=torch.int64),
+                                          sum(-(-f.numel() * w // 64) for (w, who, _), f in zip(groups, flats) if who != self.role))
             # combined a group at a time (the slot of a one-sided value's other party is 0), then split
             out, at = [None] * len(xs), 0
-            for w, who, idx, flat in groups:
+            for (w, who, idx), flat in zip(groups, flats):
                 if who != self.role:
                     words = -(-flat.numel() * w // 64)
                     flat, at = combine(flat, ring.unpack_low(got[at:at + words], flat.numel(), w)), at + words
-                parts = flat.split([mine[i].numel() for i in idx]) if len(idx) > 1 else (flat,)
+                parts = flat.split([sizes[i] for i in idx]) if len(idx) > 1 else (flat,)
                 for i, part in zip(idx, parts):
                     out[i] = part.view(mine[i].shape)
         if self.view is not None:  # what the server receives: a client-sent bit travels packed, 64 to a word
             self.view += [ring.pack_low(o.reshape(-1), 1) if who == "client" else o.clone()
-                          for o, who in zip(out, sender) if who != "server"]
+                          for o, who in zip(out, sender or ["both"] * len(out)) if who != "server"]
         return out
 
     # -- local operations ---------------------------------------------------------------------
