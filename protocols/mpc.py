@@ -114,6 +114,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 
 import torch
@@ -601,12 +602,11 @@ class Engine:
         """Bitwise AND of XOR-shared int64 words, all in one round (``bits``: of the low bits only;
         the upper bits of the results are garbage)."""
         if len(pairs) > 1:  # one triple for all: flat and side by side, split afterwards
-            sizes = [x.numel() for x, _ in pairs]
             x, y = (cat([p[j].map(lambda t: t.reshape(-1)) for p in pairs], 0) for j in (0, 1))
             (z,) = self._and_many([(x, y)], bits)
-            zc, zs = (VOID if t is VOID else t.split(sizes) for t in (z.c, z.s))
-            return [Shared(VOID if zc is VOID else zc[i].view(x_.shape), VOID if zs is VOID else zs[i].view(x_.shape))
-                    for i, (x_, _) in enumerate(pairs)]
+            at = list(itertools.accumulate((x_.numel() for x_, _ in pairs), initial=0))
+            return [z.map(lambda t, a=a, b=b, s=x_.shape: t[a:b].view(s))
+                    for a, b, (x_, _) in zip(at, at[1:], pairs)]
         ((x, y),) = pairs
         t = self.provider.and_(x.shape).take()
         e, d = self._open_with([Shared(x.c ^ t.a[0], x.s ^ t.a[1]), Shared(y.c ^ t.b[0], y.s ^ t.b[1])],

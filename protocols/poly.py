@@ -222,7 +222,7 @@ def expansion(m: tuple[int, ...]) -> tuple[tuple[int, tuple[int, ...], tuple[int
 
 
 class _Batch(NamedTuple):
-    """Pieces ``coef * F[ia] (* F[ib]) (* C[ic])``, sorted by output polynomial: ``segs`` holds
+    """Pieces ``coef * F[ia] (* F[ib]) (* C[ic])`` (``ib`` None: a piece of one factor), sorted by output polynomial: ``segs`` holds
     each one's ``(polynomial, first, end)`` (a slice sum per polynomial: index_add_ goes row by row)."""
     ia: torch.Tensor
     ib: torch.Tensor | None
@@ -232,9 +232,9 @@ class _Batch(NamedTuple):
 
 
 class _Program(NamedTuple):
-    """:func:`shares` compiled for one round's structure: the rows of the factor table F (a row of
-    ones, this party's variable shares, its masks and their products, then the public products
-    of opened values, built level by level), and every piece ``coef * F[ia] * F[ib]`` of every
+    """:func:`shares` compiled for one round's structure: the rows of the factor table F (this
+    party's variable shares, its masks and their products, then the public products of opened
+    values, built level by level), and every piece ``coef * F[ia] (* F[ib])`` of every
     polynomial as index tensors, so that a round is a few tensor operations whatever its size."""
     n_vars: int
     n_mask_rows: int  # masks then products, in the order of the plan's subsets
@@ -264,10 +264,12 @@ def _program(sig: tuple, public: bool, n_masked: int, n_open: int, bit_slots: tu
     mask_row = {(i,): i for i in range(n_masked)} | {S: n_masked + j for j, S in enumerate(subsets)}
     bit_base = {j: n_open + k for k, j in enumerate(bit_slots)}  # the base row of 1 - 2 d_j
     pub: dict[tuple[int, ...], int] = {}  # sorted base rows -> (level, row in level)
-    level_rows: list[list[tuple[int, int]]] = [[]]
+    level_rows: list[list[tuple[int, int]]] = [[]]  # level 0 (the bases) is not built: listed empty
+    reads_bases = False
 
     def pub_row(bases: tuple[int, ...]) -> tuple[int, int]:
-        level_rows[0] = [None]  # the bases are read
+        nonlocal reads_bases
+        reads_bases = True
         if len(bases) == 1:
             return 0, bases[0]
         if bases not in pub:
@@ -299,39 +301,41 @@ def _program(sig: tuple, public: bool, n_masked: int, n_open: int, bit_slots: tu
             if coef is None:
                 t_terms.append((p, j))
             for cnt, a, b in pieces:
-                fa = ("one",) if a is None else a
-                fb = ("one",) if b is None else ("p",) + pub_row(b)
+                # a piece of one factor has it first (and then "one" second: no gather, no product)
+                fa, fb = (a, ("one",) if b is None else ("p",) + pub_row(b)) if a is not None else (("p",) + pub_row(b), ("one",))
                 if coef is None:
                     tens.append((fa, fb, len(t_terms) - 1, cnt, p))
                 else:
                     k = (fa, fb, p)
                     ints[k] = ring_int(ints.get(k, 0) + coef * cnt)
-    # F's rows: ones, variables, masks and products, then the public levels (level 0: the bases)
+    # F's rows: variables, masks and products, then the public levels (level 0: the bases)
     n_mask_rows = n_masked + len(subsets)
-    offs = [1 + n_vars + n_mask_rows, 1 + n_vars + n_mask_rows + n_open + len(bit_slots)]
+    offs = [n_vars + n_mask_rows, n_vars + n_mask_rows + n_open + len(bit_slots)]
     for lv in level_rows[1:]:
         offs.append(offs[-1] + len(lv))
 
-    def row(f) -> int:
+    def row(f) -> int | None:
         if f[0] == "one":
-            return 0
+            return None
         if f[0] == "v":
-            return 1 + f[1]
+            return f[1]
         if f[0] == "a":
-            return 1 + n_vars + mask_row[f[1]]
+            return n_vars + mask_row[f[1]]
         return offs[f[1]] + f[2]
 
     lin = sorted((p, row(a), c) for (a, b, p), c in ints.items() if c and b == ("one",))
     quad = sorted((p, row(a), row(b), c) for (a, b, p), c in ints.items() if c and b != ("one",))
-    tens = sorted((p, row(a), row(b), ic, cnt) for a, b, ic, cnt, p in tens)
+    t_lin = sorted((p, row(a), ic, cnt) for a, b, ic, cnt, p in tens if b == ("one",))
+    t_quad = sorted((p, row(a), row(b), ic, cnt) for a, b, ic, cnt, p in tens if b != ("one",))
     batches = [_batch([t[0] for t in lin], [t[1] for t in lin], None, None, [t[2] for t in lin]),
                _batch([t[0] for t in quad], [t[1] for t in quad], [t[2] for t in quad], None, [t[3] for t in quad]),
-               _batch([t[0] for t in tens], [t[1] for t in tens], [t[2] for t in tens], [t[3] for t in tens],
-                      [t[4] for t in tens])]
+               _batch([t[0] for t in t_lin], [t[1] for t in t_lin], None, [t[2] for t in t_lin], [t[3] for t in t_lin]),
+               _batch([t[0] for t in t_quad], [t[1] for t in t_quad], [t[2] for t in t_quad], [t[3] for t in t_quad],
+                      [t[4] for t in t_quad])]
     prog = _Program(
         n_vars, n_mask_rows,
         tuple((_long([r for r, _ in lv]), _long([b for _, b in lv])) for lv in level_rows[1:]),
-        n_open + len(bit_slots) if level_rows[0] else 0,
+        n_open + len(bit_slots) if reads_bases else 0,
         tuple(t_terms), tuple(b for b in batches if b is not None), tuple(consts), tuple(t_consts))
     if len(_PROGRAMS) >= 8192:  # a long chat keeps making new shapes of the max's groups
         _PROGRAMS.clear()
@@ -392,7 +396,7 @@ def shares(polys: list[dict[tuple[int, ...], Coef]], slot: dict[int, int], d: li
     prog = _program(sig, public, n_masked, len(d), tuple(bit_slots), subsets)
     shape = var_shares[0].shape
     n = var_shares[0].numel()
-    rows = [torch.ones(1, n, dtype=torch.int64)]
+    rows = []
     if prog.n_vars:
         rows.append(torch.stack(var_shares[:prog.n_vars]).reshape(-1, n))
     if prog.n_mask_rows:
@@ -403,9 +407,10 @@ def shares(polys: list[dict[tuple[int, ...], Coef]], slot: dict[int, int], d: li
         for parents, bases in prog.levels:
             level = level.index_select(0, parents) * base.index_select(0, bases)
             rows.append(level)
-    F = torch.cat(rows)
+    F = torch.cat(rows) if len(rows) > 1 else rows[0] if rows else torch.zeros(0, n, dtype=torch.int64)
     out = torch.zeros(len(polys), n, dtype=torch.int64)
-    C = torch.stack([torch.broadcast_to(list(polys[p].values())[j], shape).reshape(n) for p, j in prog.t_terms]) \
+    coefs = [list(t.values()) for t in polys] if prog.t_terms or prog.t_consts else None
+    C = torch.stack([torch.broadcast_to(coefs[p][j], shape).reshape(n) for p, j in prog.t_terms]) \
         if prog.t_terms else None
     for b in prog.batches:
         _accumulate(out, F, C, b)
@@ -413,7 +418,7 @@ def shares(polys: list[dict[tuple[int, ...], Coef]], slot: dict[int, int], d: li
         out[p] += c
     outs = list(out.view(len(polys), *shape).unbind(0))
     for p, j in prog.t_consts:
-        outs[p] = outs[p] + list(polys[p].values())[j]
+        outs[p] = outs[p] + coefs[p][j]
     return outs
 
 
