@@ -10,8 +10,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -23,6 +21,9 @@ import trio
 from . import __version__
 from .party import client as client_mod
 from .party import server as server_mod
+from .party import spec
+from .party.run import summary
+from .protocols import registry
 from .wire import frames, netsim, tls
 from .wire.errors import ConnectionClosed, ProtocolError, RemoteError
 
@@ -234,10 +235,18 @@ def serve(host, port, cert, key, client_ca, max_sessions, session_ttl, handshake
     )
     if threads:
         torch_threads(threads)
-    model = load_model_for_cli(model_spec, device) if model_spec else None
-    server = server_mod.Server(config, ctx, model)
+    model = load_model_for_cli(model_spec, device, tokenizer=False) if model_spec else None
+    server = server_mod.Server(config, ctx, model, protocols=registry.offered(model is not None))
     fp = tls.fingerprint_of(cert)
-    cc = _cc_info(server)
+    cc = None
+    if "v3-cc" in server.offered:  # its provider's key and measurement, printed for clients to pin
+        from .protocols.cc import service as cc_service
+        from .protocols.cc.provider import ProviderUnavailable
+
+        try:
+            cc = cc_service.server_cc(server).describe()
+        except ProviderUnavailable as exc:  # e.g. --cc-provider nvidia without a GPU in CC mode
+            raise Failure(str(exc), "cc_provider") from None
 
     async def main():
         async with trio.open_nursery() as nursery:
@@ -249,7 +258,7 @@ def serve(host, port, cert, key, client_ca, max_sessions, session_ttl, handshake
                 event["cc"] = {k: cc[k] for k in ("provider", "simulated", "note", "key_fingerprint", "measurement")}
             _emit(event, as_json, human=f"shardlm {__version__} listening on {host}:{bound}\n"
                                         f"TLS fingerprint: {fp}\nprotocols: {', '.join(event['protocols'])}"
-                                        + ("\n" + "\n".join(_cc_lines(cc)) if cc else ""))
+                                        + ("\n" + "\n".join(cc_service.describe_lines(cc)) if cc else ""))
             sys.stdout.flush()
 
     try:
@@ -258,25 +267,6 @@ def serve(host, port, cert, key, client_ca, max_sessions, session_ttl, handshake
         pass
     except OSError as exc:
         raise Failure(f"cannot listen on {host}:{port}: {exc}", "listen") from None
-
-
-def _cc_info(server) -> dict | None:
-    """v3-cc's provider description, or None when v3-cc is not offered; an unavailable provider
-    (e.g. --cc-provider nvidia without a GPU in CC mode) stops the server here."""
-    if "v3-cc" not in server.offered:
-        return None
-    from .protocols.cc.provider import ProviderUnavailable
-
-    try:
-        return server.info()["protocols"]["v3-cc"]["cc"]
-    except ProviderUnavailable as exc:
-        raise Failure(str(exc), "cc_provider") from None
-
-
-def _cc_lines(cc: dict) -> list[str]:
-    kind = f"{cc['provider']} provider" + (f" ({cc['note']})" if cc.get("simulated") else "")
-    return [f"v3-cc: {kind}", f"  signing key {cc['key_fingerprint']} (clients pin it: --cc-trust)",
-            f"  measurement {cc['measurement']}"]
 
 
 # -- health / info -----------------------------------------------------------------------------
@@ -306,18 +296,10 @@ def info(attest, cc_trust, client_config, as_json):
     its signing key and measurement (with --attest: a fresh signed report, checked)."""
     cfg = client_config()
     if attest:
-        from .protocols.cc import attestation
-        from .wire.msgtypes import MsgType
+        from .protocols.cc import attestation, service as cc_service
 
         pin = attestation.parse_trust(cc_trust) if cc_trust else None
-        nonce = os.urandom(attestation.NONCE_BYTES)
-        result = _run_client(cfg, lambda conn: conn.channel.request(MsgType.INFO, {"cc_nonce": nonce}, MsgType.INFO_OK))
-        cc = result["protocols"].get("v3-cc", {}).get("cc")
-        if cc is None:
-            raise Failure(f"{cfg.server} does not offer v3-cc", "cc")
-        cc["verified"] = attestation.check_info_report(cc, nonce=nonce, pin=pin,
-                                                       model_fingerprint=result["model_fingerprint"])
-        cc["report"] = {k: v.hex() for k, v in cc["report"].items()}
+        result = _run_client(cfg, lambda conn: cc_service.attested_info(conn.channel, pin))
     else:
         result = _run_client(cfg, lambda conn: conn.info())
     lines = [f"shardlm {result['version']} (protocol v{result['protocol_version']}) on {result['device']}",
@@ -327,7 +309,9 @@ def info(attest, cc_trust, client_config, as_json):
     lines.append("limits: " + ", ".join(f"{k}={v}" for k, v in result["limits"].items()))
     cc = result["protocols"].get("v3-cc", {}).get("cc")
     if cc:
-        lines += _cc_lines(cc)
+        from .protocols.cc import service as cc_service
+
+        lines += cc_service.describe_lines(cc)
         if cc.get("verified"):
             lines.append(f"  attestation report over a fresh nonce verified: {', '.join(cc['verified']['checks'])}")
     _emit(result, as_json, human="\n".join(lines))
@@ -340,25 +324,19 @@ def torch_threads(n: int) -> None:
     torch.set_num_threads(n)
 
 
-def load_model_for_cli(spec: str, device: str = "cpu"):
-    """Load ``smollm2`` (fetched on first use, with progress) or a path; errors name the problem."""
+def load_model_for_cli(spec: str, device: str = "cpu", *, tokenizer: bool = True):
+    """Load ``smollm2`` (fetched on first use, with progress) or a path; errors name the problem.
+    A client needs the model's tokenizer (``tokenizer``); a server does not."""
     from .models.config import ModelError
     from .models.load import load_model
 
     try:
-        return load_model(spec, device=device)
+        model = load_model(spec, device=device)
     except (ModelError, FileNotFoundError) as exc:
         raise Failure(f"cannot load model {spec!r}: {exc}", "model") from None
-
-
-def _prompt_ids(model, prompt: str, system: str | None, chat: bool) -> list[int]:
-    tok = model.tokenizer
-    if tok is None:
+    if tokenizer and model.tokenizer is None:
         raise Failure(f"{model.name} has no tokenizer", "model")
-    if chat and tok.chat_template:
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-        return tok.encode_chat(messages)
-    return tok.encode(prompt)
+    return model
 
 
 def _sampling(temperature, top_k, top_p, seed):
@@ -377,9 +355,9 @@ def _progress_printer(enabled: bool):
     return show
 
 
-def _generate_remote(cfg, model, protocol, prompt_ids, max_tokens, sampling, material, *, stream: bool,
-                     options: dict | None = None):
+def _generate_remote(cfg, model, spec, prompt_ids, max_tokens, sampling, *, stream: bool, options: dict):
     from .party.run import run_generation
+    from .protocols.preprocess import MaterialError
 
     decoder = model.tokenizer.stream() if stream else None
 
@@ -389,11 +367,9 @@ def _generate_remote(cfg, model, protocol, prompt_ids, max_tokens, sampling, mat
 
     async def main():
         with trio.fail_after(cfg.timeout * (max_tokens + 10)):
-            return await run_generation(cfg, model, protocol, prompt_ids, max_tokens, sampling, material=material,
+            return await run_generation(cfg, model, spec, prompt_ids, max_tokens, sampling,
                                         on_token=on_token if stream else None,
                                         progress=_progress_printer(stream), options=options)
-
-    from .protocols.preprocess import MaterialError
 
     try:
         report = trio.run(main)
@@ -406,162 +382,138 @@ def _generate_remote(cfg, model, protocol, prompt_ids, max_tokens, sampling, mat
     return report
 
 
-def _human_report(out: dict) -> str:
-    t = out["timing"]
-    lines = [
-        f"protocol {out['protocol']} ({'private' if out['private'] else out.get('warning') or 'NOT PRIVATE'}), "
-        f"session {out['session_id']}",
-        f"prompt {out['prompt_tokens']} tokens, generated {out['generated_tokens']} ({out['stop_reason']})",
-        f"offline {out['offline_ms']:.0f} ms | prefill {t['prefill_ms']:.0f} ms | decode {t['decode_ms']:.0f} ms "
-        f"({t['decode_tokens_per_s']:.2f} tok/s) | total {t['total_ms']:.0f} ms",
-        f"bytes sent {out['bytes_sent']:,} received {out['bytes_received']:,} | rounds {out['rounds']} "
-        f"(prefill {out['prefill_rounds']}, per decode token {out['per_decode_token']['rounds']})",
-    ]
-    lines += [f"note: {n}" for n in out.get("notes", [])]
-    if out.get("transcript"):
-        lines.append(f"server transcript: {out['transcript']}")
-    return "\n".join(lines)
+# -- protocol options: one flag per option the protocols declare (protocols/registry) ----------
+def _click_option(opt):
+    if opt.choices:
+        kind = click.Choice(list(opt.choices))
+    elif opt.kind is int:
+        kind = click.IntRange(None if opt.lo is None else int(opt.lo), None if opt.hi is None else int(opt.hi))
+    elif opt.kind is float:
+        kind = click.FloatRange(opt.lo, opt.hi)
+    else:
+        kind = opt.kind
+    takers = ", ".join(spec.takers(registry.SPECS, opt.name))
+    return click.option(opt.cli_flag, opt.name, type=kind, default=opt.default, envvar=opt.env,
+                        show_envvar=opt.env is not None, show_default=opt.default is not None,
+                        help=f"{takers}: {opt.help}")
 
 
-def _protocol_option_group(doc: str, opts: list, names: tuple[str, ...]):
-    """A decorator adding ``opts`` whose values (parameters ``names``) are merged into
-    ``protocol_options``, the settings handed to the protocol's client factory."""
+def protocol_options(*, exclude: tuple[str, ...] = ()):
+    """Add a flag for every declared protocol option (but ``exclude``) and hand the command
+    ``protocol_options``: the options given on the command line or in the environment, by name.
+    Which of them the chosen protocol takes is checked by :func:`_options_for`."""
+    declared = [o for o in registry.options() if o.name not in exclude]
+
     def decorate(fn):
         @functools.wraps(fn)
-        def wrapper(*args, protocol_options=None, **kwargs):
-            options = {**(protocol_options or {}), **{n: kwargs.pop(n) for n in names}}
-            return fn(*args, protocol_options=options, **kwargs)
+        def wrapper(*args, **kwargs):
+            ctx = click.get_current_context()
+            given = {}
+            for o in declared:
+                value = kwargs.pop(o.name)
+                source = ctx.get_parameter_source(o.name)
+                if source in (click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT):
+                    given[o.name] = (value, source == click.core.ParameterSource.COMMANDLINE)
+            return fn(*args, protocol_options=given, **kwargs)
 
-        for opt in reversed(opts):
-            wrapper = opt(wrapper)
+        for o in reversed(declared):
+            wrapper = _click_option(o)(wrapper)
         return wrapper
-    decorate.__doc__ = doc
     return decorate
 
 
-split_options = _protocol_option_group("`split` protocol settings.", [
-    click.option("--split-layers", default=2, show_default=True,
-                 help="split: blocks the client runs at each end (the server runs the rest). NOT private."),
-    click.option("--jacobi-block", default=0, show_default=True,
-                 help="split: Jacobi decoding with blocks of this many tokens (0: one token per round; greedy only)."),
-    click.option("--jacobi-iters", type=int, help="split: Jacobi iterations before the guesses restart (default: never)."),
-], ("split_layers", "jacobi_block", "jacobi_iters"))
-
-mpc_options = _protocol_option_group("`v3-mpc` settings.", [
-    click.option("--triples", type=click.Choice(["dealer", "ot"]), default="dealer", show_default=True,
-                 help="v3-mpc: Beaver triples from the client as trusted dealer (it could unmask; it owns the "
-                      "prompt), or made jointly by IKNP OT so nobody knows them (elementwise and matrix "
-                      "triples by Gilboa products, AND triples for the comparisons by random OT; slow)."),
-    click.option("--mpc-ranges", type=click.Choice(["wide", "narrow"]), default="wide", show_default=True,
-                 help="v3-mpc: 'wide' uses secure comparisons (exact softmax max, sigmoid clipping, rsqrt "
-                      "start; real models need it; AND triples from either --triples); 'narrow' skips them "
-                      "(accurate only for small models)."),
-    click.option("--triple-batch", type=click.IntRange(1, 1 << 22),
-                 help="v3-mpc: elementwise triples per pool, the first made before the prompt is used "
-                      "(default 2^21 with the dealer, 2^14 with ot: 128 correlated OTs each; with ot also "
-                      "the words of 64 AND bits per pool, 128 random OTs each)."),
-], ("triples", "mpc_ranges", "triple_batch"))
+def _options_for(specs, given: dict) -> list[dict]:
+    """Per spec, the given options it declares. An option typed on the command line that none of
+    ``specs`` takes is a usage error (exit 2) naming the protocols that do; one from the
+    environment is ambient and applies only where it is declared."""
+    names = {s.name for s in specs}
+    for name, (_, typed) in given.items():
+        if typed and not any(s.declared(name) for s in specs):
+            opt = next(o for o in registry.options() if o.name == name)
+            raise click.UsageError(f"{opt.cli_flag} is not an option of {', '.join(sorted(names))}; it applies to "
+                                   f"{', '.join(spec.takers(registry.SPECS, name))}")
+    return [{n: v for n, (v, _) in given.items() if s.declared(n)} for s in specs]
 
 
-def generation_options(fn):
-    fn = mpc_options(split_options(fn))
-    opts = [
-        click.option("-m", "--model", "model_spec", default="smollm2", show_default=True, envvar="SHARDLM_MODEL",
-                     show_envvar=True, help="'smollm2' or a path; must be the same model the server holds."),
-        click.option("--protocol", default="v3", show_default=True, envvar="SHARDLM_PROTOCOL", show_envvar=True,
-                     help="plain (insecure baseline), v2, v3, v3-2r (v3 in 2 rounds per layer: for slow "
-                          "links), v3-mpc, v3-cc, or split (NOT private: layer split)."),
-        click.option("--max-tokens", default=64, show_default=True, help="Tokens to generate at most."),
-        click.option("--temperature", default=0.0, show_default=True, help="0 is greedy."),
-        click.option("--top-k", type=int, help="Sample from the k most likely tokens."),
-        click.option("--top-p", type=float, help="Nucleus sampling threshold."),
-        click.option("--seed", type=int, help="Seed of the client's sampling RNG (not of any mask)."),
-        click.option("--system", help="System message for the chat template."),
-        click.option("--raw", is_flag=True, help="Send the prompt as is, without the chat template."),
-        click.option("--threads", type=int, envvar="SHARDLM_THREADS", show_envvar=True, help="torch CPU threads."),
-        click.option("--embedding", "embedding_source", type=click.Choice(["local", "ot"]), default="local",
-                     show_default=True,
-                     help="v2/v3: look token embeddings up locally, or fetch the rows by 1-of-V oblivious "
-                          "transfer from the server (it learns nothing about which rows; costs the whole "
-                          "encrypted table per request: 113 MB for SmolLM2)."),
-        _CC_TRUST_OPTION,
-    ]
-
-    @functools.wraps(fn)
-    def wrapper(*args, embedding_source, cc_trust, **kwargs):
-        return fn(*args, protocol_options=_protocol_options(cc_trust, embedding_source), **kwargs)
-
-    for opt in reversed(opts):
-        wrapper = opt(wrapper)
-    return wrapper
+def _protocol_spec(name: str):
+    try:
+        return registry.get(name)
+    except spec.OptionError as exc:
+        raise click.BadParameter(str(exc), param_hint="--protocol") from None
 
 
-_CC_TRUST_OPTION = click.option(
-    "--cc-trust", envvar="SHARDLM_CC_TRUST", show_envvar=True,
-    help="v3-cc: the server's attestation signing key to trust, sha256:<fingerprint> (printed by `serve`) or "
-         "ed25519:<hex>, or a file holding one. Without it v3-cc refuses to run.")
-
-
-def _protocol_options(cc_trust=None, embedding_source: str = "local") -> dict:
-    """Protocol-specific settings for the client factories (each takes what it knows)."""
-    options = {"embedding_source": embedding_source}
-    if cc_trust:
-        options["cc_trust"] = cc_trust
-    return options
+def generation_options(*, exclude: tuple[str, ...] = ()):
+    def decorate(fn):
+        fn = protocol_options(exclude=exclude)(fn)
+        opts = [
+            click.option("-m", "--model", "model_spec", default="smollm2", show_default=True, envvar="SHARDLM_MODEL",
+                         show_envvar=True, help="'smollm2' or a path; must be the same model the server holds."),
+            click.option("--protocol", default="v3", show_default=True, envvar="SHARDLM_PROTOCOL", show_envvar=True,
+                         help="plain (insecure baseline), v2, v3, v3-2r (v3 in 2 rounds per layer: for slow "
+                              "links), v3-mpc, v3-cc, or split (NOT private: layer split)."),
+            click.option("--max-tokens", default=64, show_default=True, help="Tokens to generate at most."),
+            click.option("--temperature", default=0.0, show_default=True, help="0 is greedy."),
+            click.option("--top-k", type=int, help="Sample from the k most likely tokens."),
+            click.option("--top-p", type=float, help="Nucleus sampling threshold."),
+            click.option("--seed", type=int, help="Seed of the client's sampling RNG (not of any mask)."),
+            click.option("--system", help="System message for the chat template."),
+            click.option("--raw", is_flag=True, help="Send the prompt as is, without the chat template."),
+            click.option("--threads", type=int, envvar="SHARDLM_THREADS", show_envvar=True, help="torch CPU threads."),
+        ]
+        for opt in reversed(opts):
+            fn = opt(fn)
+        return fn
+    return decorate
 
 
 @cli.command()
 @click.option("-p", "--prompt", required=True, help="The prompt (stays on this machine).")
-@generation_options
-@click.option("--material", type=click.Path(file_okay=False),
-              help="Mask material made by `shardlm preprocess` (default: made now, reported as offline_ms).")
+@generation_options()
 @click.option("--local", is_flag=True, help="Run the plaintext reference in this process; no server.")
 @click.option("--timing", is_flag=True, help="Print timings, bytes and rounds to stderr.")
 @client_options
 @_json_option
 @_reports_errors
 def generate(prompt, model_spec, protocol, max_tokens, temperature, top_k, top_p, seed, system, raw, threads,
-             protocol_options, material, local, timing, client_config, as_json):
+             protocol_options, local, timing, client_config, as_json):
     """Generate a completion, streaming tokens as they come.
 
     With --protocol v2/v3/v3-2r the server only ever sees one-time-padded ring elements; `plain`
     is the insecure baseline. --json prints one object (text, token_ids, timing, bytes, rounds,
     offline_ms) instead of streaming.
     """
+    from .party.run import run_local
+
+    proto = _protocol_spec(protocol)
+    [options] = _options_for([proto], protocol_options)
     if threads:
         torch_threads(threads)
     model = load_model_for_cli(model_spec)
-    ids = _prompt_ids(model, prompt, system, not raw)
+    ids = model.tokenizer.encode_prompt(prompt, system, not raw)
     sampling = _sampling(temperature, top_k, top_p, seed)
     if local:
-        from .models.reference import generate as reference_generate
-
         decoder = model.tokenizer.stream()
-        t0 = time.perf_counter()
-        out_ids = reference_generate(model, ids, max_tokens, sampling,
-                                     on_token=None if as_json else lambda t: click.echo(decoder.push(t), nl=False))
-        ms = (time.perf_counter() - t0) * 1e3
-        if not as_json:
-            click.echo(decoder.flush())
-        result = {"protocol": "local", "private": True, "prompt_tokens": len(ids), "token_ids": out_ids,
-                  "text": model.tokenizer.decode(out_ids, skip_special_tokens=True),
-                  "timing": {"total_ms": ms}, "bytes_sent": 0, "bytes_received": 0, "rounds": 0, "offline_ms": 0.0}
+        result = run_local(model, ids, max_tokens, sampling,
+                           on_token=None if as_json else lambda t: click.echo(decoder.push(t), nl=False))
         if as_json:
             _emit(result, True)
-        elif timing:
-            click.echo(f"local reference: {len(out_ids)} tokens in {ms:.0f} ms", err=True)
+            return
+        click.echo(decoder.flush())
+        if timing:
+            click.echo(f"local reference: {len(result['token_ids'])} tokens in {result['timing']['total_ms']:.0f} ms",
+                       err=True)
         return
-    report = _generate_remote(client_config(), model, protocol, ids, max_tokens, sampling, material,
-                              stream=not as_json, options=protocol_options)
+    report = _generate_remote(client_config(), model, proto, ids, max_tokens, sampling, stream=not as_json,
+                              options=options)
     out = report.as_dict(model.tokenizer)
     if as_json:
         _emit(out, True)
     elif timing or not out["private"] or out["notes"]:
-        click.echo(_human_report(out), err=True)
+        click.echo(summary(out), err=True)
 
 
 @cli.command()
-@generation_options
+@generation_options(exclude=("material",))
 @client_options
 @_json_option
 @_reports_errors
@@ -572,6 +524,8 @@ def chat(model_spec, protocol, max_tokens, temperature, top_k, top_p, seed, syst
     Each turn is a fresh private session over the whole conversation so far (the client keeps
     the history; the server keeps nothing between turns). Empty line or EOF ends the chat.
     """
+    proto = _protocol_spec(protocol)
+    [options] = _options_for([proto], protocol_options)
     if threads:
         torch_threads(threads)
     model = load_model_for_cli(model_spec)
@@ -594,8 +548,7 @@ def chat(model_spec, protocol, max_tokens, temperature, top_k, top_p, seed, syst
         ids = model.tokenizer.encode_chat(history)
         if not as_json:
             click.echo("assistant: ", nl=False)
-        report = _generate_remote(cfg, model, protocol, ids, max_tokens, sampling, None, stream=not as_json,
-                                  options=protocol_options)
+        report = _generate_remote(cfg, model, proto, ids, max_tokens, sampling, stream=not as_json, options=options)
         out = report.as_dict(model.tokenizer)
         if not as_json and len(turns) == 0:
             for note in out["notes"]:
@@ -611,7 +564,8 @@ def chat(model_spec, protocol, max_tokens, temperature, top_k, top_p, seed, syst
 @cli.command()
 @click.option("-m", "--model", "model_spec", default="smollm2", show_default=True, envvar="SHARDLM_MODEL",
               show_envvar=True)
-@click.option("--protocol", type=click.Choice(["v2", "v3", "v3-2r", "v3-mpc"]), default="v3", show_default=True)
+@click.option("--protocol", type=click.Choice([s.name for s in registry.SPECS if s.declared("material")]),
+              default="v3", show_default=True)
 @click.option("--tokens", type=int, required=True,
               help="Positions the material covers: prompt tokens + tokens to generate.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
@@ -622,8 +576,6 @@ def chat(model_spec, protocol, max_tokens, temperature, top_k, top_p, seed, syst
 def preprocess(model_spec, protocol, tokens, out_dir, threads, as_json):
     """The offline phase, ahead of time: single-use mask material for one generation of up to
     --tokens positions. Pass it to `generate --material`; a second use is refused."""
-    from .protocols import masked
-
     if tokens < 2:
         raise Failure("--tokens must be at least 2 (one prompt token and one generated token)", "usage")
     if Path(out_dir, "meta.json").exists():
@@ -631,24 +583,13 @@ def preprocess(model_spec, protocol, tokens, out_dir, threads, as_json):
     if threads:
         torch_threads(threads)
     model = load_model_for_cli(model_spec)
+    proto = registry.get(protocol)
     t0 = time.perf_counter()
-    # rows for `tokens` positions whatever the prompt/generation split: prompt 1, generate tokens-1
-    # needs the most head rows; prompt tokens-1, generate 1 the most body rows.
-    units = masked.units_for(model.plan, "v3" if protocol == "v3-mpc" else protocol)
-    rows = {n: tokens for n in units}
-    from .protocols import preprocess as pre
-
-    if protocol == "v3-mpc":  # over v3-mpc's own ring weights (power-of-two row scales)
-        from .protocols import mpc_service
-
-        store = mpc_service.deal_rows(model, rows, progress=_progress_printer(not as_json))
-    else:
-        store = pre.deal(masked.matrices_for(model, protocol), rows, model_fingerprint=model.fingerprint(),
-                         variant=protocol, fx=masked.FIXED_POINT, progress=_progress_printer(not as_json))
+    store = proto.hook("deal")(proto, model, tokens, progress=_progress_printer(not as_json))
     store.save(out_dir)
     ms = (time.perf_counter() - t0) * 1e3
     size = sum(f.stat().st_size for f in Path(out_dir).iterdir())
-    result = {"store": out_dir, "protocol": protocol, "tokens": tokens, "units": len(rows),
+    result = {"store": out_dir, "protocol": protocol, "tokens": tokens, "units": len(store.meta["units"]),
               "offline_ms": ms, "bytes": size, "model_fingerprint": model.fingerprint()}
     _emit(result, as_json, human=f"wrote {size / 1e6:.1f} MB of mask material for {tokens} positions "
                                  f"({protocol}) to {out_dir} in {ms:.0f} ms")
@@ -669,19 +610,21 @@ def preprocess(model_spec, protocol, tokens, out_dir, threads, as_json):
 @click.option("--output", type=click.Path(dir_okay=False), help="Write the results JSON here.")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Draw prefill and decode bars to this PNG.")
 @click.option("--threads", type=int, envvar="SHARDLM_THREADS", show_envvar=True)
-@_CC_TRUST_OPTION
-@split_options
-@mpc_options
+@protocol_options(exclude=("material",))
 @client_options
 @_json_option
 @_reports_errors
-def bench(model_spec, protocols, prompt, prompt_tokens, max_tokens, runs, warmup, output, plot, threads, cc_trust,
-          client_config, as_json, protocol_options=None):
+def bench(model_spec, protocols, prompt, prompt_tokens, max_tokens, runs, warmup, output, plot, threads,
+          protocol_options, client_config, as_json):
     """Benchmark protocols side by side against a running server (seed JSON format, extended
     with decode tokens/s, bytes, rounds, offline time and the ratio to plain)."""
     from .party import bench as bench_mod
 
-    entries = [_bench_entry(p.strip(), protocol_options) for p in protocols.split(",") if p.strip()]
+    try:
+        entries = [registry.parse_entry(p.strip()) for p in protocols.split(",") if p.strip()]
+    except spec.OptionError as exc:
+        raise click.BadParameter(str(exc), param_hint="--protocol") from None
+    given = _options_for([s for _, s, _ in entries], protocol_options)
     if threads:
         torch_threads(threads)
     model = load_model_for_cli(model_spec)
@@ -689,13 +632,13 @@ def bench(model_spec, protocols, prompt, prompt_tokens, max_tokens, runs, warmup
         base = model.tokenizer.encode(BENCH_TEXT)
         ids = (base * (prompt_tokens // len(base) + 1))[:prompt_tokens]
     else:
-        ids = _prompt_ids(model, prompt, None, True)
+        ids = model.tokenizer.encode_prompt(prompt)
     cfg = client_config()
     say = None if as_json else (lambda msg: click.echo(msg, err=True))
     results = []
-    for label, proto, options in entries:
+    for (label, proto, options), defaults in zip(entries, given):
         r = trio.run(bench_mod.bench_protocol, cfg, model, proto, ids, max_tokens, runs, warmup,
-                     _sampling(0.0, None, None, None), say, {**_protocol_options(cc_trust), **options})
+                     _sampling(0.0, None, None, None), say, {**defaults, **options})
         r["version"] = label
         results.append(r)
     bench_mod.add_ratios(results)
@@ -704,38 +647,7 @@ def bench(model_spec, protocols, prompt, prompt_tokens, max_tokens, runs, warmup
         Path(output).write_text(json.dumps(doc, indent=2))
     if plot:
         bench_mod.plot(results, plot)
-    lines = [f"{'protocol':8s} {'prefill ms':>11s} {'decode tok/s':>12s} {'ratio':>6s} {'B/token up':>11s} "
-             f"{'B/token down':>12s} {'rounds/tok':>10s} {'offline ms':>10s}"]
-    for r in results:
-        x = r["results"]
-        ratio = x.get("ratio_to_plain", {}).get("decode_tokens_per_second")
-        lines.append(f"{r['version']:8s} {x['prefill']['mean_ms']:11.1f} {x['decode_tokens_per_second']:12.2f} "
-                     f"{(f'{ratio:.2f}' if ratio else '-'):>6s} {x['per_decode_token']['bytes_sent']:11.0f} "
-                     f"{x['per_decode_token']['bytes_received']:12.0f} {x['per_decode_token']['rounds']:10.1f} "
-                     f"{x['offline_ms']:10.0f}")
-    lines += [f"note ({r['version']}): {n}" for r in results for n in r.get("notes", [])]
-    exposed = [r["version"] for r in results if not r["private"]]
-    if exposed:
-        lines.append(f"NOT PRIVATE: {', '.join(exposed)} (the server sees tokens or hidden states)")
-    _emit(doc, as_json, human="\n".join(lines))
-
-
-def _bench_entry(spec: str, defaults: dict) -> tuple[str, str, dict]:
-    """``NAME[:OPTION=VALUE...]`` (e.g. ``v3-mpc:triples=ot``) -> (label, protocol, its options): one
-    bench run can compare settings of a protocol side by side. OPTION is a protocol option of this
-    command (``--triples`` -> ``triples``), checked and converted as the option itself would be."""
-    name, *pairs = spec.split(":")
-    ctx = click.get_current_context()
-    params = {p.name: p for p in ctx.command.params if p.name in defaults}
-    options = dict(defaults)
-    for pair in pairs:
-        key, eq, value = pair.partition("=")
-        key = key.replace("-", "_")
-        if not eq or key not in params:
-            raise click.BadParameter(f"{spec!r}: expected NAME:OPTION=VALUE with OPTION one of "
-                                     f"{', '.join(sorted(params))}", param_hint="--protocol")
-        options[key] = params[key].type.convert(value, params[key], ctx)
-    return spec, name, options
+    _emit(doc, as_json, human=bench_mod.table(results))
 
 
 BENCH_TEXT = ("The history of cryptography begins with simple substitution ciphers and leads, through "
@@ -767,7 +679,7 @@ def audit(transcript, model_spec, prompt, system, raw, max_candidates, threads, 
     if threads:
         torch_threads(threads)
     model = load_model_for_cli(model_spec)
-    truth = _prompt_ids(model, prompt, system, not raw) if prompt is not None else None
+    truth = model.tokenizer.encode_prompt(prompt, system, not raw) if prompt is not None else None
 
     def show(done: int, total: int) -> None:
         click.echo(f"\raudit: position {done}/{total}".ljust(40), err=True, nl=done == total)
@@ -784,19 +696,6 @@ def audit(transcript, model_spec, prompt, system, raw, max_candidates, threads, 
 
 
 # -- demo --------------------------------------------------------------------------------------
-def start_server_process(args: list[str], env=None) -> tuple[subprocess.Popen, dict]:
-    """Start `shardlm serve --json ...` as a child process; return it and its listening event."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "shardlm.cli", "serve", "--json", *args],
-        stdout=subprocess.PIPE, stderr=None, text=True, env=env,
-    )
-    line = proc.stdout.readline()
-    if not line:
-        proc.wait(timeout=10)
-        raise Failure(f"server exited with status {proc.returncode} before listening", "server")
-    return proc, json.loads(line)
-
-
 @cli.command()
 @click.option("-m", "--model", "model_spec", default="smollm2", show_default=True, envvar="SHARDLM_MODEL",
               show_envvar=True, help="Model for both parties.")
@@ -811,32 +710,24 @@ def demo(model_spec, protocol, prompt, max_tokens, as_json):
 
     The server records what it received to a transcript directory, printed at the end.
     """
+    from .party import launch
+
+    proto = _protocol_spec(protocol)
     model = load_model_for_cli(model_spec)
     transcript = Path(tempfile.mkdtemp(prefix="shardlm-demo-transcript-"))
-    with tempfile.TemporaryDirectory(prefix="shardlm-demo-") as tmp:
-        fp = tls.generate_server_cert(tmp)
-        if not as_json:
-            click.echo(f"starting a server on 127.0.0.1 with {model.name}, pinned certificate {fp[:23]}...", err=True)
-        proc, event = start_server_process(
-            ["--host", "127.0.0.1", "--port", "0", "--cert", f"{tmp}/server.crt", "--key", f"{tmp}/server.key",
-             "--model", model_spec, "--record-transcript", str(transcript), "--threads", "1"]
-        )
-        try:
-            cfg = client_mod.ClientConfig(server=f"127.0.0.1:{event['port']}", fingerprint=fp, timeout=300)
-            cc_fp = event.get("cc", {}).get("key_fingerprint")
-            report = _generate_remote(cfg, model, protocol, _prompt_ids(model, prompt, None, True), max_tokens,
-                                      _sampling(0.0, None, None, None), None, stream=not as_json,
-                                      options=_protocol_options(cc_fp))
-        finally:
-            proc.terminate()
-            proc.wait(timeout=10)
+    if not as_json:
+        click.echo(f"starting a server on 127.0.0.1 with {model.name} and a fresh pinned certificate...", err=True)
+    with launch.server(["--model", model_spec, "--record-transcript", str(transcript), "--threads", "1"]) as srv:
+        # the demo pins the v3-cc key its own server printed
+        cc_fp = srv.event.get("cc", {}).get("key_fingerprint")
+        options = {"cc_trust": cc_fp} if proto.declared("cc_trust") else {}
+        report = _generate_remote(srv.client_config(timeout=300), model, proto, model.tokenizer.encode_prompt(prompt),
+                                  max_tokens, _sampling(0.0, None, None, None), stream=not as_json, options=options)
     out = report.as_dict(model.tokenizer)
-    out.update(prompt=prompt, transcript=str(transcript), server=event)
-    _emit(out, as_json, human=_human_report(out))
+    out.update(prompt=prompt, transcript=str(transcript), server=srv.event)
+    _emit(out, as_json, human=summary(out))
 
 
-from .protocols.ot.bench import ot_bench  # noqa: E402
-cli.add_command(ot_bench)
 from .models.commands import models  # noqa: E402
 
 cli.add_command(models)

@@ -90,8 +90,7 @@ def smollm2_gguf(progress: bool = True) -> Path:
 
 def fetch_smollm2(progress: bool = True) -> Path:
     """The converted SmolLM2 directory (config.json, model.safetensors, tokenizer files). Idempotent."""
-    from .gguf_source import read_gguf
-    from .load import save_hf_dir
+    from .gguf_source import read_gguf, save_hf_dir  # numpy and torch: only when converting
 
     target = shardlm_home() / "models" / "smollm2"
     if (target / MARKER).is_file():

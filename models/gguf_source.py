@@ -1,16 +1,19 @@
 """Reading a GGUF file into the same shape as a Hugging Face directory: a config.json dict,
-HF-named float32 tensors, and a tokenizer rebuilt from the metadata.
+HF-named float32 tensors, and a tokenizer rebuilt from the metadata; and writing that shape out
+as a directory (``save_hf_dir``), the once-only conversion models/fetch.py caches.
 
 llama.cpp's converter permutes the rows of q and k for the llama architecture (its RoPE pairs
 adjacent elements, HF's pairs the two halves); we undo it, or the logits are wrong.
 """
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 
 from .config import ModelError
 from .tokenizer import Tokenizer
@@ -141,3 +144,15 @@ def read_gguf(path: Path, progress: bool = False):
     # The embedding's rows, not the token list: a model's vocabulary may be padded past it.
     cfg["vocab_size"] = int(tensors["model.embed_tokens.weight"].shape[0])
     return cfg, tensors, tokenizer
+
+
+def save_hf_dir(cfg: dict, hf: dict[str, torch.Tensor], tokenizer: Tokenizer, d: Path) -> None:
+    """Write a Hugging Face style directory (fp32 safetensors): what a GGUF is converted to once."""
+    d.mkdir(parents=True, exist_ok=True)
+    if cfg.get("tie_word_embeddings"):
+        hf = {k: v for k, v in hf.items() if k != "lm_head.weight"}
+    save_file({k: v.contiguous() for k, v in hf.items()}, str(d / "model.safetensors"), metadata={"format": "pt"})
+    (d / "config.json").write_text(json.dumps(cfg, indent=2))
+    (d / "generation_config.json").write_text(json.dumps(
+        {"bos_token_id": cfg.get("bos_token_id"), "eos_token_id": cfg.get("eos_token_id")}, indent=2))
+    tokenizer.save(d)

@@ -9,15 +9,20 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .config import ModelConfig, ModelError, config_from_hf, read_config_json
+from .fetch import KNOWN, fetch
 from .plan import Plan, build_plan
 from .tokenizer import Tokenizer
+
+
+_DERIVED_LOCK = threading.RLock()
 
 
 @dataclass
@@ -29,19 +34,28 @@ class Model:
     plan: Plan = field(repr=False)
     source: Path | None = None
     _fingerprint: str | None = field(default=None, repr=False)
+    _derived: dict = field(default_factory=dict, repr=False)
 
     @property
     def eos_ids(self) -> tuple[int, ...]:
         extra = self.tokenizer.eos_ids if self.tokenizer else ()
         return tuple(dict.fromkeys(self.config.eos_ids + extra))
 
+    def derived(self, key, make):
+        """A value computed from the weights (ring matrices, the reference's transposed copies),
+        made once per process and kept with the weights it came from. ``key`` is a tuple whose
+        first element names the module that owns the value. Servers build in worker threads,
+        hence the lock (reentrant: one derived value may be made from another)."""
+        with _DERIVED_LOCK:
+            if key not in self._derived:
+                self._derived[key] = make()
+            return self._derived[key]
+
     def embedding_table(self):
         """The token embedding rows as a contiguous float32 numpy array (vocab, hidden): what the
         OT embedding retrieval (protocols/ot/embedding.py) serves."""
-        table = self.__dict__.get("_embedding_np")
-        if table is None:
-            table = self.__dict__["_embedding_np"] = self.weights["embed"].detach().to("cpu", torch.float32).contiguous().numpy()
-        return table
+        return self.derived(("load", "embedding_np"),
+                            lambda: self.weights["embed"].detach().to("cpu", torch.float32).contiguous().numpy())
 
     def fingerprint(self) -> str:
         """sha256 of the config and every weight (name, dtype, shape, bytes): equal iff same model."""
@@ -183,22 +197,8 @@ def load_gguf(path: Path, device: str = "cpu", progress: bool = False) -> Model:
     return assemble(path.stem, config_from_hf(cfg), hf, tok, path, device)
 
 
-def save_hf_dir(cfg: dict, hf: dict[str, torch.Tensor], tokenizer: Tokenizer, d: Path) -> None:
-    """Write a Hugging Face style directory (fp32 safetensors): what a GGUF is converted to once."""
-    d.mkdir(parents=True, exist_ok=True)
-    if cfg.get("tie_word_embeddings"):
-        hf = {k: v for k, v in hf.items() if k != "lm_head.weight"}
-    save_file({k: v.contiguous() for k, v in hf.items()}, str(d / "model.safetensors"), metadata={"format": "pt"})
-    (d / "config.json").write_text(json.dumps(cfg, indent=2))
-    (d / "generation_config.json").write_text(json.dumps(
-        {"bos_token_id": cfg.get("bos_token_id"), "eos_token_id": cfg.get("eos_token_id")}, indent=2))
-    tokenizer.save(d)
-
-
 def load_model(spec: str, device: str = "cpu") -> Model:
     """`spec`: "smollm2" (fetched and converted on first use), an HF directory, or a .gguf file."""
-    from .fetch import KNOWN, fetch
-
     if spec in KNOWN:
         return load_hf_dir(fetch(spec), device, name=spec)
     path = Path(spec).expanduser()

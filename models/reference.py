@@ -35,10 +35,7 @@ class Reference:
     @classmethod
     def of(cls, model) -> "Reference":
         """The model's shared Reference (built once: it holds transposed weight copies)."""
-        ref = model.__dict__.get("_reference")
-        if ref is None:
-            ref = model.__dict__["_reference"] = cls(model)
-        return ref
+        return model.derived(("reference",), lambda: cls(model))
 
     def new_cache(self, capacity: int = 256) -> KVCache:
         return KVCache(self.model.config, capacity, device=self.device)

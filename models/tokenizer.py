@@ -88,6 +88,14 @@ class Tokenizer:
         """Ids of the chat-formatted prompt. The template writes any BOS itself, so no extra one."""
         return self.encode(self.apply_chat_template(messages, add_generation_prompt), add_special_tokens=False)
 
+    def encode_prompt(self, prompt: str, system: str | None = None, chat: bool = True) -> list[int]:
+        """A user prompt as the model expects it: in the chat template (with an optional system
+        message) when there is one and ``chat`` is set, else the raw text."""
+        if chat and self.chat_template:
+            messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+            return self.encode_chat(messages)
+        return self.encode(prompt)
+
     def stream(self) -> "StreamDecoder":
         return StreamDecoder(self)
 

@@ -18,6 +18,7 @@ from typing import Callable
 from ..models.sampling import SamplingParams
 from .client import ClientConfig
 from .run import run_generation
+from .spec import ProtocolSpec
 
 
 def timing_stats(values: list[float]) -> dict:
@@ -32,12 +33,13 @@ def timing_stats(values: list[float]) -> dict:
     }
 
 
-async def bench_protocol(cfg: ClientConfig, model, protocol: str, prompt_ids: list[int], max_tokens: int,
+async def bench_protocol(cfg: ClientConfig, model, spec: ProtocolSpec, prompt_ids: list[int], max_tokens: int,
                          runs: int, warmup: int, sampling: SamplingParams,
                          progress: Callable[[str], None] | None = None, options: dict | None = None) -> dict:
+    protocol = spec.name
     reports = []
     for i in range(warmup + runs):
-        rep = await run_generation(cfg, model, protocol, prompt_ids, max_tokens, sampling, ignore_eos=True,
+        rep = await run_generation(cfg, model, spec, prompt_ids, max_tokens, sampling, ignore_eos=True,
                                    options=options)
         if progress is not None:
             kind = "warmup" if i < warmup else "run"
@@ -56,7 +58,8 @@ async def bench_protocol(cfg: ClientConfig, model, protocol: str, prompt_ids: li
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds"),
         "config": {"prompt_tokens": len(prompt_ids), "max_new_tokens": max_tokens,
                    "temperature": sampling.temperature, "runs": runs, "warmup": warmup, "endpoint": protocol,
-                   "net": cfg.net.describe() if cfg.net else "none", "options": options or {}},
+                   "net": cfg.net.describe() if cfg.net else "none",
+                   "options": spec.resolve_options(options)},
         "results": {
             "embedding": timing_stats([x["embedding_ms"] for x in t]),
             "prefill": timing_stats([x["prefill_ms"] for x in t]),
@@ -95,6 +98,24 @@ def add_ratios(results: list[dict]) -> None:
             "prefill_speed": p["prefill"]["mean_ms"] / x["prefill"]["mean_ms"],
             "decode_tokens_per_second": x["decode_tokens_per_second"] / p["decode_tokens_per_second"],
         }
+
+
+def table(results: list[dict]) -> str:
+    """The human summary of ``shardlm bench``: one line per protocol, then notes and warnings."""
+    lines = [f"{'protocol':8s} {'prefill ms':>11s} {'decode tok/s':>12s} {'ratio':>6s} {'B/token up':>11s} "
+             f"{'B/token down':>12s} {'rounds/tok':>10s} {'offline ms':>10s}"]
+    for r in results:
+        x = r["results"]
+        ratio = x.get("ratio_to_plain", {}).get("decode_tokens_per_second")
+        lines.append(f"{r['version']:8s} {x['prefill']['mean_ms']:11.1f} {x['decode_tokens_per_second']:12.2f} "
+                     f"{(f'{ratio:.2f}' if ratio else '-'):>6s} {x['per_decode_token']['bytes_sent']:11.0f} "
+                     f"{x['per_decode_token']['bytes_received']:12.0f} {x['per_decode_token']['rounds']:10.1f} "
+                     f"{x['offline_ms']:10.0f}")
+    lines += [f"note ({r['version']}): {n}" for r in results for n in r.get("notes", [])]
+    exposed = [r["version"] for r in results if not r["private"]]
+    if exposed:
+        lines.append(f"NOT PRIVATE: {', '.join(exposed)} (the server sees tokens or hidden states)")
+    return "\n".join(lines)
 
 
 def plot(results: list[dict], path: str) -> None:

@@ -13,14 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import tempfile
 import time
 
 import numpy as np
 import trio
 
-from ..cli import start_server_process
-from ..wire import netsim, tls
+from ..wire import netsim
+from . import launch
 from .client import ClientConfig, connect
 
 
@@ -58,16 +57,9 @@ def main() -> None:
     ap.add_argument("--net", default=None, help="netsim spec on the client side, e.g. rtt=20ms,bw=100mbit")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        fp = tls.generate_server_cert(tmp)
-        proc, event = start_server_process(["--port", "0", "--cert", f"{tmp}/server.crt", "--key", f"{tmp}/server.key"])
-        try:
-            cfg = ClientConfig(server=f"127.0.0.1:{event['port']}", fingerprint=fp, timeout=120,
-                               net=netsim.parse_netspec(args.net) if args.net else None)
-            result = trio.run(measure, cfg, args.rounds, args.frames)
-        finally:
-            proc.terminate()
-            proc.wait(timeout=10)
+    net = netsim.parse_netspec(args.net) if args.net else None
+    with launch.server() as srv:
+        result = trio.run(measure, srv.client_config(timeout=120, net=net), args.rounds, args.frames)
     result["net"] = args.net or "loopback"
     if args.json:
         print(json.dumps(result))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from .. import __version__
 from ..wire.errors import ErrorCode, ProtocolError
+from ..wire.schema import Int, Schema, Str
 
 PROTOCOL_VERSION = 1
 
@@ -28,36 +29,34 @@ def hello(protocol: str, model_fingerprint: str, max_seq_len: int) -> dict:
     }
 
 
-def _field(body: dict, name: str, kind):
-    value = body.get(name)
-    if not isinstance(value, kind) or isinstance(value, bool) and kind is int:
-        raise ProtocolError(ErrorCode.MALFORMED, f"HELLO field {name!r} missing or not {kind.__name__}")
-    return value
+HELLO = Schema("HELLO", version=Int(), protocol=Str(), model_fingerprint=Str(), max_seq_len=Int())
 
 
 def check_hello(body: dict, *, offered: dict, model_fingerprint: str, max_seq_len: int) -> str:
     """Server side: validate a HELLO; return the protocol name. ``offered``: name -> spec."""
-    version = _field(body, "version", int)
-    if version != PROTOCOL_VERSION:
+    # the version first: a newer client's HELLO may carry fields this version does not know
+    version = body.get("version") if isinstance(body, dict) else None
+    if isinstance(version, int) and not isinstance(version, bool) and version != PROTOCOL_VERSION:
         raise ProtocolError(
             ErrorCode.VERSION_MISMATCH,
             f"client speaks protocol version {version}, this server speaks {PROTOCOL_VERSION} "
             f"(shardlm {__version__}); upgrade the older side",
         )
-    protocol = _field(body, "protocol", str)
+    body = HELLO.check(body)
+    protocol = body["protocol"]
     if protocol not in offered:
         raise ProtocolError(
             ErrorCode.UNKNOWN_PROTOCOL,
             f"protocol {protocol!r} is not offered here; this server offers: {', '.join(sorted(offered))}",
         )
-    fp = _field(body, "model_fingerprint", str)
+    fp = body["model_fingerprint"]
     if fp != model_fingerprint:
         raise ProtocolError(
             ErrorCode.MODEL_MISMATCH,
             f"client model {fp} differs from the server's {model_fingerprint}; both sides must load "
             f"the same model files",
         )
-    requested = _field(body, "max_seq_len", int)
+    requested = body["max_seq_len"]
     if requested > max_seq_len or requested < 1:
         raise ProtocolError(
             ErrorCode.SEQ_TOO_LONG,

@@ -7,12 +7,13 @@ Used by ``shardlm generate``, ``chat``, ``bench`` and ``demo``; returns everythi
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Callable
 
 from ..models.sampling import SamplingParams
-from ..protocols import registry
 from .client import ClientConfig, connect
 from .generation import GenerationResult, generate
+from .spec import ProtocolSpec
 
 
 @dataclasses.dataclass
@@ -58,22 +59,51 @@ class RunReport:
         return out
 
 
-async def run_generation(cfg: ClientConfig, model, protocol: str, prompt_ids: list[int], max_tokens: int,
-                         sampling: SamplingParams, *, material: str | None = None,
-                         on_token: Callable[[int], None] | None = None,
+def summary(out: dict) -> str:
+    """A report (:meth:`RunReport.as_dict`) as `generate --timing` and `demo` print it."""
+    t = out["timing"]
+    lines = [
+        f"protocol {out['protocol']} ({'private' if out['private'] else out.get('warning') or 'NOT PRIVATE'}), "
+        f"session {out['session_id']}",
+        f"prompt {out['prompt_tokens']} tokens, generated {out['generated_tokens']} ({out['stop_reason']})",
+        f"offline {out['offline_ms']:.0f} ms | prefill {t['prefill_ms']:.0f} ms | decode {t['decode_ms']:.0f} ms "
+        f"({t['decode_tokens_per_s']:.2f} tok/s) | total {t['total_ms']:.0f} ms",
+        f"bytes sent {out['bytes_sent']:,} received {out['bytes_received']:,} | rounds {out['rounds']} "
+        f"(prefill {out['prefill_rounds']}, per decode token {out['per_decode_token']['rounds']})",
+    ]
+    lines += [f"note: {n}" for n in out.get("notes", [])]
+    if out.get("transcript"):
+        lines.append(f"server transcript: {out['transcript']}")
+    return "\n".join(lines)
+
+
+def run_local(model, prompt_ids: list[int], max_tokens: int, sampling: SamplingParams,
+              on_token: Callable[[int], None] | None = None) -> dict:
+    """``generate --local``: the plaintext reference in this process, no server; reported in the
+    shape of :meth:`RunReport.as_dict` (no bytes, no rounds)."""
+    from ..models.reference import generate as reference_generate
+
+    t0 = time.perf_counter()
+    out_ids = reference_generate(model, prompt_ids, max_tokens, sampling, on_token=on_token)
+    ms = (time.perf_counter() - t0) * 1e3
+    return {"protocol": "local", "private": True, "prompt_tokens": len(prompt_ids), "token_ids": out_ids,
+            "text": model.tokenizer.decode(out_ids, skip_special_tokens=True),
+            "timing": {"total_ms": ms}, "bytes_sent": 0, "bytes_received": 0, "rounds": 0, "offline_ms": 0.0}
+
+
+async def run_generation(cfg: ClientConfig, model, spec: ProtocolSpec, prompt_ids: list[int], max_tokens: int,
+                         sampling: SamplingParams, *, on_token: Callable[[int], None] | None = None,
                          progress: Callable | None = None, ignore_eos: bool = False,
                          options: dict | None = None) -> RunReport:
-    """``options``: protocol-specific settings passed to the protocol's client factory."""
-    spec = registry.load_all().get(protocol)
-    if spec is None or spec.client_factory is None:
-        raise ValueError(f"unknown protocol {protocol!r}; choose from "
-                         f"{', '.join(n for n, s in sorted(registry.load_all().items()) if s.client_factory)}")
+    """``options``: the protocol's declared options (spec.options; any other is an OptionError,
+    raised before connecting)."""
+    spec.resolve_options(options)
     async with connect(cfg) as conn:
-        session = await conn.open_session(protocol, model.fingerprint(), len(prompt_ids) + max_tokens)
+        session = await conn.open_session(spec.name, model.fingerprint(), len(prompt_ids) + max_tokens)
         channel = conn.channel
         with channel.phase("offline"):
-            client = spec.client_factory(channel, model, prompt_tokens=len(prompt_ids), max_tokens=max_tokens,
-                                         material=material, progress=progress, **(options or {}))
+            client = spec.client(channel, model, prompt_tokens=len(prompt_ids), max_tokens=max_tokens,
+                                 progress=progress, options=options)
             if hasattr(client, "setup"):  # a protocol's own set-up exchange (e.g. attestation)
                 await client.setup()
         stops = () if ignore_eos else model.eos_ids
@@ -87,7 +117,6 @@ async def run_generation(cfg: ClientConfig, model, protocol: str, prompt_ids: li
                                     channel=channel)
         stats = {name: s.as_dict() for name, s in channel.stats.items() if name not in ("setup", "offline")
                  or s.messages_sent or s.messages_received}
-    return RunReport(protocol, spec.private, session["session_id"], len(prompt_ids), result, client.offline_ms, stats,
-                     list(getattr(client, "notes", [])),
-                     warning=None if spec.private else f"NOT PRIVATE: {spec.summary}",
+    return RunReport(spec.name, spec.private, session["session_id"], len(prompt_ids), result, client.offline_ms, stats,
+                     list(getattr(client, "notes", [])), warning=spec.warning,
                      protocol_stats=dict(getattr(client, "protocol_stats", {})))

@@ -22,12 +22,12 @@ import time
 import trio
 
 from .. import __version__
-from ..protocols import registry
 from ..wire import frames
 from ..wire.errors import ConnectionClosed, ErrorCode, ProtocolError, RemoteError
 from ..wire.msgtypes import MsgType
 from . import handshake
 from .channel import Channel, Message
+from .spec import ProtocolSpec
 from .transcript import TranscriptRecorder
 
 log = logging.getLogger("shardlm.server")
@@ -63,11 +63,17 @@ class ServerSession:
 
 
 class Server:
-    def __init__(self, config: ServerConfig, ssl_context: ssl.SSLContext, model=None):
+    def __init__(self, config: ServerConfig, ssl_context: ssl.SSLContext, model=None, *,
+                 protocols: dict[str, ProtocolSpec]):
+        """``protocols``: the specs this server offers (protocols/registry.offered); a protocol
+        needing a model is refused here when there is none."""
         self.config = config
         self.ssl_context = ssl_context
         self.model = model
-        self.offered = registry.offered(model is not None)
+        missing = sorted(n for n, s in protocols.items() if s.needs_model and model is None)
+        if missing:
+            raise ValueError(f"protocols {', '.join(missing)} need a model")
+        self.offered = dict(protocols)
         self.active = 0
         self.served = 0
         self.started = time.time()
@@ -75,12 +81,21 @@ class Server:
         # Open sessions by id; a session leaves (and its handler's close() runs) when its
         # connection ends for any reason: BYE, error, expiry, disconnect.
         self.sessions: dict[str, ServerSession] = {}
+        self._protocol_state: dict[str, object] = {}
+
+    def protocol_state(self, protocol: str, make):
+        """State a protocol keeps across its sessions on this server (v3-cc's provider, v3-mpc's
+        used dealer seeds), made by ``make()`` on first use and owned by the server."""
+        if protocol not in self._protocol_state:
+            self._protocol_state[protocol] = make()
+        return self._protocol_state[protocol]
 
     def info(self, request: dict | None = None) -> dict:
         protocols = {n: {"private": s.private, "summary": s.summary} for n, s in sorted(self.offered.items())}
         for n, s in self.offered.items():
-            if s.server_info is not None:
-                protocols[n].update(s.server_info(self, request or {}))
+            server_info = s.hook("server_info")
+            if server_info is not None:
+                protocols[n].update(server_info(s, self, request or {}))
         return {
             "name": "shardlm", "version": __version__,
             "protocol_version": handshake.PROTOCOL_VERSION,
@@ -196,7 +211,7 @@ class Server:
                     )
                     spec = self.offered[protocol]
                     session = ServerSession(session_id, channel, protocol, self, int(msg.body["max_seq_len"]))
-                    handler = spec.server_handler(session) if spec.server_handler else None
+                    handler = spec.server_handler(session)
                     session.handler = handler
                     self.sessions[session_id] = session
                     ttl_end = trio.current_time() + cfg.session_ttl

@@ -40,6 +40,7 @@ from ..models.plan import Norm
 from ..models.reference import Reference
 from ..party.transcript import load_transcript, session_dirs
 from ..wire.msgtypes import MsgType
+from .registry import PROTOCOLS
 
 EXACT_RTOL = 1e-3  # distance between unit-length rows below which a candidate is the token
 FIRST_CHUNK, MAX_CHUNK = 64, 4096  # candidates per batch: the likeliest first, then 4x more each time
@@ -183,9 +184,7 @@ def audit(model, transcript: str | Path, prompt_ids: list[int] | None = None,
     view = read_view(session_dir)
     if view.observed.ndim != 2 or view.observed.shape[1] != model.config.hidden:
         raise AuditError(f"observed rows of shape {tuple(view.observed.shape)} do not fit {model.name}")
-    from .registry import load_all
-
-    spec = load_all().get(view.protocol)
+    spec = PROTOCOLS.get(view.protocol)
     t0 = time.perf_counter()
     result = Inverter(model, view).invert(progress, max_candidates)
     ids = result["recovered_ids"]

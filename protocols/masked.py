@@ -26,157 +26,19 @@ decode step), timing, and that generation is happening.
 
 from __future__ import annotations
 
-import dataclasses
-import threading
 import time
 
-import numpy as np
 import torch
 import trio
 
 from ..models.executor import forward_steps, run_async
 from ..models.reference import Reference
-from ..models.plan import Composite, Linear, Plan
-from ..wire.errors import ErrorCode, ProtocolError
+from ..models.plan import Composite, Linear
 from ..wire.msgtypes import MsgType
+from ..wire.schema import Schema, Str, Tensor
 from . import preprocess, ring
 from .ot import embedding
-from .registry import ProtocolSpec, register
-
-FUSED = {"v2": False, "v3": True, "v3-2r": True}
-PRECOMPOSED = {"v3-2r"}  # variants whose plan runs with precomposed units (plan.Composite)
-# Part of the protocol: the server encodes weights with these bits, the client decodes with them.
-FIXED_POINT = ring.FixedPoint()
-
-
-@dataclasses.dataclass(frozen=True)
-class Unit:
-    """One offload: ops sharing an input, computed as one (sum of outs, in) matrix; or a
-    precomposed pair (``composite``): input ``[a | res]``, output ``[first(a) | T first(a) | T res]``."""
-
-    name: str
-    ops: tuple[Linear, ...]
-    in_dim: int
-    out_dim: int
-    head: bool  # the LM head sees one row per forward (only the last position's logits)
-    composite: Composite | None = None
-
-
-def units_for(plan: Plan, variant: str) -> dict[str, Unit]:
-    """The offload units in the order the executor meets them (its grouping, plan.group_at /
-    plan.composite_at, is the one definition of what goes together)."""
-    fused, precompose = FUSED[variant], variant in PRECOMPOSED
-    units: dict[str, Unit] = {}
-    i = 0
-    while i < len(plan.steps):
-        comp = plan.composite_at(i, fused) if precompose else None
-        if comp is not None:
-            out2 = sum(op.out_dim for op in comp.then)
-            units[comp.name] = Unit(comp.name, (comp.first, *comp.then), comp.first.in_dim + comp.first.out_dim,
-                                    comp.first.out_dim + 2 * out2, False, comp)
-            i += 3 + len(comp.then)
-        elif isinstance(plan.steps[i], Linear):
-            ops = plan.group_at(i, fused)
-            key = ops[0].fuse_group if fused and ops[0].fuse_group else ops[0].name
-            units[key] = Unit(key, ops, ops[0].in_dim, sum(o.out_dim for o in ops), i > plan.head_start)
-            i += len(ops)
-        else:
-            i += 1
-    return units
-
-
-def unit_weight(unit: Unit, weights: dict[str, torch.Tensor]) -> torch.Tensor:
-    return torch.cat([weights[op.weight] for op in unit.ops])
-
-
-_BUILD_LOCK = threading.RLock()  # servers build matrices in worker threads: build each once
-
-
-def _cached(model, key, make):
-    with _BUILD_LOCK:
-        cache = model.__dict__.setdefault("_masked_cache", {})
-        if key not in cache:
-            cache[key] = make()
-        return cache[key]
-
-
-class ComposedMatrix:
-    """A precomposed unit (plan.Composite) on input ``[a | res]``, output
-    ``[first(a) | (T first) a | T res]`` with ``T`` the ``then`` group's weights times the norm's
-    gain: two GEMM calls (first and cross stacked share the input ``a``). The client decodes
-    the three parts with their own row scales, so ``a`` and ``res`` may use different
-    fixed-point scales."""
-
-    def __init__(self, a_side: ring.RingMatrix, t: ring.RingMatrix, encodings: list[tuple[torch.Tensor, int]]):
-        self.a_side, self.t = a_side, t
-        self.encodings = encodings  # (row scales, integer row L1 bound) of first, cross, T
-        self.in_dim = a_side.in_dim + t.in_dim
-        self.out_dim = a_side.out_dim + t.out_dim
-
-    def pack(self) -> bool:
-        return self.a_side.pack() and self.t.pack()
-
-    def matmul(self, m: torch.Tensor) -> torch.Tensor:
-        k = self.a_side.in_dim
-        return torch.cat([self.a_side.matmul(m[:, :k]), self.t.matmul(m[:, k:])], dim=1)
-
-
-def _composed(model, comp: Composite, device) -> ComposedMatrix:
-    w = model.weights
-    t = torch.cat([w[op.weight] for op in comp.then]).to(torch.float64) * w[comp.norm.weight].to(torch.float64)
-    first_int, first_scales = ring.encode_weights(w[comp.first.weight])
-    t_int, t_scales = ring.encode_weights(t)
-    cross_int, cross_scales = ring.compose(t_int, t_scales, w[comp.first.weight])
-
-    def l1(ints):
-        return int(ints.abs().sum(dim=1).max())
-    a_side = ring.RingMatrix(torch.cat([first_int, cross_int]), device, torch.cat([first_scales, cross_scales]))
-    return ComposedMatrix(a_side, ring.RingMatrix(t_int, device, t_scales),
-                          [(first_scales, l1(first_int)), (cross_scales, l1(cross_int)), (t_scales, l1(t_int))])
-
-
-def matrices_for(model, variant: str, device="cpu") -> dict[str, ring.RingMatrix | ComposedMatrix]:
-    """The model's ring weights for ``variant``, built once per process (server and dealer alike)
-    and shared between variants where a unit is the same (a single op, or the same fused group).
-    A fused group is one matrix (one int8 GEMM call per unit: measured 2x faster for q/k/v
-    than one call per op), so a server that runs v2 and v3 holds those weights twice."""
-    def op_matrix(op: Linear):
-        return _cached(model, ("op", op.name, str(device)),
-                       lambda: ring.RingMatrix.from_float(model.weights[op.weight], device))
-
-    def build(u: Unit):
-        if u.composite is not None:
-            return _cached(model, ("composed", u.name, str(device)), lambda: _composed(model, u.composite, device))
-        if len(u.ops) == 1:
-            return op_matrix(u.ops[0])
-        return _cached(model, ("fused", u.name, str(device)),
-                       lambda: ring.RingMatrix.from_float(unit_weight(u, model.weights), device))
-    return {name: build(u) for name, u in units_for(model.plan, variant).items()}
-
-
-def encoding_for(model, variant: str) -> dict[str, list[tuple[torch.Tensor, int]]]:
-    """Per unit, per product part: the public row scales (to decode products) and the largest
-    integer row L1 norm (to refuse an input whose product could wrap past 2^63 instead of
-    decoding garbage). One part for a plain or fused unit, three for a composed one."""
-    def make():
-        out = {}
-        matrices = matrices_for(model, variant) if variant in PRECOMPOSED else {}
-        for name, u in units_for(model.plan, variant).items():
-            if u.composite is not None:
-                out[name] = matrices[name].encodings
-                continue
-            w = unit_weight(u, model.weights).to(torch.float64)
-            scales = ring.row_scales(w)  # per row, so the same whether the unit is fused or not
-            out[name] = [(scales, int(((w.abs().sum(dim=1) * scales).max()).ceil()))]
-        return out
-    return _cached(model, ("encoding", variant), make)
-
-
-def rows_needed(units: dict[str, Unit], prompt_tokens: int, max_tokens: int) -> dict[str, int]:
-    """Mask rows a generation uses: the prompt, then one row per decode step (max_tokens - 1
-    of them); the head one row per forward."""
-    body = prompt_tokens + max(max_tokens - 1, 0)
-    return {name: (max(max_tokens, 1) if u.head else body) for name, u in units.items()}
+from .units import FIXED_POINT, FUSED, PRECOMPOSED, encoding_for, matrices_for, rows_needed, units_for
 
 
 def deal_for(model, variant: str, prompt_tokens: int, max_tokens: int, progress=None) -> preprocess.MaterialStore:
@@ -195,6 +57,10 @@ def _server_matrices(model, variant: str, device) -> dict:
     for W in matrices.values():
         W.pack()
     return matrices
+
+
+MASKED_LINEAR = Schema("MASKED_LINEAR", unit=Str(choices="units"), m=Tensor("int64", ("rows", "in_dim"), rows=0))
+MASKED_LINEAR_OK = Schema("MASKED_LINEAR_OK", y=Tensor("int64", ("rows", "out_dim")))
 
 
 class MaskedServerHandler:
@@ -217,18 +83,9 @@ class MaskedServerHandler:
             server = self.session.server
             self.matrices = await trio.to_thread.run_sync(_server_matrices, server.model, self.variant,
                                                           server.config.device)
-        body = msg.body
-        if set(body) != {"unit", "m"}:
-            raise ProtocolError(ErrorCode.MALFORMED, f"MASKED_LINEAR takes exactly 'unit' and 'm', got {sorted(body)}")
-        W = self.matrices.get(body["unit"]) if isinstance(body["unit"], str) else None
-        if W is None:
-            raise ProtocolError(ErrorCode.MALFORMED, f"unknown unit {body['unit']!r}")
-        m = body["m"]
-        if not isinstance(m, np.ndarray) or m.dtype != np.int64 or m.ndim != 2 or m.shape[1] != W.in_dim:
-            raise ProtocolError(ErrorCode.MALFORMED, f"'m' must be an int64 ring matrix (n, {W.in_dim})")
-        if not 1 <= m.shape[0] <= self.session.max_seq_len:
-            raise ProtocolError(ErrorCode.SEQ_TOO_LONG, f"{m.shape[0]} rows exceed the session's max_seq_len")
-        y = W.matmul(torch.from_numpy(m))
+        body = MASKED_LINEAR.check(msg.body, units=self.matrices, in_dim=lambda f: self.matrices[f["unit"]].in_dim,
+                                   rows=(1, self.session.max_seq_len))
+        y = self.matrices[body["unit"]].matmul(torch.from_numpy(body["m"]))
         await self.session.channel.send(MsgType.MASKED_LINEAR_OK, {"y": y.cpu().numpy()})
 
 
@@ -281,9 +138,7 @@ class MaskedClient:
         reply = await self.channel.request(MsgType.MASKED_LINEAR, {"unit": unit.name, "m": m.numpy()},
                                            MsgType.MASKED_LINEAR_OK)
         self.timings["wait"] = self.timings.get("wait", 0.0) + time.perf_counter() - t0
-        y = reply.get("y")
-        if not isinstance(y, np.ndarray) or y.dtype != np.int64 or y.shape != (n, unit.out_dim):
-            raise ProtocolError(ErrorCode.MALFORMED, f"server returned a bad product for {unit.name}")
+        y = MASKED_LINEAR_OK.check(reply, rows=n, out_dim=unit.out_dim)["y"]
         y = torch.from_numpy(y) + wr
         decoded, at = [], 0
         for b, (scales, _) in zip(bits, parts):
@@ -311,31 +166,26 @@ class MaskedClient:
         return (await run_async(gen, self.linear))[-1]
 
 
-def client_factory(variant: str):
-    def make(channel, model, *, prompt_tokens: int, max_tokens: int, material: str | None = None,
-             progress=None, embedding_source: str = "local", **_options) -> MaskedClient:
-        """Online client with its material: loaded from a store, or dealt now (the offline phase)."""
-        t0 = time.perf_counter()
-        if material:
-            store = preprocess.MaterialStore.load(material)
-        else:
-            store = deal_for(model, variant, prompt_tokens, max_tokens, progress=progress)
-        client = MaskedClient(channel, model, variant, store, embedding_source=embedding_source)
-        client.offline_ms = (store.meta["dealer_seconds"] if material else time.perf_counter() - t0) * 1e3
-        return client
-    return make
+def server_handler(spec, session) -> MaskedServerHandler:
+    return MaskedServerHandler(session, spec.name)
 
 
-for _variant, _summary in (
-    ("v2", "linear layers on the server over one-time-padded Z_2^64 inputs, one round per op (7L+1/token); "
-           "nonlinear layers and KV cache on the client"),
-    ("v3", "as v2 with fused q/k/v and gate/up, batched prefill, resident weights (4L+1 rounds/token)"),
-    ("v3-2r", "as v3 with each residual projection precomposed with the next norm and projection "
-              "(o with gate/up, down with the next q/k/v): 2L+2 rounds/token for ~1.9x the server's "
-              "weight traffic; pays off when round trips are slow"),
-):
-    register(ProtocolSpec(
-        name=_variant, private=True, summary=_summary, needs_model=True,
-        server_handler=(lambda v: lambda session: MaskedServerHandler(session, v))(_variant),
-        client_factory=client_factory(_variant),
-    ))
+def client(spec, channel, model, *, prompt_tokens: int, max_tokens: int, progress=None,
+           embedding_source: str, material: str | None) -> MaskedClient:
+    """Online client with its material: loaded from a store, or dealt now (the offline phase)."""
+    t0 = time.perf_counter()
+    if material:
+        store = preprocess.MaterialStore.load(material)
+    else:
+        store = deal_for(model, spec.name, prompt_tokens, max_tokens, progress=progress)
+    c = MaskedClient(channel, model, spec.name, store, embedding_source=embedding_source)
+    c.offline_ms = (store.meta["dealer_seconds"] if material else time.perf_counter() - t0) * 1e3
+    return c
+
+
+def deal(spec, model, tokens: int, progress=None) -> preprocess.MaterialStore:
+    """``shardlm preprocess``: material for one generation of up to ``tokens`` positions, whatever
+    the prompt/generation split (prompt 1 needs the most head rows, prompt tokens-1 the most body rows)."""
+    rows = {n: tokens for n in units_for(model.plan, spec.name)}
+    return preprocess.deal(matrices_for(model, spec.name), rows, model_fingerprint=model.fingerprint(),
+                           variant=spec.name, fx=FIXED_POINT, progress=progress)

@@ -13,7 +13,11 @@ import torch
 from ..models.reference import Reference
 from ..wire.errors import ErrorCode, ProtocolError
 from ..wire.msgtypes import MsgType
-from .registry import ProtocolSpec, register
+from ..wire.schema import Schema, Tensor
+
+
+PLAIN_FORWARD = Schema("PLAIN_FORWARD", ids=Tensor("int64", ((1, None),)))
+PLAIN_LOGITS = Schema("PLAIN_LOGITS", logits=Tensor("float32", ("vocab",)))
 
 
 class PlainServerHandler:
@@ -25,10 +29,8 @@ class PlainServerHandler:
         self.cache = self.ref.new_cache(64)
 
     async def handle(self, msg) -> None:
-        ids = msg.body.get("ids")
+        ids = PLAIN_FORWARD.check(msg.body)["ids"]
         vocab = self.ref.model.config.vocab
-        if not isinstance(ids, np.ndarray) or ids.dtype != np.int64 or ids.ndim != 1 or not ids.size:
-            raise ProtocolError(ErrorCode.MALFORMED, "PLAIN_FORWARD takes 'ids', a non-empty int64 vector")
         if ids.min() < 0 or ids.max() >= vocab:
             raise ProtocolError(ErrorCode.MALFORMED, f"token id out of range 0..{vocab - 1}")
         if self.cache.length + ids.size > self.session.max_seq_len:
@@ -38,7 +40,7 @@ class PlainServerHandler:
 
 
 class PlainClient:
-    def __init__(self, channel, model, **_settings):
+    def __init__(self, channel, model):
         self.channel = channel
         self.model = model
         self.timings: dict[str, float] = {}
@@ -50,13 +52,13 @@ class PlainClient:
     async def forward(self, ids: list[int]) -> torch.Tensor:
         reply = await self.channel.request(MsgType.PLAIN_FORWARD, {"ids": np.asarray(ids, dtype=np.int64)},
                                            MsgType.PLAIN_LOGITS)
-        logits = reply.get("logits")
-        if not isinstance(logits, np.ndarray) or logits.shape != (self.model.config.vocab,):
-            raise ProtocolError(ErrorCode.MALFORMED, "server returned malformed logits")
-        return torch.from_numpy(logits)
+        return torch.from_numpy(PLAIN_LOGITS.check(reply, vocab=self.model.config.vocab)["logits"])
 
 
-register(ProtocolSpec(
-    name="plain", private=False, needs_model=True, server_handler=PlainServerHandler, client_factory=PlainClient,
-    summary="INSECURE baseline: token ids in the clear, the server runs the whole model",
-))
+
+def server_handler(spec, session) -> PlainServerHandler:
+    return PlainServerHandler(session)
+
+
+def client(spec, channel, model, *, prompt_tokens: int, max_tokens: int, progress=None) -> PlainClient:
+    return PlainClient(channel, model)

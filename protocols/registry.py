@@ -1,72 +1,128 @@
-"""Protocol name -> what the server runs for a session of that protocol.
+"""The catalogue of protocols: name -> :class:`~shardlm.party.spec.ProtocolSpec`.
 
-A protocol module calls :func:`register` at import time with a :class:`ProtocolSpec` whose
-``server_handler(session)`` builds the per-session handler: an object with
-
-- ``message_types``: the set of MsgTypes it accepts after the handshake, and
-- ``async handle(message)``: called by the server loop for each such message; it may reply and
-  may also ``recv``/``send`` further messages on ``session.channel`` itself (multi-message
-  sub-protocols such as OT extension run to completion inside one call).
-
-Session-level messages (PING, BYE) are handled by the server for every protocol. Protocol
-modules are listed in ``_MODULES`` and imported on first use, so importing the registry never
-drags in torch or a protocol's dependencies by accident.
+Each entry declares what the runtime and the CLI need (privacy, summary, options) and names the
+module that implements it; that module is imported only when a session of the protocol runs
+(party/spec.py has the contract). The CLI builds its per-protocol options from the ``options``
+here and rejects an option the chosen protocol does not declare.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import importlib
-from typing import Callable
+from ..party.spec import Option, OptionError, ProtocolSpec
+from .cc import SIMULATED_NOTE
 
-# Modules that register protocols when imported.
-_MODULES: list[str] = ["shardlm.protocols.plain", "shardlm.protocols.masked", "shardlm.protocols.ot.service",
-                      "shardlm.protocols.cc.service",
-                       "shardlm.protocols.split", "shardlm.protocols.mpc_service"]
+# -- options, each declared once and shared by the protocols that take it ---------------------
+MATERIAL = Option(
+    "material", str, None, "Mask material made by `shardlm preprocess` (default: made now, reported as offline_ms).")
+EMBEDDING = Option(
+    "embedding_source", str, "local", choices=("local", "ot"), flag="--embedding",
+    help="Look token embeddings up locally, or fetch the rows by 1-of-V oblivious transfer from the "
+         "server (it learns nothing about which rows; costs the whole encrypted table per request: "
+         "113 MB for SmolLM2).")
+CC_TRUST = Option(
+    "cc_trust", str, None, env="SHARDLM_CC_TRUST",
+    help="The server's attestation signing key to trust, sha256:<fingerprint> (printed by `serve`) or "
+         "ed25519:<hex>, or a file holding one. Without it v3-cc refuses to run.")
+CC_WINDOW = Option(
+    "cc_window", float, None, lo=1.0,
+    help="Seconds an attestation report stays fresh (default 120).")
+SPLIT_LAYERS = Option("split_layers", int, 2, lo=1,
+                      help="Blocks the client runs at each end (the server runs the rest). NOT private.")
+JACOBI_BLOCK = Option("jacobi_block", int, 0, lo=0,
+                      help="Jacobi decoding with blocks of this many tokens (0: one token per round; greedy only).")
+JACOBI_ITERS = Option("jacobi_iters", int, None, lo=1,
+                      help="Jacobi iterations before the guesses restart (default: never).")
+TRIPLES = Option(
+    "triples", str, "dealer", choices=("dealer", "ot"),
+    help="Beaver triples from the client as trusted dealer (it could unmask; it owns the prompt), or made "
+         "jointly by IKNP OT so nobody knows them (elementwise and matrix triples by Gilboa products, AND "
+         "triples for the comparisons by random OT; slow).")
+MPC_RANGES = Option(
+    "mpc_ranges", str, "wide", choices=("wide", "narrow"),
+    help="'wide' uses secure comparisons (exact softmax max, sigmoid clipping, rsqrt start; real models need "
+         "it; AND triples from either --triples); 'narrow' skips them (accurate only for small models).")
+TRIPLE_BATCH = Option(
+    "triple_batch", int, None, lo=1, hi=1 << 22,
+    help="Elementwise triples per pool, the first made before the prompt is used (default 2^21 with the "
+         "dealer, 2^14 with ot: 128 correlated OTs each; with ot also the words of 64 AND bits per pool, "
+         "128 random OTs each).")
+
+_MASKED = "shardlm.protocols.masked"
+SPECS: tuple[ProtocolSpec, ...] = (
+    ProtocolSpec("echo", private=True,  # carries no model data at all
+                 summary="no inference: PING/PONG only, for connectivity, latency and throughput checks"),
+    ProtocolSpec("ot", private=True, module="shardlm.protocols.ot.service",
+                 summary="OT engine: IKNP batches (random / correlated / chosen) and private embedding-row retrieval"),
+    ProtocolSpec("plain", private=False, needs_model=True, module="shardlm.protocols.plain",
+                 summary="INSECURE baseline: token ids in the clear, the server runs the whole model"),
+    ProtocolSpec("v2", private=True, needs_model=True, module=_MASKED, options=(EMBEDDING, MATERIAL),
+                 summary="linear layers on the server over one-time-padded Z_2^64 inputs, one round per op "
+                         "(7L+1/token); nonlinear layers and KV cache on the client"),
+    ProtocolSpec("v3", private=True, needs_model=True, module=_MASKED, options=(EMBEDDING, MATERIAL),
+                 summary="as v2 with fused q/k/v and gate/up, batched prefill, resident weights (4L+1 rounds/token)"),
+    ProtocolSpec("v3-2r", private=True, needs_model=True, module=_MASKED, options=(EMBEDDING, MATERIAL),
+                 summary="as v3 with each residual projection precomposed with the next norm and projection "
+                         "(o with gate/up, down with the next q/k/v): 2L+2 rounds/token for ~1.9x the server's "
+                         "weight traffic; pays off when round trips are slow"),
+    ProtocolSpec("v3-mpc", private=True, needs_model=True, module="shardlm.protocols.mpc.service",
+                 options=(TRIPLES, MPC_RANGES, TRIPLE_BATCH, MATERIAL),
+                 summary="every activation additively shared over Z_2^64; linear layers on the server's share "
+                         "with preprocessed masks, nonlinear layers by Beaver-triple MPC (--triples dealer|ot); "
+                         "approximate"),
+    ProtocolSpec("v3-cc", private=True, needs_model=True, module="shardlm.protocols.cc.service",
+                 options=(CC_TRUST, CC_WINDOW),
+                 summary="whole model inside an attested enclave boundary (signed report over the client's nonce; "
+                         "X25519 + XChaCha20-Poly1305 channel), 1 round/token; with the software provider: "
+                         + SIMULATED_NOTE),
+    ProtocolSpec("split", private=False, needs_model=True, module="shardlm.protocols.split",
+                 options=(SPLIT_LAYERS, JACOBI_BLOCK, JACOBI_ITERS),
+                 summary="layer-split inference (client: embedding, first and last k blocks, head; server: the "
+                         "middle blocks and their KV cache); the server sees hidden states, which invert to the "
+                         "prompt (shardlm audit)"),
+)
+PROTOCOLS: dict[str, ProtocolSpec] = {s.name: s for s in SPECS}
 
 
-@dataclasses.dataclass(frozen=True)
-class ProtocolSpec:
-    name: str
-    private: bool
-    summary: str
-    # (server_session) -> handler; None for protocols with no messages of their own
-    server_handler: Callable | None = None
-    needs_model: bool = False
-    # (channel, model, *, prompt_tokens, max_tokens, material, progress, **options) -> a client
-    # with new_cache(n), async forward(ids) -> logits, timings, offline_ms (party/generation.py);
-    # optionally async setup() (run before the prompt is used) and async generate(prompt_ids,
-    # max_tokens, sampling, stop_ids, on_token=, channel=) -> GenerationResult (its own loop).
-    client_factory: Callable | None = None
-    # (server, info_request_body) -> dict merged into this protocol's entry of the server's INFO
-    # reply (e.g. v3-cc's provider, key and, on request, a signed attestation report)
-    server_info: Callable | None = None
-
-
-PROTOCOLS: dict[str, ProtocolSpec] = {}
-
-
-def register(spec: ProtocolSpec) -> ProtocolSpec:
-    if spec.name in PROTOCOLS:
-        raise ValueError(f"protocol {spec.name!r} registered twice")
-    PROTOCOLS[spec.name] = spec
+def get(name: str) -> ProtocolSpec:
+    """The spec of ``name``; an unknown name is an :class:`OptionError` listing the known ones."""
+    spec = PROTOCOLS.get(name)
+    if spec is None:
+        raise OptionError(f"unknown protocol {name!r}; choose from {', '.join(generating())}")
     return spec
 
 
-register(ProtocolSpec(
-    name="echo",
-    private=True,  # carries no model data at all
-    summary="no inference: PING/PONG only, for connectivity, latency and throughput checks",
-))
-
-
-def load_all() -> dict[str, ProtocolSpec]:
-    for module in _MODULES:
-        importlib.import_module(module)
-    return PROTOCOLS
+def generating() -> list[str]:
+    """The protocols that generate text (the choices of `generate`, `chat`, `bench`)."""
+    return [s.name for s in SPECS if s.runs_generation]
 
 
 def offered(has_model: bool) -> dict[str, ProtocolSpec]:
     """The protocols a server can run: those needing a model only when it has one."""
-    load_all()
-    return {n: s for n, s in PROTOCOLS.items() if has_model or not s.needs_model}
+    return {s.name: s for s in SPECS if has_model or not s.needs_model}
+
+
+def options() -> list:
+    """Every declared option, once each, in catalogue order (the CLI adds one flag per option)."""
+    seen: dict[str, Option] = {}
+    for s in SPECS:
+        for o in s.options:
+            seen.setdefault(o.name, o)
+    return list(seen.values())
+
+
+def parse_entry(text: str) -> tuple[str, ProtocolSpec, dict]:
+    """A `bench --protocol` entry ``NAME[:OPTION=VALUE...]`` (e.g. ``v3-mpc:triples=ot``) ->
+    (label, spec, its options): one run can compare settings of a protocol side by side. OPTION is
+    a declared option's name (``triples``, ``mpc_ranges``; dashes allowed), checked as the flag
+    itself would be."""
+    name, *pairs = text.split(":")
+    spec = get(name)
+    options = {}
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        option = spec.declared(key.replace("-", "_"))
+        if not eq or option is None:
+            raise OptionError(f"{text!r}: expected NAME:OPTION=VALUE with OPTION one of "
+                              f"{', '.join(o.name for o in spec.options) or '(none: ' + name + ' takes no options)'}")
+        options[option.name] = option.convert(value)
+    return text, spec, options

@@ -83,6 +83,11 @@ class FixedPoint:
         return torch.round(x.to(torch.float64) * float(2**bits)).to(torch.int64)
 
     @staticmethod
+    def decode(v: torch.Tensor, bits: int) -> torch.Tensor:
+        """ring (int64 bits, read as signed) -> float64 at scale 2^bits."""
+        return v.to(torch.float64) / float(2**bits)
+
+    @staticmethod
     def decode_product(v: torch.Tensor, bits: int, row_scales: torch.Tensor) -> torch.Tensor:
         """ring products (n, out) -> float, reading the int64 bits as signed values."""
         return (v.to(torch.float64) / (float(2**bits) * row_scales.to(torch.float64))).to(torch.float32)

@@ -51,7 +51,7 @@ from ..models.reference import Reference
 from ..party.generation import GenerationResult, generate as sequential_generate
 from ..wire.errors import ConnectionClosed, ErrorCode, ProtocolError
 from ..wire.msgtypes import MsgType
-from .registry import ProtocolSpec, register
+from ..wire.schema import Int, IntList, Schema, Tensor
 
 PROBE_EVERY = 8  # with Jacobi rows narrowed to none, try one again every this many iterations
 
@@ -70,6 +70,10 @@ class KVMismatch(ProtocolError):
 
 
 # -- server --------------------------------------------------------------------------------------
+SPLIT_OPEN = Schema("SPLIT_OPEN", layers=IntList(2))
+SPLIT_FORWARD = Schema("SPLIT_FORWARD", start=Int(0), h=Tensor("float32", ((1, None), "hidden")))
+
+
 class SplitServerHandler:
     message_types = frozenset({MsgType.SPLIT_OPEN, MsgType.SPLIT_FORWARD})
 
@@ -94,10 +98,9 @@ class SplitServerHandler:
     async def _open(self, body: dict) -> None:
         if self.layers is not None:
             raise ProtocolError(ErrorCode.WRONG_STATE, "SPLIT_OPEN twice in one session")
-        layers = body.get("layers")
+        layers = SPLIT_OPEN.check(body)["layers"]
         L = self.model.config.n_layers
-        if (set(body) != {"layers"} or not isinstance(layers, (list, tuple)) or len(layers) != 2
-                or not all(isinstance(v, int) for v in layers) or not 0 < layers[0] < layers[1] < L):
+        if not 0 < layers[0] < layers[1] < L:
             raise ProtocolError(ErrorCode.MALFORMED, f"SPLIT_OPEN takes 'layers': [a, b] with 0 < a < b < {L}")
         self.layers = (int(layers[0]), int(layers[1]))
         self.cache = self.ref.new_cache(64)
@@ -107,13 +110,8 @@ class SplitServerHandler:
     async def _forward(self, body: dict) -> None:
         if self.layers is None:
             raise ProtocolError(ErrorCode.WRONG_STATE, "SPLIT_FORWARD before SPLIT_OPEN")
-        h, start = body.get("h"), body.get("start")
-        hidden = self.model.config.hidden
-        if set(body) != {"h", "start"} or not isinstance(start, int) or start < 0:
-            raise ProtocolError(ErrorCode.MALFORMED, "SPLIT_FORWARD takes exactly 'start' (int >= 0) and 'h'")
-        if not isinstance(h, np.ndarray) or h.dtype != np.float32 or h.ndim != 2 or h.shape[1] != hidden \
-                or not h.shape[0]:
-            raise ProtocolError(ErrorCode.MALFORMED, f"'h' must be float32 rows (n >= 1, {hidden})")
+        body = SPLIT_FORWARD.check(body, hidden=self.model.config.hidden)
+        h, start = body["h"], body["start"]
         if start > self.cache.length:
             raise KVMismatch(f"KV cache mismatch: the client continues at position {start}, but this session's "
                              f"cache holds {self.cache.length} positions; the session is closed, start a new one")
@@ -130,7 +128,7 @@ class SplitServerHandler:
 # -- client --------------------------------------------------------------------------------------
 class SplitClient:
     def __init__(self, channel, model, *, split_layers: int = 2, jacobi_block: int | None = None,
-                 jacobi_iters: int | None = None, **_settings):
+                 jacobi_iters: int | None = None):
         self.channel = channel
         self.model = model
         self.k = int(split_layers)
@@ -277,15 +275,11 @@ def lookup_guess(context: list[int], n: int, max_suffix: int = 3) -> list[int]:
     return []
 
 
-def client_factory(channel, model, *, prompt_tokens: int = 0, max_tokens: int = 0, material=None, progress=None,
-                   split_layers: int = 2, jacobi_block: int | None = None, jacobi_iters: int | None = None,
-                   **_options) -> SplitClient:
+def server_handler(spec, session) -> "SplitServerHandler":
+    return SplitServerHandler(session)
+
+
+def client(spec, channel, model, *, prompt_tokens: int, max_tokens: int, progress=None,
+           split_layers: int, jacobi_block: int, jacobi_iters: int | None) -> SplitClient:
     return SplitClient(channel, model, split_layers=split_layers, jacobi_block=jacobi_block,
                        jacobi_iters=jacobi_iters)
-
-
-register(ProtocolSpec(
-    name="split", private=False, needs_model=True, server_handler=SplitServerHandler, client_factory=client_factory,
-    summary="layer-split inference (client: embedding, first and last k blocks, head; server: the middle blocks "
-            "and their KV cache); the server sees hidden states, which invert to the prompt (shardlm audit)",
-))

@@ -7,6 +7,7 @@ import trio
 
 from shardlm.party.client import ClientConfig
 from shardlm.party.server import Server, ServerConfig
+from shardlm.protocols import registry
 from shardlm.wire import codec, frames, tls
 from shardlm.wire.msgtypes import MsgType
 
@@ -16,7 +17,8 @@ async def tls_server(tmp_path, client_ca=None, model=None, **config):
     """Yield (server, ClientConfig pinned to it) for a real TLS server on 127.0.0.1."""
     fp = tls.generate_server_cert(tmp_path / "certs")
     ctx = tls.server_context(tmp_path / "certs/server.crt", tmp_path / "certs/server.key", client_ca)
-    server = Server(ServerConfig(host="127.0.0.1", port=0, **config), ctx, model)
+    server = Server(ServerConfig(host="127.0.0.1", port=0, **config), ctx, model,
+                    protocols=registry.offered(model is not None))
     async with trio.open_nursery() as nursery:
         port = await nursery.start(server.serve)
         yield server, ClientConfig(server=f"127.0.0.1:{port}", fingerprint=fp, timeout=10)

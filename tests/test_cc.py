@@ -15,6 +15,7 @@ from shardlm.models.reference import Reference, generate as reference_generate
 from shardlm.models.sampling import SamplingParams
 from shardlm.party.client import connect
 from shardlm.party.run import run_generation
+from shardlm.protocols import registry
 from shardlm.party.transcript import load_transcript, session_dirs
 from shardlm.protocols.cc import SIMULATED_NOTE, aead, attestation, provider
 from shardlm.protocols.cc.enclave import Enclave
@@ -46,7 +47,7 @@ def _server(tmp_path, model, cc_key, **cfg):
 
 
 async def _gen(cfg, model, prompt, n, trust):
-    return await run_generation(cfg, model, "v3-cc", prompt, n, GREEDY, ignore_eos=True,
+    return await run_generation(cfg, model, registry.get("v3-cc"), prompt, n, GREEDY, ignore_eos=True,
                                 options={"cc_trust": trust})
 
 
@@ -93,7 +94,7 @@ def test_server_view_holds_only_ciphertext(tiny, tmp_path, cc_key, monkeypatch):
             for p in prompts:
                 await _gen(cfg, model, p, 36, cc_key[1])
             # plain over the same server, as a control for the byte search below
-            await run_generation(cfg, model, "plain", prompts[0], 2, GREEDY, ignore_eos=True)
+            await run_generation(cfg, model, registry.get("plain"), prompts[0], 2, GREEDY, ignore_eos=True)
 
     trio.run(main)
     dirs = session_dirs(rec)
@@ -331,34 +332,25 @@ def test_refusals_over_tls_and_the_server_keeps_serving(tiny, tmp_path, cc_key, 
 
 # -- between two processes, through the CLI -----------------------------------------------------------
 @pytest.fixture
-def cli_server(tmp_path, cc_key):
+def cli_server(cc_key):
     """start(model_spec) -> (listening event, a function running the client CLI against it)."""
+    import contextlib
     import subprocess
     import sys
 
-    from shardlm.cli import start_server_process
-    from shardlm.wire import tls
+    from shardlm.party import launch
 
-    procs = []
+    env = {**os.environ, "SHARDLM_CC_TRUST": cc_key[1]}
+    with contextlib.ExitStack() as servers:
+        def start(spec):
+            srv = servers.enter_context(launch.server(["-m", spec, "--threads", "1", "--cc-key", cc_key[0]]))
 
-    def start(spec):
-        fp = tls.generate_server_cert(tmp_path)
-        proc, event = start_server_process(["--port", "0", "--cert", f"{tmp_path}/server.crt", "--key",
-                                            f"{tmp_path}/server.key", "-m", spec, "--threads", "1",
-                                            "--cc-key", cc_key[0]])
-        procs.append(proc)
-        common = ["-s", f"127.0.0.1:{event['port']}", "--tls-fingerprint", fp]
-        env = {**os.environ, "SHARDLM_CC_TRUST": cc_key[1]}
+            def cli(*args):
+                return subprocess.run([sys.executable, "-m", "shardlm.cli", *args, *srv.client_args],
+                                      capture_output=True, text=True, timeout=120, env=env)
+            return srv.event, cli
 
-        def cli(*args):
-            return subprocess.run([sys.executable, "-m", "shardlm.cli", *args, *common], capture_output=True,
-                                  text=True, timeout=120, env=env)
-        return event, cli
-
-    yield start
-    for proc in procs:
-        proc.terminate()
-        proc.wait(timeout=10)
+        yield start
 
 
 def test_tiny_model_cli_two_processes_equals_the_reference(tiny, cli_server):

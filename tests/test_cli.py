@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from shardlm.cli import start_server_process
+from shardlm.party import launch
 
 
 def shardlm(*args, env=None, check=True):
@@ -22,11 +22,8 @@ def shardlm(*args, env=None, check=True):
 def server(tmp_path_factory):
     d = tmp_path_factory.mktemp("certs")
     cert = json.loads(shardlm("certs", "--out", str(d), "--json").stdout)
-    proc, event = start_server_process(["--port", "0", "--cert", cert["cert"], "--key", cert["key"],
-                                        "--max-seq-len", "4096"])
-    yield event, cert
-    proc.terminate()
-    proc.wait(timeout=10)
+    with launch.server(["--max-seq-len", "4096"], cert_dir=d) as srv:
+        yield srv.event, cert
 
 
 def test_certs_prints_the_fingerprint_of_what_it_wrote(tmp_path):

@@ -7,6 +7,7 @@ from shardlm.models.reference import generate
 from shardlm.models.sampling import SamplingParams
 from shardlm.party.client import connect
 from shardlm.party.run import run_generation
+from shardlm.protocols import registry
 from shardlm.party.transcript import load_transcript, session_dirs
 from shardlm.protocols.ot.service import OtClient
 from shardlm.wire.msgtypes import MsgType
@@ -40,7 +41,7 @@ def test_v3_with_oblivious_embedding_matches_the_reference_and_never_sends_ids(t
 
     async def main():
         async with tls_server(tmp_path, model=model, record_dir=str(rec)) as (server, cfg):
-            return await run_generation(cfg, model, "v3", prompt, 6, SamplingParams(), ignore_eos=True,
+            return await run_generation(cfg, model, registry.get("v3"), prompt, 6, SamplingParams(), ignore_eos=True,
                                         options={"embedding_source": "ot"})
 
     rep = trio.run(main)

@@ -7,10 +7,10 @@ import sys
 import pytest
 
 from conftest import build_tiny
-from shardlm.cli import start_server_process
 from shardlm.models.load import load_model
 from shardlm.models.reference import generate
 from shardlm.models.sampling import SamplingParams
+from shardlm.party import launch
 
 PROMPT = "Hello, how are you?"
 
@@ -23,32 +23,26 @@ def shardlm(*args, check=True, stdin=None, timeout=600):
     return proc
 
 
-def _serve(tmp, model_arg):
-    certs = json.loads(shardlm("certs", "--out", str(tmp / "certs"), "--json").stdout)
-    proc, event = start_server_process(["--port", "0", "--cert", certs["cert"], "--key", certs["key"],
-                                        "--model", model_arg, "--threads", "1",
-                                        # correctness tests, not timing: a slow or loaded machine must not
-                                        # end a 30-token SmolLM2 session at the default 300 s TTL
-                                        "--session-ttl", "1800"])
-    return proc, ["-s", f"127.0.0.1:{event['port']}", "--tls-fingerprint", certs["fingerprint"]]
+def _serve(model_arg):
+    """A server process for `model_arg` (a context manager; its client_args reach it)."""
+    return launch.server(["--model", model_arg, "--threads", "1",
+                          # correctness tests, not timing: a slow or loaded machine must not
+                          # end a 30-token SmolLM2 session at the default 300 s TTL
+                          "--session-ttl", "1800"])
 
 
 @pytest.fixture(scope="module")
-def smollm2_server(tmp_path_factory, smollm2):
-    proc, args = _serve(tmp_path_factory.mktemp("srv"), "smollm2")
-    yield args
-    proc.terminate()
-    proc.wait(timeout=10)
+def smollm2_server(smollm2):
+    with _serve("smollm2") as srv:
+        yield srv.client_args
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny")
     build_tiny("llama", d, seed=5)
-    proc, args = _serve(tmp_path_factory.mktemp("srv"), str(d))
-    yield d, args
-    proc.terminate()
-    proc.wait(timeout=10)
+    with _serve(str(d)) as srv:
+        yield d, srv.client_args
 
 
 @pytest.mark.slow

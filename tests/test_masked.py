@@ -11,8 +11,9 @@ from shardlm.models.reference import generate as reference_generate
 from shardlm.models.sampling import SamplingParams
 from shardlm.party.client import connect
 from shardlm.party.run import run_generation
+from shardlm.protocols import registry
 from shardlm.party.transcript import load_transcript, session_dirs
-from shardlm.protocols import masked
+from shardlm.protocols import masked, units
 from shardlm.wire.errors import RemoteError
 from shardlm.wire.msgtypes import MsgType
 
@@ -29,7 +30,7 @@ def tiny_models(tmp_path_factory):
 
 async def _generate(server_model, client_model, tmp_path, protocol, prompt, n, **server_cfg):
     async with tls_server(tmp_path, model=server_model, **server_cfg) as (server, cfg):
-        return await run_generation(cfg, client_model, protocol, prompt, n, GREEDY, ignore_eos=True)
+        return await run_generation(cfg, client_model, registry.get(protocol), prompt, n, GREEDY, ignore_eos=True)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -61,7 +62,7 @@ def test_server_view_structure_uniformity_and_no_plaintext(tiny_models, tmp_path
     async def main():
         async with tls_server(tmp_path, model=model, record_dir=str(rec)) as (server, cfg):
             for p in prompts:
-                await run_generation(cfg, model, protocol, p, 12, GREEDY, ignore_eos=True)
+                await run_generation(cfg, model, registry.get(protocol), p, 12, GREEDY, ignore_eos=True)
             # a plaintext activation, or anything but the two fields, is refused
             async with connect(cfg) as conn:
                 await conn.open_session(protocol, model.fingerprint(), 64)
@@ -95,7 +96,7 @@ def test_server_view_structure_uniformity_and_no_plaintext(tiny_models, tmp_path
         assert set(hello) == {"version", "protocol", "model_fingerprint", "max_seq_len"}
         for m in _ring_view(msgs):
             assert set(m.body) == {"unit", "m"} and m.body["m"].dtype == np.int64
-            assert m.body["unit"] in masked.units_for(model.plan, protocol)
+            assert m.body["unit"] in units.units_for(model.plan, protocol)
     # (2) uniformity of everything the server received in the ring
     assert_uniform_ring([m.body["m"] for v in views for m in _ring_view(v)])
 
@@ -141,7 +142,7 @@ def test_client_disconnecting_mid_generation_frees_the_session(tiny_models, tmp_
             with trio.fail_after(10):
                 while server.active:
                     await trio.sleep(0.01)
-            rep = await run_generation(cfg, model, "v3", [1, 2, 3], 5, GREEDY, ignore_eos=True)
+            rep = await run_generation(cfg, model, registry.get("v3"), [1, 2, 3], 5, GREEDY, ignore_eos=True)
             return rep.result.token_ids
 
     assert trio.run(main) == reference_generate(model, [1, 2, 3], 5, GREEDY, stop_ids=())

@@ -1,9 +1,9 @@
-"""The ideal-product simulator (protocols/mpc_ideal.py) computes what the Beaver engine computes."""
+"""The ideal-product simulator (protocols/mpc/ideal.py) computes what the Beaver engine computes."""
 import pytest
 import torch
 
 from shardlm.protocols import mpc
-from shardlm.protocols.mpc_ideal import IdealEngine
+from shardlm.protocols.mpc.ideal import IdealEngine
 
 
 @pytest.fixture(scope="module")

@@ -15,9 +15,11 @@ from shardlm.models.reference import generate as reference_generate
 from shardlm.models.sampling import SamplingParams
 from shardlm.party.client import connect
 from shardlm.party.run import run_generation
+from shardlm.protocols import registry
 from shardlm.party.transcript import load_transcript, session_dirs
-from shardlm.protocols import beaver, mpc, mpc_service, ring
-from shardlm.protocols.void import VOID
+from shardlm.protocols import mpc, ring
+from shardlm.protocols.mpc import beaver, service
+from shardlm.protocols.mpc.void import VOID
 from shardlm.wire.errors import RemoteError
 from shardlm.wire.msgtypes import MsgType
 
@@ -48,7 +50,7 @@ async def _settle(server):
 def _generate(model, tmp_path, prompt, n, options, **server_cfg):
     async def main():
         async with tls_server(tmp_path, model=model, **server_cfg) as (server, cfg):
-            rep = await run_generation(cfg, model, "v3-mpc", prompt, n, GREEDY, ignore_eos=True, options=options)
+            rep = await run_generation(cfg, model, registry.get("v3-mpc"), prompt, n, GREEDY, ignore_eos=True, options=options)
             await _settle(server)
             return rep
     return trio.run(main)
@@ -109,7 +111,7 @@ def test_server_view_structure_uniformity_refusals(model, tmp_path):
             return await _error_code(conn)
 
     def setup():  # a fresh dealer seed each time: the server refuses a seed it has seen
-        seed = np.frombuffer(os.urandom(8 * mpc_service.SEED_WORDS), np.int64).copy()
+        seed = np.frombuffer(os.urandom(8 * service.SEED_WORDS), np.int64).copy()
         return MsgType.MPC_SETUP, {"triples": "dealer", "ranges": "narrow", "batch": 1024, "seed": seed}, \
             MsgType.MPC_SETUP_OK
     d = model.config.hidden
@@ -143,7 +145,7 @@ def test_server_view_structure_uniformity_refusals(model, tmp_path):
                 conn.session = None
             await _settle(server)
             # ... and the server keeps serving
-            reps = [await run_generation(cfg, model, "v3-mpc", p, 3, GREEDY, ignore_eos=True, options=opts)
+            reps = [await run_generation(cfg, model, registry.get("v3-mpc"), p, 3, GREEDY, ignore_eos=True, options=opts)
                     for p in prompts]
             await _settle(server)  # every transcript complete (BYE recorded)
             return reps
@@ -249,7 +251,7 @@ def test_ot_triples_over_tls_equal_the_reference_and_the_client_view_is_uniform(
     async def main():
         async with tls_server(tmp_path, model=model) as (server, cfg):
             cfg = dataclasses.replace(cfg, record_dir=str(rec))
-            return [await run_generation(cfg, model, "v3-mpc", p, n, GREEDY, ignore_eos=True, options=opts)
+            return [await run_generation(cfg, model, registry.get("v3-mpc"), p, n, GREEDY, ignore_eos=True, options=opts)
                     for p in prompts]
 
     for p, rep in zip(prompts, trio.run(main)):
@@ -278,8 +280,8 @@ def test_cli_generate_v3_mpc_between_two_processes(tmp_path):
 
     d = tmp_path / "tiny"
     build_tiny("llama", d, seed=3)
-    proc, net = _serve(tmp_path, str(d))
-    try:
+    with _serve(str(d)) as srv:
+        net = srv.client_args
         common = ["generate", *net, "-m", str(d), "-p", "hello world", "--raw", "--protocol", "v3-mpc",
                   "--max-tokens", "3", "--threads", "1", "--json"]
         # the offline phase ahead of time: mask material over v3-mpc's ring weights
@@ -297,9 +299,6 @@ def test_cli_generate_v3_mpc_between_two_processes(tmp_path):
         ot = json.loads(shardlm(*common, "--triples", "ot", "--triple-batch", "4096").stdout)
         assert ot["token_ids"] == out["token_ids"]
         assert all(f["triples_and"] > 0 for f in ot["protocol_stats"]["forwards"])
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 def test_party_engines_over_a_memory_stream_pair_compute_what_the_simulator_does():
@@ -326,7 +325,7 @@ def test_party_engines_over_a_memory_stream_pair_compute_what_the_simulator_does
         out = {}
 
         async def party(role, stream):
-            t = mpc_service.ChannelTransport(Channel(stream), role)
+            t = service.ChannelTransport(Channel(stream), role)
             e = mpc.Engine(beaver.SeededDealerProvider(role, seed, 256), transport=t)
             e.exact_max = True
             out[role] = await sync_driver.drive(program, e, x if role == "client" else None)

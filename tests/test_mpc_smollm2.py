@@ -10,7 +10,7 @@ depends only on the prefix, which matches by induction)."""
 import pytest
 import torch
 
-from shardlm.protocols.mpc_accuracy import TEXT, summary, teacher_forced
+from shardlm.protocols.mpc.accuracy import TEXT, summary, teacher_forced
 
 N_TEXT = 200      # next-token predictions over the fixed text
 FLOOR = 0.995     # the seeds claim 98-99.5% top-1; measured 200/200 (median max |logit err| 0.006)

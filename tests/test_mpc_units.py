@@ -1,12 +1,13 @@
 """v3-mpc building blocks: Beaver triples (dealer), single use, and each nonlinear function on
-shares against its plaintext over the documented range (protocols/mpc.py docstring)."""
+shares against its plaintext over the documented range (protocols/mpc/approx.py)."""
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from shardlm.protocols import beaver, mpc
+from shardlm.protocols import mpc
+from shardlm.protocols.mpc import beaver
 
 
 def _signed(v):
@@ -159,7 +160,7 @@ def test_executor_on_shares_matches_the_reference_teacher_forced(tiny, family):
 
 
 def test_ot_triples_are_correct_at_scale_and_single_use():
-    from shardlm.protocols import beaver_ot
+    from shardlm.protocols.mpc import beaver_ot
 
     p = beaver_ot.OTProvider(batch=1 << 15)
     t = p.mul((128, 256))  # 32768 triples, 4.2M correlated OTs
@@ -185,7 +186,7 @@ def test_executor_with_ot_triples(tiny, ranges):
     """Every triple made by OT; with the 'wide' ranges (exact softmax max, sigmoid clipping, rsqrt
     start) that includes the comparisons' AND triples."""
     from shardlm.models.reference import Reference
-    from shardlm.protocols import beaver_ot
+    from shardlm.protocols.mpc import beaver_ot
 
     model = tiny["llama"]
     ref = Reference.of(model)
@@ -338,7 +339,7 @@ def _bit_means(words: torch.Tensor) -> torch.Tensor:
 def test_ot_and_triples_are_correct_at_scale_uniform_and_single_use():
     """Boolean triples from random OT: 1.3M bit triples, XOR shares combine to c = a & b, each
     party's shares alone are balanced bits (overall and per bit position), single use."""
-    from shardlm.protocols import beaver_ot
+    from shardlm.protocols.mpc import beaver_ot
 
     p = beaver_ot.OTProvider(batch=1 << 14)
     t = p.and_((160, 128))  # 20480 words = 1.31M AND bits (more than a pool: the pool grows to fit)
@@ -361,7 +362,7 @@ def test_ot_and_triples_are_correct_at_scale_uniform_and_single_use():
 
 
 def test_ot_and_triples_never_hand_out_a_word_twice_across_pool_refills():
-    from shardlm.protocols import beaver_ot
+    from shardlm.protocols.mpc import beaver_ot
 
     p = beaver_ot.OTProvider(batch=1000)
     got = [p.and_((n,)) for n in (600, 300, 200, 999, 1, 1500, 7)]  # 4 refills after the first pool
@@ -376,9 +377,9 @@ def test_ot_and_triples_never_hand_out_a_word_twice_across_pool_refills():
 
 
 def test_the_other_partys_slot_costs_nothing_and_cannot_be_read():
-    """A party engine's other slot (protocols/void.py): every operation gives it back, reading it
+    """A party engine's other slot (protocols/mpc/void.py): every operation gives it back, reading it
     raises, so a slot mix-up fails instead of computing with zeros."""
-    from shardlm.protocols.void import VOID, real
+    from shardlm.protocols.mpc.void import VOID, real
 
     t = torch.arange(6).view(2, 3)
     for got in (t + VOID, 1 - VOID, VOID * t, t ^ VOID, torch.cat([t, VOID]), torch.bitwise_right_shift(VOID, 3),

@@ -1,5 +1,5 @@
 """The OT engine between two processes over real TLS: a `shardlm serve` child process runs the
-`ot` protocol; this process is the other party. Plus the `ot-bench` command."""
+`ot` protocol; this process is the other party. Plus the OT benchmark (protocols/ot/bench_ot.py)."""
 import json
 
 import numpy as np
@@ -7,23 +7,18 @@ import pytest
 import trio
 from click.testing import CliRunner
 
-from shardlm.cli import cli, start_server_process
-from shardlm.party.client import ClientConfig, connect
+from shardlm.party import launch
+from shardlm.party.client import connect
+from shardlm.protocols.ot import bench_ot
 from shardlm.protocols.ot.service import OtClient, synthetic_inputs, synthetic_table
-from shardlm.wire import tls
 from shardlm.wire.errors import RemoteError
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    d = tmp_path_factory.mktemp("ot-certs")
-    fp = tls.generate_server_cert(d)
-    proc, event = start_server_process(["--host", "127.0.0.1", "--port", "0", "--cert", f"{d}/server.crt",
-                                        "--key", f"{d}/server.key"])
-    assert "ot" in event["protocols"]
-    yield ClientConfig(server=f"127.0.0.1:{event['port']}", fingerprint=fp, timeout=60)
-    proc.terminate()
-    proc.wait(timeout=10)
+def server():
+    with launch.server() as srv:
+        assert "ot" in srv.event["protocols"]
+        yield srv.client_config(timeout=60)
 
 
 def _session(cfg, fn):
@@ -100,7 +95,7 @@ def test_requests_out_of_order_get_a_clear_error(server):
 
 
 def test_ot_bench_command():
-    result = CliRunner().invoke(cli, ["ot-bench", "--count", "2^16", "--kind", "random", "--json"])
+    result = CliRunner().invoke(bench_ot.main, ["--count", "2^16", "--kind", "random", "--json"])
     assert result.exit_code == 0, result.output
     out = json.loads(result.output.strip().splitlines()[-1])
     assert out["count"] == 65536 and out["ots_per_s"] > 0 and out["base_ot_seconds"] > 0
@@ -109,7 +104,7 @@ def test_ot_bench_command():
 
 
 def test_ot_bench_embedding_mode_reports_the_cost_formula():
-    result = CliRunner().invoke(cli, ["ot-bench", "--embedding", "1000x8", "--count", "3", "--json"])
+    result = CliRunner().invoke(bench_ot.main, ["--embedding", "1000x8", "--count", "3", "--json"])
     assert result.exit_code == 0, result.output
     out = json.loads(result.output.strip().splitlines()[-1])
     assert out["rows_correct"] and out["tokens"] == 3

@@ -1,13 +1,13 @@
-"""Polynomials on shares (protocols/poly.py): the correlations every provider makes, one-round
+"""Polynomials on shares (protocols/mpc/poly.py): the correlations every provider makes, one-round
 evaluation, and lazy truncations and comparison bits riding in the round of their product."""
 
 import pytest
 import torch
 
-from shardlm.protocols import beaver, beaver_ot, mpc, poly, ring
-from shardlm.protocols.mpc import Lazy, Shared
-from shardlm.protocols.poly import Poly
-from shardlm.protocols.void import VOID
+from shardlm.protocols import mpc, ring
+from shardlm.protocols.mpc import Lazy, Shared, beaver, beaver_ot, poly
+from shardlm.protocols.mpc.poly import Poly
+from shardlm.protocols.mpc.void import VOID
 
 SUBSETS = ((0, 1), (0, 2), (1, 1), (0, 1, 2), (0, 1, 1))
 

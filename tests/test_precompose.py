@@ -8,7 +8,8 @@ from conftest import load_tiny_models
 from shardlm.models.executor import forward_steps, run_sync
 from shardlm.models.plan import Composite
 from shardlm.models.reference import Reference
-from shardlm.protocols import masked, ring
+from shardlm.protocols import ring
+from shardlm.protocols.units import units_for
 
 FAMILIES = ["llama", "qwen2", "gpt2"]
 
@@ -29,7 +30,7 @@ def test_composites_pair_each_residual_projection_with_the_next_norm_and_project
                                            "layers.0.down+layers.1.qkv", "layers.1.o+layers.1." +
                                            ("gate_up" if family != "gpt2" else "up")]
     assert len(comps) == 2 * L - 1
-    units = masked.units_for(plan, "v3-2r")
+    units = units_for(plan, "v3-2r")
     # per token: layer 0's q/k/v, the 2L-1 composites, the last down and the head
     assert len(units) == 2 * L + 2
     assert sum(len(u.ops) for u in units.values()) == len(plan.linears)  # every op in exactly one unit

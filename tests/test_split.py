@@ -11,16 +11,15 @@ import torch
 import trio
 
 from conftest import load_tiny_models
-from shardlm.cli import start_server_process
 from shardlm.models.reference import Reference, generate as reference_generate
 from shardlm.models.executor import forward_steps, run_sync
 from shardlm.models.sampling import SamplingParams
+from shardlm.party import launch
 from shardlm.party.client import connect
 from shardlm.party.run import run_generation
 from shardlm.party.transcript import session_dirs
 from shardlm.protocols import registry, split
 from shardlm.protocols.audit import audit
-from shardlm.wire import tls
 from shardlm.wire.errors import ConnectionClosed, RemoteError
 from shardlm.wire.msgtypes import MsgType
 
@@ -49,13 +48,13 @@ async def _settle(server):
 
 async def _generate(model, tmp_path, prompt, n, options, **server_cfg):
     async with tls_server(tmp_path, model=model, **server_cfg) as (server, cfg):
-        rep = await run_generation(cfg, model, "split", prompt, n, GREEDY, ignore_eos=True, options=options)
+        rep = await run_generation(cfg, model, registry.get("split"), prompt, n, GREEDY, ignore_eos=True, options=options)
         await _settle(server)
         return rep
 
 
 def test_registry_says_split_is_not_private():
-    spec = registry.load_all()["split"]
+    spec = registry.get("split")
     assert spec.private is False and "hidden states" in spec.summary
 
 
@@ -121,7 +120,7 @@ def test_jacobi_stops_at_eos_like_sequential_decoding(tiny_models, tmp_path, mon
         async with tls_server(tmp_path, model=model) as (server, cfg):
             reps = []
             for opts in ({}, {"jacobi_block": 5}):
-                reps.append(await run_generation(cfg, model, "split", prompt, 30, GREEDY, options=opts))
+                reps.append(await run_generation(cfg, model, registry.get("split"), prompt, 30, GREEDY, options=opts))
             return reps
 
     monkeypatch.setattr(type(model), "eos_ids", property(lambda self: (stop,)))
@@ -165,7 +164,7 @@ def test_expired_session_is_a_clear_error_and_is_freed(tiny_models, tmp_path):
             await _settle(server)
             assert server.sessions == {} and handler.cache is None
             # the client can start again
-            rep = await run_generation(cfg, model, "split", [5, 77, 31], 4, GREEDY, ignore_eos=True,
+            rep = await run_generation(cfg, model, registry.get("split"), [5, 77, 31], 4, GREEDY, ignore_eos=True,
                                        options={"split_layers": 1})
             return rep.result.token_ids
 
@@ -247,7 +246,7 @@ def _record(model, tmp_path, protocol, prompt, options=None):
 
     async def main():
         async with tls_server(tmp_path, model=model, record_dir=str(rec)) as (server, cfg):
-            await run_generation(cfg, model, protocol, prompt, 3, GREEDY, ignore_eos=True, options=options)
+            await run_generation(cfg, model, registry.get(protocol), prompt, 3, GREEDY, ignore_eos=True, options=options)
             await _settle(server)
 
     trio.run(main)
@@ -278,17 +277,14 @@ def shardlm(*args, check=True, timeout=600):
 def test_cli_two_processes_split_is_exact_labelled_and_inverted(smollm2, tmp_path):
     text = "What is the capital of France? Answer in one sentence."
     rec = tmp_path / "rec"
-    fp = tls.generate_server_cert(tmp_path / "certs")
-    proc, event = start_server_process(["--port", "0", "--cert", str(tmp_path / "certs/server.crt"),
-                                        "--key", str(tmp_path / "certs/server.key"), "-m", "smollm2",
-                                        "--threads", "1", "--record-transcript", str(rec)])
-    try:
-        net = ["-s", f"127.0.0.1:{event['port']}", "--tls-fingerprint", fp, "--threads", "1"]
+    with launch.server(["-m", "smollm2", "--threads", "1", "--record-transcript", str(rec)]) as srv:
+        net = [*srv.client_args, "--threads", "1"]
         prompt = smollm2.tokenizer.encode_chat([{"role": "user", "content": text}])
         want = reference_generate(smollm2, prompt, 16, GREEDY)
-        info = json.loads(shardlm("info", *net[:4], "--json").stdout)
+        info = json.loads(shardlm("info", *srv.client_args, "--json").stdout)
         assert info["protocols"]["split"]["private"] is False
-        assert "split" in shardlm("info", *net[:4]).stdout and "NOT PRIVATE" in shardlm("info", *net[:4]).stdout
+        human = shardlm("info", *srv.client_args).stdout
+        assert "split" in human and "NOT PRIVATE" in human
         outs = {}
         for name, extra in (("seq", []), ("jacobi", ["--jacobi-block", "8"])):
             out = json.loads(shardlm("generate", "-p", text, "--protocol", "split", "--max-tokens", "16",
@@ -300,9 +296,6 @@ def test_cli_two_processes_split_is_exact_labelled_and_inverted(smollm2, tmp_pat
         human = shardlm("generate", "-p", text, "--protocol", "split", "--max-tokens", "4", *net)
         assert "NOT PRIVATE" in human.stderr
         shardlm("generate", "-p", text, "--protocol", "v3", "--max-tokens", "2", *net, "--json")
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
     sessions = session_dirs(rec)
     protocols = [json.loads((d / "meta.json").read_text()).get("protocol") for d in sessions]
     split_dir, v3_dir = sessions[protocols.index("split")], sessions[protocols.index("v3")]

@@ -39,7 +39,7 @@ class MsgType(enum.IntEnum):
     OT_EMB_TABLE = 0x1131   # embedding retrieval: server's table encrypted under fresh row keys
     OT_REQ = 0x1180         # `ot` session: client asks for a batch of OTs (kind, count, server role)
     OT_DONE = 0x1181        # `ot` session: server's end-of-batch report
-    # v3-mpc (0x12xx, protocols/mpc_service.py): every tensor body is int64 ring elements
+    # v3-mpc (0x12xx, protocols/mpc/service.py): every tensor body is int64 ring elements
     MPC_SETUP = 0x1200      # client -> server: triple source ('dealer' + the server's 32-byte share seed as int64[4], or 'ot') and range profile
     MPC_SETUP_OK = 0x1201   # server -> client: accepted (empty)
     MPC_INPUT = 0x1210      # client -> server: the embedded tokens re-shared, enc(x) - r (T, d); starts a forward of T tokens

@@ -25,10 +25,10 @@ import torch
 
 from ...wire.errors import ErrorCode, ProtocolError
 from ...wire.msgtypes import MsgType
-from ..registry import ProtocolSpec, register
+from ...wire.schema import Bytes, Int, Schema, Tensor
 from . import SIMULATED_NOTE, aead
 from .attestation import (NONCE_BYTES, FRESHNESS_WINDOW_S, AttestationError, SignedReport, local_components,
-                          make_report, measurement_of, parse_trust, verify_report)
+                          check_info_report, make_report, measurement_of, parse_trust, verify_report)
 from .enclave import REQ_FORWARD, RESP_LOGITS, Enclave
 from .provider import Provider, ProviderUnavailable, get_provider
 
@@ -47,15 +47,13 @@ class ServerCC:
 
 
 def server_cc(server) -> ServerCC:
-    st = server.__dict__.get("_cc")
-    if st is None:
-        provider = get_provider(getattr(server.config, "cc_provider", "software") or "software",
-                                getattr(server.config, "cc_key", None))
-        st = server.__dict__["_cc"] = ServerCC(provider, local_components(server.model.fingerprint()))
-    return st
+    def make() -> ServerCC:
+        provider = get_provider(server.config.cc_provider or "software", server.config.cc_key)
+        return ServerCC(provider, local_components(server.model.fingerprint()))
+    return server.protocol_state("v3-cc", make)
 
 
-def server_info(server, request: dict) -> dict:
+def server_info(spec, server, request: dict) -> dict:
     """What ``shardlm info`` shows under v3-cc; with ``cc_nonce`` in the request, a fresh report
     signed over it (with a throwaway enclave key: it opens no session)."""
     st = server_cc(server)
@@ -68,11 +66,30 @@ def server_info(server, request: dict) -> dict:
     return {"cc": out}
 
 
-def _bytes_field(body: dict, name: str, size: int) -> bytes:
-    v = body.get(name)
-    if not isinstance(v, bytes) or len(v) != size:
-        raise ProtocolError(ErrorCode.MALFORMED, f"'{name}' must be {size} bytes")
-    return v
+def describe_lines(cc: dict) -> list[str]:
+    """v3-cc's provider, signing key and measurement as `serve` and `info` print them."""
+    kind = f"{cc['provider']} provider" + (f" ({cc['note']})" if cc.get("simulated") else "")
+    return [f"v3-cc: {kind}", f"  signing key {cc['key_fingerprint']} (clients pin it: --cc-trust)",
+            f"  measurement {cc['measurement']}"]
+
+
+async def attested_info(channel, pin: tuple[str, object] | None) -> dict:
+    """``shardlm info --attest``: the server's INFO with a v3-cc report signed over a fresh nonce,
+    checked here (against ``pin`` when given, else only against the key the server advertises);
+    the checks passed are under ``["protocols"]["v3-cc"]["cc"]["verified"]``."""
+    nonce = os.urandom(NONCE_BYTES)
+    result = await channel.request(MsgType.INFO, {"cc_nonce": nonce}, MsgType.INFO_OK)
+    cc = result["protocols"].get("v3-cc", {}).get("cc")
+    if cc is None:
+        raise ProtocolError(ErrorCode.UNKNOWN_PROTOCOL, "the server does not offer v3-cc")
+    cc["verified"] = check_info_report(cc, nonce=nonce, pin=pin, model_fingerprint=result["model_fingerprint"])
+    cc["report"] = {k: v.hex() for k, v in cc["report"].items()}
+    return result
+
+
+CC_ATTEST = Schema("CC_ATTEST", nonce=Bytes(NONCE_BYTES), client_key=Bytes(32))
+CC_SEALED = Schema("CC_SEALED", n=Int(0), ct=Tensor("uint8", (None,)))
+CC_SEALED_OK = Schema("CC_SEALED_OK", n=Int(0), ct=Tensor("uint8", (None,)))
 
 
 class CCServerHandler:
@@ -92,18 +109,12 @@ class CCServerHandler:
     async def handle(self, msg) -> None:
         body, channel = msg.body, self.session.channel
         if msg.type == MsgType.CC_ATTEST:
-            if set(body) != {"nonce", "client_key"}:
-                raise ProtocolError(ErrorCode.MALFORMED, f"CC_ATTEST takes exactly 'nonce' and 'client_key', "
-                                                         f"got {sorted(body)}")
-            report = self.enclave.attest(_bytes_field(body, "nonce", NONCE_BYTES), _bytes_field(body, "client_key", 32))
+            body = CC_ATTEST.check(body)
+            report = self.enclave.attest(body["nonce"], body["client_key"])
             await channel.send(MsgType.CC_REPORT, report.as_body())
             return
-        if set(body) != {"n", "ct"}:
-            raise ProtocolError(ErrorCode.MALFORMED, f"CC_SEALED takes exactly 'n' and 'ct', got {sorted(body)}")
-        ct = body["ct"]
-        if not isinstance(ct, np.ndarray) or ct.dtype != np.uint8 or ct.ndim != 1:
-            raise ProtocolError(ErrorCode.MALFORMED, "'ct' must be a uint8 vector of ciphertext")
-        n, out = self.enclave.call(body["n"], ct.tobytes())
+        body = CC_SEALED.check(body)
+        n, out = self.enclave.call(body["n"], body["ct"].tobytes())
         await channel.send(MsgType.CC_SEALED_OK, {"n": n, "ct": np.frombuffer(out, dtype=np.uint8)})
 
 
@@ -111,8 +122,7 @@ class CCServerHandler:
 class CCClient:
     """Attests the server (``setup``), then seals each forward for the enclave."""
 
-    def __init__(self, channel, model, *, cc_trust: str | None = None, cc_window: float | None = None,
-                 **_options):
+    def __init__(self, channel, model, *, cc_trust: str | None = None, cc_window: float | None = None):
         self.channel = channel
         self.model = model
         self.pin = parse_trust(cc_trust) if cc_trust else None
@@ -150,20 +160,19 @@ class CCClient:
 
     async def forward(self, ids: list[int]) -> torch.Tensor:
         reply = await self.channel.request(MsgType.CC_SEALED, self.seal_forward(ids), MsgType.CC_SEALED_OK)
-        ct = reply.get("ct")
-        if not isinstance(ct, np.ndarray) or ct.dtype != np.uint8:
-            raise ProtocolError(ErrorCode.MALFORMED, "server returned a malformed sealed response")
-        pt = self.sealed.open(reply.get("n"), ct.tobytes())
+        reply = CC_SEALED_OK.check(reply)
+        pt = self.sealed.open(reply["n"], reply["ct"].tobytes())
         vocab = self.model.config.vocab
         if pt[:1] != RESP_LOGITS or len(pt) != 1 + 4 * vocab:
             raise ProtocolError(ErrorCode.MALFORMED, "the enclave's response is not a logits vector")
         return torch.from_numpy(np.frombuffer(pt, dtype="<f4", offset=1).astype(np.float32))
 
 
-register(ProtocolSpec(
-    name="v3-cc", private=True, needs_model=True, server_handler=CCServerHandler, client_factory=CCClient,
-    server_info=server_info,
-    summary="whole model inside an attested enclave boundary (signed report over the client's nonce; "
-            "X25519 + XChaCha20-Poly1305 channel), 1 round/token; with the software provider: "
-            + SIMULATED_NOTE,
-))
+
+def server_handler(spec, session) -> CCServerHandler:
+    return CCServerHandler(session)
+
+
+def client(spec, channel, model, *, prompt_tokens: int, max_tokens: int, progress=None,
+           cc_trust: str | None, cc_window: float | None) -> CCClient:
+    return CCClient(channel, model, cc_trust=cc_trust, cc_window=cc_window)

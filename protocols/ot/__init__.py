@@ -11,7 +11,7 @@ Modules, bottom up:
 - ``nofn``: 1-of-N OT from ceil(log2 N) random OTs with PRF masks (any N, not only 2^k).
 - ``embedding``: ``retrieve_rows(channel, ids)`` / ``serve_rows(channel, table)``.
 - ``service``: the ``ot`` server protocol (batches for benchmarks and tests, embedding
-  retrieval); ``bench``: the ``shardlm ot-bench`` command.
+  retrieval); ``bench_ot``: its benchmark, ``python -m shardlm.protocols.ot.bench_ot``.
 
 Assumptions, stated once: semi-honest parties; CDH in ristretto255 with the KDF as a random
 oracle (base OT); AES-CTR as a PRG and fixed-key AES as an ideal permutation, which makes the

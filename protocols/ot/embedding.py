@@ -28,11 +28,18 @@ import numpy as np
 from ...party.channel import Channel
 from ...wire.errors import ErrorCode, ProtocolError
 from ...wire.msgtypes import MsgType
+from ...wire.schema import Bool, Int, Map, Schema
 from . import nofn, prims
 from .iknp import IknpReceiver, IknpSender
 
 _TABLE_MESSAGE_BYTES = 8 << 20
 _ROW_DOMAIN = 3
+
+
+# A table described by the client, for a server without a model (the `ot` protocol's benchmarks).
+SYNTHETIC_TABLE = Schema("OT_EMB_REQ table", rows=Int(1, 1 << 18), cols=Int(1, 1 << 14), seed=Int(0, 2**63, default=0))
+OT_EMB_REQ = Schema("OT_EMB_REQ", count=Int(0, 1 << 20), setup=Bool(default=False),
+                    table=Map(SYNTHETIC_TABLE, default=None))
 
 
 def cost_bytes(V: int, d: int, count: int, itemsize: int = 4) -> dict:
@@ -53,11 +60,10 @@ async def serve_rows(channel: Channel, table: np.ndarray, *, request: dict | Non
     """
     if request is None:
         request = (await channel.expect(MsgType.OT_EMB_REQ)).body
-    count = request.get("count")
-    if not isinstance(count, int) or isinstance(count, bool) or not 0 <= count <= 1 << 20:
-        raise ProtocolError(ErrorCode.MALFORMED, f"OT_EMB_REQ: bad count {count!r}")
-    if request.get("setup") or sender is None:
-        if not request.get("setup"):
+    request = OT_EMB_REQ.check(request)
+    count = request["count"]
+    if request["setup"] or sender is None:
+        if not request["setup"]:
             raise ProtocolError(ErrorCode.WRONG_STATE, "OT_EMB_REQ without setup, but no OT extension is set up yet")
         sender = await IknpSender.setup(channel)
     table = np.ascontiguousarray(table)

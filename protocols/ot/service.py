@@ -26,7 +26,7 @@ import numpy as np
 from ...party.channel import Channel
 from ...wire.errors import ErrorCode, ProtocolError
 from ...wire.msgtypes import MsgType
-from .. import registry
+from ...wire.schema import Bool, Int, Schema, Str
 from . import embedding, prims
 from .iknp import IknpReceiver, IknpSender
 
@@ -90,11 +90,9 @@ async def run_receiver(ch: Channel, ext: IknpReceiver, kind: str, choices, nbyte
     return {"m": await ext.chosen(ch, choices, nbytes)}
 
 
-def _int(body: dict, name: str, lo: int, hi: int, default=None) -> int:
-    value = body.get(name, default)
-    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
-        raise ProtocolError(ErrorCode.MALFORMED, f"OT_REQ: {name} must be an integer in [{lo}, {hi}], got {value!r}")
-    return value
+OT_REQ = Schema("OT_REQ", role=Str(("sender", "receiver")), kind=Str(KINDS), count=Int(0, MAX_COUNT),
+                seed=Int(0, 2**63, default=0), nbytes=Int(1, MAX_NBYTES, default=16), reveal=Bool(default=False),
+                setup=Bool(default=False))
 
 
 class OtHandler:
@@ -110,26 +108,20 @@ class OtHandler:
         if msg.type == MsgType.OT_EMB_REQ:
             self.sender = await embedding.serve_rows(ch, self._table(msg.body), request=msg.body, sender=self.sender)
             return
-        body = msg.body
-        role, kind = body.get("role"), body.get("kind")
-        if role not in ("sender", "receiver") or kind not in KINDS:
-            raise ProtocolError(ErrorCode.MALFORMED, f"OT_REQ: role must be sender/receiver and kind one of {KINDS}")
-        count = _int(body, "count", 0, MAX_COUNT)
-        seed = _int(body, "seed", 0, 2**63, 0)
-        nbytes = _int(body, "nbytes", 1, MAX_NBYTES, 16)
-        reveal = bool(body.get("reveal", False))
+        body = OT_REQ.check(msg.body)
+        role, kind, count, seed, nbytes, reveal = (body[k] for k in ("role", "kind", "count", "seed", "nbytes", "reveal"))
         if reveal and count > MAX_REVEAL:
             raise ProtocolError(ErrorCode.MALFORMED, f"OT_REQ: reveal is limited to {MAX_REVEAL} OTs")
         t0 = time.perf_counter()
         if role == "sender":
-            if body.get("setup"):
+            if body["setup"]:
                 self.sender = await IknpSender.setup(ch)
             elif self.sender is None:
                 raise ProtocolError(ErrorCode.WRONG_STATE, "OT_REQ: no OT extension as sender yet; send setup: true")
             inputs = synthetic_inputs(kind, role, count, seed, nbytes)
             out = await run_sender(ch, self.sender, kind, count, inputs, keep=reveal)
         else:
-            if body.get("setup"):
+            if body["setup"]:
                 self.receiver = await IknpReceiver.setup(ch)
             elif self.receiver is None:
                 raise ProtocolError(ErrorCode.WRONG_STATE, "OT_REQ: no OT extension as receiver yet; send setup: true")
@@ -144,14 +136,12 @@ class OtHandler:
         model = self.session.server.model
         if model is not None and hasattr(model, "embedding_table"):
             return model.embedding_table()
-        spec = body.get("table")
-        if not isinstance(spec, dict):
+        spec = embedding.OT_EMB_REQ.check(body)["table"]
+        if spec is None:
             raise ProtocolError(ErrorCode.MALFORMED, "OT_EMB_REQ: this server has no model; describe a synthetic table")
-        rows = _int(spec, "rows", 1, 1 << 18)
-        cols = _int(spec, "cols", 1, 1 << 14)
-        if rows * cols > 1 << 26:
+        if spec["rows"] * spec["cols"] > 1 << 26:
             raise ProtocolError(ErrorCode.MALFORMED, "OT_EMB_REQ: synthetic table too large")
-        return synthetic_table(rows, cols, _int(spec, "seed", 0, 2**63, 0))
+        return synthetic_table(spec["rows"], spec["cols"], spec["seed"])
 
 
 class OtClient:
@@ -202,9 +192,6 @@ class OtClient:
         return rows
 
 
-registry.register(registry.ProtocolSpec(
-    name="ot",
-    private=True,
-    summary="OT engine: IKNP batches (random / correlated / chosen) and private embedding-row retrieval",
-    server_handler=OtHandler,
-))
+
+def server_handler(spec, session) -> OtHandler:
+    return OtHandler(session)

@@ -36,7 +36,7 @@ from typing import Callable, NamedTuple, Sequence
 
 import torch
 
-from . import ring
+from .. import ring
 from .void import VOID
 
 
@@ -70,7 +70,7 @@ class Triple(_SingleUse):
 
 @dataclasses.dataclass
 class Correlation(_SingleUse):
-    """A Beaver triple generalised to a polynomial's monomials (protocols/poly.py): shares of
+    """A Beaver triple generalised to a polynomial's monomials (protocols/mpc/poly.py): shares of
     masks ``a_i`` and of the products ``prod_{i in S} a_i`` for each multiset ``S`` of mask
     indices (sorted tuples, size >= 2). ``((0,), (1,))`` masks with ``{(0, 1): ...}`` is a triple.
 
@@ -115,7 +115,7 @@ class TripleProvider:
 
     name = "abstract"
     # True where the client is (or a simulation's) dealer: it knows every mask, so a bit of the
-    # server's may be opened to it as it is (mpc.ServerBit); never for jointly generated triples
+    # server's may be opened to it as it is (shares.ServerBit); never for jointly generated triples
     client_deals = False
 
     def __init__(self):

@@ -1,4 +1,7 @@
-"""``shardlm ot-bench``: OT extension throughput between two processes over loopback TLS.
+"""OT extension throughput between two processes over loopback TLS.
+
+    python -m shardlm.protocols.ot.bench_ot [--count 2^20] [--kind random|correlated|chosen]
+        [--embedding VxD] [--net rtt=10ms,bw=1gbit] [--json]
 
 Starts ``shardlm serve`` as a child process (fresh pinned certificate), opens an ``ot`` session
 from this process and runs one batch with the server as OT sender and this process as
@@ -11,15 +14,15 @@ from __future__ import annotations
 
 import json
 import re
-import tempfile
 import time
 
 import click
 import numpy as np
 import trio
 
+from ...party import launch
 from ...party.client import ClientConfig, connect
-from ...wire import netsim, tls
+from ...wire import netsim
 from . import embedding, prims
 from .service import KINDS, MAX_COUNT, OtClient, synthetic_table
 
@@ -91,7 +94,7 @@ async def run_embedding_bench(cfg: ClientConfig, rows: int, cols: int, count: in
     }
 
 
-@click.command("ot-bench")
+@click.command()
 @click.option("--count", default="2^20", show_default=True, help="Number of OTs (an integer or 2^k).")
 @click.option("--kind", type=click.Choice(KINDS), default="random", show_default=True)
 @click.option("--nbytes", default=16, show_default=True, help="Message bytes for --kind chosen.")
@@ -100,13 +103,11 @@ async def run_embedding_bench(cfg: ClientConfig, rows: int, cols: int, count: in
               help="Instead: retrieve --count rows privately from a synthetic V x D float32 table "
                    "(e.g. 49152x576) and report bytes per token.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
-def ot_bench(count, kind, nbytes, net, embedding_shape, as_json):
+def main(count, kind, nbytes, net, embedding_shape, as_json):
     """Benchmark IKNP OT extension between two processes over loopback TLS.
 
     The server process is the OT sender, this process the receiver (random choice bits).
     """
-    from ...cli import start_server_process  # here: cli imports this module
-
     n = parse_count(count)
     if not 1 <= n <= MAX_COUNT:
         raise click.BadParameter(f"{n}: between 1 and {MAX_COUNT} (2^{MAX_COUNT.bit_length() - 1}) OTs per batch",
@@ -117,22 +118,14 @@ def ot_bench(count, kind, nbytes, net, embedding_shape, as_json):
             spec = netsim.parse_netspec(net)
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--net") from None
-    with tempfile.TemporaryDirectory(prefix="shardlm-ot-bench-") as tmp:
-        fp = tls.generate_server_cert(tmp)
-        proc, event = start_server_process(["--host", "127.0.0.1", "--port", "0", "--cert", f"{tmp}/server.crt",
-                                            "--key", f"{tmp}/server.key", "--idle-timeout", "3600",
-                                            "--session-ttl", "3600"])
-        try:
-            cfg = ClientConfig(server=f"127.0.0.1:{event['port']}", fingerprint=fp, timeout=3600, net=spec)
-            t0 = time.perf_counter()
-            if embedding_shape:
-                result = trio.run(run_embedding_bench, cfg, *_shape(embedding_shape), n)
-            else:
-                result = trio.run(run_bench, cfg, kind, n, nbytes)
-            result["wall_seconds"] = time.perf_counter() - t0
-        finally:
-            proc.terminate()
-            proc.wait(timeout=10)
+    with launch.server(["--idle-timeout", "3600", "--session-ttl", "3600"]) as srv:
+        cfg = srv.client_config(timeout=3600, net=spec)
+        t0 = time.perf_counter()
+        if embedding_shape:
+            result = trio.run(run_embedding_bench, cfg, *_shape(embedding_shape), n)
+        else:
+            result = trio.run(run_bench, cfg, kind, n, nbytes)
+        result["wall_seconds"] = time.perf_counter() - t0
     result["net"] = net or "loopback"
     result["transport"] = "TLS 1.3, two processes"
     if as_json:
@@ -140,3 +133,7 @@ def ot_bench(count, kind, nbytes, net, embedding_shape, as_json):
     else:
         for k, v in result.items():
             click.echo(f"{k:26s} {v:,.3f}" if isinstance(v, float) else f"{k:26s} {v}")
+
+
+if __name__ == "__main__":
+    main()

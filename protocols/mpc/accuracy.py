@@ -1,9 +1,9 @@
 """Teacher-forced SmolLM2 accuracy of the v3-mpc executor (two-party simulator).
 
-    SHARDLM_HOME=... python -m shardlm.protocols.mpc_accuracy [N_TOKENS] [THREADS] [ideal|beaver]
+    SHARDLM_HOME=... python -m shardlm.protocols.mpc.accuracy [N_TOKENS] [THREADS] [ideal|beaver]
 
 One forward over the first N_TOKENS tokens of a fixed text (``Ranges.wide()``; by default with
-ideal products, :mod:`mpc_ideal`, which give the Beaver engine's values in a fraction of the time;
+ideal products, :mod:`ideal`, which give the Beaver engine's values in a fraction of the time;
 ``beaver`` runs the real engine with dealer triples)
 with every position's logits revealed (``all_logits``, a simulator-only switch): position i sees
 exactly the ground-truth prefix, as i sequential decode steps would, for one forward's rounds.
@@ -16,9 +16,10 @@ import time
 
 import torch
 
-from ..models.reference import Reference
-from . import mpc
-from .mpc_ideal import IdealEngine
+from ...models.reference import Reference
+from .engine import Engine
+from .executor import MPCExecutor, Ranges
+from .ideal import IdealEngine
 
 TEXT = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg, a goldsmith "
         "from Mainz, combined movable metal type, oil-based ink and a wooden screw press into a system that could "
@@ -39,8 +40,8 @@ def teacher_forced(model, ids: list[int], engine: str = "ideal"):
     """(reference logits, v3-mpc logits, executor) for every position of ``ids``: (T, vocab) each."""
     ref = Reference.of(model)
     want = ref.forward(torch.tensor(ids), ref.new_cache(len(ids)), all_logits=True)
-    eng = {"ideal": IdealEngine, "beaver": mpc.Engine}[engine]()
-    ex = mpc.MPCExecutor(model, eng, ranges=mpc.Ranges.wide())
+    eng = {"ideal": IdealEngine, "beaver": Engine}[engine]()
+    ex = MPCExecutor(model, eng, ranges=Ranges.wide())
     got = ex.forward(ids, all_logits=True).to(torch.float32)
     return want, got, ex
 
@@ -55,7 +56,7 @@ def summary(want: torch.Tensor, got: torch.Tensor) -> dict:
 
 
 def main():
-    from ..models.load import load_model
+    from ...models.load import load_model
 
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 200
     torch.set_num_threads(int(sys.argv[2]) if len(sys.argv) > 2 else 1)

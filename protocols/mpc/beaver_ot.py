@@ -30,8 +30,8 @@ Both directions run as two IKNP extensions (client as sender for ``a_c``-terms, 
 sender for ``a_s``-terms). Semi-honest, like the IKNP engine underneath.
 
 :class:`OTProvider` in this module runs both parties in one process over an in-memory stream
-pair (the two-party simulator of protocols/mpc.py); the networked offline phase between a
-client and a server is :class:`NetOTProvider` (used by protocols/mpc_service.py).
+pair (the two-party simulator of protocols/mpc/engine.py); the networked offline phase between a
+client and a server is :class:`NetOTProvider` (used by protocols/mpc/service.py).
 """
 
 from __future__ import annotations
@@ -41,9 +41,10 @@ import torch
 import trio
 import trio.testing
 
-from ..party.channel import Channel, concurrently
-from . import beaver, ring
-from .ot.iknp import IknpReceiver, IknpSender
+from ...party.channel import Channel, concurrently
+from .. import ring
+from ..ot.iknp import IknpReceiver, IknpSender
+from . import beaver
 from .void import VOID
 
 _SHIFTS = np.arange(64, dtype=np.uint64)

@@ -1,7 +1,7 @@
-"""v3-mpc over the wire: client and server each run one party of protocols/mpc.py.
+"""v3-mpc over the wire: client and server each run one party of protocols/mpc/engine.py.
 
-Each party runs the same :class:`mpc.MPCExecutor` code on its own share of every activation
-(:class:`mpc.Engine` in party mode) under :func:`party.sync_driver.drive` (a greenlet on the
+Each party runs the same :class:`MPCExecutor` code on its own share of every activation
+(:class:`Engine` in party mode) under :func:`party.sync_driver.drive` (a greenlet on the
 session's trio task); every point where the parties meet is a call into
 :class:`ChannelTransport`, which hands the channel exchange to that task to await. The protocol
 logic never touches I/O, so the same engine runs over an in-memory stream pair or TLS.
@@ -30,42 +30,45 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-import weakref
 
 import numpy as np
 import torch
 import trio
 
-from ..party import sync_driver
-from ..wire.errors import ErrorCode, ProtocolError
-from ..wire.msgtypes import MsgType
-from . import beaver, beaver_ot, mpc, preprocess
-from .registry import ProtocolSpec, register
+from ...party import sync_driver
+from ...wire.errors import ErrorCode, ProtocolError
+from ...wire.msgtypes import MsgType
+from ...wire.schema import Int, Schema, Str, Tensor
+from .. import preprocess
+from ..units import FIXED_POINT, rows_needed, units_for
+from . import beaver, beaver_ot
+from .engine import Engine
+from .executor import MPCExecutor, Ranges
+from .weights import mpc_matrices
 
-RANGES = {"wide": mpc.Ranges.wide, "narrow": mpc.Ranges}
+RANGES = {"wide": Ranges.wide, "narrow": Ranges}
 TRIPLES = ("dealer", "ot")
 SEED_WORDS = 4  # the dealer's 32-byte seed as int64[4]: every tensor on the wire is a ring tensor
 # elementwise triples per pool (the first dealt offline): dealing is cheap in bulk; an OT
 # triple costs 128 correlated OTs, so its pool stays small
 DEFAULT_BATCH = {"dealer": 1 << 21, "ot": 1 << 14}
 MAX_BATCH = 1 << 22  # a pool costs the server 48 bytes per element: at most 192 MB per session
-# per server: digests of the dealer seeds its sessions have used. A repeated seed would replay the
-# same triples (its openings would reveal differences of the client's values): refused.
-_SEEDS_SEEN: "weakref.WeakKeyDictionary[object, set[bytes]]" = weakref.WeakKeyDictionary()
 _TO_SERVER = {"input": MsgType.MPC_INPUT, "reshare": MsgType.MPC_RESHARE}
 
 
-def ring_tensor(body: dict, name: str, what: str, shape: tuple | None = None) -> torch.Tensor:
-    """The body's only field ``name``: an int64 (ring) tensor, of ``shape`` if given."""
-    if set(body) != {name}:
-        raise ProtocolError(ErrorCode.MALFORMED, f"{what} takes exactly {name!r}, got {sorted(body)}")
-    v = body[name]
-    if not isinstance(v, np.ndarray) or v.dtype != np.int64:
-        raise ProtocolError(ErrorCode.MALFORMED, f"{what} carries ring elements (int64), not "
-                                                 f"{getattr(v, 'dtype', type(v).__name__)}")
-    if shape is not None and tuple(v.shape) != tuple(shape):
-        raise ProtocolError(ErrorCode.MALFORMED, f"{what} must have shape {tuple(shape)}, got {v.shape}")
-    return torch.from_numpy(v.copy())
+# The engine's messages each carry one tensor of ring elements, of the shape the schedule expects.
+RING_MESSAGES = {t: Schema(t.name, **{field: Tensor("int64", "shape")}) for t, field in (
+    (MsgType.MPC_OPEN, "v"), (MsgType.MPC_OPEN_OK, "v"), (MsgType.MPC_INPUT, "m"), (MsgType.MPC_RESHARE, "m"),
+    (MsgType.MPC_REVEAL, "v"))}
+MPC_SETUP = Schema("MPC_SETUP", triples=Str(TRIPLES), ranges=Str(tuple(RANGES)), batch=Int(1, MAX_BATCH),
+                   seed=Tensor("int64", (SEED_WORDS,), default=None))
+
+
+def ring_tensor(msg_type: MsgType, body, shape: tuple | None = None) -> torch.Tensor:
+    """The ring tensor a ``msg_type`` body carries, of ``shape`` if given."""
+    schema = RING_MESSAGES[msg_type]
+    (field,) = schema.fields
+    return torch.from_numpy(schema.check(body, shape=shape)[field].copy())
 
 
 class ChannelTransport:
@@ -109,7 +112,7 @@ class ChannelTransport:
             (MsgType.MPC_OPEN_OK, MsgType.MPC_OPEN)
         msg = await self.channel.exchange(send, {"v": mine.numpy()},
                                           lambda: self.channel.expect(recv) if self.role == "client" else self._expect(recv))
-        return ring_tensor(msg.body, "v", recv.name, (theirs,))
+        return ring_tensor(recv, msg.body, (theirs,))
 
     def to_server(self, what: str, m: torch.Tensor) -> None:
         self._call(self.channel.send, _TO_SERVER[what], {"m": m.numpy()})
@@ -123,7 +126,7 @@ class ChannelTransport:
         return self._call(self._recv_share, _TO_SERVER[what], shape)
 
     async def _recv_share(self, msg_type: MsgType, shape) -> torch.Tensor:
-        return ring_tensor((await self._expect(msg_type)).body, "m", msg_type.name, shape)
+        return ring_tensor(msg_type, (await self._expect(msg_type)).body, shape)
 
     async def _expect(self, msg_type: MsgType):
         """The server's wait for the client inside a forward, under the session's idle timeout (the
@@ -139,11 +142,11 @@ class ChannelTransport:
         return self._call(self._recv_reveal, shape)
 
     async def _recv_reveal(self, shape) -> torch.Tensor:
-        return ring_tensor((await self.channel.expect(MsgType.MPC_REVEAL)).body, "v", "MPC_REVEAL", shape)
+        return ring_tensor(MsgType.MPC_REVEAL, (await self.channel.expect(MsgType.MPC_REVEAL)).body, shape)
 
 
 def make_provider(role: str, triples: str, transport: ChannelTransport, seed: bytes | None,
-                  ranges: mpc.Ranges, batch: int) -> beaver.TripleProvider:
+                  ranges: Ranges, batch: int) -> beaver.TripleProvider:
     if triples == "dealer":
         return beaver.SeededDealerProvider(role, seed, batch)
     if triples == "ot":  # with comparisons, the first pool of AND triples is made offline too
@@ -160,7 +163,7 @@ class MPCServerHandler:
     def __init__(self, session):
         self.session = session
         self.model = session.server.model
-        self.executor: mpc.MPCExecutor | None = None
+        self.executor: MPCExecutor | None = None
         self.transport = ChannelTransport(session.channel, "server", session.server.config.idle_timeout)
 
     async def handle(self, msg) -> None:
@@ -170,7 +173,7 @@ class MPCServerHandler:
         if self.executor is None:
             raise ProtocolError(ErrorCode.WRONG_STATE, "MPC_INPUT before MPC_SETUP")
         d = self.model.config.hidden
-        m = ring_tensor(msg.body, "m", "MPC_INPUT")
+        m = ring_tensor(MsgType.MPC_INPUT, msg.body)
         if m.dim() != 2 or m.shape[1] != d or m.shape[0] < 1:
             raise ProtocolError(ErrorCode.MALFORMED, f"MPC_INPUT must be a (T, {d}) ring matrix, got {tuple(m.shape)}")
         if self.executor.length + m.shape[0] > self.session.max_seq_len:
@@ -183,32 +186,27 @@ class MPCServerHandler:
         if self.executor is not None:
             raise ProtocolError(ErrorCode.WRONG_STATE, "MPC_SETUP twice: a session's triple streams start once "
                                                        "(Beaver triples are single-use)")
-        triples, ranges_name = body.get("triples"), body.get("ranges")
-        if triples not in TRIPLES or ranges_name not in RANGES:
-            raise ProtocolError(ErrorCode.MALFORMED, f"MPC_SETUP: triples in {TRIPLES}, ranges in {sorted(RANGES)}")
-        ranges = RANGES[ranges_name]()
-        seed, batch = None, body.get("batch")
-        if not isinstance(batch, int) or not 1 <= batch <= MAX_BATCH:
-            raise ProtocolError(ErrorCode.MALFORMED, f"MPC_SETUP: batch must be an int in 1 .. {MAX_BATCH}")
-        rest = {k: v for k, v in body.items() if k not in ("triples", "ranges", "batch")}
+        body = MPC_SETUP.check(body)
+        triples, ranges, batch, seed = body["triples"], RANGES[body["ranges"]](), body["batch"], body["seed"]
+        if (seed is None) != (triples == "ot"):
+            raise ProtocolError(ErrorCode.MALFORMED, "MPC_SETUP carries a seed with the dealer's triples and only then")
         if triples == "dealer":
-            seed = ring_tensor(rest, "seed", "MPC_SETUP (dealer)", (SEED_WORDS,)).numpy().tobytes()
-            seen = _SEEDS_SEEN.setdefault(self.session.server, set())
+            seed = seed.tobytes()
+            # digests of the dealer seeds this server's sessions have used: a repeated seed would
+            # replay the same triples (its openings would reveal differences of the client's values)
+            seen = self.session.server.protocol_state("v3-mpc:seeds", set)
             digest = hashlib.sha256(seed).digest()
             if digest in seen:
                 raise ProtocolError(ErrorCode.MALFORMED, "dealer seed already used in an earlier session: it would "
                                                          "replay the same Beaver triples (triples are single-use)")
             seen.add(digest)
-        elif rest:
-            raise ProtocolError(ErrorCode.MALFORMED, f"MPC_SETUP (ot) takes exactly triples, ranges and batch, "
-                                                     f"got {sorted(body)}")
         try:
             provider = make_provider("server", triples, self.transport, seed, ranges, batch)
         except ValueError as exc:
             raise ProtocolError(ErrorCode.MALFORMED, str(exc)) from None
-        engine = mpc.Engine(provider, transport=self.transport)
+        engine = Engine(provider, transport=self.transport)
         # the ring weights are built once per process, off the event loop (seconds for SmolLM2)
-        self.executor = await trio.to_thread.run_sync(lambda: mpc.MPCExecutor(self.model, engine, ranges))
+        self.executor = await trio.to_thread.run_sync(lambda: MPCExecutor(self.model, engine, ranges))
         await self.session.channel.send(MsgType.MPC_SETUP_OK, {})
         await sync_driver.drive(provider.prefill)  # the first pool (joint with the client for ot)
 
@@ -218,26 +216,26 @@ class MPCClient:
     """The client party: drives generation, samples from the revealed logits."""
 
     def __init__(self, channel, model, store: preprocess.MaterialStore, triples: str = "dealer",
-                 ranges: str = "wide", batch: int | None = None):
-        if ranges not in RANGES:
-            raise ValueError(f"ranges must be one of {', '.join(RANGES)}, not {ranges!r}")
+                 mpc_ranges: str = "wide", triple_batch: int | None = None):
+        if mpc_ranges not in RANGES:
+            raise ValueError(f"mpc_ranges must be one of {', '.join(RANGES)}, not {mpc_ranges!r}")
         self.channel = channel
-        self.triples, self.ranges_name = triples, ranges
-        self.batch = batch or DEFAULT_BATCH.get(triples, 1)
+        self.triples, self.mpc_ranges = triples, mpc_ranges
+        self.batch = triple_batch or DEFAULT_BATCH.get(triples, 1)
         self.transport = ChannelTransport(channel, "client")
         self.seed = os.urandom(8 * SEED_WORDS) if triples == "dealer" else None
-        rng = RANGES[ranges]()
+        rng = RANGES[mpc_ranges]()
         self.provider = make_provider("client", triples, self.transport, self.seed, rng, self.batch)
-        self.executor = mpc.MPCExecutor(model, mpc.Engine(self.provider, transport=self.transport), rng, store=store)
+        self.executor = MPCExecutor(model, Engine(self.provider, transport=self.transport), rng, store=store)
         self.timings: dict[str, float] = {}
         self.forwards: list[dict] = []
         self.offline_ms = 0.0
         self.notes = [f"v3-mpc: triples by {'the client as trusted dealer' if triples == 'dealer' else 'IKNP OT'}, "
-                      f"'{ranges}' ranges{' (secure comparisons)' if rng.comparisons else ''}"]
+                      f"'{mpc_ranges}' ranges{' (secure comparisons)' if rng.comparisons else ''}"]
 
     async def setup(self) -> None:
         t0 = time.perf_counter()
-        body = {"triples": self.triples, "ranges": self.ranges_name, "batch": self.batch}
+        body = {"triples": self.triples, "ranges": self.mpc_ranges, "batch": self.batch}
         if self.seed is not None:
             body["seed"] = np.frombuffer(self.seed, dtype=np.int64).copy()
         await self.channel.request(MsgType.MPC_SETUP, body, MsgType.MPC_SETUP_OK)
@@ -272,40 +270,34 @@ class MPCClient:
 
 def deal_for(model, prompt_tokens: int, max_tokens: int, progress=None) -> preprocess.MaterialStore:
     """The client's mask material for one generation of this shape."""
-    from .masked import rows_needed, units_for
-
     return deal_rows(model, rows_needed(units_for(model.plan, "v3"), prompt_tokens, max_tokens), progress)
 
 
 def deal_rows(model, rows: dict[str, int], progress=None) -> preprocess.MaterialStore:
-    """Mask material (r, W r) for every linear unit, over v3-mpc's ring weights (mpc.mpc_matrices)."""
-    from .masked import FIXED_POINT
-
-    return preprocess.deal({name: W for name, (W, _k) in mpc.mpc_matrices(model).items()}, rows,
+    """Mask material (r, W r) for every linear unit, over v3-mpc's ring weights (:func:`mpc_matrices`)."""
+    return preprocess.deal({name: W for name, (W, _k) in mpc_matrices(model).items()}, rows,
                            model_fingerprint=model.fingerprint(), variant="v3-mpc", fx=FIXED_POINT,
                            progress=progress)
 
 
-def client_factory(channel, model, *, prompt_tokens: int, max_tokens: int, material: str | None = None,
-                   progress=None, triples: str = "dealer", mpc_ranges: str = "wide", triple_batch: int | None = None,
-                   **_options) -> MPCClient:
-    """The client with its mask material, loaded from a store or dealt now (the offline phase)."""
-    from .masked import FIXED_POINT
+def server_handler(spec, session) -> MPCServerHandler:
+    return MPCServerHandler(session)
 
+
+def client(spec, channel, model, *, prompt_tokens: int, max_tokens: int, progress=None, material: str | None,
+           triples: str, mpc_ranges: str, triple_batch: int | None) -> MPCClient:
+    """The client with its mask material, loaded from a store or dealt now (the offline phase)."""
     t0 = time.perf_counter()
     if material:
         store = preprocess.MaterialStore.load(material)
         store.check_for(model.fingerprint(), "v3-mpc", FIXED_POINT)
     else:
         store = deal_for(model, prompt_tokens, max_tokens, progress=progress)
-    client = MPCClient(channel, model, store, triples, mpc_ranges, triple_batch)
-    client.offline_ms = (store.meta["dealer_seconds"] if material else time.perf_counter() - t0) * 1e3
-    return client
+    c = MPCClient(channel, model, store, triples, mpc_ranges, triple_batch)
+    c.offline_ms = (store.meta["dealer_seconds"] if material else time.perf_counter() - t0) * 1e3
+    return c
 
 
-register(ProtocolSpec(
-    name="v3-mpc", private=True, needs_model=True,
-    summary="every activation additively shared over Z_2^64; linear layers on the server's share with "
-            "preprocessed masks, nonlinear layers by Beaver-triple MPC (--triples dealer|ot); approximate",
-    server_handler=MPCServerHandler, client_factory=client_factory,
-))
+def deal(spec, model, tokens: int, progress=None) -> preprocess.MaterialStore:
+    """``shardlm preprocess``: material for up to ``tokens`` positions, over v3-mpc's ring weights."""
+    return deal_rows(model, {n: tokens for n in units_for(model.plan, "v3")}, progress)

@@ -8,7 +8,7 @@ of the masks, whose shares a correlation supplies (the dealer's or the OT provid
 can be a factor of a product *before* its own multiplications are done, and both happen in the
 product's round.
 
-What the engine uses this for (protocols/mpc.py):
+What the engine uses this for (protocols/mpc/engine.py):
 
 - a truncation is ``L - 2^(64-k) (mc + ms - mc ms)`` (local shifts ``L``, the two parties'
   private MSB bits ``mc``, ``ms``, one product): kept as that polynomial, the product that
@@ -79,7 +79,7 @@ def _is_zero(c: Coef) -> bool:
 
 
 class Poly:
-    """``sum_j coef_j prod_{i in mono_j} vars[i]`` over :class:`mpc.Shared` variables of one shape.
+    """``sum_j coef_j prod_{i in mono_j} vars[i]`` over :class:`shares.Shared` variables of one shape.
 
     ``source``: for a truncation, the untruncated value and the shift (a comparison can read the
     sign from it, a further truncation can start from it)."""

@@ -1,6 +1,6 @@
 """The other party's slot of a share held by one party: no data, no work.
 
-A party engine (protocols/mpc.py with a transport) holds only its own share of every value; the
+A party engine (protocols/mpc/engine.py with a transport) holds only its own share of every value; the
 arithmetic is written over pairs ``(c, s)`` so that the same code also runs as the two-party
 simulator. In a party the other slot is :data:`VOID`: every tensor operation that touches it
 returns it again at no cost, so the party does its own half of the work only (computing a

@@ -1,0 +1,146 @@
+"""Units: what the server multiplies for v2, v3 and v3-2r (and what v3-mpc's linear layers reuse).
+
+A unit is one offload: the ops of the plan that share an input, computed as one matrix (``v3``
+fuses q/k/v and gate/up; ``v2`` sends each op alone), or a precomposed pair (``v3-2r``: a residual
+projection composed with the next norm and projection, models/plan.Composite). This module
+decides the grouping (from the plan's own plan.group_at / plan.composite_at), builds each
+unit's exact ring matrix (protocols/ring.py) once per process, with the model's other derived
+values (Model.derived), and gives the client the public encodings it decodes products with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ..models.plan import Composite, Linear, Plan
+from . import ring
+
+FUSED = {"v2": False, "v3": True, "v3-2r": True}
+PRECOMPOSED = {"v3-2r"}  # variants whose plan runs with precomposed units (plan.Composite)
+# Part of the protocol: the server encodes weights with these bits, the client decodes with them.
+FIXED_POINT = ring.FixedPoint()
+
+
+@dataclasses.dataclass(frozen=True)
+class Unit:
+    """One offload: ops sharing an input, computed as one (sum of outs, in) matrix; or a
+    precomposed pair (``composite``): input ``[a | res]``, output ``[first(a) | T first(a) | T res]``."""
+
+    name: str
+    ops: tuple[Linear, ...]
+    in_dim: int
+    out_dim: int
+    head: bool  # the LM head sees one row per forward (only the last position's logits)
+    composite: Composite | None = None
+
+
+def units_for(plan: Plan, variant: str) -> dict[str, Unit]:
+    """The offload units in the order the executor meets them (its grouping, plan.group_at /
+    plan.composite_at, is the one definition of what goes together)."""
+    fused, precompose = FUSED[variant], variant in PRECOMPOSED
+    units: dict[str, Unit] = {}
+    i = 0
+    while i < len(plan.steps):
+        comp = plan.composite_at(i, fused) if precompose else None
+        if comp is not None:
+            out2 = sum(op.out_dim for op in comp.then)
+            units[comp.name] = Unit(comp.name, (comp.first, *comp.then), comp.first.in_dim + comp.first.out_dim,
+                                    comp.first.out_dim + 2 * out2, False, comp)
+            i += 3 + len(comp.then)
+        elif isinstance(plan.steps[i], Linear):
+            ops = plan.group_at(i, fused)
+            key = ops[0].fuse_group if fused and ops[0].fuse_group else ops[0].name
+            units[key] = Unit(key, ops, ops[0].in_dim, sum(o.out_dim for o in ops), i > plan.head_start)
+            i += len(ops)
+        else:
+            i += 1
+    return units
+
+
+def unit_weight(unit: Unit, weights: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.cat([weights[op.weight] for op in unit.ops])
+
+
+def _cached(model, key, make):
+    return model.derived(("masked", *key), make)
+
+
+class ComposedMatrix:
+    """A precomposed unit (plan.Composite) on input ``[a | res]``, output
+    ``[first(a) | (T first) a | T res]`` with ``T`` the ``then`` group's weights times the norm's
+    gain: two GEMM calls (first and cross stacked share the input ``a``). The client decodes
+    the three parts with their own row scales, so ``a`` and ``res`` may use different
+    fixed-point scales."""
+
+    def __init__(self, a_side: ring.RingMatrix, t: ring.RingMatrix, encodings: list[tuple[torch.Tensor, int]]):
+        self.a_side, self.t = a_side, t
+        self.encodings = encodings  # (row scales, integer row L1 bound) of first, cross, T
+        self.in_dim = a_side.in_dim + t.in_dim
+        self.out_dim = a_side.out_dim + t.out_dim
+
+    def pack(self) -> bool:
+        return self.a_side.pack() and self.t.pack()
+
+    def matmul(self, m: torch.Tensor) -> torch.Tensor:
+        k = self.a_side.in_dim
+        return torch.cat([self.a_side.matmul(m[:, :k]), self.t.matmul(m[:, k:])], dim=1)
+
+
+def _composed(model, comp: Composite, device) -> ComposedMatrix:
+    w = model.weights
+    t = torch.cat([w[op.weight] for op in comp.then]).to(torch.float64) * w[comp.norm.weight].to(torch.float64)
+    first_int, first_scales = ring.encode_weights(w[comp.first.weight])
+    t_int, t_scales = ring.encode_weights(t)
+    cross_int, cross_scales = ring.compose(t_int, t_scales, w[comp.first.weight])
+
+    def l1(ints):
+        return int(ints.abs().sum(dim=1).max())
+    a_side = ring.RingMatrix(torch.cat([first_int, cross_int]), device, torch.cat([first_scales, cross_scales]))
+    return ComposedMatrix(a_side, ring.RingMatrix(t_int, device, t_scales),
+                          [(first_scales, l1(first_int)), (cross_scales, l1(cross_int)), (t_scales, l1(t_int))])
+
+
+def matrices_for(model, variant: str, device="cpu") -> dict[str, ring.RingMatrix | ComposedMatrix]:
+    """The model's ring weights for ``variant``, built once per process (server and dealer alike)
+    and shared between variants where a unit is the same (a single op, or the same fused group).
+    A fused group is one matrix (one int8 GEMM call per unit: measured 2x faster for q/k/v
+    than one call per op), so a server that runs v2 and v3 holds those weights twice."""
+    def op_matrix(op: Linear):
+        return _cached(model, ("op", op.name, str(device)),
+                       lambda: ring.RingMatrix.from_float(model.weights[op.weight], device))
+
+    def build(u: Unit):
+        if u.composite is not None:
+            return _cached(model, ("composed", u.name, str(device)), lambda: _composed(model, u.composite, device))
+        if len(u.ops) == 1:
+            return op_matrix(u.ops[0])
+        return _cached(model, ("fused", u.name, str(device)),
+                       lambda: ring.RingMatrix.from_float(unit_weight(u, model.weights), device))
+    return {name: build(u) for name, u in units_for(model.plan, variant).items()}
+
+
+def encoding_for(model, variant: str) -> dict[str, list[tuple[torch.Tensor, int]]]:
+    """Per unit, per product part: the public row scales (to decode products) and the largest
+    integer row L1 norm (to refuse an input whose product could wrap past 2^63 instead of
+    decoding garbage). One part for a plain or fused unit, three for a composed one."""
+    def make():
+        out = {}
+        matrices = matrices_for(model, variant) if variant in PRECOMPOSED else {}
+        for name, u in units_for(model.plan, variant).items():
+            if u.composite is not None:
+                out[name] = matrices[name].encodings
+                continue
+            w = unit_weight(u, model.weights).to(torch.float64)
+            scales = ring.row_scales(w)  # per row, so the same whether the unit is fused or not
+            out[name] = [(scales, int(((w.abs().sum(dim=1) * scales).max()).ceil()))]
+        return out
+    return _cached(model, ("encoding", variant), make)
+
+
+def rows_needed(units: dict[str, Unit], prompt_tokens: int, max_tokens: int) -> dict[str, int]:
+    """Mask rows a generation uses: the prompt, then one row per decode step (max_tokens - 1
+    of them); the head one row per forward."""
+    body = prompt_tokens + max(max_tokens - 1, 0)
+    return {name: (max(max_tokens, 1) if u.head else body) for name, u in units.items()}
