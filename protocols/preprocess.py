@@ -7,9 +7,15 @@ the client sends ``x - r`` and adds ``W r`` to the server's ``W (x - r)``. Compu
 costs as much as ``W x``: it is moved ahead of time, not avoided (DESIGN.md s2).
 
 Single use: each unit's pool hands out rows through a cursor that only moves forward. A store
-on disk persists the cursor *before* any row leaves :meth:`MaterialStore.take`, so a second
-run over the same store (or a copy of the process) cannot get the same masks again: it is
-refused with :class:`MaterialError`.
+on disk is used by one run at most:
+
+- :meth:`MaterialStore.load` claims it exclusively (``flock`` on ``STORE/lock``, held until the
+  store is closed or the process ends, a kill included): a second run while the first holds it
+  is refused;
+- before the first row leaves :meth:`MaterialStore.take`, the cursor file marks every row as
+  taken, written to a temporary file, fsynced, renamed and the directory fsynced: a run that
+  crashes or is killed after that point has used the store, and a later load refuses it;
+- a store whose cursor file is missing is refused (its use cannot be known).
 
 On disk (``shardlm preprocess --out STORE``): ``STORE/meta.json`` (model fingerprint, variant,
 fixed point, units with their shapes and row counts), ``STORE/material.safetensors`` (per unit
@@ -20,6 +26,7 @@ seeds are secrets of the client: files are created mode 0600.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import os
 import time
@@ -53,6 +60,14 @@ class MaterialStore:
         self.meta = meta
         self.pools = pools
         self.path = path
+        self._lock_fd: int | None = None  # the exclusive claim of an on-disk store (load)
+        self._spent = path is None  # on disk: whether the cursor file already marks every row taken
+
+    def close(self) -> None:
+        """Release the claim on an on-disk store (the process's end does too)."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     def remaining(self, unit: str) -> int:
         p = self.pools[unit]
@@ -76,17 +91,25 @@ class MaterialStore:
                 f"mask material for {unit!r} exhausted: {n} rows needed, {p.rows - p.cursor} of {p.rows} left "
                 f"({p.cursor} {used}); masks are single-use, make more with `shardlm preprocess`"
             )
+        if not self._spent:  # durably "used" before any row can reach a server
+            self._persist_cursor({u: q.rows for u, q in self.pools.items()})
+            self._spent = True
         start = p.cursor
         p.cursor += n
-        self._persist_cursor()
         return ring.mask_rows(p.seed, start, n, p.in_dim), p.wr[start:start + n]
 
-    def _persist_cursor(self) -> None:
-        if self.path is None:
-            return
+    def _persist_cursor(self, cursor: dict[str, int]) -> None:
         tmp = self.path / "cursor.json.tmp"
-        tmp.write_text(json.dumps({u: p.cursor for u, p in self.pools.items()}))
+        with open(tmp, "w") as f:
+            f.write(json.dumps(cursor))
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, self.path / "cursor.json")
+        dir_fd = os.open(self.path, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
 
     # -- disk ---------------------------------------------------------------------------------
     def save(self, directory: str | Path) -> None:
@@ -102,21 +125,40 @@ class MaterialStore:
         save_file(tensors, str(d / "material.safetensors"))
         (d / "meta.json").write_text(json.dumps(self.meta, indent=1))
         self.path = d
-        self._persist_cursor()
+        self._persist_cursor({u: p.cursor for u, p in self.pools.items()})
+        self._spent = any(p.cursor for p in self.pools.values())
 
     @classmethod
     def load(cls, directory: str | Path) -> "MaterialStore":
         d = Path(directory)
         if not (d / "meta.json").is_file() or not (d / "material.safetensors").is_file():
             raise MaterialError(f"{d} is not a mask material store (expected meta.json and material.safetensors)")
-        meta = json.loads((d / "meta.json").read_text())
-        tensors = load_file(str(d / "material.safetensors"))
-        cursor = json.loads((d / "cursor.json").read_text()) if (d / "cursor.json").exists() else {}
-        pools = {}
-        for name, info in meta["units"].items():
-            pools[name] = Pool(bytes(tensors[f"{name}.seed"].numpy()), info["in"], tensors[f"{name}.wr"],
-                               cursor.get(name, 0))
-        return cls(meta, pools, d)
+        lock_fd = os.open(d / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(lock_fd)
+            raise MaterialError(f"{d} is in use by another run; masks are single-use: make more with "
+                                f"`shardlm preprocess`") from None
+        try:
+            if not (d / "cursor.json").is_file():
+                raise MaterialError(f"{d} has no cursor.json: how much of it was used cannot be known, so it is "
+                                    f"refused; make new material with `shardlm preprocess`")
+            cursor = json.loads((d / "cursor.json").read_text())
+            used = {u: c for u, c in cursor.items() if c}
+            if used:
+                raise MaterialError(f"{d} was already used by an earlier run ({len(used)} units taken); masks are "
+                                    f"single-use: make more with `shardlm preprocess`")
+            meta = json.loads((d / "meta.json").read_text())
+            tensors = load_file(str(d / "material.safetensors"))
+            pools = {name: Pool(bytes(tensors[f"{name}.seed"].numpy()), info["in"], tensors[f"{name}.wr"])
+                     for name, info in meta["units"].items()}
+        except BaseException:
+            os.close(lock_fd)
+            raise
+        store = cls(meta, pools, d)
+        store._lock_fd = lock_fd
+        return store
 
 
 def deal(

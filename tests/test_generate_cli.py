@@ -85,7 +85,7 @@ def test_preprocessed_material_is_used_once(tiny, tmp_path):
     again = shardlm(*gen, check=False)
     assert again.returncode == 1
     err = json.loads(again.stdout)
-    assert err["code"] == "material" and "exhausted" in err["error"] and "single-use" in err["error"]
+    assert err["code"] == "material" and "already used" in err["error"] and "single-use" in err["error"]
 
 
 def test_material_for_another_model_is_refused(tiny, tmp_path):

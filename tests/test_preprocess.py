@@ -1,4 +1,8 @@
 """The dealer's mask material: correct products, single use, persistence."""
+import json
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -33,16 +37,50 @@ def test_store_on_disk_refuses_rows_used_by_an_earlier_run(tmp_path):
     store.save(tmp_path / "s")
     assert (tmp_path / "s/material.safetensors").stat().st_mode & 0o077 == 0
     first = MaterialStore.load(tmp_path / "s")
-    r, wr = first.take("a", 3)
-    second = MaterialStore.load(tmp_path / "s")  # e.g. a second `generate --material s`
-    with pytest.raises(MaterialError, match="already used"):
-        second.take("a", 3)
-    r_last, wr_last = second.take("a", 1)
-    assert torch.equal(units["a"].matmul(r_last), wr_last)
-    assert not (r_last == r).all(-1).any()
     with pytest.raises(MaterialError, match="model_fingerprint"):
-        second.check_for("other", "v3", FX)
-    second.check_for("m", "v3", FX)
+        first.check_for("other", "v3", FX)
+    first.check_for("m", "v3", FX)
+    with pytest.raises(MaterialError, match="in use by another run"):  # while the first holds it
+        MaterialStore.load(tmp_path / "s")
+    r, wr = first.take("a", 1)
+    assert torch.equal(units["a"].matmul(r), wr)
+    # on disk, every row is marked taken before the first one leaves: nothing of it is used again
+    assert json.loads((tmp_path / "s/cursor.json").read_text()) == {"a": 4, "b": 1}
+    first.close()
+    with pytest.raises(MaterialError, match="already used by an earlier run"):  # e.g. a second `generate --material s`
+        MaterialStore.load(tmp_path / "s")
+
+
+def test_a_store_without_its_cursor_is_refused(tmp_path):
+    preprocess.deal(_units(), {"a": 2, "b": 1}, model_fingerprint="m", variant="v3", fx=FX).save(tmp_path / "s")
+    (tmp_path / "s/cursor.json").unlink()
+    with pytest.raises(MaterialError, match="no cursor.json"):
+        MaterialStore.load(tmp_path / "s")
+
+
+_HOLDER = """
+import sys, time
+from shardlm.protocols.preprocess import MaterialStore
+store = MaterialStore.load(sys.argv[1])
+store.take("a", 1)
+print("taken", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_concurrent_run_is_refused_and_a_killed_run_has_used_the_store(tmp_path):
+    # another process (a real one: flock is per open file) claims the store and takes a row ...
+    preprocess.deal(_units(), {"a": 3, "b": 1}, model_fingerprint="m", variant="v3", fx=FX).save(tmp_path / "s")
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(tmp_path / "s")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "taken"
+        with pytest.raises(MaterialError, match="in use by another run"):
+            MaterialStore.load(tmp_path / "s")
+    finally:
+        holder.kill()  # ... and dies mid-generation (SIGKILL: no clean-up of its own)
+        holder.wait(timeout=30)
+    with pytest.raises(MaterialError, match="already used by an earlier run"):
+        MaterialStore.load(tmp_path / "s")
 
 
 def test_loading_a_non_store_is_a_clear_error(tmp_path):

@@ -236,3 +236,23 @@ def test_recorded_transcript_reloads_and_matches_what_was_sent(tmp_path):
     (d / "frames.bin").write_bytes(bytes(raw))
     with pytest.raises(Exception, match="bad_crc|CRC"):
         load_transcript(d)
+
+
+def test_private_keys_are_never_readable_by_others(tmp_path, monkeypatch):
+    # mode 0600 from creation: with a permissive umask and no chmod afterwards (a write-then-chmod
+    # left the key world-readable in between), every key file is still private
+    import os
+    from pathlib import Path
+
+    old = os.umask(0)
+    monkeypatch.setattr(Path, "chmod", lambda self, mode: None)
+    try:
+        tls.generate_server_cert(tmp_path)
+        tls.generate_client_ca(tmp_path)
+        tls.generate_server_cert(tmp_path)  # over an existing key too
+    finally:
+        os.umask(old)
+    keys = sorted(tmp_path.glob("*.key"))
+    assert [k.name for k in keys] == ["client-ca.key", "client.key", "server.key"]
+    assert all(k.stat().st_mode & 0o777 == 0o600 for k in keys), [oct(k.stat().st_mode) for k in keys]
+    assert not list(tmp_path.glob(".*.tmp"))

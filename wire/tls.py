@@ -12,6 +12,7 @@ import datetime
 import hashlib
 import hmac
 import ipaddress
+import os
 import ssl
 from pathlib import Path
 
@@ -50,12 +51,19 @@ def normalize_fingerprint(fp: str) -> str:
 
 
 def _write_key(key, path: Path) -> None:
-    path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-    path.chmod(0o600)
+    """A private key file, mode 0600 from its creation (never briefly readable by others): a new
+    file made with O_EXCL, then renamed over any old one."""
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption())
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(pem)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _cert(subject: str, key, issuer_name, issuer_key, *, ca: bool, sans=(), client=False):
