@@ -103,7 +103,7 @@ async def run_generation(cfg: ClientConfig, model, spec: ProtocolSpec, prompt_id
         channel = conn.channel
         with channel.phase("offline"):
             client = spec.client(channel, model, prompt_tokens=len(prompt_ids), max_tokens=max_tokens,
-                                 progress=progress, options=options)
+                                 session_id=session["session_id"], progress=progress, options=options)
             if hasattr(client, "setup"):  # a protocol's own set-up exchange (e.g. attestation)
                 await client.setup()
         stops = () if ignore_eos else model.eos_ids

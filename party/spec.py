@@ -91,7 +91,8 @@ class ProtocolClient(Protocol):
 class Implementation(Protocol):
     """What a protocol's implementation module provides: ``server_handler``; for a protocol that
     generates text (``needs_model``) also ``client(spec, channel, model, *, prompt_tokens,
-    max_tokens, progress, **declared_options) -> ProtocolClient``. Optional, by name:
+    max_tokens, session_id, progress, **declared_options) -> ProtocolClient`` (``session_id``:
+    HELLO_OK's, for protocols that bind to the session). Optional, by name:
     ``server_info(spec, server, request) -> dict`` (merged into the protocol's INFO entry) and
     ``deal(spec, model, tokens, progress) -> store`` (mask material ahead of time, for
     ``shardlm preprocess``)."""
@@ -148,13 +149,13 @@ class ProtocolSpec:
                               + (f" (it takes: {', '.join(o.name for o in self.options)})" if self.options else ""))
         return {o.name: o.convert(given[o.name]) if o.name in given else o.default for o in self.options}
 
-    def client(self, channel, model, *, prompt_tokens: int, max_tokens: int, progress: Callable | None = None,
-               options: dict | None = None) -> ProtocolClient:
+    def client(self, channel, model, *, prompt_tokens: int, max_tokens: int, session_id: str,
+               progress: Callable | None = None, options: dict | None = None) -> ProtocolClient:
         impl = self.implementation()
         if impl is None or not self.needs_model:
             raise OptionError(f"protocol {self.name} does not generate text")
         return impl.client(self, channel, model, prompt_tokens=prompt_tokens, max_tokens=max_tokens,
-                           progress=progress, **self.resolve_options(options))
+                           session_id=session_id, progress=progress, **self.resolve_options(options))
 
 
 def takers(specs, option: str) -> list[str]:

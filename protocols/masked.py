@@ -170,7 +170,7 @@ def server_handler(spec, session) -> MaskedServerHandler:
     return MaskedServerHandler(session, spec.name)
 
 
-def client(spec, channel, model, *, prompt_tokens: int, max_tokens: int, progress=None,
+def client(spec, channel, model, *, prompt_tokens: int, max_tokens: int, progress=None, session_id: str,
            embedding_source: str, material: str | None) -> MaskedClient:
     """Online client with its material: loaded from a store, or dealt now (the offline phase)."""
     t0 = time.perf_counter()

@@ -60,5 +60,6 @@ def server_handler(spec, session) -> PlainServerHandler:
     return PlainServerHandler(session)
 
 
-def client(spec, channel, model, *, prompt_tokens: int, max_tokens: int, progress=None) -> PlainClient:
+def client(spec, channel, model, *, prompt_tokens: int, max_tokens: int, progress=None,
+           session_id: str) -> PlainClient:
     return PlainClient(channel, model)

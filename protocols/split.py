@@ -279,7 +279,7 @@ def server_handler(spec, session) -> "SplitServerHandler":
     return SplitServerHandler(session)
 
 
-def client(spec, channel, model, *, prompt_tokens: int, max_tokens: int, progress=None,
+def client(spec, channel, model, *, prompt_tokens: int, max_tokens: int, progress=None, session_id: str,
            split_layers: int, jacobi_block: int, jacobi_iters: int | None) -> SplitClient:
     return SplitClient(channel, model, split_layers=split_layers, jacobi_block=jacobi_block,
                        jacobi_iters=jacobi_iters)

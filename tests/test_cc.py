@@ -195,13 +195,22 @@ def test_report_checks_each_refuse_naming_the_check():
         "nonce": dict(nonce=os.urandom(32)),
         "key binding": dict(client_key=os.urandom(32)),
         "measurement": dict(expected={**comps, "model": "sha256:" + "cd" * 32}),
+        "session": dict(session_id="another-session"),
     }
     for name, kw in cases.items():
         with pytest.raises(attestation.AttestationError) as e:
             check(good, **kw)
         assert e.value.check == name and "refusing to send anything private" in str(e.value)
+    assert check(good, session_id="sid")["session_id"] == "sid"
     with pytest.raises(attestation.AttestationError, match="model: server") as e:
         check(good, expected={**comps, "model": "sha256:" + "cd" * 32})
+    # the pinned key's own signature over a report that claims hardware CC: the client, not the
+    # server, decides the label, and it has no vendor evidence to verify
+    class ClaimsHardware(provider.SoftwareProvider):
+        name, simulated = "nvidia", False
+    with pytest.raises(attestation.AttestationError) as e:
+        check(_report(ClaimsHardware(prov._key), nonce, ck, comps))
+    assert e.value.check == "provider evidence" and "simulated=False" in str(e.value)
     # a report signed by another key that claims to be the pinned one
     other = provider.SoftwareProvider(nacl.signing.SigningKey.generate())
     forged = _report(other, nonce, ck, comps)
@@ -272,8 +281,8 @@ def test_refusals_over_tls_and_the_server_keeps_serving(tiny, tmp_path, cc_key, 
         """A session driven by hand: attested, then raw sealed requests."""
         conn_cm = connect(cfg)
         conn = await conn_cm.__aenter__()
-        await conn.open_session("v3-cc", model.fingerprint(), 64)
-        client = CCClient(conn.channel, model, cc_trust=cc_key[1])
+        session = await conn.open_session("v3-cc", model.fingerprint(), 64)
+        client = CCClient(conn.channel, model, cc_trust=cc_key[1], session_id=session["session_id"])
         await client.setup()
         return conn_cm, conn, client
 
@@ -316,6 +325,18 @@ def test_refusals_over_tls_and_the_server_keeps_serving(tiny, tmp_path, cc_key, 
             msg = await expect_refusal(cfg, "measurement")
             assert "code: server 'sha256:6666" in msg
             st.components = good
+            # a report bound to another session (e.g. replayed from one)
+            def other_session(self, nonce, ck, timestamp=None):
+                self._session_id = "0" * 16
+                return orig_attest(self, nonce, ck, timestamp)
+            monkeypatch.setattr(Enclave, "attest", other_session)
+            await expect_refusal(cfg, "session")
+            monkeypatch.setattr(Enclave, "attest", orig_attest)
+            # the server's own (pinned) key signing a claim of hardware CC it cannot back
+            monkeypatch.setattr(type(st.provider), "simulated", False)
+            monkeypatch.setattr(type(st.provider), "name", "nvidia")
+            assert "simulated=False" in await expect_refusal(cfg, "provider evidence")
+            monkeypatch.undo()
             # and the server still serves everyone
             rep = await _gen(cfg, model, prompt, 6, cc_key[1])
             assert rep.result.token_ids == want
@@ -325,8 +346,8 @@ def test_refusals_over_tls_and_the_server_keeps_serving(tiny, tmp_path, cc_key, 
 
     trio.run(main)
     views = [load_transcript(d)[1] for d in session_dirs(rec)]
-    assert len(views) == 7
-    for msgs in views[2:6]:  # refused by the client: nothing sealed ever reached the server
+    assert len(views) == 9
+    for msgs in views[2:8]:  # refused by the client: nothing sealed ever reached the server
         assert [m.type for m in msgs] == [MsgType.HELLO, MsgType.CC_ATTEST, MsgType.BYE]
 
 

@@ -27,7 +27,7 @@ def test_every_implementation_satisfies_the_contract():
             keyword = {n for n, p in params.items() if p.kind is p.KEYWORD_ONLY}
             assert declared <= keyword, (s.name, declared - keyword)
             assert not any(p.kind is p.VAR_KEYWORD for p in params.values()), f"{s.name} swallows unknown options"
-            assert keyword - declared == {"prompt_tokens", "max_tokens", "progress"}, (s.name, keyword - declared)
+            assert keyword - declared == {"prompt_tokens", "max_tokens", "session_id", "progress"}, (s.name, keyword - declared)
 
 
 def test_a_spec_that_lacks_the_contract_is_refused():

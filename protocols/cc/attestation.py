@@ -148,9 +148,15 @@ def pin_text(pin: tuple[str, object]) -> str:
 
 # -- the client's checks ---------------------------------------------------------------------------
 def verify_report(signed: SignedReport, *, pin: tuple[str, object] | None, nonce: bytes, client_key: bytes,
-                  expected: dict, now: float | None = None, window: float = FRESHNESS_WINDOW_S) -> dict:
+                  expected: dict, now: float | None = None, window: float = FRESHNESS_WINDOW_S,
+                  session_id: str | None = None) -> dict:
     """Return the report's fields if every check passes; raise :class:`AttestationError` naming
-    the first that fails."""
+    the first that fails. ``session_id``: the session the report must be bound to (HELLO_OK's).
+
+    Whether the TEE is simulated is the client's call, not the server's: a report is taken as
+    simulated unless vendor evidence was verified, and this client verifies none (no GPU
+    confidential-computing verifier is built), so a report claiming ``simulated=False`` is refused
+    rather than believed."""
     if pin is None:
         raise AttestationError("trust", "no CC signing key is pinned: pass --cc-trust sha256:<fingerprint> "
                                         "(printed by `shardlm serve`, shown by `shardlm info`)")
@@ -188,6 +194,13 @@ def verify_report(signed: SignedReport, *, pin: tuple[str, object] | None, nonce
         raise AttestationError("format", "the report's enclave key is not a 32-byte X25519 key")
     if not isinstance(f.get("session_id"), str):
         raise AttestationError("format", "the report names no session id")
+    if session_id is not None and f["session_id"] != session_id:
+        raise AttestationError("session", f"the report is bound to session {f['session_id']!r}, not this "
+                                          f"session {session_id!r} (a report replayed from another session)")
+    if f.get("simulated") is not True:
+        raise AttestationError("provider evidence", f"the report claims hardware confidential computing "
+                                                    f"(provider {f.get('provider')!r}, simulated=False) without "
+                                                    f"vendor evidence this client can verify")
     return f
 
 

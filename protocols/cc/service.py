@@ -122,8 +122,10 @@ class CCServerHandler:
 class CCClient:
     """Attests the server (``setup``), then seals each forward for the enclave."""
 
-    def __init__(self, channel, model, *, cc_trust: str | None = None, cc_window: float | None = None):
+    def __init__(self, channel, model, *, cc_trust: str | None = None, cc_window: float | None = None,
+                 session_id: str | None = None):
         self.channel = channel
+        self.session_id = session_id  # HELLO_OK's: the report must be bound to it
         self.model = model
         self.pin = parse_trust(cc_trust) if cc_trust else None
         self.window = FRESHNESS_WINDOW_S if cc_window is None else float(cc_window)
@@ -142,10 +144,9 @@ class CCClient:
         pk, sk = aead.keypair()
         reply = await self.channel.request(MsgType.CC_ATTEST, {"nonce": nonce, "client_key": pk}, MsgType.CC_REPORT)
         fields = verify_report(SignedReport.from_body(reply), pin=self.pin, nonce=nonce, client_key=pk,
-                               expected=expected, window=self.window)
-        self.report = fields
-        if fields.get("simulated", True):
-            self.notes.append(f"v3-cc provider '{fields.get('provider')}': {SIMULATED_NOTE}")
+                               expected=expected, window=self.window, session_id=self.session_id)
+        self.report = fields  # verify_report accepts simulated reports only: say so
+        self.notes.append(f"v3-cc provider '{fields.get('provider')}': {SIMULATED_NOTE}")
         self.sealed = aead.SealedChannel.client(pk, sk, fields["enclave_key"], fields["session_id"])
         self.offline_ms = (time.perf_counter() - t0) * 1e3
 
@@ -173,6 +174,6 @@ def server_handler(spec, session) -> CCServerHandler:
     return CCServerHandler(session)
 
 
-def client(spec, channel, model, *, prompt_tokens: int, max_tokens: int, progress=None,
+def client(spec, channel, model, *, prompt_tokens: int, max_tokens: int, progress=None, session_id: str,
            cc_trust: str | None, cc_window: float | None) -> CCClient:
-    return CCClient(channel, model, cc_trust=cc_trust, cc_window=cc_window)
+    return CCClient(channel, model, cc_trust=cc_trust, cc_window=cc_window, session_id=session_id)

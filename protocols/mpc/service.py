@@ -284,7 +284,8 @@ def server_handler(spec, session) -> MPCServerHandler:
     return MPCServerHandler(session)
 
 
-def client(spec, channel, model, *, prompt_tokens: int, max_tokens: int, progress=None, material: str | None,
+def client(spec, channel, model, *, prompt_tokens: int, max_tokens: int, progress=None, session_id: str,
+           material: str | None,
            triples: str, mpc_ranges: str, triple_batch: int | None) -> MPCClient:
     """The client with its mask material, loaded from a store or dealt now (the offline phase)."""
     t0 = time.perf_counter()
