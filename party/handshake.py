@@ -22,6 +22,16 @@ from ..wire.schema import Int, Schema, Str
 PROTOCOL_VERSION = 1
 
 
+def capacity_bucket(positions: int) -> int:
+    """What a client's HELLO asks for: the next power of two at or above ``positions`` (at least
+    64). The exact prompt + max_tokens would tell the server the requested generation length,
+    and with the number of decode forwards whether the completion stopped at EOS; the bucket
+    tells it that length only to within a factor of two. (The forwards themselves still show
+    where generation stopped.) A server whose max_seq_len is not a power of two may refuse a
+    bucket that the exact length would have fit."""
+    return max(64, 1 << max(positions - 1, 0).bit_length())
+
+
 def hello(protocol: str, model_fingerprint: str, max_seq_len: int) -> dict:
     return {
         "version": PROTOCOL_VERSION, "protocol": protocol,

@@ -11,6 +11,7 @@ import time
 from typing import Callable
 
 from ..models.sampling import SamplingParams
+from . import handshake
 from .client import ClientConfig, connect
 from .generation import GenerationResult, generate
 from .spec import ProtocolSpec
@@ -99,7 +100,8 @@ async def run_generation(cfg: ClientConfig, model, spec: ProtocolSpec, prompt_id
     raised before connecting)."""
     spec.resolve_options(options)
     async with connect(cfg) as conn:
-        session = await conn.open_session(spec.name, model.fingerprint(), len(prompt_ids) + max_tokens)
+        session = await conn.open_session(spec.name, model.fingerprint(),
+                                          handshake.capacity_bucket(len(prompt_ids) + max_tokens))
         channel = conn.channel
         with channel.phase("offline"):
             client = spec.client(channel, model, prompt_tokens=len(prompt_ids), max_tokens=max_tokens,

@@ -10,6 +10,7 @@ from conftest import load_tiny_models
 from shardlm.models.reference import generate as reference_generate
 from shardlm.models.sampling import SamplingParams
 from shardlm.party.client import connect
+from shardlm.party import handshake
 from shardlm.party.run import run_generation
 from shardlm.protocols import registry
 from shardlm.party.transcript import load_transcript, session_dirs
@@ -31,6 +32,20 @@ def tiny_models(tmp_path_factory):
 async def _generate(server_model, client_model, tmp_path, protocol, prompt, n, **server_cfg):
     async with tls_server(tmp_path, model=server_model, **server_cfg) as (server, cfg):
         return await run_generation(cfg, client_model, registry.get(protocol), prompt, n, GREEDY, ignore_eos=True)
+
+
+def test_hello_tells_the_server_only_a_bucket_of_the_generation_length(tiny_models, tmp_path):
+    # max_tokens 3 and 40 with the same prompt (and with EOS the run may stop anywhere): the same HELLO
+    model, rec = tiny_models["llama"], tmp_path / "rec"
+
+    async def main():
+        async with tls_server(tmp_path, model=model, record_dir=str(rec)) as (server, cfg):
+            for n in (3, 40):
+                await run_generation(cfg, model, registry.get("v3"), [5, 77, 31], n, GREEDY, ignore_eos=True)
+    trio.run(main)
+    hellos = [next(m.body for m in load_transcript(d)[1] if m.type == MsgType.HELLO) for d in session_dirs(rec)]
+    assert len(hellos) == 2 and hellos[0] == hellos[1] and hellos[0]["max_seq_len"] == 64
+    assert [handshake.capacity_bucket(n) for n in (1, 64, 65, 300, 4096, 4097)] == [64, 64, 128, 512, 4096, 8192]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
