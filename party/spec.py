@@ -24,7 +24,7 @@ class OptionError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Option:
-    """One declared protocol option. ``kind`` is ``int``, ``float``, ``str`` or ``bool``;
+    """One declared protocol option. ``kind`` is ``int``, ``float`` or ``str``;
     ``choices`` restricts a ``str``, ``lo``/``hi`` bound a number. The CLI flag is
     ``--NAME`` with dashes (``flag`` overrides it) and reads ``env`` when set."""
 
@@ -47,12 +47,7 @@ class Option:
         if value is None:
             return None
         try:
-            if self.kind is bool and isinstance(value, str):
-                if value.lower() not in ("1", "true", "yes", "0", "false", "no"):
-                    raise ValueError(value)
-                v = value.lower() in ("1", "true", "yes")
-            else:
-                v = self.kind(value)
+            v = self.kind(value)
         except (TypeError, ValueError):
             raise OptionError(f"{self.cli_flag}: {value!r} is not a valid {self.kind.__name__}") from None
         if self.choices is not None and v not in self.choices:
