@@ -193,7 +193,13 @@ def _server_cert(cert, key) -> tuple[str, str]:
 @click.option("--handshake-timeout", envvar="SHARDLM_HANDSHAKE_TIMEOUT_SECS", default=10.0, show_default=True,
               show_envvar=True, help="Seconds from connect to the first message.")
 @click.option("--idle-timeout", envvar="SHARDLM_IDLE_TIMEOUT_SECS", default=300.0, show_default=True,
-              show_envvar=True, help="Seconds a session may wait for the client.")
+              show_envvar=True, help="Seconds a session may wait for the client (a frame trickled in counts as waiting).")
+@click.option("--send-timeout", envvar="SHARDLM_SEND_TIMEOUT_SECS", default=60.0, show_default=True,
+              show_envvar=True, help="Seconds one reply may take to leave: a client that stops reading is cut off.")
+@click.option("--compute-slots", envvar="SHARDLM_COMPUTE_SLOTS", default=1, show_default=True, show_envvar=True,
+              type=click.IntRange(1, 64), help="Products run at once across all sessions, in worker threads.")
+@click.option("--session-memory-mb", envvar="SHARDLM_SESSION_MEMORY_MB", default=1024, show_default=True,
+              show_envvar=True, type=click.IntRange(1), help="Working memory one request of a session may need.")
 @click.option("--max-seq-len", envvar="SHARDLM_MAX_SEQ_LEN", default=8192, show_default=True, show_envvar=True)
 @click.option("--max-frame-bytes", envvar="SHARDLM_MAX_FRAME_BYTES", default=frames.Limits.max_frame_bytes,
               show_default=True, show_envvar=True)
@@ -216,7 +222,7 @@ def _server_cert(cert, key) -> tuple[str, str]:
 @_json_option
 @_reports_errors
 def serve(host, port, cert, key, client_ca, max_sessions, session_ttl, handshake_timeout, idle_timeout,
-          max_seq_len, max_frame_bytes, device, record_transcript, model_spec, threads, cc_provider, cc_key, verbose,
+          send_timeout, compute_slots, session_memory_mb, max_seq_len, max_frame_bytes, device, record_transcript, model_spec, threads, cc_provider, cc_key, verbose,
           as_json):
     """Run a server until interrupted.
 
@@ -230,6 +236,7 @@ def serve(host, port, cert, key, client_ca, max_sessions, session_ttl, handshake
     config = server_mod.ServerConfig(
         host=host, port=port, max_sessions=max_sessions, session_ttl=session_ttl,
         handshake_timeout=handshake_timeout, idle_timeout=idle_timeout, max_seq_len=max_seq_len,
+        send_timeout=send_timeout, compute_slots=compute_slots, session_memory_mb=session_memory_mb,
         limits=frames.Limits(max_frame_bytes=max_frame_bytes), device=device, record_dir=record_transcript,
         cc_provider=cc_provider, cc_key=cc_key,
     )
@@ -355,7 +362,8 @@ def _progress_printer(enabled: bool):
     return show
 
 
-def _generate_remote(cfg, model, spec, prompt_ids, max_tokens, sampling, *, stream: bool, options: dict):
+def _generate_remote(cfg, model, spec, prompt_ids, max_tokens, sampling, *, stream: bool, options: dict,
+                     pad_to_max: bool = False):
     from .party.run import run_generation
     from .protocols.preprocess import MaterialError
 
@@ -369,7 +377,8 @@ def _generate_remote(cfg, model, spec, prompt_ids, max_tokens, sampling, *, stre
         with trio.fail_after(cfg.timeout * (max_tokens + 10)):
             return await run_generation(cfg, model, spec, prompt_ids, max_tokens, sampling,
                                         on_token=on_token if stream else None,
-                                        progress=_progress_printer(stream), options=options)
+                                        progress=_progress_printer(stream), options=options,
+                                        pad_to_max=pad_to_max)
 
     try:
         report = trio.run(main)
@@ -459,6 +468,10 @@ def generation_options(*, exclude: tuple[str, ...] = ()):
             click.option("--system", help="System message for the chat template."),
             click.option("--raw", is_flag=True, help="Send the prompt as is, without the chat template."),
             click.option("--threads", type=int, envvar="SHARDLM_THREADS", show_envvar=True, help="torch CPU threads."),
+            click.option("--pad-to-max", is_flag=True,
+                         help="After the stop token, run dummy decode steps up to --max-tokens, so the server "
+                              "cannot tell where the completion ended (costs those steps; the number of forwards "
+                              "then reveals --max-tokens instead)."),
         ]
         for opt in reversed(opts):
             fn = opt(fn)
@@ -475,7 +488,7 @@ def generation_options(*, exclude: tuple[str, ...] = ()):
 @_json_option
 @_reports_errors
 def generate(prompt, model_spec, protocol, max_tokens, temperature, top_k, top_p, seed, system, raw, threads,
-             protocol_options, local, timing, client_config, as_json):
+             pad_to_max, protocol_options, local, timing, client_config, as_json):
     """Generate a completion, streaming tokens as they come.
 
     With --protocol v2/v3/v3-2r the server only ever sees one-time-padded ring elements; `plain`
@@ -504,7 +517,7 @@ def generate(prompt, model_spec, protocol, max_tokens, temperature, top_k, top_p
                        err=True)
         return
     report = _generate_remote(client_config(), model, proto, ids, max_tokens, sampling, stream=not as_json,
-                              options=options)
+                              options=options, pad_to_max=pad_to_max)
     out = report.as_dict(model.tokenizer)
     if as_json:
         _emit(out, True)
@@ -518,7 +531,7 @@ def generate(prompt, model_spec, protocol, max_tokens, temperature, top_k, top_p
 @_json_option
 @_reports_errors
 def chat(model_spec, protocol, max_tokens, temperature, top_k, top_p, seed, system, raw, threads,
-         protocol_options, client_config, as_json):
+         pad_to_max, protocol_options, client_config, as_json):
     """Interactive chat; reads one user turn per line from stdin when it is not a terminal.
 
     Each turn is a fresh private session over the whole conversation so far (the client keeps
@@ -548,7 +561,8 @@ def chat(model_spec, protocol, max_tokens, temperature, top_k, top_p, seed, syst
         ids = model.tokenizer.encode_chat(history)
         if not as_json:
             click.echo("assistant: ", nl=False)
-        report = _generate_remote(cfg, model, proto, ids, max_tokens, sampling, stream=not as_json, options=options)
+        report = _generate_remote(cfg, model, proto, ids, max_tokens, sampling, stream=not as_json, options=options,
+                                  pad_to_max=pad_to_max)
         out = report.as_dict(model.tokenizer)
         if not as_json and len(turns) == 0:
             for note in out["notes"]:

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import sys
 
 import trio
 
 from ..wire import codec, frames
-from ..wire.errors import ConnectionClosed, ErrorCode, ProtocolError, RemoteError
+from ..wire.errors import ConnectionClosed, ErrorCode, PeerStalled, ProtocolError, RemoteError
 from ..wire.msgtypes import MsgType, is_known
 from .transcript import TranscriptRecorder
 
@@ -57,8 +58,12 @@ class Channel:
         *,
         limits: frames.Limits = frames.Limits(),
         recorder: TranscriptRecorder | None = None,
+        send_timeout: float | None = None,
     ):
+        """``send_timeout``: seconds a single message may take to leave (a peer that stops
+        reading is cut off instead of holding this side forever; the server sets it)."""
         self.stream = stream
+        self.send_timeout = send_timeout
         self.limits = limits
         self.recorder = recorder
         self._decoder = frames.FrameDecoder(limits)
@@ -126,11 +131,15 @@ class Channel:
     async def _write(self, msg_type: MsgType, frame: tuple[list, int]) -> int:
         parts, size = frame
         try:
-            if size < _JOIN_BELOW:
-                await self.stream.send_all(b"".join(parts))
-            else:
-                for part in parts:
-                    await self.stream.send_all(part)
+            with trio.fail_after(self.send_timeout if self.send_timeout is not None else math.inf):
+                if size < _JOIN_BELOW:
+                    await self.stream.send_all(b"".join(parts))
+                else:
+                    for part in parts:
+                        await self.stream.send_all(part)
+        except trio.TooSlowError:
+            raise PeerStalled(f"{msg_type.name} ({size:,} bytes) not taken by the peer within "
+                              f"{self.send_timeout:g} s") from None
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise ConnectionClosed(f"connection lost while sending {msg_type.name}") from exc
         self._send_seq += 1
@@ -187,10 +196,15 @@ class Channel:
         await self.send(msg_type, body)
         return (await self.expect(reply)).body
 
-    async def aclose(self) -> None:
+    async def aclose(self, timeout: float = 2.0) -> None:
+        """Close gracefully if the peer takes the close within ``timeout`` (TLS sends a
+        close_notify, which blocks on a peer that stopped reading), else forcefully."""
         try:
             with contextlib.suppress(Exception):
-                await self.stream.aclose()
+                with trio.move_on_after(timeout):
+                    await self.stream.aclose()
+                    return
+                await trio.aclose_forcefully(self.stream)
         finally:  # even when cancelled (a server shutting down): flush the transcript
             if self.recorder is not None:
                 self.recorder.close()

@@ -24,6 +24,8 @@ class GenerationResult:
     embedding_ms: float
     decode_steps: int
     stop_reason: str  # "eos" | "max_tokens"
+    padded_steps: int = 0    # --pad-to-max: dummy decode forwards run after the stop token
+    padding_ms: float = 0.0
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -32,11 +34,15 @@ class GenerationResult:
 
 async def generate(client, prompt_ids: list[int], max_tokens: int, sampling: SamplingParams,
                    stop_ids: Iterable[int], on_token: Callable[[int], None] | None = None,
-                   channel=None) -> GenerationResult:
+                   channel=None, pad_to_max: bool = False) -> GenerationResult:
     """Prefill the prompt, then decode up to ``max_tokens`` tokens (the stop token is not kept).
 
     ``decode_ms`` covers the forwards after the first token: tokens/s = decode_steps / decode_ms.
     With a ``channel``, its traffic is counted under the phases "prefill" and "decode".
+
+    ``pad_to_max``: after a stop token, run dummy decode forwards (outputs discarded, traffic
+    counted under the phase "padding") until as many forwards ran as ``max_tokens`` without a
+    stop would take, so the server's view no longer says where the completion ended.
     """
     client.new_cache(len(prompt_ids) + max_tokens)
     phase = channel.phase if channel is not None else (lambda name: contextlib.nullcontext())
@@ -56,8 +62,15 @@ async def generate(client, prompt_ids: list[int], max_tokens: int, sampling: Sam
     except StopIteration as stop:
         out, reason = stop.value
     t2 = time.perf_counter()
+    padded = max(max_tokens - 1 - steps, 0) if pad_to_max and reason == "eos" else 0
+    filler = [(out or prompt_ids)[-1]]  # any id: the server sees only a masked row of its shape
+    for _ in range(padded):
+        with phase("padding"):
+            await client.forward(filler)
+    t3 = time.perf_counter()
     timings = getattr(client, "timings", {})
     return GenerationResult(
-        token_ids=out, prefill_ms=(t1 - t0) * 1e3, decode_ms=(t2 - t1) * 1e3, total_ms=(t2 - t0) * 1e3,
+        token_ids=out, prefill_ms=(t1 - t0) * 1e3, decode_ms=(t2 - t1) * 1e3, total_ms=(t3 - t0) * 1e3,
         embedding_ms=timings.get("embed", 0.0) * 1e3, decode_steps=steps, stop_reason=reason,
+        padded_steps=padded, padding_ms=(t3 - t2) * 1e3,
     )

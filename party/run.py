@@ -14,7 +14,7 @@ from ..models.sampling import SamplingParams
 from . import handshake
 from .client import ClientConfig, connect
 from .generation import GenerationResult, generate
-from .spec import ProtocolSpec
+from .spec import OptionError, ProtocolSpec
 
 
 @dataclasses.dataclass
@@ -51,6 +51,8 @@ class RunReport:
             "prefill_rounds": prefill.get("rounds", 0),
             "notes": list(self.notes),
         }
+        if r.padded_steps:
+            out["padding"] = {"steps": r.padded_steps, "ms": r.padding_ms}
         if self.protocol_stats:
             out["protocol_stats"] = self.protocol_stats
         if not self.private:
@@ -72,6 +74,8 @@ def summary(out: dict) -> str:
         f"bytes sent {out['bytes_sent']:,} received {out['bytes_received']:,} | rounds {out['rounds']} "
         f"(prefill {out['prefill_rounds']}, per decode token {out['per_decode_token']['rounds']})",
     ]
+    if out.get("padding"):
+        lines.append(f"padding {out['padding']['steps']} dummy decode steps after the stop ({out['padding']['ms']:.0f} ms)")
     lines += [f"note: {n}" for n in out.get("notes", [])]
     if out.get("transcript"):
         lines.append(f"server transcript: {out['transcript']}")
@@ -95,9 +99,9 @@ def run_local(model, prompt_ids: list[int], max_tokens: int, sampling: SamplingP
 async def run_generation(cfg: ClientConfig, model, spec: ProtocolSpec, prompt_ids: list[int], max_tokens: int,
                          sampling: SamplingParams, *, on_token: Callable[[int], None] | None = None,
                          progress: Callable | None = None, ignore_eos: bool = False,
-                         options: dict | None = None) -> RunReport:
+                         options: dict | None = None, pad_to_max: bool = False) -> RunReport:
     """``options``: the protocol's declared options (spec.options; any other is an OptionError,
-    raised before connecting)."""
+    raised before connecting). ``pad_to_max``: hide where the completion stopped (generation.generate)."""
     spec.resolve_options(options)
     async with connect(cfg) as conn:
         session = await conn.open_session(spec.name, model.fingerprint(),
@@ -112,11 +116,13 @@ async def run_generation(cfg: ClientConfig, model, spec: ProtocolSpec, prompt_id
         # A protocol may bring its own decoding loop (e.g. Jacobi decoding); the default is
         # one forward per token.
         own_loop = getattr(client, "generate", None)
+        if own_loop is not None and pad_to_max:
+            raise OptionError(f"--pad-to-max: {spec.name} runs its own decoding loop, which does not pad")
         if own_loop is not None:
             result = await own_loop(prompt_ids, max_tokens, sampling, stops, on_token=on_token, channel=channel)
         else:
             result = await generate(client, prompt_ids, max_tokens, sampling, stops, on_token=on_token,
-                                    channel=channel)
+                                    channel=channel, pad_to_max=pad_to_max)
         stats = {name: s.as_dict() for name, s in channel.stats.items() if name not in ("setup", "offline")
                  or s.messages_sent or s.messages_received}
     return RunReport(spec.name, spec.private, session["session_id"], len(prompt_ids), result, client.offline_ms, stats,

@@ -8,11 +8,20 @@ Connection states and the messages each accepts (anything else is WRONG_STATE)::
 Every violation (bad frame, unknown type, wrong state, limit) is answered with an ERROR frame
 carrying a code and a human message, then that connection is closed; other connections are
 unaffected. Timeouts: ``handshake_timeout`` covers TLS plus the first message,
-``idle_timeout`` any later wait for the client, ``session_ttl`` the whole session.
+``idle_timeout`` any later wait for the client (a client trickling a frame byte by byte
+included), ``send_timeout`` each message the server sends (a client that stops reading),
+``session_ttl`` the whole session, handler work included (a cancel scope).
+
+Resources: products run in worker threads behind one process-wide limiter
+(``compute_slots``), never on the event loop; a protocol charges the rows a session asks for
+against the session's capacity (``ServerSession.charge``) and refuses a request whose working
+memory exceeds ``session_memory_mb`` (``ServerSession.check_memory``). Every cut-off is
+counted by reason in ``health``.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import secrets
@@ -23,7 +32,7 @@ import trio
 
 from .. import __version__
 from ..wire import frames
-from ..wire.errors import ConnectionClosed, ErrorCode, ProtocolError, RemoteError
+from ..wire.errors import ConnectionClosed, ErrorCode, PeerStalled, ProtocolError, RemoteError
 from ..wire.msgtypes import MsgType
 from . import handshake
 from .channel import Channel, Message
@@ -41,7 +50,10 @@ class ServerConfig:
     session_ttl: float = 300.0
     handshake_timeout: float = 10.0
     idle_timeout: float = 300.0
+    send_timeout: float = 60.0
     max_seq_len: int = 8192
+    compute_slots: int = 1         # products running at once, across sessions (each uses torch's threads)
+    session_memory_mb: int = 1024  # working memory one request of a session may need
     limits: frames.Limits = dataclasses.field(default_factory=frames.Limits)
     device: str = "cpu"
     record_dir: str | None = None
@@ -60,6 +72,25 @@ class ServerSession:
     max_seq_len: int
     state: dict = dataclasses.field(default_factory=dict)  # the protocol's own per-session state
     handler: object = None  # the protocol's handler; its optional close() runs when the session ends
+    used: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+
+    def charge(self, key: str, rows: int, *, per_request: int | None = None, total: int | None = None) -> None:
+        """Count ``rows`` against ``key``'s budget: at most ``per_request`` in one request and
+        ``total`` (default: the session's capacity, max_seq_len) over the session."""
+        total = self.max_seq_len if total is None else total
+        if per_request is not None and rows > per_request:
+            raise ProtocolError(ErrorCode.SEQ_TOO_LONG, f"{key}: {rows} rows in one request; the schedule allows "
+                                                        f"{per_request}")
+        if self.used[key] + rows > total:
+            raise ProtocolError(ErrorCode.SEQ_TOO_LONG, f"{key}: {self.used[key] + rows} rows in this session, more "
+                                                        f"than its capacity of {total}")
+        self.used[key] += rows
+
+    def check_memory(self, nbytes: int, what: str) -> None:
+        limit = self.server.config.session_memory_mb << 20
+        if nbytes > limit:
+            raise ProtocolError(ErrorCode.RESOURCE_LIMIT, f"{what} would need {nbytes / 2**20:,.0f} MiB; this server "
+                                                          f"allows {limit >> 20:,} MiB per request")
 
 
 class Server:
@@ -82,6 +113,13 @@ class Server:
         # connection ends for any reason: BYE, error, expiry, disconnect.
         self.sessions: dict[str, ServerSession] = {}
         self._protocol_state: dict[str, object] = {}
+        self.compute_limiter = trio.CapacityLimiter(config.compute_slots)
+        self.cut_off: collections.Counter = collections.Counter()  # connections ended by a limit, by reason
+
+    async def compute(self, fn, *args):
+        """Run ``fn(*args)`` in a worker thread behind the process-wide limiter: the event loop
+        keeps serving other sessions (and their timeouts) while a product runs."""
+        return await trio.to_thread.run_sync(fn, *args, limiter=self.compute_limiter)
 
     def protocol_state(self, protocol: str, make):
         """State a protocol keeps across its sessions on this server (v3-cc's provider, v3-mpc's
@@ -108,12 +146,13 @@ class Server:
                 "max_frame_bytes": self.config.limits.max_frame_bytes,
                 "max_tensor_elements": self.config.limits.max_tensor_elements,
                 "session_ttl_secs": self.config.session_ttl, "idle_timeout_secs": self.config.idle_timeout,
+                "send_timeout_secs": self.config.send_timeout, "session_memory_mb": self.config.session_memory_mb,
             },
         }
 
     def health(self) -> dict:
         return {"status": "ok", "uptime_secs": round(time.time() - self.started, 3),
-                "active_sessions": self.active, "served": self.served}
+                "active_sessions": self.active, "served": self.served, "cut_off": dict(self.cut_off)}
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         listeners = await trio.open_tcp_listeners(self.config.port, host=self.config.host)
@@ -152,12 +191,17 @@ class Server:
         recorder = None
         if self.config.record_dir:
             recorder = TranscriptRecorder(self.config.record_dir, session_id, role="server", peer=peer)
-        channel = Channel(stream, limits=self.config.limits, recorder=recorder)
+        channel = Channel(stream, limits=self.config.limits, recorder=recorder, send_timeout=self.config.send_timeout)
         try:
             if self.active > self.config.max_sessions:
                 raise ProtocolError(ErrorCode.BUSY, f"server is at its limit of {self.config.max_sessions} sessions; retry later")
             await self._run(channel, session_id, started)
+        except PeerStalled as exc:  # not reading: an ERROR frame would not get through either
+            self.cut_off["send_timeout"] += 1
+            log.info("%s [%s]: cut off: %s", peer, session_id, exc)
         except ProtocolError as exc:
+            if exc.code in _CUT_OFF:
+                self.cut_off[exc.code.value] += 1
             log.info("%s [%s]: %s", peer, session_id, exc)
             await channel.send_error(exc.code, exc.message)
         except (ConnectionClosed, RemoteError) as exc:
@@ -178,26 +222,27 @@ class Server:
         cfg = self.config
         deadline = started + cfg.handshake_timeout
         code, what = ErrorCode.HANDSHAKE_TIMEOUT, f"no message within {cfg.handshake_timeout:g} s of connecting"
-        try:
-            await self._loop(channel, session_id, deadline, code, what)
-        finally:
-            session = self.sessions.pop(session_id, None)
-            if session is not None and hasattr(session.handler, "close"):
-                session.handler.close()  # e.g. free a per-session KV cache
+        # The TTL bounds everything the session does, a handler's own exchanges and sends too.
+        with trio.CancelScope() as ttl:
+            try:
+                await self._loop(channel, session_id, deadline, code, what, ttl)
+            finally:
+                session = self.sessions.pop(session_id, None)
+                if session is not None and hasattr(session.handler, "close"):
+                    session.handler.close()  # e.g. free a per-session KV cache
+        if ttl.cancelled_caught:
+            raise ProtocolError(ErrorCode.SESSION_EXPIRED, f"session exceeded its TTL of {cfg.session_ttl:g} s; "
+                                                           "start a new one")
 
-    async def _loop(self, channel: Channel, session_id: str, deadline: float, code: ErrorCode, what: str) -> None:
+    async def _loop(self, channel: Channel, session_id: str, deadline: float, code: ErrorCode, what: str,
+                    ttl: trio.CancelScope) -> None:
         cfg = self.config
         session: ServerSession | None = None
         handler = None
-        ttl_end = float("inf")
         while True:
             if session is not None:
-                idle_end = trio.current_time() + cfg.idle_timeout
-                deadline = min(idle_end, ttl_end)
-                if ttl_end <= idle_end:
-                    code, what = ErrorCode.SESSION_EXPIRED, f"session exceeded its TTL of {cfg.session_ttl:g} s; start a new one"
-                else:
-                    code, what = ErrorCode.IDLE_TIMEOUT, f"no message for {cfg.idle_timeout:g} s"
+                deadline = trio.current_time() + cfg.idle_timeout
+                code, what = ErrorCode.IDLE_TIMEOUT, f"no message for {cfg.idle_timeout:g} s"
             msg = await self._recv(channel, deadline, code, what)
             if session is None:
                 if msg.type == MsgType.HEALTH:
@@ -214,7 +259,7 @@ class Server:
                     handler = spec.server_handler(session)
                     session.handler = handler
                     self.sessions[session_id] = session
-                    ttl_end = trio.current_time() + cfg.session_ttl
+                    ttl.deadline = trio.current_time() + cfg.session_ttl
                     if channel.recorder is not None:
                         channel.recorder.update_meta(protocol=protocol, model_fingerprint=self.fingerprint)
                     await channel.send(MsgType.HELLO_OK, handshake.hello_ok(
@@ -233,6 +278,11 @@ class Server:
                 await handler.handle(msg)
             else:
                 raise ProtocolError(ErrorCode.WRONG_STATE, f"{msg.type.name} is not valid in a {session.protocol} session")
+
+
+# Errors that end a connection because the client broke a limit (counted in health's cut_off).
+_CUT_OFF = frozenset({ErrorCode.HANDSHAKE_TIMEOUT, ErrorCode.IDLE_TIMEOUT, ErrorCode.SESSION_EXPIRED,
+                      ErrorCode.SEQ_TOO_LONG, ErrorCode.RESOURCE_LIMIT})
 
 
 def _pong(body: dict) -> dict:

@@ -63,32 +63,49 @@ MASKED_LINEAR = Schema("MASKED_LINEAR", unit=Str(choices="units"), m=Tensor("int
 MASKED_LINEAR_OK = Schema("MASKED_LINEAR_OK", y=Tensor("int64", ("rows", "out_dim")))
 
 
+# Rows per product call: bounds a request's transient working memory (the int8 digit GEMMs'
+# temporaries grow with rows x out_dim), and a TTL cancel takes effect between calls.
+CHUNK_ROWS = 64
+
+
 class MaskedServerHandler:
-    """Per session: answers MASKED_LINEAR with ``W m mod 2^64``. Accepts nothing but ring tensors."""
+    """Per session: answers MASKED_LINEAR with ``W m mod 2^64``. Accepts nothing but ring tensors.
+
+    Rows are charged against the session's capacity per unit, as the schedule uses them: a
+    body unit sees each position once (prompt rows, then one per decode step), the LM head
+    one row per forward; so no session can ask for more products than a generation of its
+    declared length needs."""
 
     message_types = frozenset({MsgType.MASKED_LINEAR, MsgType.OT_EMB_REQ})
 
     def __init__(self, session, variant: str):
         self.session = session
         self.variant = variant
+        self.units = units_for(session.server.model.plan, variant)
         self.matrices = None  # built (once per process) on first use, off the event loop
         self.ot_sender = None
 
     async def handle(self, msg) -> None:
+        server = self.session.server
         if msg.type == MsgType.OT_EMB_REQ:  # --embedding ot: rows by 1-of-V OT, ids never sent
-            self.ot_sender = await embedding.serve_rows(self.session.channel, self.session.server.model.embedding_table(),
-                                                        request=msg.body, sender=self.ot_sender)
+            request = embedding.OT_EMB_REQ.check(msg.body)
+            self.session.charge("embedding rows", request["count"])
+            self.ot_sender = await embedding.serve_rows(self.session.channel, server.model.embedding_table(),
+                                                        request=request, sender=self.ot_sender)
             return
         if self.matrices is None:  # seconds for a large model: other sessions keep being served
-            server = self.session.server
             self.matrices = await trio.to_thread.run_sync(_server_matrices, server.model, self.variant,
                                                           server.config.device)
         body = MASKED_LINEAR.check(msg.body, units=self.matrices, in_dim=lambda f: self.matrices[f["unit"]].in_dim,
                                    rows=(1, self.session.max_seq_len))
-        y = self.matrices[body["unit"]].matmul(torch.from_numpy(body["m"]))
-        await self.session.channel.send(MsgType.MASKED_LINEAR_OK, {"y": y.cpu().numpy()})
-
-
+        unit, m = self.units[body["unit"]], torch.from_numpy(body["m"])
+        self.session.charge(unit.name, m.shape[0], per_request=1 if unit.head else None)
+        W = self.matrices[unit.name]
+        self.session.check_memory(m.shape[0] * (W.in_dim + 2 * W.out_dim) * 8, f"{m.shape[0]} rows of {unit.name}")
+        y = torch.empty((m.shape[0], W.out_dim), dtype=torch.int64)
+        for at in range(0, m.shape[0], CHUNK_ROWS):
+            y[at:at + CHUNK_ROWS] = await server.compute(W.matmul, m[at:at + CHUNK_ROWS])
+        await self.session.channel.send(MsgType.MASKED_LINEAR_OK, {"y": y.numpy()})
 
 
 # -- client --------------------------------------------------------------------------------------

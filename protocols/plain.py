@@ -35,7 +35,7 @@ class PlainServerHandler:
             raise ProtocolError(ErrorCode.MALFORMED, f"token id out of range 0..{vocab - 1}")
         if self.cache.length + ids.size > self.session.max_seq_len:
             raise ProtocolError(ErrorCode.SEQ_TOO_LONG, f"session would exceed max_seq_len {self.session.max_seq_len}")
-        logits = self.ref.forward(torch.from_numpy(ids.copy()), self.cache)[-1]
+        logits = (await self.session.server.compute(self.ref.forward, torch.from_numpy(ids.copy()), self.cache))[-1]
         await self.session.channel.send(MsgType.PLAIN_LOGITS, {"logits": logits.float().numpy()})
 
 

@@ -118,11 +118,15 @@ class SplitServerHandler:
         if start + h.shape[0] > self.session.max_seq_len:
             raise ProtocolError(ErrorCode.SEQ_TOO_LONG, f"session would exceed max_seq_len {self.session.max_seq_len}")
         self.cache.truncate(start)  # roll back rows the client did not accept
+        out = await self.session.server.compute(self._middle, torch.from_numpy(h.copy()))
+        await self.session.channel.send(MsgType.SPLIT_HIDDEN, {"h": out.numpy(), "length": self.cache.length})
+
+    def _middle(self, h: torch.Tensor) -> torch.Tensor:
+        """The server's layers over ``h`` (in a worker thread), extending this session's cache."""
         with torch.inference_mode():
             gen = forward_steps(self.model.plan, self.model.weights, None, self.cache, self.ref.rope,
-                                layers=self.layers, inputs=torch.from_numpy(h.copy()))
-            out = run_sync(gen, lambda ops, x: [self.ref.linear(op, x) for op in ops])
-        await self.session.channel.send(MsgType.SPLIT_HIDDEN, {"h": out.numpy(), "length": self.cache.length})
+                                layers=self.layers, inputs=h)
+            return run_sync(gen, lambda ops, x: [self.ref.linear(op, x) for op in ops])
 
 
 # -- client --------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import shutil
 import time
 
 import nacl.signing
@@ -415,3 +416,25 @@ def test_serve_with_the_nvidia_provider_refuses_to_start_here(tiny, tmp_path):
     err = json.loads(proc.stdout)
     assert err["code"] == "cc_provider" and "nvidia-smi not found" in err["error"]
     assert "Not falling back" in err["error"]
+
+
+def test_the_measurement_covers_every_module_on_the_enclaves_path(tmp_path):
+    """Before, six files were measured: a server could change its wire code, its connection
+    handling or how it loads the model without the report changing."""
+    sources = attestation.enclave_sources()
+    for path in ("protocols/cc/enclave.py", "protocols/cc/aead.py", "protocols/cc/attestation.py",
+                 "protocols/cc/provider.py", "protocols/cc/service.py", "models/reference.py", "models/executor.py",
+                 "models/nonlinear.py", "models/load.py", "party/server.py", "party/channel.py", "wire/frames.py",
+                 "wire/codec.py", "wire/schema.py"):
+        assert path in sources
+    root = attestation._ROOT
+    copy = tmp_path / "shardlm"
+    for rel in sources:
+        (copy / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(root / rel, copy / rel)
+    assert attestation.code_digest(copy) == attestation.code_digest(root)
+    for rel in ("wire/codec.py", "party/server.py", "models/load.py"):
+        original = (copy / rel).read_bytes()
+        (copy / rel).write_bytes(original + b"\n# changed\n")
+        assert attestation.code_digest(copy) != attestation.code_digest(root), rel
+        (copy / rel).write_bytes(original)

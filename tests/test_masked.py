@@ -161,3 +161,34 @@ def test_client_disconnecting_mid_generation_frees_the_session(tiny_models, tmp_
             return rep.result.token_ids
 
     assert trio.run(main) == reference_generate(model, [1, 2, 3], 5, GREEDY, stop_ids=())
+
+
+def test_pad_to_max_hides_where_the_completion_stopped(tiny_models, tmp_path, monkeypatch):
+    """Two generations that stop at different tokens: without --pad-to-max the server counts
+    their forwards apart; with it, its views of them have the same structure."""
+    from shardlm.models.load import Model
+
+    model, n = tiny_models["llama"], 12
+    prompts = [[5, 77, 31, 200], [250, 1, 99, 42]]
+    outs = [reference_generate(model, p, n, GREEDY, stop_ids=()) for p in prompts]
+    # a stop token that the two completions reach at different points
+    stop = next(t for t in outs[0] + outs[1] if (outs[0] + [t]).index(t) != (outs[1] + [t]).index(t))
+    monkeypatch.setattr(Model, "eos_ids", property(lambda self: (stop,)))
+
+    def views(pad: bool, rec):
+        async def main():
+            async with tls_server(tmp_path, model=model, record_dir=str(rec)) as (server, cfg):
+                return [await run_generation(cfg, model, registry.get("v3"), p, n, GREEDY, pad_to_max=pad)
+                        for p in prompts]
+        reps = trio.run(main)
+        for rep, want in zip(reps, outs):
+            assert rep.result.token_ids == want[:want.index(stop)] if stop in want else want
+        return reps, [[(m.type, m.body.get("unit"), getattr(m.body.get("m"), "shape", None), m.frame_bytes)
+                       for m in load_transcript(d)[1]] for d in session_dirs(rec)]
+
+    _, plain_views = views(False, tmp_path / "unpadded")
+    assert plain_views[0] != plain_views[1]  # the stop point shows
+    reps, padded_views = views(True, tmp_path / "padded")
+    assert padded_views[0] == padded_views[1]
+    assert sorted(r.result.padded_steps for r in reps)[-1] > 0
+    assert [r.result.decode_steps + r.result.padded_steps for r in reps] == [n - 1, n - 1]

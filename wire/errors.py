@@ -27,6 +27,7 @@ class ErrorCode(str, enum.Enum):
     HANDSHAKE_TIMEOUT = "handshake_timeout"
     IDLE_TIMEOUT = "idle_timeout"
     SESSION_EXPIRED = "session_expired"
+    RESOURCE_LIMIT = "resource_limit"
     INTERNAL = "internal"
     # v3-cc (protocols/cc)
     ATTESTATION_FAILED = "attestation_failed"
@@ -58,3 +59,7 @@ class RemoteError(Exception):
 
 class ConnectionClosed(Exception):
     """The peer closed the stream (cleanly or not) where a message was expected."""
+
+
+class PeerStalled(ConnectionClosed):
+    """A send did not complete within its deadline: the peer stopped reading."""

@@ -15,6 +15,7 @@ and the measurement equals the one it computes from its own version, code and mo
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import hashlib
 import os
@@ -33,15 +34,57 @@ FRESHNESS_WINDOW_S = 120.0
 NONCE_BYTES = 32
 
 _ROOT = Path(__file__).resolve().parents[2]  # the shardlm package directory
-# The code that runs inside the boundary: the enclave, its channel, and the model forward.
-ENCLAVE_SOURCES = (
-    "protocols/cc/enclave.py",
-    "protocols/cc/aead.py",
-    "models/reference.py",
-    "models/executor.py",
-    "models/nonlinear.py",
-    "models/plan.py",
-)
+# What runs inside the boundary: the server process that hosts the enclave (its connection
+# handling and wire code), the v3-cc handler, enclave and channel, model loading and the
+# forward, and every shardlm module these import, at any depth (enclave_sources). Python,
+# torch and numpy are not measured: a real TEE measures them as part of the VM image.
+ENCLAVE_ROOTS = ("party/server.py", "protocols/cc/service.py", "models/load.py")
+
+
+def _imports(rel: str, root: Path) -> set[str]:
+    """The shardlm modules ``rel`` imports (anywhere in it: lazy imports too), as paths."""
+    tree = ast.parse((root / rel).read_bytes())
+    here = Path(rel).parent
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:  # relative: resolve against this module's package
+                base = here
+                for _ in range(node.level - 1):
+                    base = base.parent
+            elif (node.module or "").startswith("shardlm"):
+                base = Path(".")
+                node = ast.ImportFrom(module=node.module[len("shardlm"):].lstrip(".") or None, names=node.names)
+            else:
+                continue
+            mod = base.joinpath(*node.module.split(".")) if node.module else base
+            candidates = [mod] + [mod / a.name for a in node.names]  # `from . import aead` names a module
+        elif isinstance(node, ast.Import):
+            candidates = [Path(*a.name.split(".")[1:]) for a in node.names if a.name.startswith("shardlm.")]
+        else:
+            continue
+        for c in candidates:
+            for f in ((c.parent / f"{c.name}.py") if c.name else c, c / "__init__.py"):
+                if (root / f).is_file():
+                    out.add(f.as_posix())
+    return out
+
+
+def enclave_sources(root: Path = _ROOT) -> tuple[str, ...]:
+    """Every module on the enclave's path: the roots and their shardlm imports, transitively,
+    with the __init__ of each package they sit in."""
+    seen, todo = set(), list(ENCLAVE_ROOTS)
+    while todo:
+        rel = todo.pop()
+        if rel in seen:
+            continue
+        seen.add(rel)
+        todo.extend(_imports(rel, root))
+        for parent in Path(rel).parents:
+            init = (parent / "__init__.py").as_posix()
+            if (root / init).is_file():
+                todo.append(init)
+    return tuple(sorted(seen))
 
 
 class AttestationError(ProtocolError):
@@ -55,7 +98,7 @@ class AttestationError(ProtocolError):
 
 def code_digest(root: Path = _ROOT) -> str:
     h = hashlib.sha256(b"shardlm-cc-code/v1\0")
-    for rel in ENCLAVE_SOURCES:
+    for rel in enclave_sources(root):
         data = (root / rel).read_bytes()
         h.update(f"{rel}\0{hashlib.sha256(data).hexdigest()}\0".encode())
     return "sha256:" + h.hexdigest()
