@@ -90,8 +90,10 @@ class MaskedServerHandler:
         if msg.type == MsgType.OT_EMB_REQ:  # --embedding ot: rows by 1-of-V OT, ids never sent
             request = embedding.OT_EMB_REQ.check(msg.body)
             self.session.charge("embedding rows", request["count"])
+            # the body as received: serve_rows checks it itself (a checked body, with its default
+            # `table: None` filled in, is not a valid request)
             self.ot_sender = await embedding.serve_rows(self.session.channel, server.model.embedding_table(),
-                                                        request=request, sender=self.ot_sender)
+                                                        request=msg.body, sender=self.ot_sender)
             return
         if self.matrices is None:  # seconds for a large model: other sessions keep being served
             self.matrices = await trio.to_thread.run_sync(_server_matrices, server.model, self.variant,
