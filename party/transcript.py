@@ -11,6 +11,11 @@ Format of a recorded session, one directory per connection ``DIR/<session_id>/``
 
 :func:`load_transcript` re-checks every frame (magic, CRC) and decodes the bodies, so an
 auditor works from the bytes, not from what the server chose to log about them.
+
+Each frame is flushed to the files as it is recorded, so a server killed mid-session (kill -9)
+leaves a transcript that holds every frame it received but the one in flight: the last frame
+may be cut, or missing from the index. ``load_transcript(..., partial=True)`` reads such a
+transcript up to its last complete, indexed frame.
 """
 
 from __future__ import annotations
@@ -70,7 +75,9 @@ class TranscriptRecorder:
             "n": self._n, "t": round(time.monotonic() - self._t0, 6), "phase": phase, "type": name,
             "type_code": frame.type, "seq": frame.seq, "offset": self._offset, "frame_bytes": size,
         }
+        self._frames.flush()  # on disk (the kernel's) before it is indexed: a kill loses at most this frame
         self._index.write(json.dumps(entry) + "\n")
+        self._index.flush()
         self._n += 1
         self._offset += size
 
@@ -79,24 +86,40 @@ class TranscriptRecorder:
         self._index.close()
 
 
-def load_transcript(session_dir: str | Path) -> tuple[dict, list[RecordedMessage]]:
-    """Return (meta, messages) of one recorded session directory."""
+def load_transcript(session_dir: str | Path, *, partial: bool = False) -> tuple[dict, list[RecordedMessage]]:
+    """Return (meta, messages) of one recorded session directory.
+
+    ``partial``: the transcript of a recorder that was killed: return the frames up to the last
+    complete, indexed one (a cut last frame, a cut index line and a meta.json cut mid-write, read
+    as ``{}``, are accepted; a frame that fails its CRC is still an error)."""
     d = Path(session_dir)
-    meta = json.loads((d / "meta.json").read_text())
+    try:
+        meta = json.loads((d / "meta.json").read_text())
+    except ValueError:
+        if not partial:
+            raise
+        meta = {}
     decoder = frames.FrameDecoder(frames.Limits(max_frame_bytes=2**32 - 1, max_tensor_elements=2**40))
     decoder.feed((d / "frames.bin").read_bytes())
     out = []
     with open(d / "index.jsonl") as f:
         for line in f:
-            entry = json.loads(line)
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                if partial and not line.endswith("\n"):
+                    return meta, out
+                raise
             frame = decoder.next_frame()
+            if frame is None and partial:
+                return meta, out
             if frame is None or frame.seq != entry["seq"] or frame.type != entry["type_code"]:
                 raise ValueError(f"{d}: frames.bin and index.jsonl disagree at frame {entry['n']}")
             out.append(RecordedMessage(
                 n=entry["n"], t=entry["t"], phase=entry["phase"], type=MsgType(frame.type), seq=frame.seq,
                 body=codec.decode_body(frame.payload, decoder.limits), frame_bytes=entry["frame_bytes"],
             ))
-    if decoder.buffered:
+    if decoder.buffered and not partial:
         raise ValueError(f"{d}: {decoder.buffered} bytes in frames.bin beyond the index")
     return meta, out
 

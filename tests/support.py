@@ -1,7 +1,9 @@
 """Helpers shared by the runtime tests: an in-process TLS server on a real loopback socket."""
 from __future__ import annotations
 
+import collections
 import contextlib
+import dataclasses
 
 import trio
 
@@ -74,3 +76,68 @@ def assert_uniform_ring(arrays) -> None:
         assert chi2 < 370, (pos, chi2)  # 255 dof: p < 1e-6 above 370
     bits = np.unpackbits(ring_bytes)
     assert abs(bits.mean() - 0.5) < 5 * 0.5 / math.sqrt(bits.size)
+
+
+# -- mask reuse: every masked row the server received, hashed across sessions (DESIGN.md s6.4) --
+# The payload fields, per message type a client sends in the masked protocols (v2 / v3 / v3-2r,
+# with --embedding ot too), whose rows are one-time-padded and must never repeat: x - r rows of
+# each linear unit, the IKNP receiver's u rows (G(k0) ^ G(k1) ^ choices), the base-OT point A.
+MASKED_ROWS = {"MASKED_LINEAR": "m", "OT_EXT_U": "u", "OT_BASE_A": "A"}
+
+
+@dataclasses.dataclass
+class RowScan:
+    sessions: int = 0
+    partial: list = dataclasses.field(default_factory=list)  # sessions whose transcript was cut (a killed server)
+    rows: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # per message type
+    duplicates: list = dataclasses.field(default_factory=list)  # [[(session, frame n, type, unit, row), ...]]
+    # row: the unit's row count in its session (for a linear unit, the mask pool's row)
+
+    def describe(self, limit: int = 5) -> str:
+        return "; ".join(" == ".join(f"{s}#{n} {t} {u} row {r}" for s, n, t, u, r in group)
+                         for group in self.duplicates[:limit])
+
+
+def scan_masked_rows(directory) -> RowScan:
+    """Hash every masked row the server received in every session recorded under ``directory``
+    (``serve --record-transcript``; transcripts cut by a kill are read up to their last complete
+    frame) and return the scan, with every group of byte-identical rows in ``duplicates``.
+
+    A row is keyed by its bytes alone (sha256), not by its unit: a repeat across units or
+    sessions is reported as well as one within a unit. A uniformity test cannot see one
+    repeated row in a hundred; the server can: two equal masked rows give it the difference of
+    two plaintext activations, or the activation itself when the inputs were equal too."""
+    import hashlib
+    from pathlib import Path
+
+    import numpy as np
+
+    from shardlm.party.transcript import load_transcript
+
+    scan = RowScan()
+    seen: dict[bytes, list] = {}
+    for d in sorted(p for p in Path(directory).iterdir() if (p / "frames.bin").is_file()):
+        scan.sessions += 1
+        try:
+            _, msgs = load_transcript(d)
+        except (ValueError, OSError):
+            _, msgs = load_transcript(d, partial=True)
+            scan.partial.append(d.name)
+        sent = collections.Counter()
+        for msg in msgs:
+            field = MASKED_ROWS.get(msg.type.name)
+            if field is None:
+                continue
+            value = msg.body.get(field)
+            if isinstance(value, (bytes, bytearray)):
+                value = np.frombuffer(bytes(value), dtype=np.uint8)
+            arr = np.ascontiguousarray(value)
+            rows = arr.reshape(arr.shape[0], -1) if arr.ndim > 1 else arr.reshape(1, -1)
+            stream = (msg.type.name, msg.body.get("unit", ""))  # rows counted per unit through the session
+            for row in rows:
+                digest = hashlib.sha256(row.tobytes()).digest()
+                seen.setdefault(digest, []).append((d.name, msg.n, *stream, sent[stream]))
+                sent[stream] += 1
+            scan.rows[msg.type.name] += len(rows)
+    scan.duplicates = [where for where in seen.values() if len(where) > 1]
+    return scan
