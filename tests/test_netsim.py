@@ -81,3 +81,19 @@ def test_bandwidth_cap_slows_a_bulk_transfer():
             return trio.current_time() - t0
 
     assert trio.run(main) >= 0.4
+
+
+def test_an_error_in_a_simulated_connection_comes_out_unwrapped(tmp_path):
+    """With --net a lost server was reported as a traceback (an exception group from the link's
+    pumps), not as `error: connection lost`: the block's own exception must come out."""
+    from shardlm.wire.errors import ConnectionClosed
+
+    async def main():
+        a, b = trio.testing.memory_stream_pair()
+        async with netsim.simulate(a, netsim.parse_netspec("rtt=10ms")) as slow:
+            client = Channel(slow)
+            await b.aclose()  # the peer is gone
+            await client.recv()
+
+    with pytest.raises(ConnectionClosed):
+        trio.run(main)

@@ -16,8 +16,12 @@ import contextlib
 import dataclasses
 import math
 import re
+import sys
 
 import trio
+
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,14 +156,30 @@ async def simulate(stream: trio.abc.Stream, spec: NetSpec | None):
         yield stream
         return
     sim = NetsimStream(stream, spec)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(sim._pump_out)
-        nursery.start_soon(sim._pump_in)
-        try:
-            yield sim
-        finally:
-            # Deliver what is still in flight (a closing BYE, say), then stop the pumps.
-            sim._out_send.close()
-            with trio.move_on_after(spec.one_way + 1.0):
-                await sim._drained.wait()
-            nursery.cancel_scope.cancel()
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sim._pump_out)
+            nursery.start_soon(sim._pump_in)
+            try:
+                yield sim
+            finally:
+                # Deliver what is still in flight (a closing BYE, say), then stop the pumps.
+                sim._out_send.close()
+                with trio.move_on_after(spec.one_way + 1.0):
+                    await sim._drained.wait()
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        # The pumps' nursery wraps what the caller's block raised (a lost connection, say) in an
+        # exception group; the caller gets the exception itself, as without --net.
+        leaves = [e for e in _leaves(group) if not isinstance(e, trio.Cancelled)]
+        if not leaves:
+            raise
+        raise leaves[0] from None
+
+
+def _leaves(exc):
+    if isinstance(exc, BaseExceptionGroup):
+        for e in exc.exceptions:
+            yield from _leaves(e)
+    else:
+        yield exc
