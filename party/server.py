@@ -151,8 +151,12 @@ class Server:
         }
 
     def health(self) -> dict:
+        """``active_sessions``: sessions past HELLO and not yet ended; ``connections``: open
+        connections, the one asking included (it used to be reported as active_sessions, so an
+        idle server said 1)."""
         return {"status": "ok", "uptime_secs": round(time.time() - self.started, 3),
-                "active_sessions": self.active, "served": self.served, "cut_off": dict(self.cut_off)}
+                "active_sessions": len(self.sessions), "connections": self.active, "served": self.served,
+                "cut_off": dict(self.cut_off)}
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         listeners = await trio.open_tcp_listeners(self.config.port, host=self.config.host)

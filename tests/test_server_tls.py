@@ -78,6 +78,7 @@ def test_health_info_and_ping_over_tls(tmp_path):
 
     h, i, s, big, reply, sized = trio.run(main)
     assert h["status"] == "ok"
+    assert h["active_sessions"] == 0 and h["connections"] == 1  # an idle server: only the asking connection
     assert "echo" in i["protocols"] and i["device"] == "cpu" and i["limits"]["max_seq_len"] == 8192
     assert s["protocol"] == "echo" and len(s["session_id"]) == 16
     assert np.array_equal(reply["data"], big)
