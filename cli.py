@@ -19,6 +19,7 @@ import click
 import trio
 
 from . import __version__
+from .models.config import ModelError
 from .party import client as client_mod
 from .party import server as server_mod
 from .party import spec
@@ -52,7 +53,7 @@ def _reports_errors(fn):
         try:
             return fn(*args, **kwargs)
         except (Failure, client_mod.ClientError, tls.TLSConfigError, RemoteError, ProtocolError,
-                ConnectionClosed, ValueError) as exc:
+                ConnectionClosed, ValueError, ModelError) as exc:
             code = getattr(exc, "code", None)
             code = getattr(code, "value", code) or type(exc).__name__
             if as_json:

@@ -33,6 +33,20 @@ def rewrite(d, edit):
     save_file(tensors, str(d / "model.safetensors"))
 
 
+def test_generating_past_the_models_positions_is_a_clear_error(llama_dir):
+    """`generate` (here --local; the same holds against a server) past max_position_embeddings
+    (64) ended in a ModelError traceback; it is a one-line error with exit status 1."""
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "shardlm.cli", "generate", "--local", "-m", str(llama_dir), "-p", "hi",
+                           "--max-tokens", "70", "--threads", "1"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: sequence of 65 positions exceeds")
+
+
 def test_missing_tensor(copy):
     rewrite(copy, lambda t: t.pop("model.layers.1.self_attn.k_proj.weight"))
     with pytest.raises(ModelError, match=r"missing tensor.*layers\.1\.k\.weight"):
