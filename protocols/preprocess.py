@@ -15,7 +15,8 @@ on disk is used by one run at most:
 - before the first row leaves :meth:`MaterialStore.take`, the cursor file marks every row as
   taken, written to a temporary file, fsynced, renamed and the directory fsynced: a run that
   crashes or is killed after that point has used the store, and a later load refuses it;
-- a store whose cursor file is missing is refused (its use cannot be known).
+- a store whose cursor file is missing is refused (its use cannot be known);
+- a ``cursor.json.tmp`` left by a run killed mid-write is removed by the next claim.
 
 On disk (``shardlm preprocess --out STORE``): ``STORE/meta.json`` (model fingerprint, variant,
 fixed point, units with their shapes and row counts), ``STORE/material.safetensors`` (per unit
@@ -141,6 +142,9 @@ class MaterialStore:
             raise MaterialError(f"{d} is in use by another run; masks are single-use: make more with "
                                 f"`shardlm preprocess`") from None
         try:
+            # a run killed between writing the new cursor and renaming it left this behind: no row
+            # of it had left (rows leave after the rename), and holding the claim, no one else writes it
+            (d / "cursor.json.tmp").unlink(missing_ok=True)
             if not (d / "cursor.json").is_file():
                 raise MaterialError(f"{d} has no cursor.json: how much of it was used cannot be known, so it is "
                                     f"refused; make new material with `shardlm preprocess`")

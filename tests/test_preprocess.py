@@ -83,6 +83,32 @@ def test_a_concurrent_run_is_refused_and_a_killed_run_has_used_the_store(tmp_pat
         MaterialStore.load(tmp_path / "s")
 
 
+_KILLED_MID_WRITE = """
+import os, signal, sys
+from shardlm.protocols.preprocess import MaterialStore
+real = os.replace
+def replace(src, dst):  # killed (SIGKILL: no clean-up) after the new cursor is written, before its rename
+    if str(dst).endswith("cursor.json"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(src, dst)
+os.replace = replace
+MaterialStore.load(sys.argv[1]).take("a", 1)
+"""
+
+
+def test_a_run_killed_while_marking_the_store_used_leaves_no_temporary_file(tmp_path):
+    preprocess.deal(_units(), {"a": 3, "b": 1}, model_fingerprint="m", variant="v3", fx=FX).save(tmp_path / "s")
+    proc = subprocess.run([sys.executable, "-c", _KILLED_MID_WRITE, str(tmp_path / "s")], timeout=60)
+    assert proc.returncode == -9 and (tmp_path / "s/cursor.json.tmp").exists()
+    # no row had left: the store is still unused, and the next claim clears the leftover
+    store = MaterialStore.load(tmp_path / "s")
+    assert not (tmp_path / "s/cursor.json.tmp").exists()
+    store.take("a", 3)
+    store.close()
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["cursor.json", "lock", "material.safetensors",
+                                                                   "meta.json"]
+
+
 def test_loading_a_non_store_is_a_clear_error(tmp_path):
     with pytest.raises(MaterialError, match="not a mask material store"):
         MaterialStore.load(tmp_path)
