@@ -19,7 +19,7 @@ import sys
 import trio
 
 from ..wire import codec, frames
-from ..wire.errors import ConnectionClosed, ErrorCode, PeerStalled, ProtocolError, RemoteError
+from ..wire.errors import ConnectionClosed, ErrorCode, PeerStalled, ProtocolError, RemoteError, first_error
 from ..wire.msgtypes import MsgType, is_known
 from .transcript import TranscriptRecorder
 
@@ -218,15 +218,7 @@ async def concurrently(*fns) -> None:
             for fn in fns:
                 nursery.start_soon(fn)
     except BaseExceptionGroup as group:
-        leaves = [e for e in _leaves(group) if not isinstance(e, trio.Cancelled)]
-        if leaves:
-            raise leaves[0] from None
-        raise
-
-
-def _leaves(exc):
-    if isinstance(exc, BaseExceptionGroup):
-        for e in exc.exceptions:
-            yield from _leaves(e)
-    else:
-        yield exc
+        first = first_error(group)
+        if first is None:
+            raise
+        raise first from None

@@ -8,6 +8,12 @@ the receiver raises :class:`RemoteError`. Local violations raise :class:`Protoco
 from __future__ import annotations
 
 import enum
+import sys
+
+import trio
+
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup
 
 
 class ErrorCode(str, enum.Enum):
@@ -63,3 +69,15 @@ class ConnectionClosed(Exception):
 
 class PeerStalled(ConnectionClosed):
     """A send did not complete within its deadline: the peer stopped reading."""
+
+
+def first_error(exc: BaseException) -> BaseException | None:
+    """The first exception in a (nested) exception group that is not trio's Cancelled, or None:
+    what a nursery wrapped, for its caller to re-raise as itself."""
+    if isinstance(exc, BaseExceptionGroup):
+        for e in exc.exceptions:
+            found = first_error(e)
+            if found is not None:
+                return found
+        return None
+    return None if isinstance(exc, trio.Cancelled) else exc

@@ -20,6 +20,8 @@ import sys
 
 import trio
 
+from .errors import first_error
+
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
 
@@ -171,15 +173,7 @@ async def simulate(stream: trio.abc.Stream, spec: NetSpec | None):
     except BaseExceptionGroup as group:
         # The pumps' nursery wraps what the caller's block raised (a lost connection, say) in an
         # exception group; the caller gets the exception itself, as without --net.
-        leaves = [e for e in _leaves(group) if not isinstance(e, trio.Cancelled)]
-        if not leaves:
+        first = first_error(group)
+        if first is None:
             raise
-        raise leaves[0] from None
-
-
-def _leaves(exc):
-    if isinstance(exc, BaseExceptionGroup):
-        for e in exc.exceptions:
-            yield from _leaves(e)
-    else:
-        yield exc
+        raise first from None
