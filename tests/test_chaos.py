@@ -51,9 +51,8 @@ from shardlm.wire import tls
 
 from support import scan_masked_rows
 
-pytestmark = pytest.mark.slow
-
 ROUNDS = int(os.environ.get("SHARDLM_CHAOS_ROUNDS", "0"))
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(max(600, 30 * ROUNDS))]  # a long run outlasts the default
 SEED = int(os.environ.get("SHARDLM_CHAOS_SEED", "22"))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 L = 2  # the tiny model's layers
