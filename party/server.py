@@ -287,7 +287,10 @@ _CUT_OFF = frozenset({ErrorCode.HANDSHAKE_TIMEOUT, ErrorCode.IDLE_TIMEOUT, Error
 
 def _pong(body: dict) -> dict:
     """Echo the ping's data, or with ``echo: False`` only its size (for throughput tests)."""
-    if body.get("echo", True):
+    echo = body.get("echo", True)
+    if not isinstance(echo, bool):  # (a tensor has no truth value)
+        raise ProtocolError(ErrorCode.MALFORMED, f"PING 'echo' must be true or false, not {type(echo).__name__}")
+    if echo:
         return body
     data = body.get("data")
     return {"nbytes": int(getattr(data, "nbytes", 0))}
