@@ -256,6 +256,7 @@ class Server:
                     )
                     spec = self.offered[protocol]
                     session = ServerSession(session_id, channel, protocol, self, int(msg.body["max_seq_len"]))
+                    channel.recv_timeout = cfg.idle_timeout  # every later wait, a handler's own included
                     handler = spec.server_handler(session)
                     session.handler = handler
                     self.sessions[session_id] = session

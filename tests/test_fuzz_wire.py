@@ -18,7 +18,7 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from fuzz_support import (CORPUS, LIMITS, body_checks, corpus_files, frame_of, fuzz_settings, receive_all,
+from fuzz_support import (LIMITS, body_checks, corpus_files, frame_of, fuzz_settings, receive_all,
                           valid_bodies)
 from shardlm.wire import codec, frames
 from shardlm.wire.errors import ErrorCode, FrameError, ProtocolError
