@@ -59,11 +59,15 @@ class Channel:
         limits: frames.Limits = frames.Limits(),
         recorder: TranscriptRecorder | None = None,
         send_timeout: float | None = None,
+        recv_timeout: float | None = None,
     ):
         """``send_timeout``: seconds a single message may take to leave (a peer that stops
-        reading is cut off instead of holding this side forever; the server sets it)."""
+        reading is cut off instead of holding this side forever; the server sets it);
+        ``recv_timeout``: seconds to wait for each message (the server's idle timeout, also
+        inside a protocol handler's own exchanges)."""
         self.stream = stream
         self.send_timeout = send_timeout
+        self.recv_timeout = recv_timeout
         self.limits = limits
         self.recorder = recorder
         self._decoder = frames.FrameDecoder(limits)
@@ -155,19 +159,16 @@ class Channel:
 
     # -- receiving ------------------------------------------------------------------------
     async def recv(self) -> Message:
-        """The next message. Raises RemoteError for an ERROR frame, ProtocolError for a bad one,
-        ConnectionClosed at end of stream."""
-        while True:
-            frame = self._decoder.next_frame()
-            if frame is not None:
-                break
-            try:
-                data = await self.stream.receive_some(1 << 20)
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                raise ConnectionClosed("connection lost") from exc
-            if not data:
-                raise ConnectionClosed("peer closed the connection")
-            self._decoder.feed(data)
+        """The next message. Raises RemoteError for an ERROR frame, ProtocolError for a bad one
+        (IDLE_TIMEOUT when none completes within ``recv_timeout``), ConnectionClosed at end of
+        stream."""
+        if self.recv_timeout is None:
+            frame = await self._next_frame()
+        else:
+            with trio.move_on_after(self.recv_timeout) as waited:
+                frame = await self._next_frame()
+            if waited.cancelled_caught:
+                raise ProtocolError(ErrorCode.IDLE_TIMEOUT, f"no message for {self.recv_timeout:g} s")
         if frame.seq != self._recv_seq & 0xFFFFFFFF:
             raise ProtocolError(ErrorCode.MALFORMED, f"sequence number {frame.seq}, expected {self._recv_seq}")
         self._recv_seq += 1
@@ -184,6 +185,19 @@ class Channel:
         if msg_type == MsgType.ERROR:
             raise RemoteError(str(body.get("code", "?")), str(body.get("message", "")))
         return Message(msg_type, body, frame.seq, frames.HEADER_SIZE + len(frame.payload))
+
+    async def _next_frame(self) -> frames.Frame:
+        while True:
+            frame = self._decoder.next_frame()
+            if frame is not None:
+                return frame
+            try:
+                data = await self.stream.receive_some(1 << 20)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                raise ConnectionClosed("connection lost") from exc
+            if not data:
+                raise ConnectionClosed("peer closed the connection")
+            self._decoder.feed(data)
 
     async def expect(self, *types: MsgType) -> Message:
         msg = await self.recv()

@@ -85,7 +85,9 @@ def hello_ok(*, session_id: str, protocol: str, private: bool, model: str, model
 
 def check_hello_ok(body: dict, *, protocol: str) -> dict:
     """Client side: the server must have accepted exactly what was asked."""
-    if body.get("version") != PROTOCOL_VERSION or body.get("protocol") != protocol:
+    version, accepted = body.get("version"), body.get("protocol")
+    # type checks first: a tensor compared with == is not a bool
+    if type(version) is not int or version != PROTOCOL_VERSION or not isinstance(accepted, str) or accepted != protocol:
         raise ProtocolError(
             ErrorCode.WRONG_STATE,
             f"server accepted {body.get('protocol')!r} v{body.get('version')}, asked {protocol!r} v{PROTOCOL_VERSION}",

@@ -260,6 +260,7 @@ class Server:
                     )
                     spec = self.offered[protocol]
                     session = ServerSession(session_id, channel, protocol, self, int(msg.body["max_seq_len"]))
+                    channel.recv_timeout = cfg.idle_timeout  # every later wait, a handler's own included
                     handler = spec.server_handler(session)
                     session.handler = handler
                     self.sessions[session_id] = session
@@ -291,7 +292,10 @@ _CUT_OFF = frozenset({ErrorCode.HANDSHAKE_TIMEOUT, ErrorCode.IDLE_TIMEOUT, Error
 
 def _pong(body: dict) -> dict:
     """Echo the ping's data, or with ``echo: False`` only its size (for throughput tests)."""
-    if body.get("echo", True):
+    echo = body.get("echo", True)
+    if not isinstance(echo, bool):  # (a tensor has no truth value)
+        raise ProtocolError(ErrorCode.MALFORMED, f"PING 'echo' must be true or false, not {type(echo).__name__}")
+    if echo:
         return body
     data = body.get("data")
     return {"nbytes": int(getattr(data, "nbytes", 0))}

@@ -107,9 +107,12 @@ def decode_body(payload: bytearray | bytes, limits: Limits = Limits()) -> dict:
             raise ProtocolError(ErrorCode.MALFORMED, f"unknown extension type {code}")
         try:
             name, shape, index = msgpack.unpackb(data)
-            shape = tuple(int(s) for s in shape)
         except (ValueError, TypeError, msgpack.UnpackException) as exc:
             raise ProtocolError(ErrorCode.MALFORMED, f"bad tensor header: {exc}") from None
+        # exactly what encode_body writes: not a string of digits, a map's keys, floats or bools
+        if not (isinstance(shape, list) and all(type(s) is int for s in shape) and type(index) is int):
+            raise ProtocolError(ErrorCode.MALFORMED, f"bad tensor header: shape {repr(shape):.60}, index {repr(index):.20}")
+        shape = tuple(shape)
         if index != count:
             raise ProtocolError(ErrorCode.MALFORMED, "tensor buffers out of order")
         count += 1

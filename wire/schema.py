@@ -148,6 +148,8 @@ class Schema:
     def check(self, body, **dims) -> dict:
         if not isinstance(body, dict):
             raise _malformed(f"{self.name} body must be a map")
+        if not all(isinstance(k, str) for k in body):  # msgpack maps may have keys of any type
+            raise _malformed(f"{self.name} field names must be strings, got {sorted(map(repr, body))}")
         required = {n for n, f in self.fields.items() if f.default is _MISSING}
         if not required <= set(body) <= set(self.fields):
             raise _malformed(f"{self.name} takes {_names(required)}"
