@@ -66,13 +66,21 @@ def test_u_w_is_exact_mod_2_64(kind):
     assert np.array_equal(W.matmul(m).numpy(), ring.exact_matmul_reference(m.numpy(), w_int.numpy()))
 
 
+@pytest.mark.parametrize("rows", [2, 9])  # a decode step's products and a prefill's: both ways of multiplying
+def test_the_check_products_are_exact_mod_2_64(rows):
+    a, b = ring.random_ring(rows, 40), ring.random_ring(verify.K, 40)
+    want = ring.exact_matmul_reference(a.numpy(), b.numpy())  # Python integers
+    assert np.array_equal(verify._ring_products(a, b).numpy(), want)
+
+
 @pytest.mark.parametrize("kind", ["fused", "composite"])
 @pytest.mark.parametrize("col", [0, -1])  # in a composite: the [first | cross] block, then the T block
 @pytest.mark.parametrize("bit", BITS)
-def test_one_flipped_bit_of_one_entry_is_caught(kind, col, bit):
+@pytest.mark.parametrize("rows", [2, 9])
+def test_one_flipped_bit_of_one_entry_is_caught(kind, col, bit, rows):
     W = _matrix(kind)
     key = verify.setup(W)
-    m, y, wr = _honest_reply(W)
+    m, y, wr = _honest_reply(W, rows)
     assert verify.check(key, m, y, y + wr) is None  # the honest reply passes
     bad = _flip(y, 1, col, bit)
     reason = verify.check(key, m, bad, bad + wr)
