@@ -273,6 +273,9 @@ def f64_limb_bits(max_abs: int, k: int) -> int:
     raise OverflowError(f"K={k} is too large for exact float64 products")
 
 
+_LEFT_BLOCK_BYTES = 1 << 19  # left_matmul's float64 blocks (SmolLM2's shapes: 2^17..2^21 within noise, 2^19 best)
+
+
 class RingMatrix:
     """Integer weights (out, in), |W| <= WMAX, ready for exact products with ring tensors."""
 
@@ -335,18 +338,21 @@ class RingMatrix:
         return partial.sum(dim=0)  # wraps mod 2^64
 
     def left_matmul(self, u: torch.Tensor) -> torch.Tensor:
-        """(k, out) ring -> (k, in) ring: exactly ``u @ W mod 2^64`` (int64 GEMMs wrap), for a
-        small ``k`` (protocols/verify's secret rows). ``W`` is rebuilt from the digit planes a
-        block of input columns at a time (int32 holds |W| < 2^23), never whole."""
-        u = u.to("cpu")
-        ut = u.t().contiguous()
-        out = torch.empty(self.in_dim, u.shape[0], dtype=torch.int64)
+        """(k, out) integers with ``|u| <= 128`` -> (k, in): exactly ``u @ W`` (protocols/verify's
+        secret rows). Every partial sum stays below ``128 * WMAX * out < 2^53``, so float64 GEMMs
+        are exact; ``W`` is rebuilt from the digit planes a block of input columns at a time
+        (int32 holds |W| < 2^23), never whole."""
+        if (u.numel() and int(u.to(torch.int64).abs().max()) > 128) or 128 * WMAX * self.out_dim >= 2**53:
+            raise OverflowError("left_matmul is exact for |u| <= 128 and 128 * WMAX * out < 2^53 only")
+        ut = u.to("cpu", torch.float64).t().contiguous()
+        out = torch.empty(self.in_dim, u.shape[0], dtype=torch.float64)
         o = self.out_dim
-        for lo in range(0, self.in_dim, 16):  # measured: small blocks stay in cache (SmolLM2's head 2x faster than 64)
-            d = self.digits[lo:lo + 16].to("cpu", torch.int32)
+        step = max(4, _LEFT_BLOCK_BYTES // (8 * o))  # a block's float64 rows stay in cache
+        for lo in range(0, self.in_dim, step):
+            d = self.digits[lo:lo + step].to("cpu", torch.int32)
             wt = d[:, 2 * o:] * 65536 + d[:, o:2 * o] * 256 + d[:, :o]  # W^T rows lo.., (block, out)
-            torch.matmul(wt.to(torch.int64), ut, out=out[lo:lo + 16])
-        return out.t()
+            torch.matmul(wt.to(torch.float64), ut, out=out[lo:lo + step])
+        return out.to(torch.int64).t()
 
     def pack(self) -> bool:
         """Make fbgemm's packed weights now (seconds for a large model: a server does it in a

@@ -5,29 +5,33 @@ The masked protocols keep the prompt from the server whatever it does (it only e
 completion unnoticed. With ``--verify`` the client refuses a reply unless it passes two checks:
 
 1. **Freivalds over Z_2^64.** Per session and unit the client draws a secret ``U`` (``K x out``,
-   uniform in the ring from ring.random_ring: AES-CTR keyed from ``os.urandom``) and computes
-   ``U W`` (``K x in``) exactly from the unit's integer ring matrix (units.matrices_for; a v3-2r
-   composite block by block: ``W = [[A, 0], [0, T]]``, ``A`` = first over cross). A reply passes if
-   ``y U^T == m (U W)^T mod 2^64`` in every row: ``rows K (in + out)`` multiply-adds against the
-   server's ``rows in out``.
+   entries uniform in -128..127: CSPRNG bytes from ring.random_ring, AES-CTR keyed from
+   ``os.urandom``) and computes ``U W`` (``K x in``) exactly from the unit's integer ring matrix
+   (units.matrices_for; a v3-2r composite block by block: ``W = [[A, 0], [0, T]]``, ``A`` = first
+   over cross). A reply passes if ``y U^T == m (U W)^T mod 2^64`` in every row: ``rows K (in +
+   out)`` multiply-adds against the server's ``rows in out``.
 2. **Bound.** The unmasked product ``z = y + W r = W x`` must be one the client's encoding can
    produce: the client picks its fractional bits so that ``round(max|x| 2^f) L1 < 2^62``
    (ring.FixedPoint.bits_for with the exact integer row L1 norm, units.encoding_for), so every
    honest entry has ``|z| < 2^62``: bits 63 and 62 of ``z`` are equal.
 
 **Analysis.** Let ``e = y' - W m != 0`` be the server's change to one row of a reply and ``v``
-the least 2-adic valuation among its entries, reached at ``e_j = 2^v c``, ``c`` odd. For a
-uniform ``u``, ``u . e = u_j 2^v c + s`` with ``s`` a multiple of ``2^v`` independent of
-``u_j``; ``u_j 2^v c`` is uniform over the ``2^(64-v)`` multiples of ``2^v`` (``c`` is
-invertible), so ``u . e = 0`` with probability exactly ``2^-(64-v)``, and all ``K`` rows of ``U``
-miss with ``2^-K(64-v)``. If ``v = 63`` every changed entry moved by ``2^63``: bit 63 of ``z``
-flips, bit 62 does not, and the bound check refuses it always. If ``v <= 62`` Freivalds misses
-with probability at most ``2^-2K``. With ``K = 20`` a reply that alters any product passes with
-probability at most ``2^-40``. ``U`` stays secret: it is fresh per session, the server sees only
-``m`` (independent of ``U``), and the first failed check ends the session, so the server learns
-nothing about ``U`` before it is caught. The bound check alone depends on ``x``; it decides an
-abort that Freivalds would not only with probability ``<= 2^-40``, so aborting tells the server
-nothing about the prompt beyond that.
+the least 2-adic valuation among its entries, reached at ``e_j = 2^v c``, ``c`` odd. For one row
+``u`` of ``U``, ``u . e = 0`` needs ``u_j 2^v c = -s mod 2^64`` with ``s`` independent of ``u_j``,
+i.e. (``c`` is invertible) ``u_j`` in one fixed class mod ``2^(64-v)``. The 256 values of ``u_j``
+are distinct mod ``2^8``, so at most one of them lies in that class when ``64 - v >= 8``, and a
+``2^-(64-v)`` share of them otherwise: one row misses with probability ``<= 2^-min(8, 64-v)``,
+all ``K`` rows with ``<= 2^-K min(8, 64-v)``. (A full 64-bit ``u_j`` would do no better where it
+matters: for ``v = 62`` only ``u_j mod 4`` counts either way.) If ``v = 63`` every changed entry
+moved by ``2^63``: bit 63 of ``z`` flips, bit 62 does not, and the bound check refuses it always.
+If ``v <= 62`` Freivalds misses with probability at most ``2^-2K``. With ``K = 20`` a reply that
+alters any product passes with probability at most ``2^-40``. ``U`` stays secret: it is fresh per
+session, the server sees only ``m`` (independent of ``U``), and the first failed check ends the
+session, so the server learns nothing about ``U`` before it is caught. The bound check alone
+depends on ``x``; it decides an abort that Freivalds would not only with probability
+``<= 2^-40``, so aborting tells the server nothing about the prompt beyond that. Byte entries
+keep ``U`` 8x smaller than ring elements would and ``U W`` below ``2^53``: exact float64 GEMMs
+(ring.RingMatrix.left_matmul).
 
 With ``--offline he|dealer`` (not built yet) the client holds no ``W``: ``U W`` would come from
 the offline phase, as ``W r`` does.
@@ -61,15 +65,20 @@ class VerificationError(ProtocolError):
 
 @dataclasses.dataclass(frozen=True)
 class Key:
-    """One unit's secret: ``u`` (K, out) and ``uw = u W mod 2^64`` (K, in)."""
+    """One unit's secret: ``u`` (K, out) int8 and ``uw = u W`` (K, in) int64."""
 
     u: torch.Tensor
     uw: torch.Tensor
 
 
+def secret_rows(k: int, n: int) -> torch.Tensor:
+    """(k, n) int8, uniform in -128..127 from the CSPRNG."""
+    return ring.random_ring(-(-k * n // 8)).view(torch.int8)[:k * n].view(k, n)
+
+
 def setup(matrix, k: int = K) -> Key:
     """A fresh key for one unit's matrix (a ring.RingMatrix or units.ComposedMatrix)."""
-    u = ring.random_ring(k, matrix.out_dim)
+    u = secret_rows(k, matrix.out_dim)
     return Key(u, matrix.left_matmul(u))
 
 
@@ -81,8 +90,8 @@ def _ring_products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     slow on a decode step's single row (0.36 ms for 20 x 1536, 8 ms for the 49152-row head);
     multiplying elementwise and summing takes 0.03 ms and 1 ms."""
     if a.shape[0] <= FEW_ROWS:
-        return (a[:, None, :] * b[None]).sum(dim=-1)
-    return a @ b.t()
+        return (a[:, None, :] * b[None]).sum(dim=-1)  # int8 b promotes to int64
+    return a @ b.to(torch.int64).t()
 
 
 def check(key: Key, m: torch.Tensor, y: torch.Tensor, z: torch.Tensor) -> str | None:

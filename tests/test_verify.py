@@ -57,10 +57,13 @@ def _honest_reply(W, rows: int = 3):
 @pytest.mark.parametrize("kind", ["fused", "composite"])
 def test_u_w_is_exact_mod_2_64(kind):
     W = _matrix(kind)
-    u = ring.random_ring(3, W.out_dim)
+    u = verify.secret_rows(3, W.out_dim)
+    u[0, :2] = torch.tensor([-128, 127], dtype=torch.int8)  # the extremes
     w_int = _ints(W)
-    want = ring.exact_matmul_reference(w_int.t().numpy(), u.numpy()).T  # Python integers
+    want = ring.exact_matmul_reference(w_int.t().numpy(), u.to(torch.int64).numpy()).T  # Python integers
     assert np.array_equal(W.left_matmul(u).numpy(), want)
+    with pytest.raises(OverflowError):  # beyond what float64 holds exactly
+        W.left_matmul(ring.random_ring(1, W.out_dim))
     # and W is the matrix the server multiplies by: W m == m W^T for the server's product
     m = ring.random_ring(2, W.in_dim)
     assert np.array_equal(W.matmul(m).numpy(), ring.exact_matmul_reference(m.numpy(), w_int.numpy()))
@@ -68,8 +71,8 @@ def test_u_w_is_exact_mod_2_64(kind):
 
 @pytest.mark.parametrize("rows", [2, 9])  # a decode step's products and a prefill's: both ways of multiplying
 def test_the_check_products_are_exact_mod_2_64(rows):
-    a, b = ring.random_ring(rows, 40), ring.random_ring(verify.K, 40)
-    want = ring.exact_matmul_reference(a.numpy(), b.numpy())  # Python integers
+    a, b = ring.random_ring(rows, 40), verify.secret_rows(verify.K, 40)
+    want = ring.exact_matmul_reference(a.numpy(), b.to(torch.int64).numpy())  # Python integers
     assert np.array_equal(verify._ring_products(a, b).numpy(), want)
 
 
@@ -118,9 +121,12 @@ def test_a_single_secret_vector_misses_valuation_62_a_quarter_of_the_time():
     assert 400 < misses < 600  # 500 expected; sd 19
 
 
-def test_keys_are_fresh_per_session():
+def test_keys_are_fresh_per_session_and_uniform_bytes():
     W = _random_matrix(8, 8, 7)
     assert not torch.equal(verify.setup(W).u, verify.setup(W).u)
+    counts = np.bincount(verify.secret_rows(20, 4096).numpy().view(np.uint8).ravel(), minlength=256)
+    chi2 = ((counts - counts.mean()) ** 2 / counts.mean()).sum()
+    assert chi2 < 370  # 255 dof: p < 1e-6 above 370
 
 
 # -- end to end over TLS: a server that alters one product ---------------------------------------
