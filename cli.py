@@ -403,6 +403,9 @@ def _click_option(opt):
     else:
         kind = opt.kind
     takers = ", ".join(spec.takers(registry.SPECS, opt.name))
+    if opt.kind is bool:
+        return click.option(opt.cli_flag, opt.name, is_flag=True, default=opt.default, envvar=opt.env,
+                            show_envvar=opt.env is not None, help=f"{takers}: {opt.help}")
     return click.option(opt.cli_flag, opt.name, type=kind, default=opt.default, envvar=opt.env,
                         show_envvar=opt.env is not None, show_default=opt.default is not None,
                         help=f"{takers}: {opt.help}")
@@ -571,7 +574,8 @@ def chat(model_spec, protocol, max_tokens, temperature, top_k, top_p, seed, syst
         history.append({"role": "assistant", "content": out["text"]})
         turns.append({"user": line, "assistant": out["text"], "timing": out["timing"],
                       "bytes_sent": out["bytes_sent"], "bytes_received": out["bytes_received"],
-                      "rounds": out["rounds"], "offline_ms": out["offline_ms"], "notes": out["notes"]})
+                      "rounds": out["rounds"], "offline_ms": out["offline_ms"], "notes": out["notes"],
+                      "verify": out["verify"], **({"verification": out["verification"]} if out["verify"] else {})})
     if as_json:
         _emit({"protocol": protocol, "turns": turns}, True)
 

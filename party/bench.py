@@ -5,7 +5,8 @@ decode of exactly ``max_tokens`` tokens: EOS is ignored so runs are comparable).
 the output follows seed 001 Appendix A (``model``, ``version``, ``config``, ``results`` with
 ``embedding``/``prefill``/``total`` statistics and ``tokens_per_second``), extended with
 ``decode`` statistics, decode tokens/s, bytes each way and rounds (per run and per decode
-token), offline time, and ``ratio_to_plain`` when ``plain`` ran in the same invocation.
+token), offline time, ``ratio_to_plain`` when ``plain`` ran in the same invocation, and with
+``--verify`` the time its keys (offline) and checks (online) took.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ async def bench_protocol(cfg: ClientConfig, model, spec: ProtocolSpec, prompt_id
         if i >= warmup:
             reports.append(rep.as_dict())
     t = [r["timing"] for r in reports]
+    checked = [r["verification"] for r in reports if r.get("verification")]
     decode_tps = [x["decode_tokens_per_s"] for x in t]
     n_decode = max(1, max_tokens - 1)
     return {
@@ -55,6 +57,7 @@ async def bench_protocol(cfg: ClientConfig, model, spec: ProtocolSpec, prompt_id
         "version": protocol, "endpoint": protocol, "private": reports[0]["private"],
         "notes": reports[0].get("notes", []),
         "protocol_stats": reports[0].get("protocol_stats"),
+        "verify": reports[0]["verify"],
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds"),
         "config": {"prompt_tokens": len(prompt_ids), "max_new_tokens": max_tokens,
                    "temperature": sampling.temperature, "runs": runs, "warmup": warmup, "endpoint": protocol,
@@ -74,6 +77,8 @@ async def bench_protocol(cfg: ClientConfig, model, spec: ProtocolSpec, prompt_id
             "bytes_received": statistics.fmean(r["bytes_received"] for r in reports),
             "rounds": statistics.fmean(r["rounds"] for r in reports),
             "prefill_rounds": reports[0]["prefill_rounds"],
+            **({"verify_setup_ms": statistics.fmean(v["setup_ms"] for v in checked),
+                "verify_check_ms": statistics.fmean(v["check_ms"] for v in checked)} if checked else {}),
             "per_decode_token": {
                 k: statistics.fmean(r["phases"].get("decode", {}).get(k, 0) / n_decode for r in reports)
                 for k in ("bytes_sent", "bytes_received", "rounds")

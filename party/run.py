@@ -29,6 +29,7 @@ class RunReport:
     notes: list = dataclasses.field(default_factory=list)  # what the protocol's guarantee rests on
     warning: str | None = None  # what a non-private protocol exposes
     protocol_stats: dict = dataclasses.field(default_factory=dict)  # a protocol's own counters (e.g. triples)
+    verification: dict | None = None  # --verify: replies checked, setup_ms (within offline_ms), check_ms
 
     def as_dict(self, tokenizer=None) -> dict:
         r = self.result
@@ -50,7 +51,10 @@ class RunReport:
             },
             "prefill_rounds": prefill.get("rounds", 0),
             "notes": list(self.notes),
+            "verify": self.verification is not None,
         }
+        if self.verification is not None:
+            out["verification"] = dict(self.verification)
         if r.padded_steps:
             out["padding"] = {"steps": r.padded_steps, "ms": r.padding_ms}
         if self.protocol_stats:
@@ -74,6 +78,10 @@ def summary(out: dict) -> str:
         f"bytes sent {out['bytes_sent']:,} received {out['bytes_received']:,} | rounds {out['rounds']} "
         f"(prefill {out['prefill_rounds']}, per decode token {out['per_decode_token']['rounds']})",
     ]
+    if out.get("verification"):
+        v = out["verification"]
+        lines.append(f"verified {v['replies']} replies: checks {v['check_ms']:.0f} ms online, "
+                     f"keys {v['setup_ms']:.0f} ms offline")
     if out.get("padding"):
         lines.append(f"padding {out['padding']['steps']} dummy decode steps after the stop ({out['padding']['ms']:.0f} ms)")
     lines += [f"note: {n}" for n in out.get("notes", [])]
@@ -127,4 +135,5 @@ async def run_generation(cfg: ClientConfig, model, spec: ProtocolSpec, prompt_id
                  or s.messages_sent or s.messages_received}
     return RunReport(spec.name, spec.private, session["session_id"], len(prompt_ids), result, client.offline_ms, stats,
                      list(getattr(client, "notes", [])), warning=spec.warning,
-                     protocol_stats=dict(getattr(client, "protocol_stats", {})))
+                     protocol_stats=dict(getattr(client, "protocol_stats", {})),
+                     verification=getattr(client, "verification", None))

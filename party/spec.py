@@ -22,11 +22,15 @@ class OptionError(ValueError):
     """A protocol option that the protocol does not declare, or a value it cannot take."""
 
 
+_BOOLS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+
+
 @dataclasses.dataclass(frozen=True)
 class Option:
-    """One declared protocol option. ``kind`` is ``int``, ``float`` or ``str``;
-    ``choices`` restricts a ``str``, ``lo``/``hi`` bound a number. The CLI flag is
-    ``--NAME`` with dashes (``flag`` overrides it) and reads ``env`` when set."""
+    """One declared protocol option. ``kind`` is ``int``, ``float``, ``str`` or ``bool`` (an on/off
+    CLI flag; ``NAME=true|false`` in a bench entry); ``choices`` restricts a ``str``, ``lo``/``hi``
+    bound a number. The CLI flag is ``--NAME`` with dashes (``flag`` overrides it) and reads
+    ``env`` when set."""
 
     name: str
     kind: type
@@ -47,7 +51,12 @@ class Option:
         if value is None:
             return None
         try:
-            v = self.kind(value)
+            if self.kind is bool and not isinstance(value, bool):  # bool("false") would be True
+                if str(value).lower() not in _BOOLS:
+                    raise ValueError(value)
+                v = _BOOLS[str(value).lower()]
+            else:
+                v = self.kind(value)
         except (TypeError, ValueError):
             raise OptionError(f"{self.cli_flag}: {value!r} is not a valid {self.kind.__name__}") from None
         if self.choices is not None and v not in self.choices:
@@ -72,7 +81,8 @@ class ServerHandler(Protocol):
 class ProtocolClient(Protocol):
     """The client side of one session, driven by party/generation. Optional: ``async setup()``
     (before the prompt is used), ``async generate(prompt_ids, max_tokens, sampling, stop_ids,
-    on_token=, channel=)`` (its own decoding loop), ``notes`` and ``protocol_stats``."""
+    on_token=, channel=)`` (its own decoding loop), ``notes``, ``protocol_stats`` and
+    ``verification`` (a dict when it checks the server's replies: protocols/verify)."""
 
     offline_ms: float
     timings: dict

@@ -21,7 +21,9 @@ unit name (public: the same schedule for every prompt) and uniform ring tensors.
   measured trade-off).
 
 What it does not hide: the number of tokens processed per round (prompt length, then one per
-decode step), timing, and that generation is happening.
+decode step), timing, and that generation is happening. The server's replies are trusted unless
+the client runs with ``verify`` (``--verify``): then each is checked (protocols/verify.py) and the
+first altered product aborts the session.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from ..wire.schema import Schema, Str, Tensor
 from . import preprocess, ring
 from .ot import embedding
 from .units import FIXED_POINT, FUSED, PRECOMPOSED, encoding_for, matrices_for, rows_needed, units_for
+from .verify import VerificationError, Verifier
 
 
 def deal_for(model, variant: str, prompt_tokens: int, max_tokens: int, progress=None) -> preprocess.MaterialStore:
@@ -115,7 +118,7 @@ class MaskedClient:
     """The client side of a v2/v3 session: drives the plan, offloading each linear unit."""
 
     def __init__(self, channel, model, variant: str, store: preprocess.MaterialStore,
-                 fx: ring.FixedPoint = FIXED_POINT, embedding_source: str = "local"):
+                 fx: ring.FixedPoint = FIXED_POINT, embedding_source: str = "local", verify: bool = False):
         store.check_for(model.fingerprint(), variant, fx)
         self.channel = channel
         self.model = model
@@ -132,6 +135,13 @@ class MaskedClient:
         self.ref = Reference.of(model)  # for its KV cache and RoPE tables
         self.cache = None
         self.timings: dict[str, float] = {}
+        # the check's secret keys for every unit, drawn now (offline work: U W needs no prompt)
+        self.verifier = Verifier(matrices_for(model, variant)) if verify else None
+
+    @property
+    def verification(self) -> dict | None:
+        """What ``verify`` checked and what it cost (None without it)."""
+        return self.verifier.stats() if self.verifier is not None else None
 
     def new_cache(self, capacity: int):
         self.cache = self.ref.new_cache(capacity)
@@ -157,11 +167,17 @@ class MaskedClient:
         reply = await self.channel.request(MsgType.MASKED_LINEAR, {"unit": unit.name, "m": m.numpy()},
                                            MsgType.MASKED_LINEAR_OK)
         self.timings["wait"] = self.timings.get("wait", 0.0) + time.perf_counter() - t0
-        y = MASKED_LINEAR_OK.check(reply, rows=n, out_dim=unit.out_dim)["y"]
-        y = torch.from_numpy(y) + wr
+        y = torch.from_numpy(MASKED_LINEAR_OK.check(reply, rows=n, out_dim=unit.out_dim)["y"])
+        z = y + wr  # W x
+        if self.verifier is not None:
+            try:
+                self.verifier.check(unit.name, m, y, z)
+            except VerificationError as exc:  # nothing of this reply is used; the server is told why
+                await self.channel.send_error(exc.code, exc.message)
+                raise
         decoded, at = [], 0
         for b, (scales, _) in zip(bits, parts):
-            decoded.append(self.fx.decode_product(y[:, at:at + scales.numel()], b, scales))
+            decoded.append(self.fx.decode_product(z[:, at:at + scales.numel()], b, scales))
             at += scales.numel()
         w = self.model.weights
         if comp is not None:  # first(a) with its bias; per `then` op T (res + first(a)), the executor finishes
@@ -190,15 +206,17 @@ def server_handler(spec, session) -> MaskedServerHandler:
 
 
 def client(spec, channel, model, *, prompt_tokens: int, max_tokens: int, progress=None, session_id: str,
-           embedding_source: str, material: str | None) -> MaskedClient:
-    """Online client with its material: loaded from a store, or dealt now (the offline phase)."""
+           embedding_source: str, material: str | None, verify: bool) -> MaskedClient:
+    """Online client with its material: loaded from a store, or dealt now (the offline phase).
+    ``verify``: check every reply (protocols/verify.py); its keys count as offline time."""
     t0 = time.perf_counter()
     if material:
         store = preprocess.MaterialStore.load(material)
     else:
         store = deal_for(model, spec.name, prompt_tokens, max_tokens, progress=progress)
-    c = MaskedClient(channel, model, spec.name, store, embedding_source=embedding_source)
-    c.offline_ms = (store.meta["dealer_seconds"] if material else time.perf_counter() - t0) * 1e3
+    dealt = store.meta["dealer_seconds"] if material else time.perf_counter() - t0
+    c = MaskedClient(channel, model, spec.name, store, embedding_source=embedding_source, verify=verify)
+    c.offline_ms = (dealt + (c.verifier.setup_seconds if c.verifier is not None else 0.0)) * 1e3
     return c
 
 

@@ -61,10 +61,12 @@ class FixedPoint:
     """Activations in fixed point with a scale chosen per product by the client.
 
     The client knows ``max|x|`` and each unit's largest integer row L1 norm, so it takes as many
-    fractional bits ``f`` as keep ``max|x| * 2^f * L1 < 2^62`` (capped at ``max_bits``): about
-    33 bits for normalised inputs, ~22 for SmolLM2's down projections that meet activations of
-    ~3000. The server never learns ``f`` (it multiplies uniform ring elements either way), and
-    the mask material does not depend on it.
+    fractional bits ``f`` as keep ``round(max|x| * 2^f) * L1 < 2^62`` (capped at ``max_bits``):
+    about 33 bits for normalised inputs, ~22 for SmolLM2's down projections that meet
+    activations of ~3000. Every entry of the product then has ``|W x| < 2^62`` exactly, with the
+    rounding of ``x`` counted: protocols/verify.py relies on that bound. The server never learns
+    ``f`` (it multiplies uniform ring elements either way), and the mask material does not
+    depend on it.
     """
 
     max_bits: int = 40
@@ -73,6 +75,10 @@ class FixedPoint:
     def bits_for(self, amax: float, l1_bound: int) -> int:
         budget = 62 - math.log2(max(amax, 2.0**-60) * max(l1_bound, 1))
         bits = min(self.max_bits, math.floor(budget))
+        # the float estimate may be one bit too generous at the edge; settle it in integers: the
+        # largest encoded magnitude (at most amax * 2^f rounded half up) times L1
+        while bits >= self.min_bits and math.floor(amax * 2.0**bits + 0.5) * l1_bound >= 2**62:
+            bits -= 1
         if bits < self.min_bits:
             raise OverflowError(f"activations up to {amax:.3g} leave only {bits} fractional bits in the ring")
         return bits
@@ -267,6 +273,9 @@ def f64_limb_bits(max_abs: int, k: int) -> int:
     raise OverflowError(f"K={k} is too large for exact float64 products")
 
 
+_LEFT_BLOCK_BYTES = 1 << 19  # left_matmul's float64 blocks (SmolLM2's shapes: 2^17..2^21 within noise, 2^19 best)
+
+
 class RingMatrix:
     """Integer weights (out, in), |W| <= WMAX, ready for exact products with ring tensors."""
 
@@ -327,6 +336,23 @@ class RingMatrix:
         partial = torch.matmul(limbs.to(torch.float64).view(nl * n, self.in_dim), self._wt64)
         partial = torch.bitwise_left_shift(partial.view(nl, n, self.out_dim).to(torch.int64), self._shifts64)
         return partial.sum(dim=0)  # wraps mod 2^64
+
+    def left_matmul(self, u: torch.Tensor) -> torch.Tensor:
+        """(k, out) integers with ``|u| <= 128`` -> (k, in): exactly ``u @ W`` (protocols/verify's
+        secret rows). Every partial sum stays below ``128 * WMAX * out < 2^53``, so float64 GEMMs
+        are exact; ``W`` is rebuilt from the digit planes a block of input columns at a time
+        (int32 holds |W| < 2^23), never whole."""
+        if (u.numel() and int(u.to(torch.int64).abs().max()) > 128) or 128 * WMAX * self.out_dim >= 2**53:
+            raise OverflowError("left_matmul is exact for |u| <= 128 and 128 * WMAX * out < 2^53 only")
+        ut = u.to("cpu", torch.float64).t().contiguous()
+        out = torch.empty(self.in_dim, u.shape[0], dtype=torch.float64)
+        o = self.out_dim
+        step = max(4, _LEFT_BLOCK_BYTES // (8 * o))  # a block's float64 rows stay in cache
+        for lo in range(0, self.in_dim, step):
+            d = self.digits[lo:lo + step].to("cpu", torch.int32)
+            wt = d[:, 2 * o:] * 65536 + d[:, o:2 * o] * 256 + d[:, :o]  # W^T rows lo.., (block, out)
+            torch.matmul(wt.to(torch.float64), ut, out=out[lo:lo + step])
+        return out.to(torch.int64).t()
 
     def pack(self) -> bool:
         """Make fbgemm's packed weights now (seconds for a large model: a server does it in a

@@ -87,6 +87,11 @@ class ComposedMatrix:
         k = self.a_side.in_dim
         return torch.cat([self.a_side.matmul(m[:, :k]), self.t.matmul(m[:, k:])], dim=1)
 
+    def left_matmul(self, u: torch.Tensor) -> torch.Tensor:
+        """``u @ W mod 2^64`` for the whole block-diagonal ``W = [[a_side, 0], [0, t]]``."""
+        o = self.a_side.out_dim
+        return torch.cat([self.a_side.left_matmul(u[:, :o]), self.t.left_matmul(u[:, o:])], dim=1)
+
 
 def _composed(model, comp: Composite, device) -> ComposedMatrix:
     w = model.weights
@@ -123,8 +128,9 @@ def matrices_for(model, variant: str, device="cpu") -> dict[str, ring.RingMatrix
 
 def encoding_for(model, variant: str) -> dict[str, list[tuple[torch.Tensor, int]]]:
     """Per unit, per product part: the public row scales (to decode products) and the largest
-    integer row L1 norm (to refuse an input whose product could wrap past 2^63 instead of
-    decoding garbage). One part for a plain or fused unit, three for a composed one."""
+    row L1 norm of the integer weights the server multiplies by (the fractional bits keep every
+    product entry below 2^62 with it, ring.FixedPoint.bits_for: no wrap past 2^63, and
+    protocols/verify's bound). One part for a plain or fused unit, three for a composed one."""
     def make():
         out = {}
         matrices = matrices_for(model, variant) if variant in PRECOMPOSED else {}
@@ -132,9 +138,10 @@ def encoding_for(model, variant: str) -> dict[str, list[tuple[torch.Tensor, int]
             if u.composite is not None:
                 out[name] = matrices[name].encodings
                 continue
-            w = unit_weight(u, model.weights).to(torch.float64)
-            scales = ring.row_scales(w)  # per row, so the same whether the unit is fused or not
-            out[name] = [(scales, int(((w.abs().sum(dim=1) * scales).max()).ceil()))]
+            # the very integers of the unit's RingMatrix (row scales are per row, so the same
+            # whether the unit is fused or not)
+            ints, scales = ring.encode_weights(unit_weight(u, model.weights))
+            out[name] = [(scales, int(ints.abs().sum(dim=1).max()))]
         return out
     return _cached(model, ("encoding", variant), make)
 

@@ -71,6 +71,12 @@ def test_fixed_point_bits_keep_products_inside_the_ring():
     assert 3000 * 2**bits * 2**30 < 2**62 <= 3000 * 2 ** (bits + 1) * 2**30
     with pytest.raises(OverflowError):
         fx.bits_for(2.0**40, 2**20)
+    # exactly: the largest encoded |x| (rounded) times L1 stays below 2^62, also where amax * L1 is
+    # a power of two and the float budget alone would reach 2^62 (protocols/verify's bound)
+    for amax, l1 in [(1.0, 2**22), (0.5, 2**30), (3.0, 2**40), (2.0**-3, 2**50), (3000.0, 2**30)]:
+        bits = fx.bits_for(amax, l1)
+        assert int(np.floor(amax * 2.0**bits + 0.5)) * l1 < 2**62
+        assert bits == fx.max_bits or int(np.floor(amax * 2.0**(bits + 1) + 0.5)) * l1 >= 2**62  # no bit wasted
 
 
 def test_mask_prg_is_seeded_uniform_and_fresh():

@@ -39,6 +39,8 @@ class ErrorCode(str, enum.Enum):
     ATTESTATION_FAILED = "attestation_failed"
     AUTH_FAILED = "auth_failed"
     REPLAY = "replay"
+    # --verify (protocols/verify): a masked product the client's check refused
+    VERIFICATION_FAILED = "verification_failed"
 
 
 class ProtocolError(Exception):
