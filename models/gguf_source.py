@@ -8,7 +8,6 @@ adjacent elements, HF's pairs the two halves); we undo it, or the logits are wro
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from .config import ModelError
+from .progress import ProgressLine
 from .tokenizer import Tokenizer
 
 _LAYER_NAMES = {
@@ -125,6 +125,7 @@ def read_gguf(path: Path, progress: bool = False):
         cfg["mlp_bias"] = False
     tensors = {}
     total = len(reader.tensors)
+    show = ProgressLine() if progress else None
     for i, t in enumerate(reader.tensors):
         name = hf_name(t.name)
         try:
@@ -135,10 +136,8 @@ def read_gguf(path: Path, progress: bool = False):
         if arch == "llama" and t.name.endswith(("attn_q.weight", "attn_k.weight")):
             w = _unpermute(w, n_heads if "attn_q" in t.name else n_kv)
         tensors[name] = torch.from_numpy(np.ascontiguousarray(w))
-        if progress and ((i + 1) % 32 == 0 or i + 1 == total):
-            print(f"\r  dequantizing tensors {i + 1}/{total}", end="", file=sys.stderr, flush=True)
-    if progress:
-        print(file=sys.stderr)
+        if show:
+            show(f"  dequantizing tensors {i + 1}/{total}", last=i + 1 == total)
     if "model.embed_tokens.weight" not in tensors:
         raise ModelError(f"{path}: GGUF lacks the token embedding tensor token_embd.weight")
     # The embedding's rows, not the token list: a model's vocabulary may be padded past it.

@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import math
 import sys
+from typing import Callable
 
 import trio
 
@@ -76,6 +77,9 @@ class Channel:
         self._last_direction: str | None = None
         self.phase_name = "setup"
         self.stats: dict[str, PhaseStats] = {}
+        # called after each message either way: a run's progress reports hang here, so a long
+        # phase of any protocol is reported without a task of its own
+        self.on_message: Callable[[], None] | None = None
 
     # -- accounting ---------------------------------------------------------------------
     def _phase_stats(self) -> PhaseStats:
@@ -150,6 +154,8 @@ class Channel:
         st = self._phase_stats()
         st.bytes_sent += size
         st.messages_sent += 1
+        if self.on_message is not None:
+            self.on_message()
         return size
 
     async def send_error(self, code: ErrorCode, message: str) -> None:
@@ -181,6 +187,8 @@ class Channel:
         st.bytes_received += frames.HEADER_SIZE + len(frame.payload)
         st.messages_received += 1
         self._last_direction = "recv"
+        if self.on_message is not None:
+            self.on_message()
         msg_type = MsgType(frame.type)
         if msg_type == MsgType.ERROR:
             raise RemoteError(str(body.get("code", "?")), str(body.get("message", "")))

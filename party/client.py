@@ -23,7 +23,12 @@ from .transcript import TranscriptRecorder
 
 
 class ClientError(Exception):
-    """A failure the user can act on (unreachable server, TLS refusal, timeout)."""
+    """A failure the user can act on (unreachable server, TLS refusal, timeout); ``code`` is
+    the CLI's error code (cli.ERROR_CODES)."""
+
+    def __init__(self, message: str, code: str = "failed"):
+        super().__init__(message)
+        self.code = code
 
 
 @dataclasses.dataclass
@@ -53,7 +58,7 @@ def parse_address(text: str) -> tuple[str, int]:
     else:
         host, _, port = addr.rpartition(":")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ClientError(f"bad server address {text!r}: expected HOST:PORT, e.g. 127.0.0.1:9090")
+        raise ClientError(f"bad server address {text!r}: expected HOST:PORT, e.g. 127.0.0.1:9090", "usage")
     return host, int(port)
 
 
@@ -98,7 +103,7 @@ async def _open_tcp(host: str, port: int, cfg: ClientConfig) -> trio.SocketStrea
         except (OSError, trio.TooSlowError) as exc:
             if attempt == cfg.connect_retries:
                 raise ClientError(
-                    f"cannot reach {host}:{port} after {attempt + 1} attempts: {exc or 'timed out'}"
+                    f"cannot reach {host}:{port} after {attempt + 1} attempts: {exc or 'timed out'}", "unreachable"
                 ) from exc
             await trio.sleep(delay)
             delay *= 2
@@ -120,14 +125,16 @@ async def connect(cfg: ClientConfig):
                 tls.check_pin(stream.getpeercert(binary_form=True), cfg.fingerprint)
         except tls.PinMismatch as exc:
             await trio.aclose_forcefully(stream)
-            raise ClientError(f"refusing to talk to {host}:{port}: {exc}") from exc
+            raise ClientError(f"refusing to talk to {host}:{port}: {exc}", "pin_mismatch") from exc
         except (ssl.SSLError, trio.BrokenResourceError) as exc:
             await trio.aclose_forcefully(stream)
             cause = exc.__cause__ or exc
-            raise ClientError(f"TLS handshake with {host}:{port} failed: {cause}") from exc
+            if "WRONG_VERSION_NUMBER" in str(cause) or "record layer failure" in str(cause):
+                cause = f"the peer does not speak TLS (is {host}:{port} a shardlm server?) [{cause}]"
+            raise ClientError(f"TLS handshake with {host}:{port} failed: {cause}", "tls_failed") from exc
         except trio.TooSlowError as exc:
             await trio.aclose_forcefully(stream)
-            raise ClientError(f"TLS handshake with {host}:{port} timed out after {cfg.timeout:g} s") from exc
+            raise ClientError(f"TLS handshake with {host}:{port} timed out after {cfg.timeout:g} s", "timeout") from exc
         recorder = None
         if cfg.record_dir:
             recorder = TranscriptRecorder(cfg.record_dir, secrets.token_hex(8), role="client", peer=f"{host}:{port}")

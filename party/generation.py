@@ -14,6 +14,21 @@ from typing import Callable, Iterable
 
 from ..models.sampling import SamplingParams, token_loop
 
+# Prompt positions per prefill forward. A long prompt runs as several forwards over the KV
+# cache, so what either party holds at once (mask material, a request's rows, attention
+# scores) follows the chunk, not the prompt; a prompt up to this long is one forward as before.
+PREFILL_CHUNK = 256
+
+
+def prefill_chunks(prompt_tokens: int, chunk: int = PREFILL_CHUNK) -> list[tuple[int, int]]:
+    """The (start, stop) positions of each prefill forward."""
+    return [(at, min(at + chunk, prompt_tokens)) for at in range(0, prompt_tokens, chunk)]
+
+
+def forwards(prompt_tokens: int, max_tokens: int) -> int:
+    """Forwards one generation runs at most: the prefill's chunks, then one per decode step."""
+    return len(prefill_chunks(prompt_tokens)) + max(max_tokens - 1, 0)
+
 
 @dataclasses.dataclass
 class GenerationResult:
@@ -34,11 +49,14 @@ class GenerationResult:
 
 async def generate(client, prompt_ids: list[int], max_tokens: int, sampling: SamplingParams,
                    stop_ids: Iterable[int], on_token: Callable[[int], None] | None = None,
-                   channel=None, pad_to_max: bool = False) -> GenerationResult:
+                   channel=None, pad_to_max: bool = False,
+                   progress: Callable[[str, bool], None] | None = None) -> GenerationResult:
     """Prefill the prompt, then decode up to ``max_tokens`` tokens (the stop token is not kept).
 
     ``decode_ms`` covers the forwards after the first token: tokens/s = decode_steps / decode_ms.
-    With a ``channel``, its traffic is counted under the phases "prefill" and "decode".
+    With a ``channel``, its traffic is counted under the phases "prefill" and "decode". The
+    prompt goes in chunks of PREFILL_CHUNK positions; ``progress(text, last)`` hears of each
+    chunk of a prompt longer than one.
 
     ``pad_to_max``: after a stop token, run dummy decode forwards (outputs discarded, traffic
     counted under the phase "padding") until as many forwards ran as ``max_tokens`` without a
@@ -51,8 +69,14 @@ async def generate(client, prompt_ids: list[int], max_tokens: int, sampling: Sam
     t0 = t1 = time.perf_counter()
     try:
         ids = next(loop)
+        chunks = prefill_chunks(len(ids))
         with phase("prefill"):
-            logits = await client.forward(ids)
+            for start, stop in chunks:
+                logits = await client.forward(ids[start:stop])
+                if progress is not None and len(chunks) > 1:
+                    left = (time.perf_counter() - t0) * (len(ids) - stop) / stop
+                    progress(f"prefill: {stop}/{len(ids)} prompt positions"
+                             + (f", about {left:.0f} s left" if stop < len(ids) else ""), stop == len(ids))
         t1 = time.perf_counter()
         while True:
             ids = loop.send(logits)

@@ -77,14 +77,15 @@ class ServerProcess:
 
 @contextlib.contextmanager
 def server(extra_args: Sequence[str] = (), *, cert_dir: str | Path | None = None, env: dict | None = None,
-           ready_timeout: float = READY_TIMEOUT) -> Iterator[ServerProcess]:
+           ready_timeout: float = READY_TIMEOUT, stderr=None) -> Iterator[ServerProcess]:
     """Run ``shardlm serve --json --host 127.0.0.1 --port 0 --cert .. --key .. *extra_args``.
 
     ``cert_dir`` holds ``server.crt`` and ``server.key`` to serve (as ``shardlm certs --out``
     writes them); without it a fresh self-signed pair is made in a temporary directory, removed
     on exit. Yields once the server has printed its listening event and answered a HEALTH
     request over TLS pinned to that certificate, within ``ready_timeout`` seconds; raises
-    :class:`LaunchError` if it exits or times out first. On exit the server is terminated
+    :class:`LaunchError` if it exits or times out first. ``stderr``: where its log goes (default:
+    this process's stderr). On exit the server is terminated
     (killed if it does not stop within STOP_TIMEOUT seconds).
     """
     deadline = time.monotonic() + ready_timeout
@@ -98,7 +99,7 @@ def server(extra_args: Sequence[str] = (), *, cert_dir: str | Path | None = None
             [sys.executable, "-m", "shardlm.cli", "serve", "--json", "--host", "127.0.0.1", "--port", "0",
              "--cert", str(Path(cert_dir) / "server.crt"), "--key", str(Path(cert_dir) / "server.key"),
              *extra_args],
-            stdout=subprocess.PIPE, stderr=None, text=True, env=env,
+            stdout=subprocess.PIPE, stderr=stderr, text=True, env=env,
         )
         stack.callback(_stop, proc)
         launched = ServerProcess(proc, _listening_event(proc, deadline), fingerprint)

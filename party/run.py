@@ -30,6 +30,7 @@ class RunReport:
     warning: str | None = None  # what a non-private protocol exposes
     protocol_stats: dict = dataclasses.field(default_factory=dict)  # a protocol's own counters (e.g. triples)
     verification: dict | None = None  # --verify: replies checked, setup_ms (within offline_ms), check_ms
+    material_dealt_ms: float | None = None  # --material: the store's dealing time, ahead of this run
 
     def as_dict(self, tokenizer=None) -> dict:
         r = self.result
@@ -59,6 +60,8 @@ class RunReport:
             out["padding"] = {"steps": r.padded_steps, "ms": r.padding_ms}
         if self.protocol_stats:
             out["protocol_stats"] = self.protocol_stats
+        if self.material_dealt_ms is not None:
+            out["material_dealt_ms"] = self.material_dealt_ms
         if not self.private:
             out["warning"] = self.warning or "NOT PRIVATE"
         if tokenizer is not None:
@@ -73,7 +76,9 @@ def summary(out: dict) -> str:
         f"protocol {out['protocol']} ({'private' if out['private'] else out.get('warning') or 'NOT PRIVATE'}), "
         f"session {out['session_id']}",
         f"prompt {out['prompt_tokens']} tokens, generated {out['generated_tokens']} ({out['stop_reason']})",
-        f"offline {out['offline_ms']:.0f} ms | prefill {t['prefill_ms']:.0f} ms | decode {t['decode_ms']:.0f} ms "
+        f"offline {out['offline_ms']:.0f} ms"
+        + (f" (material dealt ahead of time in {out['material_dealt_ms']:.0f} ms)" if "material_dealt_ms" in out else "")
+        + f" | prefill {t['prefill_ms']:.0f} ms | decode {t['decode_ms']:.0f} ms "
         f"({t['decode_tokens_per_s']:.2f} tok/s) | total {t['total_ms']:.0f} ms",
         f"bytes sent {out['bytes_sent']:,} received {out['bytes_received']:,} | rounds {out['rounds']} "
         f"(prefill {out['prefill_rounds']}, per decode token {out['per_decode_token']['rounds']})",
@@ -104,6 +109,29 @@ def run_local(model, prompt_ids: list[int], max_tokens: int, sampling: SamplingP
             "timing": {"total_ms": ms}, "bytes_sent": 0, "bytes_received": 0, "rounds": 0, "offline_ms": 0.0}
 
 
+# A phase that has run this long without a word gets a progress line, then one per interval.
+QUIET_SECONDS = 2.0
+
+
+def _phase_reporter(channel, progress: Callable[[str, bool], None]) -> Callable[[], None]:
+    """A Channel.on_message hook: for a phase (setup, offline, prefill) that runs longer than
+    QUIET_SECONDS, a line with its time, rounds and bytes so far (v3-mpc's prefill is thousands
+    of rounds). Decoding is left alone: its tokens are the progress."""
+    seen = {"phase": None, "since": 0.0, "said": 0.0}
+
+    def on_message() -> None:
+        now = time.monotonic()
+        name = channel.phase_name
+        if name != seen["phase"]:
+            seen.update(phase=name, since=now, said=now)
+        elif name not in ("decode", "padding") and now - seen["said"] >= QUIET_SECONDS:
+            st = channel.stats.get(name)
+            progress(f"{name}: {now - seen['since']:.0f} s, {st.rounds:,} rounds, "
+                     f"{(st.bytes_sent + st.bytes_received) / 1e6:,.1f} MB so far", False)
+            seen["said"] = now
+    return on_message
+
+
 async def run_generation(cfg: ClientConfig, model, spec: ProtocolSpec, prompt_ids: list[int], max_tokens: int,
                          sampling: SamplingParams, *, on_token: Callable[[int], None] | None = None,
                          progress: Callable | None = None, ignore_eos: bool = False,
@@ -112,6 +140,8 @@ async def run_generation(cfg: ClientConfig, model, spec: ProtocolSpec, prompt_id
     raised before connecting). ``pad_to_max``: hide where the completion stopped (generation.generate)."""
     spec.resolve_options(options)
     async with connect(cfg) as conn:
+        if progress is not None:
+            conn.channel.on_message = _phase_reporter(conn.channel, progress)
         session = await conn.open_session(spec.name, model.fingerprint(),
                                           handshake.capacity_bucket(len(prompt_ids) + max_tokens))
         channel = conn.channel
@@ -130,10 +160,11 @@ async def run_generation(cfg: ClientConfig, model, spec: ProtocolSpec, prompt_id
             result = await own_loop(prompt_ids, max_tokens, sampling, stops, on_token=on_token, channel=channel)
         else:
             result = await generate(client, prompt_ids, max_tokens, sampling, stops, on_token=on_token,
-                                    channel=channel, pad_to_max=pad_to_max)
+                                    channel=channel, pad_to_max=pad_to_max, progress=progress)
         stats = {name: s.as_dict() for name, s in channel.stats.items() if name not in ("setup", "offline")
                  or s.messages_sent or s.messages_received}
     return RunReport(spec.name, spec.private, session["session_id"], len(prompt_ids), result, client.offline_ms, stats,
                      list(getattr(client, "notes", [])), warning=spec.warning,
                      protocol_stats=dict(getattr(client, "protocol_stats", {})),
-                     verification=getattr(client, "verification", None))
+                     verification=getattr(client, "verification", None),
+                     material_dealt_ms=getattr(client, "material_dealt_ms", None))

@@ -129,7 +129,10 @@ class Server:
         return self._protocol_state[protocol]
 
     def info(self, request: dict | None = None) -> dict:
-        protocols = {n: {"private": s.private, "summary": s.summary} for n, s in sorted(self.offered.items())}
+        # private: whether a generation keeps the prompt from the server; None for protocols that
+        # run no inference (echo, ot), which have no prompt to keep
+        protocols = {n: {"private": s.private if s.runs_generation else None, "summary": s.summary}
+                     for n, s in sorted(self.offered.items())}
         for n, s in self.offered.items():
             server_info = s.hook("server_info")
             if server_info is not None:
@@ -158,8 +161,13 @@ class Server:
                 "active_sessions": len(self.sessions), "connections": self.active, "served": self.served,
                 "cut_off": dict(self.cut_off)}
 
-    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(self.config.port, host=self.config.host)
+    async def listen(self) -> list[trio.SocketListener]:
+        """Bind the configured address (an OSError, e.g. the port is taken, raises here)."""
+        return await trio.open_tcp_listeners(self.config.port, host=self.config.host)
+
+    async def serve(self, listeners=None, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        if listeners is None:
+            listeners = await self.listen()
         ports = sorted({ln.socket.getsockname()[1] for ln in listeners})
         async with trio.open_nursery() as nursery:
             for listener in listeners:
@@ -196,25 +204,43 @@ class Server:
         if self.config.record_dir:
             recorder = TranscriptRecorder(self.config.record_dir, session_id, role="server", peer=peer)
         channel = Channel(stream, limits=self.config.limits, recorder=recorder, send_timeout=self.config.send_timeout)
+        ended = "bye"  # how the connection ended, for the log
         try:
             if self.active > self.config.max_sessions:
                 raise ProtocolError(ErrorCode.BUSY, f"server is at its limit of {self.config.max_sessions} sessions; retry later")
-            await self._run(channel, session_id, started)
+            await self._run(channel, session_id, started, peer)
         except PeerStalled as exc:  # not reading: an ERROR frame would not get through either
             self.cut_off["send_timeout"] += 1
-            log.info("%s [%s]: cut off: %s", peer, session_id, exc)
+            ended = f"cut off: {exc}"
         except ProtocolError as exc:
             if exc.code in _CUT_OFF:
                 self.cut_off[exc.code.value] += 1
-            log.info("%s [%s]: %s", peer, session_id, exc)
+            ended = f"error {exc}"
             await channel.send_error(exc.code, exc.message)
-        except (ConnectionClosed, RemoteError) as exc:
-            log.info("%s [%s]: closed: %s", peer, session_id, exc)
+        except RemoteError as exc:
+            ended = f"the client reported {exc.code}: {exc.message}"
+        except ConnectionClosed as exc:
+            ended = f"disconnected: {exc}"
         except Exception as exc:  # a bug in one session must not take the server down
             log.exception("%s [%s]: internal error", peer, session_id)
+            ended = f"internal error {type(exc).__name__}"
             await channel.send_error(ErrorCode.INTERNAL, f"internal server error: {type(exc).__name__}")
         finally:
             await channel.aclose()
+            session = self.sessions.pop(session_id, None)
+            self._log_end(peer, session_id, session, channel, ended, trio.current_time() - started)
+
+    def _log_end(self, peer: str, session_id: str, session, channel: Channel, ended: str, seconds: float) -> None:
+        """One line per connection at -v: a session's protocol, traffic and how it ended; a
+        connection that opened no session (health, info) only when it ended badly."""
+        if session is None:
+            (log.debug if ended.startswith(("bye", "disconnected: peer closed")) else log.info)(
+                "%s [%s]: connection ended without a session: %s", peer, session_id, ended)
+            return
+        stats = channel.stats.values()
+        log.info("%s [%s]: %s session ended after %.1f s (%s): %d requests, %s bytes received, %s bytes sent", peer,
+                 session_id, session.protocol, seconds, ended, sum(s.messages_received for s in stats),
+                 f"{sum(s.bytes_received for s in stats):,}", f"{sum(s.bytes_sent for s in stats):,}")
 
     async def _recv(self, channel: Channel, deadline: float, code: ErrorCode, what: str) -> Message:
         with trio.move_on_at(deadline) as scope:
@@ -222,16 +248,16 @@ class Server:
         assert scope.cancelled_caught
         raise ProtocolError(code, what)
 
-    async def _run(self, channel: Channel, session_id: str, started: float) -> None:
+    async def _run(self, channel: Channel, session_id: str, started: float, peer: str) -> None:
         cfg = self.config
         deadline = started + cfg.handshake_timeout
         code, what = ErrorCode.HANDSHAKE_TIMEOUT, f"no message within {cfg.handshake_timeout:g} s of connecting"
         # The TTL bounds everything the session does, a handler's own exchanges and sends too.
         with trio.CancelScope() as ttl:
             try:
-                await self._loop(channel, session_id, deadline, code, what, ttl)
+                await self._loop(channel, session_id, deadline, code, what, ttl, peer)
             finally:
-                session = self.sessions.pop(session_id, None)
+                session = self.sessions.get(session_id)  # it leaves self.sessions in handle_stream
                 if session is not None and hasattr(session.handler, "close"):
                     session.handler.close()  # e.g. free a per-session KV cache
         if ttl.cancelled_caught:
@@ -239,7 +265,7 @@ class Server:
                                                            "start a new one")
 
     async def _loop(self, channel: Channel, session_id: str, deadline: float, code: ErrorCode, what: str,
-                    ttl: trio.CancelScope) -> None:
+                    ttl: trio.CancelScope, peer: str) -> None:
         cfg = self.config
         session: ServerSession | None = None
         handler = None
@@ -265,6 +291,8 @@ class Server:
                     session.handler = handler
                     self.sessions[session_id] = session
                     ttl.deadline = trio.current_time() + cfg.session_ttl
+                    log.info("%s [%s]: %s session started, capacity %d positions", peer, session_id,
+                             protocol, session.max_seq_len)
                     if channel.recorder is not None:
                         channel.recorder.update_meta(protocol=protocol, model_fingerprint=self.fingerprint)
                     await channel.send(MsgType.HELLO_OK, handshake.hello_ok(

@@ -34,6 +34,7 @@ import torch
 import trio
 
 from ..models.executor import forward_steps, run_async
+from ..party.generation import prefill_chunks
 from ..models.reference import Reference
 from ..models.plan import Composite, Linear
 from ..wire.msgtypes import MsgType
@@ -50,6 +51,14 @@ def deal_for(model, variant: str, prompt_tokens: int, max_tokens: int, progress=
     return preprocess.deal(matrices_for(model, variant), rows_needed(units, prompt_tokens, max_tokens),
                            model_fingerprint=model.fingerprint(), variant=variant, fx=FIXED_POINT,
                            progress=progress)
+
+
+def deal_chunk(model, variant: str, positions: int) -> preprocess.MaterialStore:
+    """Material for one later prefill chunk (its rows of every body unit, one head row), made
+    when the chunk runs, so the client never holds a long prompt's material at once."""
+    rows = {name: 1 if u.head else positions for name, u in units_for(model.plan, variant).items()}
+    return preprocess.deal(matrices_for(model, variant), rows, model_fingerprint=model.fingerprint(),
+                           variant=variant, fx=FIXED_POINT)
 
 
 # -- server --------------------------------------------------------------------------------------
@@ -118,12 +127,18 @@ class MaskedClient:
     """The client side of a v2/v3 session: drives the plan, offloading each linear unit."""
 
     def __init__(self, channel, model, variant: str, store: preprocess.MaterialStore,
-                 fx: ring.FixedPoint = FIXED_POINT, embedding_source: str = "local", verify: bool = False):
+                 fx: ring.FixedPoint = FIXED_POINT, embedding_source: str = "local", verify: bool = False,
+                 streamed: range = range(0)):
+        """``streamed``: the prompt positions whose material is not in ``store`` but dealt chunk
+        by chunk as the prefill reaches them (deal_chunk); their dealing time adds to offline_ms."""
         store.check_for(model.fingerprint(), variant, fx)
         self.channel = channel
         self.model = model
         self.variant = variant
         self.store = store
+        self.material = store  # where linear() takes rows: the store, or a streamed chunk's material
+        self.streamed = streamed
+        self.offline_ms = 0.0
         self.fx = fx
         self.units = units_for(model.plan, variant)
         self.unit_of = {u.ops[0].name: u for u in self.units.values()}
@@ -161,7 +176,7 @@ class MaskedClient:
             bits = [bits_a, bits_a, self.fx.bits_for(float(res.abs().max()), parts[2][1])]
             encoded = torch.cat([self.fx.encode(a, bits_a), self.fx.encode(res, bits[2])], dim=1)
         n = encoded.shape[0]
-        r, wr = self.store.take(unit.name, n)
+        r, wr = self.material.take(unit.name, n)
         m = encoded - r
         t0 = time.perf_counter()
         reply = await self.channel.request(MsgType.MASKED_LINEAR, {"unit": unit.name, "m": m.numpy()},
@@ -187,6 +202,16 @@ class MaskedClient:
         return [part + w[op.bias] if op.bias else part for op, part in zip(ops, outs)]
 
     async def forward(self, ids: list[int]) -> torch.Tensor:
+        if self.cache.length in self.streamed:  # a later chunk of a long prompt: its material now
+            t0 = time.perf_counter()
+            self.material = deal_chunk(self.model, self.variant, len(ids))
+            self.offline_ms += (time.perf_counter() - t0) * 1e3
+        try:
+            return await self._forward(ids)
+        finally:
+            self.material = self.store
+
+    async def _forward(self, ids: list[int]) -> torch.Tensor:
         embedded = None
         if self.embedding_source == "ot":
             t0 = time.perf_counter()
@@ -207,16 +232,23 @@ def server_handler(spec, session) -> MaskedServerHandler:
 
 def client(spec, channel, model, *, prompt_tokens: int, max_tokens: int, progress=None, session_id: str,
            embedding_source: str, material: str | None, verify: bool) -> MaskedClient:
-    """Online client with its material: loaded from a store, or dealt now (the offline phase).
+    """Online client with its material: loaded from a store (made ahead of time: offline_ms 0,
+    the store's own dealing time reported as material_dealt_ms), or dealt now (the offline phase:
+    the first prefill chunk and every decode step; a long prompt's later chunks are dealt as the
+    prefill reaches them, so the material held at once follows the chunk, not the prompt).
     ``verify``: check every reply (protocols/verify.py); its keys count as offline time."""
     t0 = time.perf_counter()
     if material:
         store = preprocess.MaterialStore.load(material)
-    else:
-        store = deal_for(model, spec.name, prompt_tokens, max_tokens, progress=progress)
-    dealt = store.meta["dealer_seconds"] if material else time.perf_counter() - t0
-    c = MaskedClient(channel, model, spec.name, store, embedding_source=embedding_source, verify=verify)
-    c.offline_ms = (dealt + (c.verifier.setup_seconds if c.verifier is not None else 0.0)) * 1e3
+        c = MaskedClient(channel, model, spec.name, store, embedding_source=embedding_source, verify=verify)
+        c.material_dealt_ms = store.meta["dealer_seconds"] * 1e3
+        c.offline_ms = (c.verifier.setup_seconds if c.verifier is not None else 0.0) * 1e3
+        return c
+    first = prefill_chunks(prompt_tokens)[0][1] if prompt_tokens else 0
+    store = deal_for(model, spec.name, first, max_tokens, progress=progress)
+    c = MaskedClient(channel, model, spec.name, store, embedding_source=embedding_source, verify=verify,
+                     streamed=range(first, prompt_tokens))
+    c.offline_ms = (time.perf_counter() - t0) * 1e3
     return c
 
 

@@ -32,10 +32,11 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from . import ring
 
@@ -48,12 +49,11 @@ class MaterialError(Exception):
 class Pool:
     seed: bytes
     in_dim: int
-    wr: torch.Tensor  # (rows, out) ring
+    # (rows, out) ring: a tensor, or for a store on disk a safetensors slice read row range by
+    # row range as they are taken (a long generation's store need not fit in memory)
+    wr: Any
+    rows: int
     cursor: int = 0
-
-    @property
-    def rows(self) -> int:
-        return self.wr.shape[0]
 
 
 class MaterialStore:
@@ -119,7 +119,7 @@ class MaterialStore:
         os.chmod(d, 0o700)
         tensors = {}
         for name, p in self.pools.items():
-            tensors[f"{name}.wr"] = p.wr.contiguous()
+            tensors[f"{name}.wr"] = p.wr[:p.rows].contiguous()
             tensors[f"{name}.seed"] = torch.frombuffer(bytearray(p.seed), dtype=torch.uint8)
         fd = os.open(d / "material.safetensors", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         os.close(fd)
@@ -154,14 +154,20 @@ class MaterialStore:
                 raise MaterialError(f"{d} was already used by an earlier run ({len(used)} units taken); masks are "
                                     f"single-use: make more with `shardlm preprocess`")
             meta = json.loads((d / "meta.json").read_text())
-            tensors = load_file(str(d / "material.safetensors"))
-            pools = {name: Pool(bytes(tensors[f"{name}.seed"].numpy()), info["in"], tensors[f"{name}.wr"])
-                     for name, info in meta["units"].items()}
+            f = safe_open(str(d / "material.safetensors"), framework="pt")
+            pools = {}
+            for name, info in meta["units"].items():
+                wr = f.get_slice(f"{name}.wr")
+                if wr.get_shape() != [info["rows"], info["out"]]:
+                    raise MaterialError(f"{d}: {name}'s products have shape {wr.get_shape()}, meta.json says "
+                                        f"{[info['rows'], info['out']]}")
+                pools[name] = Pool(bytes(f.get_tensor(f"{name}.seed").numpy()), info["in"], wr, info["rows"])
         except BaseException:
             os.close(lock_fd)
             raise
         store = cls(meta, pools, d)
         store._lock_fd = lock_fd
+        store._file = f  # the slices read through it
         return store
 
 
@@ -172,7 +178,7 @@ def deal(
     model_fingerprint: str,
     variant: str,
     fx: ring.FixedPoint,
-    progress: Callable[[int, int, str], None] | None = None,
+    progress: Callable[[str, bool], None] | None = None,
 ) -> MaterialStore:
     """Make material: for each unit, ``rows[unit]`` masks and their exact products."""
     t0 = time.perf_counter()
@@ -181,9 +187,9 @@ def deal(
         n = rows[name]
         seed = os.urandom(ring.MaskPRG.SEED_BYTES)
         r = ring.mask_rows(seed, 0, n, W.in_dim)
-        pools[name] = Pool(seed, W.in_dim, W.matmul(r).cpu())
+        pools[name] = Pool(seed, W.in_dim, W.matmul(r).cpu(), n)
         if progress is not None:
-            progress(i + 1, len(units), name)
+            progress(f"offline: mask material {i + 1}/{len(units)} units", i + 1 == len(units))
     meta = {
         "model_fingerprint": model_fingerprint, "variant": variant, "fixed_point": dataclasses.asdict(fx),
         "units": {name: {"in": W.in_dim, "out": W.out_dim, "rows": rows[name]} for name, W in units.items()},

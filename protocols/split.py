@@ -48,7 +48,7 @@ import torch
 
 from ..models.executor import forward_steps, run_sync
 from ..models.reference import Reference
-from ..party.generation import GenerationResult, generate as sequential_generate
+from ..party.generation import GenerationResult, generate as sequential_generate, prefill_chunks
 from ..wire.errors import ConnectionClosed, ErrorCode, ProtocolError
 from ..wire.msgtypes import MsgType
 from ..wire.schema import Int, IntList, Schema, Tensor
@@ -218,7 +218,8 @@ class SplitClient:
 
         t0 = time.perf_counter()
         with phase("prefill"):
-            logits = await self.forward(prompt_ids)
+            for start, stop in prefill_chunks(len(prompt_ids)):
+                logits = await self.forward(prompt_ids[start:stop])
         t1 = time.perf_counter()
         done = max_tokens <= 0
         if not done:

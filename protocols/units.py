@@ -15,6 +15,7 @@ import dataclasses
 import torch
 
 from ..models.plan import Composite, Linear, Plan
+from ..party.generation import forwards
 from . import ring
 
 FUSED = {"v2": False, "v3": True, "v3-2r": True}
@@ -148,6 +149,7 @@ def encoding_for(model, variant: str) -> dict[str, list[tuple[torch.Tensor, int]
 
 def rows_needed(units: dict[str, Unit], prompt_tokens: int, max_tokens: int) -> dict[str, int]:
     """Mask rows a generation uses: the prompt, then one row per decode step (max_tokens - 1
-    of them); the head one row per forward."""
+    of them); the head one row per forward (generation.forwards: a long prompt's prefill is
+    several)."""
     body = prompt_tokens + max(max_tokens - 1, 0)
-    return {name: (max(max_tokens, 1) if u.head else body) for name, u in units.items()}
+    return {name: (forwards(prompt_tokens, max_tokens) if u.head else body) for name, u in units.items()}

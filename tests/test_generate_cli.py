@@ -102,7 +102,7 @@ def test_client_and_server_with_different_models_refuse_at_the_handshake(tiny, t
     d, args = tiny
     other = tmp_path / "other"
     build_tiny("llama", other, seed=7)
-    proc = shardlm("generate", *args, "-m", str(other), "-p", "hi", "--json", check=False)
+    proc = shardlm("generate", *args, "-m", str(other), "-p", "hi", "--max-tokens", "4", "--json", check=False)
     assert proc.returncode == 1 and json.loads(proc.stdout)["code"] == "model_mismatch"
 
 

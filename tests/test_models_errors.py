@@ -35,7 +35,7 @@ def rewrite(d, edit):
 
 def test_generating_past_the_models_positions_is_a_clear_error(llama_dir):
     """`generate` (here --local; the same holds against a server) past max_position_embeddings
-    (64) ended in a ModelError traceback; it is a one-line error with exit status 1."""
+    (64) ended in a ModelError traceback; it is bad usage, refused before any work (exit 2)."""
     import os
     import subprocess
     import sys
@@ -43,8 +43,8 @@ def test_generating_past_the_models_positions_is_a_clear_error(llama_dir):
     proc = subprocess.run([sys.executable, "-m", "shardlm.cli", "generate", "--local", "-m", str(llama_dir), "-p", "hi",
                            "--max-tokens", "70", "--threads", "1"], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    assert proc.stderr.strip().splitlines()[-1].startswith("error: sequence of 65 positions exceeds")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "+ --max-tokens 70 =" in proc.stderr and "exceeds" in proc.stderr.strip().splitlines()[-1]
 
 
 def test_missing_tensor(copy):

@@ -123,6 +123,11 @@ class NetsimStream(trio.abc.HalfCloseableStream):
         return out
 
     async def aclose(self) -> None:
+        # Deliver what is still in flight first (a closing BYE, TLS's close_notify): closing the
+        # socket at once would drop it, and the peer would see a lost connection.
+        self._out_send.close()
+        with trio.move_on_after(self.spec.one_way + 1.0):
+            await self._drained.wait()
         await self.inner.aclose()
 
     async def _pump_out(self) -> None:

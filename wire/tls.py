@@ -29,6 +29,9 @@ class TLSConfigError(Exception):
 class PinMismatch(ssl.SSLError):
     """The server's certificate does not have the pinned fingerprint."""
 
+    def __str__(self) -> str:  # SSLError's own str of a one-argument error is the args tuple
+        return str(self.args[0]) if self.args else "certificate pin mismatch"
+
 
 def fingerprint_der(der: bytes) -> str:
     return "sha256:" + hashlib.sha256(der).hexdigest()
