@@ -242,20 +242,22 @@ class Server:
                  session_id, session.protocol, seconds, ended, sum(s.messages_received for s in stats),
                  f"{sum(s.bytes_received for s in stats):,}", f"{sum(s.bytes_sent for s in stats):,}")
 
-    async def _recv(self, channel: Channel, deadline: float, code: ErrorCode, what: str) -> Message:
+    async def _recv_by(self, channel: Channel, deadline: float) -> Message:
+        """A message before the handshake's deadline (after HELLO, channel.recv_timeout, the
+        idle timeout, bounds every wait instead)."""
         with trio.move_on_at(deadline) as scope:
             return await channel.recv()
         assert scope.cancelled_caught
-        raise ProtocolError(code, what)
+        raise ProtocolError(ErrorCode.HANDSHAKE_TIMEOUT,
+                            f"no message within {self.config.handshake_timeout:g} s of connecting")
 
     async def _run(self, channel: Channel, session_id: str, started: float, peer: str) -> None:
         cfg = self.config
         deadline = started + cfg.handshake_timeout
-        code, what = ErrorCode.HANDSHAKE_TIMEOUT, f"no message within {cfg.handshake_timeout:g} s of connecting"
         # The TTL bounds everything the session does, a handler's own exchanges and sends too.
         with trio.CancelScope() as ttl:
             try:
-                await self._loop(channel, session_id, deadline, code, what, ttl, peer)
+                await self._loop(channel, session_id, deadline, ttl, peer)
             finally:
                 session = self.sessions.get(session_id)  # it leaves self.sessions in handle_stream
                 if session is not None and hasattr(session.handler, "close"):
@@ -264,16 +266,16 @@ class Server:
             raise ProtocolError(ErrorCode.SESSION_EXPIRED, f"session exceeded its TTL of {cfg.session_ttl:g} s; "
                                                            "start a new one")
 
-    async def _loop(self, channel: Channel, session_id: str, deadline: float, code: ErrorCode, what: str,
-                    ttl: trio.CancelScope, peer: str) -> None:
+    async def _loop(self, channel: Channel, session_id: str, deadline: float, ttl: trio.CancelScope,
+                    peer: str) -> None:
         cfg = self.config
         session: ServerSession | None = None
         handler = None
         while True:
-            if session is not None:
-                deadline = trio.current_time() + cfg.idle_timeout
-                code, what = ErrorCode.IDLE_TIMEOUT, f"no message for {cfg.idle_timeout:g} s"
-            msg = await self._recv(channel, deadline, code, what)
+            if session is None:
+                msg = await self._recv_by(channel, deadline)
+            else:
+                msg = await channel.recv()
             if session is None:
                 if msg.type == MsgType.HEALTH:
                     await channel.send(MsgType.HEALTH_OK, self.health())

@@ -34,7 +34,7 @@ import torch
 import trio
 
 from ..models.executor import forward_steps, run_async
-from ..party.generation import prefill_chunks
+from ..party.generation import PREFILL_CHUNK
 from ..models.reference import Reference
 from ..models.plan import Composite, Linear
 from ..wire.msgtypes import MsgType
@@ -45,20 +45,20 @@ from .units import FIXED_POINT, FUSED, PRECOMPOSED, encoding_for, matrices_for, 
 from .verify import VerificationError, Verifier
 
 
+def _deal(model, variant: str, rows: dict[str, int], progress=None) -> preprocess.MaterialStore:
+    return preprocess.deal(matrices_for(model, variant), rows, model_fingerprint=model.fingerprint(),
+                           variant=variant, fx=FIXED_POINT, progress=progress)
+
+
 def deal_for(model, variant: str, prompt_tokens: int, max_tokens: int, progress=None) -> preprocess.MaterialStore:
     """The client's dealer: material for generations of up to this shape."""
-    units = units_for(model.plan, variant)
-    return preprocess.deal(matrices_for(model, variant), rows_needed(units, prompt_tokens, max_tokens),
-                           model_fingerprint=model.fingerprint(), variant=variant, fx=FIXED_POINT,
-                           progress=progress)
+    return _deal(model, variant, rows_needed(units_for(model.plan, variant), prompt_tokens, max_tokens), progress)
 
 
 def deal_chunk(model, variant: str, positions: int) -> preprocess.MaterialStore:
     """Material for one later prefill chunk (its rows of every body unit, one head row), made
     when the chunk runs, so the client never holds a long prompt's material at once."""
-    rows = {name: 1 if u.head else positions for name, u in units_for(model.plan, variant).items()}
-    return preprocess.deal(matrices_for(model, variant), rows, model_fingerprint=model.fingerprint(),
-                           variant=variant, fx=FIXED_POINT)
+    return _deal(model, variant, {name: 1 if u.head else positions for name, u in units_for(model.plan, variant).items()})
 
 
 # -- server --------------------------------------------------------------------------------------
@@ -244,7 +244,7 @@ def client(spec, channel, model, *, prompt_tokens: int, max_tokens: int, progres
         c.material_dealt_ms = store.meta["dealer_seconds"] * 1e3
         c.offline_ms = (c.verifier.setup_seconds if c.verifier is not None else 0.0) * 1e3
         return c
-    first = prefill_chunks(prompt_tokens)[0][1] if prompt_tokens else 0
+    first = min(prompt_tokens, PREFILL_CHUNK)  # the first prefill forward's positions
     store = deal_for(model, spec.name, first, max_tokens, progress=progress)
     c = MaskedClient(channel, model, spec.name, store, embedding_source=embedding_source, verify=verify,
                      streamed=range(first, prompt_tokens))
@@ -255,6 +255,4 @@ def client(spec, channel, model, *, prompt_tokens: int, max_tokens: int, progres
 def deal(spec, model, tokens: int, progress=None) -> preprocess.MaterialStore:
     """``shardlm preprocess``: material for one generation of up to ``tokens`` positions, whatever
     the prompt/generation split (prompt 1 needs the most head rows, prompt tokens-1 the most body rows)."""
-    rows = {n: tokens for n in units_for(model.plan, spec.name)}
-    return preprocess.deal(matrices_for(model, spec.name), rows, model_fingerprint=model.fingerprint(),
-                           variant=spec.name, fx=FIXED_POINT, progress=progress)
+    return _deal(model, spec.name, {n: tokens for n in units_for(model.plan, spec.name)}, progress)
