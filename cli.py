@@ -11,6 +11,7 @@ import functools
 import json
 import logging
 import os
+import ssl
 import sys
 import tempfile
 import time
@@ -52,6 +53,7 @@ ERROR_CODES = {
     "listen": "the server cannot listen on its address (e.g. the port is taken)",
     "cc_provider": "the confidential-computing provider is unavailable",
     "unreachable": "no TCP connection to the server",
+    "dealer": "the dealer cannot be used: it is the server itself (same certificate), or its reply is malformed",
     "pin_mismatch": "the server's certificate is not the pinned one",
     "tls_failed": "the TLS handshake failed (e.g. the peer does not speak TLS)",
     "tls_config": "bad TLS set-up: a missing file, a malformed fingerprint, no trust anchor",
@@ -213,89 +215,130 @@ def certs(out_dir, hosts, client, force, as_json):
     _emit(result, as_json, human="\n".join([f"wrote {result['cert']} and {result['key']}", fp]))
 
 
-# -- serve -------------------------------------------------------------------------------------
-def _server_cert(cert, key) -> tuple[str, str]:
+# -- serve and dealer --------------------------------------------------------------------------
+def _server_cert(cert, key, subdir: str = "certs") -> tuple[str, str]:
     if cert and key:
         return cert, key
     if cert or key:
         raise Failure("--cert and --key go together", "usage")
     from .models.fetch import shardlm_home
 
-    d = shardlm_home() / "certs"
+    d = shardlm_home() / subdir
     if not (d / "server.crt").exists():
         tls.generate_server_cert(d)
     return str(d / "server.crt"), str(d / "server.key")
 
 
+def listener_options(env: str, port: int, cert_home: str):
+    """The options of a process that serves sessions (`serve`, `dealer`): address, TLS, limits.
+    ``env``: the prefix of their environment variables; ``cert_home``: where the default
+    self-signed certificate is kept under $SHARDLM_HOME."""
+    opts = [
+        click.option("--host", envvar=f"{env}HOST", default="127.0.0.1", show_default=True, show_envvar=True,
+                     help="Address to bind; 0.0.0.0 to accept other hosts."),
+        click.option("--port", envvar=f"{env}PORT", default=port, show_default=True, show_envvar=True,
+                     help="TCP port (0 picks a free one)."),
+        click.option("--cert", envvar=f"{env}CERT", show_envvar=True, type=click.Path(dir_okay=False),
+                     help=f"TLS certificate (default: a self-signed one kept in $SHARDLM_HOME/{cert_home})."),
+        click.option("--key", envvar=f"{env}KEY", show_envvar=True, type=click.Path(dir_okay=False),
+                     help="Private key of --cert."),
+        click.option("--client-ca", envvar=f"{env}CLIENT_CA", show_envvar=True, type=click.Path(dir_okay=False),
+                     help="Require client certificates signed by this CA (mutual TLS)."),
+        click.option("--max-sessions", envvar=f"{env}MAX_SESSIONS", default=16, show_default=True, show_envvar=True),
+        click.option("--session-ttl", envvar=f"{env}SESSION_TTL_SECS", default=300.0, show_default=True,
+                     show_envvar=True, help="Seconds a session may live."),
+        click.option("--handshake-timeout", envvar=f"{env}HANDSHAKE_TIMEOUT_SECS", default=10.0, show_default=True,
+                     show_envvar=True, help="Seconds from connect to the first message."),
+        click.option("--idle-timeout", envvar=f"{env}IDLE_TIMEOUT_SECS", default=300.0, show_default=True,
+                     show_envvar=True,
+                     help="Seconds a session may wait for the client (a frame trickled in counts as waiting)."),
+        click.option("--send-timeout", envvar=f"{env}SEND_TIMEOUT_SECS", default=60.0, show_default=True,
+                     show_envvar=True,
+                     help="Seconds one reply may take to leave: a client that stops reading is cut off."),
+        click.option("--compute-slots", envvar=f"{env}COMPUTE_SLOTS", default=1, show_default=True,
+                     show_envvar=True, type=click.IntRange(1, 64),
+                     help="Products run at once across all sessions, in worker threads."),
+        click.option("--session-memory-mb", envvar=f"{env}SESSION_MEMORY_MB", default=1024, show_default=True,
+                     show_envvar=True, type=click.IntRange(1), help="Working memory one request of a session may need."),
+        click.option("--max-seq-len", envvar=f"{env}MAX_SEQ_LEN", default=8192, show_default=True, show_envvar=True),
+        click.option("--max-frame-bytes", envvar=f"{env}MAX_FRAME_BYTES", default=frames.Limits.max_frame_bytes,
+                     show_default=True, show_envvar=True),
+        click.option("--device", envvar=f"{env}DEVICE", default="cpu", show_default=True, show_envvar=True,
+                     help="torch device for the linear work (cpu, cuda, cuda:1)."),
+        click.option("--threads", envvar=f"{env}THREADS", type=int, show_envvar=True,
+                     help="torch CPU threads (default: torch's choice)."),
+        click.option("-v", "--verbose", is_flag=True, help="Log each connection to stderr."),
+    ]
+
+    def decorate(fn):
+        for opt in reversed(opts):
+            fn = opt(fn)
+        return fn
+    return decorate
+
+
+def _server_config(kw: dict, cert_home: str, **extra) -> tuple[server_mod.ServerConfig, object, str]:
+    """(config, TLS context, certificate fingerprint) from listener_options' values (taken out of ``kw``)."""
+    logging.basicConfig(level=logging.INFO if kw.pop("verbose") else logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(message)s")
+    cert, key = _server_cert(kw.pop("cert"), kw.pop("key"), cert_home)
+    ctx = tls.server_context(cert, key, kw.pop("client_ca"))
+    if kw.get("threads"):
+        torch_threads(kw["threads"])
+    kw.pop("threads")
+    limits = frames.Limits(max_frame_bytes=kw.pop("max_frame_bytes"))
+    return server_mod.ServerConfig(**kw, limits=limits, **extra), ctx, tls.fingerprint_of(cert)
+
+
+def _serve_forever(server, fp: str, as_json: bool, event: dict, human: str = "") -> None:
+    """Listen, print the listening event (the address and the fingerprint to pin), serve until interrupted."""
+    host, port = server.config.host, server.config.port
+
+    async def main():
+        try:  # bound before any nursery, so a taken port is one OSError, not an exception group
+            listeners = await server.listen()
+        except OSError as exc:
+            raise Failure(f"cannot listen on {host}:{port}: {exc.strerror or exc}", "listen") from None
+        async with trio.open_nursery() as nursery:
+            bound = await nursery.start(server.serve, listeners)
+            full = {"event": "listening", "host": host, "port": bound, "fingerprint": fp,
+                    "protocols": sorted(server.offered), "mutual_tls": server.ssl_context.verify_mode != ssl.CERT_NONE, **event}
+            _emit(full, as_json, human=f"shardlm {__version__}{' dealer' if full['role'] == 'dealer' else ''} listening on {host}:{bound}"
+                                       f"\nTLS fingerprint: {fp}\nprotocols: {', '.join(full['protocols'])}" + human)
+            sys.stdout.flush()
+
+    try:
+        trio.run(main)
+    except KeyboardInterrupt:
+        pass
+
+
 @cli.command()
-@click.option("--host", envvar="SHARDLM_HOST", default="127.0.0.1", show_default=True, show_envvar=True,
-              help="Address to bind; 0.0.0.0 to accept other hosts.")
-@click.option("--port", envvar="SHARDLM_PORT", default=9090, show_default=True, show_envvar=True,
-              help="TCP port (0 picks a free one).")
-@click.option("--cert", envvar="SHARDLM_CERT", show_envvar=True, type=click.Path(dir_okay=False),
-              help="Server certificate (default: a self-signed one kept in $SHARDLM_HOME/certs).")
-@click.option("--key", envvar="SHARDLM_KEY", show_envvar=True, type=click.Path(dir_okay=False),
-              help="Private key of --cert.")
-@click.option("--client-ca", envvar="SHARDLM_CLIENT_CA", show_envvar=True, type=click.Path(dir_okay=False),
-              help="Require client certificates signed by this CA (mutual TLS).")
-@click.option("--max-sessions", envvar="SHARDLM_MAX_SESSIONS", default=16, show_default=True, show_envvar=True)
-@click.option("--session-ttl", envvar="SHARDLM_SESSION_TTL_SECS", default=300.0, show_default=True,
-              show_envvar=True, help="Seconds a session may live.")
-@click.option("--handshake-timeout", envvar="SHARDLM_HANDSHAKE_TIMEOUT_SECS", default=10.0, show_default=True,
-              show_envvar=True, help="Seconds from connect to the first message.")
-@click.option("--idle-timeout", envvar="SHARDLM_IDLE_TIMEOUT_SECS", default=300.0, show_default=True,
-              show_envvar=True, help="Seconds a session may wait for the client (a frame trickled in counts as waiting).")
-@click.option("--send-timeout", envvar="SHARDLM_SEND_TIMEOUT_SECS", default=60.0, show_default=True,
-              show_envvar=True, help="Seconds one reply may take to leave: a client that stops reading is cut off.")
-@click.option("--compute-slots", envvar="SHARDLM_COMPUTE_SLOTS", default=1, show_default=True, show_envvar=True,
-              type=click.IntRange(1, 64), help="Products run at once across all sessions, in worker threads.")
-@click.option("--session-memory-mb", envvar="SHARDLM_SESSION_MEMORY_MB", default=1024, show_default=True,
-              show_envvar=True, type=click.IntRange(1), help="Working memory one request of a session may need.")
-@click.option("--max-seq-len", envvar="SHARDLM_MAX_SEQ_LEN", default=8192, show_default=True, show_envvar=True)
-@click.option("--max-frame-bytes", envvar="SHARDLM_MAX_FRAME_BYTES", default=frames.Limits.max_frame_bytes,
-              show_default=True, show_envvar=True)
-@click.option("--device", envvar="SHARDLM_DEVICE", default="cpu", show_default=True, show_envvar=True,
-              help="torch device for the server's linear work (cpu, cuda, cuda:1).")
+@listener_options("SHARDLM_", 9090, "certs")
 @click.option("--record-transcript", envvar="SHARDLM_RECORD_TRANSCRIPT", show_envvar=True,
               type=click.Path(file_okay=False), help="Record every received frame, per session, to this directory.")
 @click.option("-m", "--model", "model_spec", envvar="SHARDLM_MODEL", show_envvar=True,
               help="Model to serve: 'smollm2' or a path (HF directory or .gguf). Without it only the "
                    "model-free protocols (echo, ot) are offered.")
-@click.option("--threads", envvar="SHARDLM_THREADS", type=int, show_envvar=True,
-              help="torch CPU threads (default: torch's choice).")
 @click.option("--cc-provider", type=click.Choice(["software", "nvidia"]), default="software", show_default=True,
               envvar="SHARDLM_CC_PROVIDER", show_envvar=True,
               help="v3-cc attestation provider. software: a simulated TEE (protects against network observers and "
                    "unattested servers, not against the server's operator); nvidia: GPU CC mode, refused where absent.")
 @click.option("--cc-key", envvar="SHARDLM_CC_KEY", show_envvar=True, type=click.Path(dir_okay=False),
               help="Ed25519 seed file of the software provider (default: $SHARDLM_HOME/cc/software-ed25519.key).")
-@click.option("-v", "--verbose", is_flag=True, help="Log each connection to stderr.")
 @_json_option
 @_reports_errors
-def serve(host, port, cert, key, client_ca, max_sessions, session_ttl, handshake_timeout, idle_timeout,
-          send_timeout, compute_slots, session_memory_mb, max_seq_len, max_frame_bytes, device, record_transcript, model_spec, threads, cc_provider, cc_key, verbose,
-          as_json):
+def serve(record_transcript, model_spec, cc_provider, cc_key, as_json, **listener):
     """Run a server until interrupted.
 
     Prints the address and the certificate fingerprint clients must pin (with --json, one JSON
-    line when listening).
+    line when listening). A server never deals mask material (that is `shardlm dealer`, a
+    different party).
     """
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
-                        format="%(asctime)s %(name)s %(message)s")
-    cert, key = _server_cert(cert, key)
-    ctx = tls.server_context(cert, key, client_ca)
-    config = server_mod.ServerConfig(
-        host=host, port=port, max_sessions=max_sessions, session_ttl=session_ttl,
-        handshake_timeout=handshake_timeout, idle_timeout=idle_timeout, max_seq_len=max_seq_len,
-        send_timeout=send_timeout, compute_slots=compute_slots, session_memory_mb=session_memory_mb,
-        limits=frames.Limits(max_frame_bytes=max_frame_bytes), device=device, record_dir=record_transcript,
-        cc_provider=cc_provider, cc_key=cc_key,
-    )
-    if threads:
-        torch_threads(threads)
-    model = load_model_for_cli(model_spec, device, tokenizer=False) if model_spec else None
+    config, ctx, fp = _server_config(listener, "certs", record_dir=record_transcript, cc_provider=cc_provider,
+                                     cc_key=cc_key)
+    model = load_model_for_cli(model_spec, config.device, tokenizer=False) if model_spec else None
     server = server_mod.Server(config, ctx, model, protocols=registry.offered(model is not None))
-    fp = tls.fingerprint_of(cert)
     cc = None
     if "v3-cc" in server.offered:  # its provider's key and measurement, printed for clients to pin
         from .protocols.cc import service as cc_service
@@ -305,28 +348,38 @@ def serve(host, port, cert, key, client_ca, max_sessions, session_ttl, handshake
             cc = cc_service.server_cc(server).describe()
         except ProviderUnavailable as exc:  # e.g. --cc-provider nvidia without a GPU in CC mode
             raise Failure(str(exc), "cc_provider") from None
+    event = {"role": "server", "model": model.name if model else None, "model_fingerprint": server.fingerprint}
+    if cc:
+        event["cc"] = {k: cc[k] for k in ("provider", "simulated", "note", "key_fingerprint", "measurement")}
+    _serve_forever(server, fp, as_json, event, "\n" + "\n".join(cc_service.describe_lines(cc)) if cc else "")
 
-    async def main():
-        try:  # bound before any nursery, so a taken port is one OSError, not an exception group
-            listeners = await server.listen()
-        except OSError as exc:
-            raise Failure(f"cannot listen on {host}:{port}: {exc.strerror or exc}", "listen") from None
-        async with trio.open_nursery() as nursery:
-            bound = await nursery.start(server.serve, listeners)
-            event = {"event": "listening", "host": host, "port": bound, "fingerprint": fp,
-                     "protocols": sorted(server.offered), "mutual_tls": client_ca is not None,
-                     "model": model.name if model else None, "model_fingerprint": server.fingerprint}
-            if cc:
-                event["cc"] = {k: cc[k] for k in ("provider", "simulated", "note", "key_fingerprint", "measurement")}
-            _emit(event, as_json, human=f"shardlm {__version__} listening on {host}:{bound}\n"
-                                        f"TLS fingerprint: {fp}\nprotocols: {', '.join(event['protocols'])}"
-                                        + ("\n" + "\n".join(cc_service.describe_lines(cc)) if cc else ""))
-            sys.stdout.flush()
 
-    try:
-        trio.run(main)
-    except KeyboardInterrupt:
-        pass
+COLLUSION = ("The dealer and the server must not collude: the dealer knows every mask r it deals, so a dealer "
+             "that also sees the server's view (x - r) unmasks everything, the prompt included. Run it as a "
+             "different party from the server, with its own certificate.")
+
+
+@cli.command(help=f"""Deal mask material for v2/v3/v3-2r clients (`--offline dealer`) until interrupted.
+
+For each request it draws fresh masks r (CSPRNG) and returns their seeds with the exact products
+W r, so a client runs the private protocols without the weight matrices or the model's FLOPs.
+Every take is single-use (a replayed request is refused) and counted against the session's
+capacity (--max-seq-len rows per unit). Prints the address and the certificate fingerprint
+clients pin (with --json, one JSON line when listening).
+
+{COLLUSION}
+""")
+@listener_options("SHARDLM_DEALER_", 9091, "dealer-certs")
+@click.option("-m", "--model", "model_spec", envvar="SHARDLM_MODEL", show_envvar=True, required=True,
+              help="The model the clients and their server use: 'smollm2' or a path (HF directory or .gguf).")
+@_json_option
+@_reports_errors
+def dealer(model_spec, as_json, **listener):
+    config, ctx, fp = _server_config(listener, "dealer-certs")
+    model = load_model_for_cli(model_spec, config.device, tokenizer=False)
+    server = server_mod.Server(config, ctx, model, protocols=registry.dealing())
+    _serve_forever(server, fp, as_json, {"role": "dealer", "model": model.name, "model_fingerprint": server.fingerprint,
+                                         "warning": COLLUSION}, f"\nwarning: {COLLUSION}")
 
 
 # -- health / info -----------------------------------------------------------------------------
@@ -528,7 +581,7 @@ def _options_for(specs, given: dict) -> list[dict]:
 
 def _protocol_spec(name: str):
     try:
-        return registry.get(name)
+        return registry.generator(name)
     except spec.OptionError as exc:
         raise click.BadParameter(str(exc), param_hint="--protocol") from None
 

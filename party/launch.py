@@ -77,8 +77,9 @@ class ServerProcess:
 
 @contextlib.contextmanager
 def server(extra_args: Sequence[str] = (), *, cert_dir: str | Path | None = None, env: dict | None = None,
-           ready_timeout: float = READY_TIMEOUT, stderr=None) -> Iterator[ServerProcess]:
-    """Run ``shardlm serve --json --host 127.0.0.1 --port 0 --cert .. --key .. *extra_args``.
+           ready_timeout: float = READY_TIMEOUT, stderr=None, command: str = "serve") -> Iterator[ServerProcess]:
+    """Run ``shardlm serve --json --host 127.0.0.1 --port 0 --cert .. --key .. *extra_args``
+    (``command="dealer"``: a ``shardlm dealer``, the same way; see :func:`dealer`).
 
     ``cert_dir`` holds ``server.crt`` and ``server.key`` to serve (as ``shardlm certs --out``
     writes them); without it a fresh self-signed pair is made in a temporary directory, removed
@@ -96,7 +97,7 @@ def server(extra_args: Sequence[str] = (), *, cert_dir: str | Path | None = None
         else:
             fingerprint = tls.fingerprint_of(Path(cert_dir) / "server.crt")
         proc = subprocess.Popen(
-            [sys.executable, "-m", "shardlm.cli", "serve", "--json", "--host", "127.0.0.1", "--port", "0",
+            [sys.executable, "-m", "shardlm.cli", command, "--json", "--host", "127.0.0.1", "--port", "0",
              "--cert", str(Path(cert_dir) / "server.crt"), "--key", str(Path(cert_dir) / "server.key"),
              *extra_args],
             stdout=subprocess.PIPE, stderr=stderr, text=True, env=env,
@@ -105,6 +106,12 @@ def server(extra_args: Sequence[str] = (), *, cert_dir: str | Path | None = None
         launched = ServerProcess(proc, _listening_event(proc, deadline), fingerprint)
         _check_health(launched, deadline)
         yield launched
+
+
+def dealer(extra_args: Sequence[str] = (), **options) -> contextlib.AbstractContextManager[ServerProcess]:
+    """A ``shardlm dealer`` process (``extra_args`` must name its model: ``["-m", DIR]``), started and
+    checked as :func:`server` starts a server, with a certificate of its own."""
+    return server(extra_args, command="dealer", **options)
 
 
 def _listening_event(proc: subprocess.Popen, deadline: float) -> dict:

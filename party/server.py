@@ -104,6 +104,9 @@ class Server:
         missing = sorted(n for n, s in protocols.items() if s.needs_model and model is None)
         if missing:
             raise ValueError(f"protocols {', '.join(missing)} need a model")
+        if any(s.dealer for s in protocols.values()) and len(protocols) > 1:
+            # one process dealing masks and receiving x - r would unmask x: a dealer offers nothing else
+            raise ValueError(f"a dealer offers its dealer protocol alone, not with {', '.join(sorted(protocols))}")
         self.offered = dict(protocols)
         self.active = 0
         self.served = 0

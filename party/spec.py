@@ -95,7 +95,7 @@ class ProtocolClient(Protocol):
 @runtime_checkable
 class Implementation(Protocol):
     """What a protocol's implementation module provides: ``server_handler``; for a protocol that
-    generates text (``needs_model``) also ``client(spec, channel, model, *, prompt_tokens,
+    generates text (``runs_generation``) also ``client(spec, channel, model, *, prompt_tokens,
     max_tokens, session_id, progress, **declared_options) -> ProtocolClient`` (``session_id``:
     HELLO_OK's, for protocols that bind to the session). Optional, by name:
     ``server_info(spec, server, request) -> dict`` (merged into the protocol's INFO entry) and
@@ -114,6 +114,9 @@ class ProtocolSpec:
     module: str | None = None
     needs_model: bool = False
     options: tuple[Option, ...] = ()
+    # offered only by `shardlm dealer`, never by `serve`, and generates nothing: a server that
+    # dealt the masks would know r and could unmask every x - r it receives
+    dealer: bool = False
 
     @property
     def warning(self) -> str | None:
@@ -135,7 +138,7 @@ class ProtocolSpec:
 
     @property
     def runs_generation(self) -> bool:
-        return self.module is not None and self.needs_model
+        return self.module is not None and self.needs_model and not self.dealer
 
     def server_handler(self, session) -> ServerHandler | None:
         impl = self.implementation()
@@ -157,7 +160,7 @@ class ProtocolSpec:
     def client(self, channel, model, *, prompt_tokens: int, max_tokens: int, session_id: str,
                progress: Callable | None = None, options: dict | None = None) -> ProtocolClient:
         impl = self.implementation()
-        if impl is None or not self.needs_model:
+        if impl is None or not self.runs_generation:
             raise OptionError(f"protocol {self.name} does not generate text")
         return impl.client(self, channel, model, prompt_tokens=prompt_tokens, max_tokens=max_tokens,
                            session_id=session_id, progress=progress, **self.resolve_options(options))

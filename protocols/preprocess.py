@@ -171,6 +171,28 @@ class MaterialStore:
         return store
 
 
+def new_seed() -> bytes:
+    """A unit's mask seed, from the OS CSPRNG (its AES-CTR stream gives the mask rows)."""
+    return os.urandom(ring.MaskPRG.SEED_BYTES)
+
+
+def products(W, seed: bytes, start: int, n: int) -> torch.Tensor:
+    """``W r`` for rows ``start .. start+n`` of the masks expanded from ``seed``: (n, out) ring,
+    exact mod 2^64. A dealer may compute a unit's rows a slice at a time (protocols/dealer)."""
+    return W.matmul(ring.mask_rows(seed, start, n, W.in_dim)).cpu()
+
+
+def material_meta(dims: dict[str, tuple[int, int]], rows: dict[str, int], *, model_fingerprint: str, variant: str,
+                  fx: ring.FixedPoint, dealer_seconds: float, **extra) -> dict:
+    """A store's meta.json: what :meth:`MaterialStore.check_for` and :meth:`MaterialStore.load`
+    read; ``dims``: per unit (in, out)."""
+    return {
+        "model_fingerprint": model_fingerprint, "variant": variant, "fixed_point": dataclasses.asdict(fx),
+        "units": {name: {"in": i, "out": o, "rows": rows[name]} for name, (i, o) in dims.items()},
+        "created": time.time(), "dealer_seconds": dealer_seconds, **extra,
+    }
+
+
 def deal(
     units: dict[str, ring.RingMatrix],
     rows: dict[str, int],
@@ -185,14 +207,11 @@ def deal(
     pools = {}
     for i, (name, W) in enumerate(units.items()):
         n = rows[name]
-        seed = os.urandom(ring.MaskPRG.SEED_BYTES)
-        r = ring.mask_rows(seed, 0, n, W.in_dim)
-        pools[name] = Pool(seed, W.in_dim, W.matmul(r).cpu(), n)
+        seed = new_seed()
+        pools[name] = Pool(seed, W.in_dim, products(W, seed, 0, n), n)
         if progress is not None:
             progress(f"offline: mask material {i + 1}/{len(units)} units", i + 1 == len(units))
-    meta = {
-        "model_fingerprint": model_fingerprint, "variant": variant, "fixed_point": dataclasses.asdict(fx),
-        "units": {name: {"in": W.in_dim, "out": W.out_dim, "rows": rows[name]} for name, W in units.items()},
-        "created": time.time(), "dealer_seconds": time.perf_counter() - t0,
-    }
+    meta = material_meta({name: (W.in_dim, W.out_dim) for name, W in units.items()}, rows,
+                         model_fingerprint=model_fingerprint, variant=variant, fx=fx,
+                         dealer_seconds=time.perf_counter() - t0)
     return MaterialStore(meta, pools)

@@ -79,6 +79,9 @@ SPECS: tuple[ProtocolSpec, ...] = (
                  summary="whole model inside an attested enclave boundary (signed report over the client's nonce; "
                          "X25519 + XChaCha20-Poly1305 channel), 1 round/token; with the software provider: "
                          + SIMULATED_NOTE),
+    ProtocolSpec("dealer", private=True, needs_model=True, module="shardlm.protocols.dealer", dealer=True,
+                 summary="mask material (seeds and exact W r) for v2/v3/v3-2r clients, from a third party: offered "
+                         "only by `shardlm dealer`; the dealer and the server must not collude"),
     ProtocolSpec("split", private=False, needs_model=True, module="shardlm.protocols.split",
                  options=(SPLIT_LAYERS, JACOBI_BLOCK, JACOBI_ITERS),
                  summary="layer-split inference (client: embedding, first and last k blocks, head; server: the "
@@ -101,9 +104,24 @@ def generating() -> list[str]:
     return [s.name for s in SPECS if s.runs_generation]
 
 
+def generator(name: str) -> ProtocolSpec:
+    """The spec of ``name`` if it generates text; otherwise an :class:`OptionError` (`dealer`,
+    `echo` and `ot` are services, not ways to generate)."""
+    spec = get(name)
+    if not spec.runs_generation:
+        raise OptionError(f"protocol {name!r} does not generate text; choose from {', '.join(generating())}")
+    return spec
+
+
 def offered(has_model: bool) -> dict[str, ProtocolSpec]:
-    """The protocols a server can run: those needing a model only when it has one."""
-    return {s.name: s for s in SPECS if has_model or not s.needs_model}
+    """The protocols a server (`serve`) can run: those needing a model only when it has one, and
+    never the dealer's (whoever deals the masks must not be the one receiving x - r)."""
+    return {s.name: s for s in SPECS if (has_model or not s.needs_model) and not s.dealer}
+
+
+def dealing() -> dict[str, ProtocolSpec]:
+    """What `shardlm dealer` offers: the dealer protocol alone."""
+    return {s.name: s for s in SPECS if s.dealer}
 
 
 def options() -> list:
@@ -121,7 +139,7 @@ def parse_entry(text: str) -> tuple[str, ProtocolSpec, dict]:
     a declared option's name (``triples``, ``mpc_ranges``; dashes allowed), checked as the flag
     itself would be."""
     name, *pairs = text.split(":")
-    spec = get(name)
+    spec = generator(name)
     options = {}
     for pair in pairs:
         key, eq, value = pair.partition("=")

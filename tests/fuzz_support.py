@@ -89,6 +89,10 @@ def valid_bodies() -> dict[MsgType, dict]:
         MsgType.SPLIT_OPEN_OK: {"layers": [1, 3], "session_ttl_secs": 300.0},
         MsgType.SPLIT_FORWARD: {"start": 0, "h": hidden},
         MsgType.SPLIT_HIDDEN: {"h": hidden, "length": 2},
+        MsgType.DEAL_REQ: {"take": bytes(u8(16)), "model_fingerprint": "none", "variant": "v3",
+                           "rows": {"qkv": 3, "o": 2}},
+        MsgType.DEAL_PART: {"unit": "qkv", "seed": bytes(u8(32)), "start": 0, "wr": ring(2, OUT_DIM)},
+        MsgType.DEAL_OK: {"take": bytes(u8(16)), "rows": {"qkv": 2}, "dealer_seconds": 0.01},
     }
 
 
@@ -96,7 +100,7 @@ def body_checks() -> dict:
     """MsgType -> the receiver's check of a decoded body (raises ProtocolError), for every type
     whose receiver checks a schema; the session-dependent bounds are those of a tiny model."""
     from shardlm.party import handshake, server
-    from shardlm.protocols import masked, plain, registry, split
+    from shardlm.protocols import dealer, masked, plain, registry, split
     from shardlm.protocols.cc import service as cc
     from shardlm.protocols.mpc import service as mpc
     from shardlm.protocols.ot import embedding
@@ -122,6 +126,10 @@ def body_checks() -> dict:
         MsgType.CC_SEALED_OK: cc.CC_SEALED_OK.check,
         MsgType.SPLIT_OPEN: split.SPLIT_OPEN.check,
         MsgType.SPLIT_FORWARD: lambda b: split.SPLIT_FORWARD.check(b, hidden=HIDDEN),
+        MsgType.DEAL_REQ: dealer.DEAL_REQ.check,
+        MsgType.DEAL_PART: lambda b: dealer.DEAL_PART.check(b, units={"qkv": 2}, out_dim=lambda f: OUT_DIM,
+                                                            rows=lambda f: (1, 2 - f["start"])),
+        MsgType.DEAL_OK: dealer.DEAL_OK.check,
     }
     for t, shape in ring_shapes.items():
         checks[t] = lambda b, t=t, shape=shape: mpc.ring_tensor(t, b, shape)

@@ -19,7 +19,7 @@ def test_every_implementation_satisfies_the_contract():
             assert impl is None and s.name == "echo"
             continue
         assert isinstance(impl, spec_mod.Implementation), s.name
-        if s.needs_model:  # it generates text: it has a client, taking exactly its declared options
+        if s.runs_generation:  # it generates text: it has a client, taking exactly its declared options
             import inspect
 
             params = inspect.signature(impl.client).parameters

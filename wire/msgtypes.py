@@ -2,7 +2,7 @@
 
 Codes are stable (they appear in recorded transcripts and golden tests); add new ones at
 the end of a block, never renumber. 0x00xx: control, 0x01xx: session, 0x1xxx: protocols
-(0x10xx plain/v2/v3, 0x11xx OT, 0x12xx MPC, 0x13xx CC, 0x14xx split).
+(0x10xx plain/v2/v3, 0x11xx OT, 0x12xx MPC, 0x13xx CC, 0x14xx split, 0x15xx dealer).
 """
 
 from __future__ import annotations
@@ -57,6 +57,10 @@ class MsgType(enum.IntEnum):
     SPLIT_OPEN_OK = 0x1401  # server -> client: accepted range, session TTL
     SPLIT_FORWARD = 0x1410  # client -> server: hidden rows at position `start` (crops the server's KV cache to `start`)
     SPLIT_HIDDEN = 0x1411   # server -> client: hidden rows after the server's layers, its KV cache length
+    # dealer (0x15xx, protocols/dealer.py): a third party deals mask material; never offered by `serve`
+    DEAL_REQ = 0x1500       # client -> dealer: a fresh take id, model, variant and mask rows per unit
+    DEAL_PART = 0x1501      # dealer -> client: one unit's mask seed and W r for a slice of its rows
+    DEAL_OK = 0x1502        # dealer -> client: the take is complete (rows per unit, the dealer's compute time)
 
 
 def is_known(code: int) -> bool:

@@ -42,6 +42,20 @@ class Int:
 
 
 @dataclasses.dataclass(frozen=True)
+class Float:
+    lo: float | None = None
+    hi: float | None = None
+    default: Any = _MISSING
+
+    def check(self, what: str, v, dims):
+        # an int is a number too (msgpack sends 0.0 as a float, but a peer may send 0); nan fails both bounds
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
+        if not ok or (self.lo is not None and v < self.lo) or (self.hi is not None and v > self.hi):
+            raise _malformed(f"{what} must be a number in [{self.lo}, {self.hi}], got {v!r}")
+        return float(v)
+
+
+@dataclasses.dataclass(frozen=True)
 class Str:
     choices: tuple[str, ...] | str | None = None  # a tuple, or the name of a collection given to check
     default: Any = _MISSING
@@ -96,6 +110,26 @@ class Map:
 
     def check(self, what: str, v, dims):
         return self.schema.check(v)
+
+
+@dataclasses.dataclass(frozen=True)
+class Dict:
+    """A map whose keys and values each pass a field check (e.g. rows per unit: ``Dict(Str(choices=
+    "units"), Int(1))``), with between ``lo`` and ``hi`` entries."""
+
+    key: Any
+    value: Any
+    lo: int = 0
+    hi: int | str | None = None
+    default: Any = _MISSING
+
+    def check(self, what: str, v, dims):
+        hi = dims(self.hi) if isinstance(self.hi, str) else self.hi
+        if not isinstance(v, dict) or len(v) < self.lo or (hi is not None and len(v) > hi):
+            raise _malformed(f"{what} must be a map of {self.lo} to {hi if hi is not None else 'any number of'} "
+                             f"entries, got {type(v).__name__ if not isinstance(v, dict) else f'{len(v)} entries'}")
+        return {self.key.check(f"{what} key", k, dims): self.value.check(f"{what}[{k!r}]", x, dims)
+                for k, x in v.items()}
 
 
 @dataclasses.dataclass(frozen=True)
