@@ -183,6 +183,8 @@ def cli(debug):
 
     Start a server with `shardlm serve`, then `generate` or `chat` against it (`health` and
     `info` check it; `bench` compares protocols). `shardlm demo` does both on loopback.
+    `shardlm dealer` is an optional third party dealing the clients' mask material; it and the
+    server must not collude (a dealer that sees the server's view unmasks everything).
     Errors are one line (with --json: {"error", "code"}); exit status 1 when an operation
     fails, 2 for bad usage.
     """
@@ -283,9 +285,9 @@ def _server_config(kw: dict, cert_home: str, **extra) -> tuple[server_mod.Server
                         format="%(asctime)s %(name)s %(message)s")
     cert, key = _server_cert(kw.pop("cert"), kw.pop("key"), cert_home)
     ctx = tls.server_context(cert, key, kw.pop("client_ca"))
-    if kw.get("threads"):
-        torch_threads(kw["threads"])
-    kw.pop("threads")
+    threads = kw.pop("threads")
+    if threads:
+        torch_threads(threads)
     limits = frames.Limits(max_frame_bytes=kw.pop("max_frame_bytes"))
     return server_mod.ServerConfig(**kw, limits=limits, **extra), ctx, tls.fingerprint_of(cert)
 

@@ -39,17 +39,16 @@ from ..wire import tls
 from ..wire.errors import ErrorCode, ProtocolError
 from ..wire.msgtypes import MsgType
 from ..wire.schema import Bytes, Dict, Float, Int, Schema, Str, Tensor
-from . import preprocess
+from . import preprocess, ring
 from .units import FIXED_POINT, FUSED, matrices_for, units_for
 
 VARIANTS = tuple(FUSED)  # the masked protocols: v2, v3, v3-2r
 TAKE_BYTES = 16
-SEED_BYTES = 32
 PART_BYTES = 4 << 20
 
 DEAL_REQ = Schema("DEAL_REQ", take=Bytes(TAKE_BYTES), model_fingerprint=Str(), variant=Str(choices=VARIANTS),
                   rows=Dict(Str(), Int(1), lo=1))
-DEAL_PART = Schema("DEAL_PART", unit=Str(choices="units"), seed=Bytes(SEED_BYTES), start=Int(0),
+DEAL_PART = Schema("DEAL_PART", unit=Str(choices="units"), seed=Bytes(ring.MaskPRG.SEED_BYTES), start=Int(0),
                    wr=Tensor("int64", ("rows", "out_dim")))
 DEAL_OK = Schema("DEAL_OK", take=Bytes(TAKE_BYTES), rows=Dict(Str(), Int(1)), dealer_seconds=Float(0.0))
 

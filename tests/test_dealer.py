@@ -59,8 +59,11 @@ def _assert_exact(store, model, variant, rows):
 def test_the_dealer_deals_exact_products_for_the_rows_asked(tiny, dealer_proc, variant):
     _, model = tiny
     rows = units.rows_needed(units.units_for(model.plan, variant), 7, 5)
-    store = _fetch(dealer_proc, model, variant, rows)
+    said = []
+    store = _fetch(dealer_proc, model, variant, rows, progress=lambda msg, last: said.append((msg, last)))
     _assert_exact(store, model, variant, rows)
+    assert len(said) == len(rows) and said[-1] == (f"offline: mask material from the dealer {len(rows)}/{len(rows)} "
+                                                   "units", True) and not any(last for _, last in said[:-1])
     store.check_for(model.fingerprint(), variant, units.FIXED_POINT)
     assert store.meta["source"] == "dealer" and store.meta["dealer_seconds"] > 0
     assert store.meta["dealer_fingerprint"] == dealer_proc.fingerprint
@@ -287,3 +290,13 @@ async def _inprocess_dealer(tmp_path, model):
         port = await nursery.start(server.serve)
         yield ClientConfig(server=f"127.0.0.1:{port}", fingerprint=tls.fingerprint_of(crt), timeout=10)
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.slow
+def test_smollm2_material_from_a_dealer_process_is_exact(smollm2):
+    # the real shapes: the 49152-wide head arrives in several slices (10 rows of 393 KB each)
+    rows = units.rows_needed(units.units_for(smollm2.plan, "v3"), 3, 12)
+    assert rows["lm_head"] == 12
+    with launch.dealer(["-m", "smollm2", "--threads", "1"]) as proc:
+        store = _fetch(proc, smollm2, "v3", rows)
+    _assert_exact(store, smollm2, "v3", rows)
