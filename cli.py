@@ -683,11 +683,21 @@ def chat(model_spec, protocol, max_tokens, temperature, top_k, top_p, seed, syst
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Store directory (holds secret mask seeds: keep it on the client).")
 @click.option("--threads", type=int, envvar="SHARDLM_THREADS", show_envvar=True)
+@_click_option(registry.OFFLINE)
+@_click_option(registry.DEALER)
+@_click_option(registry.DEALER_FINGERPRINT)
+@client_options
 @_json_option
 @_reports_errors
-def preprocess(model_spec, protocol, tokens, out_dir, threads, as_json):
+def preprocess(model_spec, protocol, tokens, out_dir, threads, offline_mode, dealer, dealer_fingerprint,
+               client_config, as_json):
     """The offline phase, ahead of time: single-use mask material for one generation of up to
-    --tokens positions. Pass it to `generate --material`; a second use is refused."""
+    --tokens positions. Pass it to `generate --material`; a second use is refused.
+
+    --offline client (default) computes the products here with the model's weights; --offline he
+    has the server at --server compute them on masks encrypted under a key made here (the
+    server learns nothing of the masks); --offline dealer fetches them from a `shardlm dealer`
+    (which must not collude with the server)."""
     if Path(out_dir, "meta.json").exists():
         raise Failure(f"{out_dir} already holds material; use a new directory", "exists")
     if threads:
@@ -695,12 +705,20 @@ def preprocess(model_spec, protocol, tokens, out_dir, threads, as_json):
     model = load_model_for_cli(model_spec)
     proto = registry.get(protocol)
     t0 = time.perf_counter()
-    store = proto.hook("deal")(proto, model, tokens, progress=_progress_printer(not as_json))
+    progress = _progress_printer(not as_json)
+    costs = {}
+    if offline_mode == "client":
+        store = proto.hook("deal")(proto, model, tokens, progress=progress)
+    else:
+        store, costs = trio.run(functools.partial(
+            proto.hook("deal_remote"), proto, model, tokens, offline_mode=offline_mode, client_config=client_config(),
+            dealer=dealer, dealer_fingerprint=dealer_fingerprint, progress=progress))
     store.save(out_dir)
     ms = (time.perf_counter() - t0) * 1e3
     size = sum(f.stat().st_size for f in Path(out_dir).iterdir())
     result = {"store": out_dir, "protocol": protocol, "tokens": tokens, "units": len(store.meta["units"]),
-              "offline_ms": ms, "bytes": size, "model_fingerprint": model.fingerprint()}
+              "offline_ms": ms, "bytes": size, "model_fingerprint": model.fingerprint(),
+              "offline": {"mode": offline_mode, **costs}}
     _emit(result, as_json, human=f"wrote {size / 1e6:.1f} MB of mask material for {tokens} positions "
                                  f"({protocol}) to {out_dir} in {ms:.0f} ms")
 

@@ -153,3 +153,19 @@ def rows_needed(units: dict[str, Unit], prompt_tokens: int, max_tokens: int) -> 
     several)."""
     body = prompt_tokens + max(max_tokens - 1, 0)
     return {name: (forwards(prompt_tokens, max_tokens) if u.head else body) for name, u in units.items()}
+
+
+def blocks(unit: Unit) -> list[tuple[int, int, int, int]]:
+    """The plain products inside a unit as (in start, in len, out start, out len): one for a plain
+    or fused unit; for a composite, ComposedMatrix's two: [first; cross] on ``a``, T on ``res``.
+    Known from the plan alone (a client without weights knows them)."""
+    comp = unit.composite
+    if comp is None:
+        return [(0, unit.in_dim, 0, unit.out_dim)]
+    a_out = unit.out_dim - (unit.out_dim - comp.first.out_dim) // 2
+    return [(0, comp.first.in_dim, 0, a_out), (comp.first.in_dim, comp.first.out_dim, a_out, unit.out_dim - a_out)]
+
+
+def block_matrices(matrix) -> list[ring.RingMatrix]:
+    """The server's ring matrices of a unit's blocks (in :func:`blocks` order)."""
+    return [matrix.a_side, matrix.t] if isinstance(matrix, ComposedMatrix) else [matrix]

@@ -2,7 +2,8 @@
 
 Codes are stable (they appear in recorded transcripts and golden tests); add new ones at
 the end of a block, never renumber. 0x00xx: control, 0x01xx: session, 0x1xxx: protocols
-(0x10xx plain/v2/v3, 0x11xx OT, 0x12xx MPC, 0x13xx CC, 0x14xx split).
+(0x10xx plain/v2/v3, 0x11xx OT, 0x12xx MPC, 0x13xx CC, 0x14xx split, 0x15xx dealer,
+0x16xx HE).
 """
 
 from __future__ import annotations
@@ -57,6 +58,11 @@ class MsgType(enum.IntEnum):
     SPLIT_OPEN_OK = 0x1401  # server -> client: accepted range, session TTL
     SPLIT_FORWARD = 0x1410  # client -> server: hidden rows at position `start` (crops the server's KV cache to `start`)
     SPLIT_HIDDEN = 0x1411   # server -> client: hidden rows after the server's layers, its KV cache length
+    # --offline he (0x16xx): the server multiplies the client's encrypted masks (protocols/he)
+    HE_SETUP = 0x1600       # client -> server: the BFV parameter set (no key of any kind)
+    HE_SETUP_OK = 0x1601    # server -> client: accepted (empty)
+    HE_PRODUCT = 0x1610     # client -> server: a unit block's row count and its mask limbs' ciphertexts
+    HE_PRODUCT_OK = 0x1611  # server -> client: the product ciphertexts and the server's CPU time
 
 
 def is_known(code: int) -> bool:
