@@ -294,6 +294,9 @@ def serve(host, port, cert, key, client_ca, max_sessions, session_ttl, handshake
     if threads:
         torch_threads(threads)
     model = load_model_for_cli(model_spec, device, tokenizer=False) if model_spec else None
+    if model is not None and model.client_only:
+        raise Failure(f"{model_spec} is an export-client directory (no linear weight matrices): a server needs the "
+                      f"full model", "model")
     server = server_mod.Server(config, ctx, model, protocols=registry.offered(model is not None))
     fp = tls.fingerprint_of(cert)
     cc = None
@@ -865,6 +868,40 @@ def demo(model_spec, protocol, prompt, max_tokens, as_json):
 from .models.commands import models  # noqa: E402
 
 cli.add_command(models)
+
+
+@models.command("export-client")
+@click.argument("out_dir", metavar="DIR", type=click.Path(file_okay=False))
+@click.option("-m", "--model", "model_spec", default="smollm2", show_default=True, envvar="SHARDLM_MODEL",
+              show_envvar=True, help="The full model ('smollm2' or a path) whose client part to write.")
+@click.option("--no-embedding", is_flag=True,
+              help="Leave out the token embedding table as well; the client then needs --embedding ot.")
+@_json_option
+@_reports_errors
+def export_client(out_dir, model_spec, no_embedding, as_json):
+    """Write to DIR (new or empty) the part of a model a private client needs when it does not
+    make its own mask material: config, tokenizer, norm gains, biases, learned positions, the
+    token embedding table, the public encodings it decodes v2/v3/v3-2r products with, and the
+    full model's fingerprint. No linear weight matrix (a tied LM head is kept only as the
+    embedding table).
+
+    Only useful with --offline he or --offline dealer, where the server (under HE) or a dealer
+    computes the W r the client needs: pass DIR as the client's -m. Whatever needs the weights
+    on the client is refused: --offline client, --verify, v3-mpc, split, --local. A server
+    needs the full model.
+    """
+    from .protocols.export import export_client as export
+
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise Failure(f"{out_dir} already holds files; use a new or empty directory", "exists")
+    model = load_model_for_cli(model_spec)
+    result = export(model, out, embedding=not no_embedding, progress=_progress_printer(not as_json))
+    result["model"] = model.name
+    what = "no linear weight matrices" + ("" if result["embedding"] else ", no embedding table")
+    _emit(result, as_json, human=f"wrote {result['bytes'] / 1e6:.1f} MB to {out_dir}: the client part of "
+                                 f"{model.name} ({what})\nmodel fingerprint: {result['model_fingerprint']}")
+
 
 def main():
     """Run the CLI. Bad usage (click's checks and ours) exits 2, as JSON with --json; an

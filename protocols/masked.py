@@ -33,6 +33,7 @@ import time
 import torch
 import trio
 
+from ..models.config import ModelError
 from ..models.executor import forward_steps, run_async
 from ..party.generation import PREFILL_CHUNK
 from ..models.reference import Reference
@@ -331,6 +332,12 @@ def client(spec, channel, model, *, prompt_tokens: int, max_tokens: int, progres
     long prompt's later chunks are obtained as the prefill reaches them, so the material held at
     once follows the chunk, not the prompt). ``verify``: check every reply (protocols/verify.py);
     its keys count as offline time."""
+    if verify and model.client_only:  # refused before any material is claimed
+        raise ModelError(f"--verify checks replies against U W, which needs the linear weight matrices; {model.source} "
+                         f"is an export-client directory without them: run without --verify, or from the full model")
+    if offline_mode == "client" and model.client_only and not material:
+        raise ModelError(f"--offline client computes W r with the linear weight matrices; {model.source} is an "
+                         f"export-client directory without them: use --offline he or --offline dealer")
     t0 = time.perf_counter()
     if material:
         store = preprocess.MaterialStore.load(material)

@@ -14,6 +14,7 @@ import dataclasses
 
 import torch
 
+from ..models.config import ModelError
 from ..models.plan import Composite, Linear, Plan
 from ..party.generation import forwards
 from . import ring
@@ -131,7 +132,13 @@ def encoding_for(model, variant: str) -> dict[str, list[tuple[torch.Tensor, int]
     """Per unit, per product part: the public row scales (to decode products) and the largest
     row L1 norm of the integer weights the server multiplies by (the fractional bits keep every
     product entry below 2^62 with it, ring.FixedPoint.bits_for: no wrap past 2^63, and
-    protocols/verify's bound). One part for a plain or fused unit, three for a composed one."""
+    protocols/verify's bound). One part for a plain or fused unit, three for a composed one.
+    A client-only model (models/client_dir.py) has them stored, as its full model made them."""
+    if model.client_only:
+        if variant not in model.stored_encodings:
+            raise ModelError(f"{model.source}: the export-client directory holds no encodings for {variant}")
+        return model.stored_encodings[variant]
+
     def make():
         out = {}
         matrices = matrices_for(model, variant) if variant in PRECOMPOSED else {}
