@@ -340,6 +340,9 @@ def serve(record_transcript, model_spec, cc_provider, cc_key, as_json, **listene
     config, ctx, fp = _server_config(listener, "certs", record_dir=record_transcript, cc_provider=cc_provider,
                                      cc_key=cc_key)
     model = load_model_for_cli(model_spec, config.device, tokenizer=False) if model_spec else None
+    if model is not None and model.client_only:
+        raise Failure(f"{model_spec} is an export-client directory (no linear weight matrices): a server needs the "
+                      f"full model", "model")
     server = server_mod.Server(config, ctx, model, protocols=registry.offered(model is not None))
     cc = None
     if "v3-cc" in server.offered:  # its provider's key and measurement, printed for clients to pin
@@ -379,6 +382,9 @@ clients pin (with --json, one JSON line when listening).
 def dealer(model_spec, as_json, **listener):
     config, ctx, fp = _server_config(listener, "dealer-certs")
     model = load_model_for_cli(model_spec, config.device, tokenizer=False)
+    if model.client_only:
+        raise Failure(f"{model_spec} is an export-client directory (no linear weight matrices): a dealer computes "
+                      f"W r and needs the full model", "model")
     server = server_mod.Server(config, ctx, model, protocols=registry.dealing())
     _serve_forever(server, fp, as_json, {"role": "dealer", "model": model.name, "model_fingerprint": server.fingerprint,
                                          "warning": COLLUSION}, f"\nwarning: {COLLUSION}")
@@ -738,11 +744,21 @@ def chat(model_spec, protocol, max_tokens, temperature, top_k, top_p, seed, syst
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Store directory (holds secret mask seeds: keep it on the client).")
 @click.option("--threads", type=int, envvar="SHARDLM_THREADS", show_envvar=True)
+@_click_option(registry.OFFLINE)
+@_click_option(registry.DEALER)
+@_click_option(registry.DEALER_FINGERPRINT)
+@client_options
 @_json_option
 @_reports_errors
-def preprocess(model_spec, protocol, tokens, out_dir, threads, as_json):
+def preprocess(model_spec, protocol, tokens, out_dir, threads, offline_mode, dealer, dealer_fingerprint,
+               client_config, as_json):
     """The offline phase, ahead of time: single-use mask material for one generation of up to
-    --tokens positions. Pass it to `generate --material`; a second use is refused."""
+    --tokens positions. Pass it to `generate --material`; a second use is refused.
+
+    --offline client (default) computes the products here with the model's weights; --offline he
+    has the server at --server compute them on masks encrypted under a key made here (the
+    server learns nothing of the masks); --offline dealer fetches them from a `shardlm dealer`
+    (which must not collude with the server)."""
     if Path(out_dir, "meta.json").exists():
         raise Failure(f"{out_dir} already holds material; use a new directory", "exists")
     if threads:
@@ -750,12 +766,20 @@ def preprocess(model_spec, protocol, tokens, out_dir, threads, as_json):
     model = load_model_for_cli(model_spec)
     proto = registry.get(protocol)
     t0 = time.perf_counter()
-    store = proto.hook("deal")(proto, model, tokens, progress=_progress_printer(not as_json))
+    progress = _progress_printer(not as_json)
+    costs = {}
+    if offline_mode == "client":
+        store = proto.hook("deal")(proto, model, tokens, progress=progress)
+    else:
+        store, costs = trio.run(functools.partial(
+            proto.hook("deal_remote"), proto, model, tokens, offline_mode=offline_mode, client_config=client_config(),
+            dealer=dealer, dealer_fingerprint=dealer_fingerprint, progress=progress))
     store.save(out_dir)
     ms = (time.perf_counter() - t0) * 1e3
     size = sum(f.stat().st_size for f in Path(out_dir).iterdir())
     result = {"store": out_dir, "protocol": protocol, "tokens": tokens, "units": len(store.meta["units"]),
-              "offline_ms": ms, "bytes": size, "model_fingerprint": model.fingerprint()}
+              "offline_ms": ms, "bytes": size, "model_fingerprint": model.fingerprint(),
+              "offline": {"mode": offline_mode, **costs}}
     _emit(result, as_json, human=f"wrote {size / 1e6:.1f} MB of mask material for {tokens} positions "
                                  f"({protocol}) to {out_dir} in {ms:.0f} ms")
 
@@ -902,6 +926,40 @@ def demo(model_spec, protocol, prompt, max_tokens, as_json):
 from .models.commands import models  # noqa: E402
 
 cli.add_command(models)
+
+
+@models.command("export-client")
+@click.argument("out_dir", metavar="DIR", type=click.Path(file_okay=False))
+@click.option("-m", "--model", "model_spec", default="smollm2", show_default=True, envvar="SHARDLM_MODEL",
+              show_envvar=True, help="The full model ('smollm2' or a path) whose client part to write.")
+@click.option("--no-embedding", is_flag=True,
+              help="Leave out the token embedding table as well; the client then needs --embedding ot.")
+@_json_option
+@_reports_errors
+def export_client(out_dir, model_spec, no_embedding, as_json):
+    """Write to DIR (new or empty) the part of a model a private client needs when it does not
+    make its own mask material: config, tokenizer, norm gains, biases, learned positions, the
+    token embedding table, the public encodings it decodes v2/v3/v3-2r products with, and the
+    full model's fingerprint. No linear weight matrix (a tied LM head is kept only as the
+    embedding table).
+
+    Only useful with --offline he or --offline dealer, where the server (under HE) or a dealer
+    computes the W r the client needs: pass DIR as the client's -m. Whatever needs the weights
+    on the client is refused: --offline client, --verify, v3-mpc, split, --local. A server
+    needs the full model.
+    """
+    from .protocols.export import export_client as export
+
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise Failure(f"{out_dir} already holds files; use a new or empty directory", "exists")
+    model = load_model_for_cli(model_spec)
+    result = export(model, out, embedding=not no_embedding, progress=_progress_printer(not as_json))
+    result["model"] = model.name
+    what = "no linear weight matrices" + ("" if result["embedding"] else ", no embedding table")
+    _emit(result, as_json, human=f"wrote {result['bytes'] / 1e6:.1f} MB to {out_dir}: the client part of "
+                                 f"{model.name} ({what})\nmodel fingerprint: {result['model_fingerprint']}")
+
 
 def main():
     """Run the CLI. Bad usage (click's checks and ours) exits 2, as JSON with --json; an

@@ -12,7 +12,8 @@ from .fetch import KNOWN, fetch, list_cached, shardlm_home
 
 @click.group("models")
 def models() -> None:
-    """Model cache: fetch the default model, list what is cached (under $SHARDLM_HOME)."""
+    """Model cache: fetch the default model, list what is cached (under $SHARDLM_HOME); write a
+    model's client part without its weight matrices (export-client)."""
 
 
 @models.command("fetch")

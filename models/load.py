@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from . import client_dir
 from .config import ModelConfig, ModelError, config_from_hf, read_config_json
 from .fetch import KNOWN, fetch
 from .plan import Plan, build_plan
@@ -35,6 +36,10 @@ class Model:
     source: Path | None = None
     _fingerprint: str | None = field(default=None, repr=False)
     _derived: dict = field(default_factory=dict, repr=False)
+    # An export-client directory (models/client_dir.py): no linear weight matrix, the full model's
+    # fingerprint, and the public per-unit encodings of each masked variant, as stored there.
+    client_only: bool = False
+    stored_encodings: dict | None = field(default=None, repr=False)
 
     @property
     def eos_ids(self) -> tuple[int, ...]:
@@ -197,12 +202,22 @@ def load_gguf(path: Path, device: str = "cpu", progress: bool = False) -> Model:
     return assemble(path.stem, config_from_hf(cfg), hf, tok, path, device)
 
 
+def load_client_dir(d: Path, device: str = "cpu") -> Model:
+    """A client-only model (``client_only``): no linear weight, the full model's fingerprint."""
+    e = client_dir.read(d, device)
+    return Model(e.name, e.config, e.weights, e.tokenizer, e.plan, d, _fingerprint=e.fingerprint, client_only=True,
+                 stored_encodings=e.encodings)
+
+
 def load_model(spec: str, device: str = "cpu") -> Model:
-    """`spec`: "smollm2" (fetched and converted on first use), an HF directory, or a .gguf file."""
+    """`spec`: "smollm2" (fetched and converted on first use), an HF directory, a .gguf file, or
+    an export-client directory (a client-only model: models/client_dir.py)."""
     if spec in KNOWN:
         return load_hf_dir(fetch(spec), device, name=spec)
     path = Path(spec).expanduser()
     if path.is_dir():
+        if client_dir.is_client_dir(path):
+            return load_client_dir(path, device)
         return load_hf_dir(path, device)
     if path.is_file():
         if path.suffix.lower() == ".gguf":

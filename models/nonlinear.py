@@ -33,9 +33,14 @@ def norm_linear(pre: torch.Tensor, x: torch.Tensor, norm: Norm, op: Linear, weig
     else:
         mu = x.mean(-1, keepdim=True)
         inv = torch.rsqrt(x.var(-1, unbiased=False, keepdim=True) + norm.eps)
-        w_gain, w_bias = _layer_norm_terms(weights[op.weight], norm, weights)
+        w_gain, w_bias = layer_norm_terms(op, norm, weights)
         out = (pre - mu * w_gain) * inv + w_bias
     return out + weights[op.bias] if op.bias else out
+
+
+def layer_norm_term_names(op: Linear) -> tuple[str, str]:
+    """Where a client export (models/client_dir.py) keeps ``op``'s (W g, W beta): it holds no W."""
+    return f"{op.name}.norm_gain", f"{op.name}.norm_bias"
 
 
 # (W g, W beta) per (linear weight tensor, norm): constants a decode step must not recompute.
@@ -43,7 +48,13 @@ def norm_linear(pre: torch.Tensor, x: torch.Tensor, norm: Norm, op: Linear, weig
 _LN_TERMS: dict[tuple[int, str], tuple] = {}
 
 
-def _layer_norm_terms(w: torch.Tensor, norm: Norm, weights) -> tuple[torch.Tensor, torch.Tensor]:
+def layer_norm_terms(op: Linear, norm: Norm, weights) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(W g, W beta)`` of ``op`` after the LayerNorm ``norm``: stored in a client export,
+    else made from ``W`` once per weight tensor."""
+    gain, bias = layer_norm_term_names(op)
+    if gain in weights:
+        return weights[gain], weights[bias]
+    w = weights[op.weight]
     hit = _LN_TERMS.get((id(w), norm.name))
     if hit is None or hit[0]() is not w:
         hit = _LN_TERMS[(id(w), norm.name)] = (weakref.ref(w), w @ weights[norm.weight], w @ weights[norm.bias])

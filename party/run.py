@@ -31,6 +31,7 @@ class RunReport:
     protocol_stats: dict = dataclasses.field(default_factory=dict)  # a protocol's own counters (e.g. triples)
     verification: dict | None = None  # --verify: replies checked, setup_ms (within offline_ms), check_ms
     material_dealt_ms: float | None = None  # --material: the store's dealing time, ahead of this run
+    offline: dict | None = None  # masked protocols: --offline mode and its costs (client/server CPU seconds, ...)
 
     def as_dict(self, tokenizer=None) -> dict:
         r = self.result
@@ -62,6 +63,8 @@ class RunReport:
             out["protocol_stats"] = self.protocol_stats
         if self.material_dealt_ms is not None:
             out["material_dealt_ms"] = self.material_dealt_ms
+        if self.offline is not None:
+            out["offline"] = dict(self.offline)
         if not self.private:
             out["warning"] = self.warning or "NOT PRIVATE"
         if tokenizer is not None:
@@ -167,4 +170,5 @@ async def run_generation(cfg: ClientConfig, model, spec: ProtocolSpec, prompt_id
                      list(getattr(client, "notes", [])), warning=spec.warning,
                      protocol_stats=dict(getattr(client, "protocol_stats", {})),
                      verification=getattr(client, "verification", None),
-                     material_dealt_ms=getattr(client, "material_dealt_ms", None))
+                     material_dealt_ms=getattr(client, "material_dealt_ms", None),
+                     offline=getattr(client, "offline", None))

@@ -137,7 +137,7 @@ async def fetch(address: str, fingerprint: str | None, *, model_fingerprint: str
     _refuse_server(fingerprint, server_fingerprint)
     take = secrets.token_bytes(TAKE_BYTES)
     async with connect(ClientConfig(server=address, fingerprint=fingerprint, timeout=timeout)) as conn:
-        dealer_fp = tls.fingerprint_der(conn.channel.stream.getpeercert(binary_form=True))  # the pinned one
+        dealer_fp = tls.peer_fingerprint(conn.channel.stream)  # the pinned one
         await conn.open_session("dealer", model_fingerprint, max(rows.values()))
         conn.channel.recv_timeout = timeout
         await conn.channel.send(MsgType.DEAL_REQ, {"take": take, "model_fingerprint": model_fingerprint,

@@ -33,32 +33,37 @@ import time
 import torch
 import trio
 
+from ..models.config import ModelError
 from ..models.executor import forward_steps, run_async
 from ..party.generation import PREFILL_CHUNK
 from ..models.reference import Reference
 from ..models.plan import Composite, Linear
+from ..party.client import connect
+from ..party.handshake import capacity_bucket
+from ..party.spec import OptionError
+from ..wire.errors import ErrorCode, ProtocolError
 from ..wire.msgtypes import MsgType
+from ..wire.tls import peer_fingerprint
 from ..wire.schema import Schema, Str, Tensor
-from . import preprocess, ring
+from . import offline, preprocess, ring
+from .he import bfv
+from .he import service as he
 from .ot import embedding
-from .units import FIXED_POINT, FUSED, PRECOMPOSED, encoding_for, matrices_for, rows_needed, units_for
+from .units import (FIXED_POINT, FUSED, PRECOMPOSED, block_matrices, blocks, encoding_for, matrices_for, rows_needed,
+                    units_for)
 from .verify import VerificationError, Verifier
 
 
-def _deal(model, variant: str, rows: dict[str, int], progress=None) -> preprocess.MaterialStore:
-    return preprocess.deal(matrices_for(model, variant), rows, model_fingerprint=model.fingerprint(),
-                           variant=variant, fx=FIXED_POINT, progress=progress)
-
-
 def deal_for(model, variant: str, prompt_tokens: int, max_tokens: int, progress=None) -> preprocess.MaterialStore:
-    """The client's dealer: material for generations of up to this shape."""
-    return _deal(model, variant, rows_needed(units_for(model.plan, variant), prompt_tokens, max_tokens), progress)
+    """The client's own dealing (``--offline client``): material for generations of up to this shape."""
+    return offline.deal_locally(model, variant, rows_needed(units_for(model.plan, variant), prompt_tokens, max_tokens),
+                                progress)
 
 
-def deal_chunk(model, variant: str, positions: int) -> preprocess.MaterialStore:
-    """Material for one later prefill chunk (its rows of every body unit, one head row), made
-    when the chunk runs, so the client never holds a long prompt's material at once."""
-    return _deal(model, variant, {name: 1 if u.head else positions for name, u in units_for(model.plan, variant).items()})
+def chunk_rows(model, variant: str, positions: int) -> dict[str, int]:
+    """The rows of one later prefill chunk (every body unit's positions, one head row): dealt when
+    the chunk runs, so the client never holds a long prompt's material at once."""
+    return {name: 1 if u.head else positions for name, u in units_for(model.plan, variant).items()}
 
 
 # -- server --------------------------------------------------------------------------------------
@@ -88,7 +93,7 @@ class MaskedServerHandler:
     one row per forward; so no session can ask for more products than a generation of its
     declared length needs."""
 
-    message_types = frozenset({MsgType.MASKED_LINEAR, MsgType.OT_EMB_REQ})
+    message_types = frozenset({MsgType.MASKED_LINEAR, MsgType.OT_EMB_REQ, MsgType.HE_SETUP, MsgType.HE_PRODUCT})
 
     def __init__(self, session, variant: str):
         self.session = session
@@ -96,9 +101,13 @@ class MaskedServerHandler:
         self.units = units_for(session.server.model.plan, variant)
         self.matrices = None  # built (once per process) on first use, off the event loop
         self.ot_sender = None
+        self.he_ready = False  # --offline he: after HE_SETUP agreed on the parameters
 
     async def handle(self, msg) -> None:
         server = self.session.server
+        if msg.type in (MsgType.HE_SETUP, MsgType.HE_PRODUCT):
+            await self._handle_he(msg)
+            return
         if msg.type == MsgType.OT_EMB_REQ:  # --embedding ot: rows by 1-of-V OT, ids never sent
             request = embedding.OT_EMB_REQ.check(msg.body)
             self.session.charge("embedding rows", request["count"])
@@ -122,24 +131,73 @@ class MaskedServerHandler:
         await self.session.channel.send(MsgType.MASKED_LINEAR_OK, {"y": y.numpy()})
 
 
+    async def _handle_he(self, msg) -> None:
+        """``--offline he``: products of the client's encrypted masks (protocols/he/service.py),
+        in a worker thread; one request at a time per session (the session's loop awaits it),
+        its rows charged to the session's capacity per unit block like online rows."""
+        server = self.session.server
+        if msg.type == MsgType.HE_SETUP:
+            params = he.HE_SETUP.check(msg.body)["params"]
+            if params != bfv.parameters():
+                raise ProtocolError(ErrorCode.MALFORMED, f"HE parameters differ from this server's: BFV with N={bfv.N}, "
+                                                         f"t=2^{bfv.LOG_T}, q of {'+'.join(map(str, bfv.COEFF_BITS))} bits")
+            self.he_ready = True
+            await self.session.channel.send(MsgType.HE_SETUP_OK, {})
+            return
+        if not self.he_ready:
+            raise ProtocolError(ErrorCode.WRONG_STATE, "HE_PRODUCT before HE_SETUP")
+        unit_names = {name: u for name, u in self.units.items()}
+        pre = he.HE_PRODUCT.check(msg.body, units=unit_names, cts=None, ct_bytes=None)
+        unit = self.units[pre["unit"]]
+        if pre["block"] >= len(blocks(unit)):
+            raise ProtocolError(ErrorCode.MALFORMED, f"{unit.name} has {len(blocks(unit))} blocks, not block {pre['block']}")
+        _, ni, _, no = blocks(unit)[pre["block"]]
+        self.session.charge(f"he {unit.name}#{pre['block']}", pre["rows"])
+        p = he.packing_for(ni, no, pre["rows"])
+        body = he.HE_PRODUCT.check(msg.body, units=unit_names, cts=p.cts_up, ct_bytes=bfv.ciphertext_bytes())
+        self.session.check_memory((p.cts_up + 2 * p.cts_down) * bfv.ciphertext_bytes(),
+                                  f"{pre['rows']} HE rows of {unit.name}")
+        block = await trio.to_thread.run_sync(self._he_block, unit.name, pre["block"])
+        try:
+            out, cpu_us = await server.compute(he.server_products, block, pre["rows"], body["cts"])
+        except bfv.HEError as exc:
+            raise ProtocolError(ErrorCode.MALFORMED, str(exc)) from None
+        await self.session.channel.send(MsgType.HE_PRODUCT_OK, {"cts": out, "cpu_us": cpu_us})
+
+    def _he_block(self, name: str, index: int) -> he.Block:
+        """A unit block's integer weights for HE products, made once per process (4 bytes per weight)."""
+        model = self.session.server.model
+
+        def make():
+            W = block_matrices(matrices_for(model, self.variant)[name])[index]
+            if not he.low_limb_fits(W.max_row_l1):
+                raise ProtocolError(ErrorCode.INTERNAL, f"{name}: row L1 {W.max_row_l1} too large for exact HE products")
+            i0, _, o0, _ = blocks(self.units[name])[index]
+            return he.Block(i0, o0, W.int_weights().numpy())
+        return model.derived(("he", self.variant, name, index), make)
+
+
 # -- client --------------------------------------------------------------------------------------
 class MaskedClient:
     """The client side of a v2/v3 session: drives the plan, offloading each linear unit."""
 
-    def __init__(self, channel, model, variant: str, store: preprocess.MaterialStore,
+    def __init__(self, channel, model, variant: str, store: preprocess.MaterialStore | None,
                  fx: ring.FixedPoint = FIXED_POINT, embedding_source: str = "local", verify: bool = False,
-                 streamed: range = range(0)):
-        """``streamed``: the prompt positions whose material is not in ``store`` but dealt chunk
-        by chunk as the prefill reaches them (deal_chunk); their dealing time adds to offline_ms."""
-        store.check_for(model.fingerprint(), variant, fx)
+                 streamed: range = range(0), source=None, first_rows: dict[str, int] | None = None):
+        """``store``: the material, or None to get ``first_rows`` from ``source`` (protocols/offline)
+        in :meth:`setup`. ``streamed``: the prompt positions whose material is dealt chunk by chunk
+        by ``source`` as the prefill reaches them; their dealing time adds to offline_ms."""
         self.channel = channel
         self.model = model
         self.variant = variant
-        self.store = store
-        self.material = store  # where linear() takes rows: the store, or a streamed chunk's material
+        self.fx = fx
+        self.source, self.first_rows = source, first_rows
+        self.progress = None
+        self.store = None
+        if store is not None:
+            self._use(store)
         self.streamed = streamed
         self.offline_ms = 0.0
-        self.fx = fx
         self.units = units_for(model.plan, variant)
         self.unit_of = {u.ops[0].name: u for u in self.units.values()}
         self.encoding = encoding_for(model, variant)
@@ -152,6 +210,25 @@ class MaskedClient:
         self.timings: dict[str, float] = {}
         # the check's secret keys for every unit, drawn now (offline work: U W needs no prompt)
         self.verifier = Verifier(matrices_for(model, variant)) if verify else None
+
+    def _use(self, store: preprocess.MaterialStore) -> None:
+        store.check_for(self.model.fingerprint(), self.variant, self.fx)
+        self.store = store
+        self.material = store  # where linear() takes rows: the store, or a streamed chunk's material
+
+    async def setup(self) -> None:
+        """The offline phase, when the material is not loaded from a store: the first chunk's rows
+        from the source (dealt here, computed by the server under HE, or fetched from a dealer)."""
+        if self.store is None:
+            t0 = time.perf_counter()
+            self._use(await self.source.deal(self.first_rows, self.progress))
+            self.offline_ms += (time.perf_counter() - t0) * 1e3
+
+    @property
+    def offline(self) -> dict:
+        """The offline phase's mode and costs (client/server CPU seconds; ciphertexts for he)."""
+        mode = self.source.mode if self.source is not None else "material"
+        return {"mode": mode, **(self.source.costs if self.source is not None else {})}
 
     @property
     def verification(self) -> dict | None:
@@ -204,7 +281,10 @@ class MaskedClient:
     async def forward(self, ids: list[int]) -> torch.Tensor:
         if self.cache.length in self.streamed:  # a later chunk of a long prompt: its material now
             t0 = time.perf_counter()
-            self.material = deal_chunk(self.model, self.variant, len(ids))
+            with self.channel.phase("offline"):
+                store = await self.source.deal(chunk_rows(self.model, self.variant, len(ids)))
+            store.check_for(self.model.fingerprint(), self.variant, self.fx)
+            self.material = store
             self.offline_ms += (time.perf_counter() - t0) * 1e3
         try:
             return await self._forward(ids)
@@ -230,13 +310,37 @@ def server_handler(spec, session) -> MaskedServerHandler:
     return MaskedServerHandler(session, spec.name)
 
 
+def source_for(spec, channel, model, *, offline_mode: str, dealer: str | None = None,
+               dealer_fingerprint: str | None = None, server_fingerprint: str | None = None):
+    """The material source of ``--offline`` (protocols/offline)."""
+    if offline_mode == "client":
+        return offline.ClientSource(model, spec.name)
+    if offline_mode == "he":
+        return offline.HESource(channel, model, spec.name)
+    if offline_mode == "dealer":
+        if not dealer:
+            raise OptionError("--offline dealer needs --dealer HOST:PORT (and --dealer-fingerprint to pin it)")
+        if server_fingerprint is None and channel is not None:  # the server of this session: never the dealer
+            server_fingerprint = peer_fingerprint(channel.stream)
+        return offline.DealerSource(model, spec.name, dealer, dealer_fingerprint, server_fingerprint)
+    raise OptionError(f"--offline: {offline_mode!r} is not one of {', '.join(offline.MODES)}")
+
+
 def client(spec, channel, model, *, prompt_tokens: int, max_tokens: int, progress=None, session_id: str,
-           embedding_source: str, material: str | None, verify: bool) -> MaskedClient:
+           embedding_source: str, material: str | None, verify: bool, offline_mode: str = "client",
+           dealer: str | None = None, dealer_fingerprint: str | None = None) -> MaskedClient:
     """Online client with its material: loaded from a store (made ahead of time: offline_ms 0,
-    the store's own dealing time reported as material_dealt_ms), or dealt now (the offline phase:
-    the first prefill chunk and every decode step; a long prompt's later chunks are dealt as the
-    prefill reaches them, so the material held at once follows the chunk, not the prompt).
-    ``verify``: check every reply (protocols/verify.py); its keys count as offline time."""
+    the store's own dealing time reported as material_dealt_ms), or obtained in ``setup`` from the
+    ``offline_mode`` source (the offline phase: the first prefill chunk and every decode step; a
+    long prompt's later chunks are obtained as the prefill reaches them, so the material held at
+    once follows the chunk, not the prompt). ``verify``: check every reply (protocols/verify.py);
+    its keys count as offline time."""
+    if verify and model.client_only:  # refused before any material is claimed
+        raise ModelError(f"--verify checks replies against U W, which needs the linear weight matrices; {model.source} "
+                         f"is an export-client directory without them: run without --verify, or from the full model")
+    if offline_mode == "client" and model.client_only and not material:
+        raise ModelError(f"--offline client computes W r with the linear weight matrices; {model.source} is an "
+                         f"export-client directory without them: use --offline he or --offline dealer")
     t0 = time.perf_counter()
     if material:
         store = preprocess.MaterialStore.load(material)
@@ -244,15 +348,39 @@ def client(spec, channel, model, *, prompt_tokens: int, max_tokens: int, progres
         c.material_dealt_ms = store.meta["dealer_seconds"] * 1e3
         c.offline_ms = (c.verifier.setup_seconds if c.verifier is not None else 0.0) * 1e3
         return c
+    source = source_for(spec, channel, model, offline_mode=offline_mode, dealer=dealer,
+                        dealer_fingerprint=dealer_fingerprint)
     first = min(prompt_tokens, PREFILL_CHUNK)  # the first prefill forward's positions
-    store = deal_for(model, spec.name, first, max_tokens, progress=progress)
-    c = MaskedClient(channel, model, spec.name, store, embedding_source=embedding_source, verify=verify,
-                     streamed=range(first, prompt_tokens))
+    c = MaskedClient(channel, model, spec.name, None, embedding_source=embedding_source, verify=verify,
+                     streamed=range(first, prompt_tokens), source=source,
+                     first_rows=rows_needed(units_for(model.plan, spec.name), first, max_tokens))
+    c.progress = progress
     c.offline_ms = (time.perf_counter() - t0) * 1e3
     return c
 
 
-def deal(spec, model, tokens: int, progress=None) -> preprocess.MaterialStore:
-    """``shardlm preprocess``: material for one generation of up to ``tokens`` positions, whatever
+def preprocess_rows(spec, model, tokens: int) -> dict[str, int]:
+    """``shardlm preprocess``: the rows of one generation of up to ``tokens`` positions, whatever
     the prompt/generation split (prompt 1 needs the most head rows, prompt tokens-1 the most body rows)."""
-    return _deal(model, spec.name, {n: tokens for n in units_for(model.plan, spec.name)}, progress)
+    return {n: tokens for n in units_for(model.plan, spec.name)}
+
+
+def deal(spec, model, tokens: int, progress=None) -> preprocess.MaterialStore:
+    """``shardlm preprocess --offline client``."""
+    return offline.deal_locally(model, spec.name, preprocess_rows(spec, model, tokens), progress)
+
+
+async def deal_remote(spec, model, tokens: int, *, offline_mode: str, client_config, dealer: str | None = None,
+                      dealer_fingerprint: str | None = None, progress=None) -> tuple[preprocess.MaterialStore, dict]:
+    """``shardlm preprocess --offline he|dealer``: the material and what it cost. With ``he`` a
+    session of ``spec`` on the server carries only the HE exchange (its rows charged to the
+    session's capacity like a generation's)."""
+    rows = preprocess_rows(spec, model, tokens)
+    if offline_mode == "dealer":
+        source = source_for(spec, None, model, offline_mode="dealer", dealer=dealer,
+                            dealer_fingerprint=dealer_fingerprint, server_fingerprint=client_config.fingerprint)
+        return await source.deal(rows, progress), source.costs
+    async with connect(client_config) as conn:
+        await conn.open_session(spec.name, model.fingerprint(), capacity_bucket(tokens))
+        source = source_for(spec, conn.channel, model, offline_mode=offline_mode)
+        return await source.deal(rows, progress), source.costs

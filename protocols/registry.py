@@ -31,6 +31,17 @@ VERIFY = Option(
     help="Check every product the server returns (Freivalds with 20 secret vectors per unit plus a range "
          "check: an altered reply passes with probability <= 2^-40) and abort the session at the first "
          "failure. Costs the client 20 (in + out) multiply-adds per row and unit.")
+OFFLINE = Option(
+    "offline_mode", str, "client", choices=("client", "he", "dealer"), flag="--offline", env="SHARDLM_OFFLINE",
+    help="Who computes the mask products W r of the offline phase: 'client' (this process, with the weights), "
+         "'he' (the server, on masks encrypted under the client's own BFV key: no weights on the client, "
+         "trusts nobody, seconds of server CPU per token), or 'dealer' (a `shardlm dealer` process; the "
+         "dealer and the server must not collude).")
+DEALER = Option("dealer", str, None, env="SHARDLM_DEALER",
+                help="--offline dealer: the dealer's HOST:PORT. It must not collude with the server.")
+DEALER_FINGERPRINT = Option("dealer_fingerprint", str, None, env="SHARDLM_DEALER_FINGERPRINT",
+                            help="--offline dealer: the dealer's certificate, sha256:<hex> (printed by `shardlm dealer`).")
+_MASKED_OPTIONS = (EMBEDDING, MATERIAL, VERIFY, OFFLINE, DEALER, DEALER_FINGERPRINT)
 SPLIT_LAYERS = Option("split_layers", int, 2, lo=1,
                       help="Blocks the client runs at each end (the server runs the rest). NOT private.")
 JACOBI_BLOCK = Option("jacobi_block", int, 0, lo=0,
@@ -60,12 +71,12 @@ SPECS: tuple[ProtocolSpec, ...] = (
                  summary="OT engine: IKNP batches (random / correlated / chosen) and private embedding-row retrieval"),
     ProtocolSpec("plain", private=False, needs_model=True, module="shardlm.protocols.plain",
                  summary="INSECURE baseline: token ids in the clear, the server runs the whole model"),
-    ProtocolSpec("v2", private=True, needs_model=True, module=_MASKED, options=(EMBEDDING, MATERIAL, VERIFY),
+    ProtocolSpec("v2", private=True, needs_model=True, module=_MASKED, options=_MASKED_OPTIONS,
                  summary="linear layers on the server over one-time-padded Z_2^64 inputs, one round per op "
                          "(7L+1/token); nonlinear layers and KV cache on the client"),
-    ProtocolSpec("v3", private=True, needs_model=True, module=_MASKED, options=(EMBEDDING, MATERIAL, VERIFY),
+    ProtocolSpec("v3", private=True, needs_model=True, module=_MASKED, options=_MASKED_OPTIONS,
                  summary="as v2 with fused q/k/v and gate/up, batched prefill, resident weights (4L+1 rounds/token)"),
-    ProtocolSpec("v3-2r", private=True, needs_model=True, module=_MASKED, options=(EMBEDDING, MATERIAL, VERIFY),
+    ProtocolSpec("v3-2r", private=True, needs_model=True, module=_MASKED, options=_MASKED_OPTIONS,
                  summary="as v3 with each residual projection precomposed with the next norm and projection "
                          "(o with gate/up, down with the next q/k/v): 2L+2 rounds/token for ~1.9x the server's "
                          "weight traffic; pays off when round trips are slow"),

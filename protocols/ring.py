@@ -310,6 +310,15 @@ class RingMatrix:
         self._masks64 = torch.tensor([(1 << min(b, 64 - s)) - 1 for s in shifts], device=self.device).view(-1, 1, 1)
         self._factors = _FACTORS.to(self.device)
 
+    def int_weights(self) -> torch.Tensor:
+        """The integer weights (out, in) as int32, rebuilt from the digit planes (the HE offline
+        phase encodes them into plaintext polynomials: protocols/he)."""
+        o = self.out_dim
+        w = self.digits[:, (N_DIGITS - 1) * o:].to(torch.int32)
+        for p in range(N_DIGITS - 2, -1, -1):
+            w = w * 256 + self.digits[:, p * o:(p + 1) * o].to(torch.int32)
+        return w.t().contiguous().cpu()
+
     @classmethod
     def from_float(cls, w: torch.Tensor, device="cpu") -> "RingMatrix":
         w_int, scales = encode_weights(w)

@@ -14,6 +14,7 @@ import dataclasses
 
 import torch
 
+from ..models.config import ModelError
 from ..models.plan import Composite, Linear, Plan
 from ..party.generation import forwards
 from . import ring
@@ -131,7 +132,13 @@ def encoding_for(model, variant: str) -> dict[str, list[tuple[torch.Tensor, int]
     """Per unit, per product part: the public row scales (to decode products) and the largest
     row L1 norm of the integer weights the server multiplies by (the fractional bits keep every
     product entry below 2^62 with it, ring.FixedPoint.bits_for: no wrap past 2^63, and
-    protocols/verify's bound). One part for a plain or fused unit, three for a composed one."""
+    protocols/verify's bound). One part for a plain or fused unit, three for a composed one.
+    A client-only model (models/client_dir.py) has them stored, as its full model made them."""
+    if model.client_only:
+        if variant not in model.stored_encodings:
+            raise ModelError(f"{model.source}: the export-client directory holds no encodings for {variant}")
+        return model.stored_encodings[variant]
+
     def make():
         out = {}
         matrices = matrices_for(model, variant) if variant in PRECOMPOSED else {}
@@ -153,3 +160,19 @@ def rows_needed(units: dict[str, Unit], prompt_tokens: int, max_tokens: int) -> 
     several)."""
     body = prompt_tokens + max(max_tokens - 1, 0)
     return {name: (forwards(prompt_tokens, max_tokens) if u.head else body) for name, u in units.items()}
+
+
+def blocks(unit: Unit) -> list[tuple[int, int, int, int]]:
+    """The plain products inside a unit as (in start, in len, out start, out len): one for a plain
+    or fused unit; for a composite, ComposedMatrix's two: [first; cross] on ``a``, T on ``res``.
+    Known from the plan alone (a client without weights knows them)."""
+    comp = unit.composite
+    if comp is None:
+        return [(0, unit.in_dim, 0, unit.out_dim)]
+    a_out = unit.out_dim - (unit.out_dim - comp.first.out_dim) // 2
+    return [(0, comp.first.in_dim, 0, a_out), (comp.first.in_dim, comp.first.out_dim, a_out, unit.out_dim - a_out)]
+
+
+def block_matrices(matrix) -> list[ring.RingMatrix]:
+    """The server's ring matrices of a unit's blocks (in :func:`blocks` order)."""
+    return [matrix.a_side, matrix.t] if isinstance(matrix, ComposedMatrix) else [matrix]

@@ -15,7 +15,7 @@ from conftest import load_tiny_models
 from shardlm.models.sampling import SamplingParams
 from shardlm.party.run import run_generation
 from shardlm.party.transcript import load_transcript, session_dirs
-from shardlm.protocols import masked, preprocess, registry
+from shardlm.protocols import offline, preprocess, registry
 from shardlm.wire.msgtypes import MsgType
 
 from support import assert_uniform_ring, scan_masked_rows, tls_server
@@ -84,8 +84,8 @@ class ReusingStore(preprocess.MaterialStore):
 def test_the_check_finds_one_row_in_a_hundred_reused(model, tmp_path, monkeypatch):
     rng = random.Random(22)
     ReusingStore.earlier, ReusingStore.reused = {}, []
-    real_deal = masked.deal_for
-    monkeypatch.setattr(masked, "deal_for", lambda *a, **k: ReusingStore(real_deal(*a, **k), rng))
+    real_deal = offline.deal_locally
+    monkeypatch.setattr(offline, "deal_locally", lambda *a, **k: ReusingStore(real_deal(*a, **k), rng))
     rec = tmp_path / "rec"
     _run_sessions(model, tmp_path, rec, [("v3", PROMPT, 24, {})] * 4)
     scan = scan_masked_rows(rec)

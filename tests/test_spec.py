@@ -40,7 +40,8 @@ def test_undeclared_options_are_refused_not_dropped():
     v3 = registry.get("v3")
     with pytest.raises(spec_mod.OptionError, match="takes no option triples"):
         v3.resolve_options({"triples": "ot"})
-    assert v3.resolve_options({}) == {"embedding_source": "local", "material": None, "verify": False}
+    assert v3.resolve_options({}) == {"embedding_source": "local", "material": None, "verify": False,
+                                      "offline_mode": "client", "dealer": None, "dealer_fingerprint": None}
     with pytest.raises(spec_mod.OptionError, match="not one of"):
         registry.get("v3-mpc").resolve_options({"triples": "nobody"})
     assert registry.get("v3-mpc").resolve_options({"triple_batch": "64"})["triple_batch"] == 64

@@ -2,7 +2,8 @@
 
 Codes are stable (they appear in recorded transcripts and golden tests); add new ones at
 the end of a block, never renumber. 0x00xx: control, 0x01xx: session, 0x1xxx: protocols
-(0x10xx plain/v2/v3, 0x11xx OT, 0x12xx MPC, 0x13xx CC, 0x14xx split, 0x15xx dealer).
+(0x10xx plain/v2/v3, 0x11xx OT, 0x12xx MPC, 0x13xx CC, 0x14xx split, 0x15xx dealer,
+0x16xx HE).
 """
 
 from __future__ import annotations
@@ -61,6 +62,11 @@ class MsgType(enum.IntEnum):
     DEAL_REQ = 0x1500       # client -> dealer: a fresh take id, model, variant and mask rows per unit
     DEAL_PART = 0x1501      # dealer -> client: one unit's mask seed and W r for a slice of its rows
     DEAL_OK = 0x1502        # dealer -> client: the take is complete (rows per unit, the dealer's compute time)
+    # --offline he (0x16xx): the server multiplies the client's encrypted masks (protocols/he)
+    HE_SETUP = 0x1600       # client -> server: the BFV parameter set (no key of any kind)
+    HE_SETUP_OK = 0x1601    # server -> client: accepted (empty)
+    HE_PRODUCT = 0x1610     # client -> server: a unit block's row count and its mask limbs' ciphertexts
+    HE_PRODUCT_OK = 0x1611  # server -> client: the product ciphertexts and the server's CPU time
 
 
 def is_known(code: int) -> bool:

@@ -168,6 +168,13 @@ def client_context(
     return ctx
 
 
+def peer_fingerprint(stream) -> str | None:
+    """The fingerprint of the certificate the peer of a TLS stream presented (None: not TLS, or none)."""
+    getpeercert = getattr(stream, "getpeercert", None)
+    der = getpeercert(binary_form=True) if getpeercert is not None else None
+    return fingerprint_der(der) if der else None
+
+
 def check_pin(peer_der: bytes | None, fingerprint: str) -> None:
     expected = normalize_fingerprint(fingerprint)
     if peer_der is None:

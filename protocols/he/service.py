@@ -1,0 +1,188 @@
+"""``--offline he``: the server computes the client's ``W r`` on ciphertexts (Delphi's offline phase
+with Cheetah's packing, protocols/he/packing.py), so the client needs no weight matrix.
+
+Per unit (and per block of a precomposed unit, units.blocks) the client draws its mask rows
+``r`` as always (a seed, protocols/ring.mask_rows), splits each 64-bit entry into a low limb of
+12 bits and a high limb of 52 bits (t = 2^52), encrypts both limbs under its own secret key
+and sends the ciphertexts (HE_PRODUCT); the server multiplies them by its integer weights in
+NTT form, accumulates, and returns the product ciphertexts (HE_PRODUCT_OK); the client decrypts
+
+    W r mod 2^64 = W r_lo + 2^12 (W r_hi mod 2^52)
+
+The high limb's product is only needed mod 2^52 (2^12 times it wraps mod 2^64 either way); the
+low limb's product must be exact, which holds when |W r_lo| <= L1 * (2^12 - 1) < 2^51 = t/2, L1
+the unit's largest integer row L1 norm (~2^28 for SmolLM2; checked on both sides). So the
+material is bit-identical to what the client would compute itself.
+
+What the server sees: BFV ciphertexts under a key it never gets (semantic security under RLWE:
+128-bit parameters, protocols/he/bfv.py), the unit names and row counts (public: the schedule).
+It learns nothing about r, so the online phase's ``m = x - r`` stays a one-time pad.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+
+import numpy as np
+
+from ...wire.schema import Bytes, Int, Schema, Str, Tensor
+from .. import ring
+from . import bfv, packing
+
+LOW_BITS = 64 - bfv.LOG_T
+LOW_MASK = (1 << LOW_BITS) - 1
+# ciphertexts per message each way (~42 MB at 262 KB each): a request covers as many rows as fit
+MAX_CTS = 160
+
+HE_SETUP = Schema("HE_SETUP", params=Bytes())
+HE_SETUP_OK = Schema("HE_SETUP_OK")
+HE_PRODUCT = Schema("HE_PRODUCT", unit=Str(choices="units"), block=Int(lo=0), rows=Int(lo=1),
+                    cts=Tensor("uint8", ("cts", "ct_bytes")))
+HE_PRODUCT_OK = Schema("HE_PRODUCT_OK", cts=Tensor("uint8", ("cts", "ct_bytes")), cpu_us=Int(lo=0))
+
+
+def low_limb_fits(max_row_l1: int) -> bool:
+    """Whether the low limb's product stays exact below t/2 (see the module docstring)."""
+    return max_row_l1 * LOW_MASK < bfv.T // 2
+
+
+def packing_for(in_len: int, out_len: int, rows: int) -> packing.Packing:
+    """Both parties' packing of one request: 2 vectors (the limbs) per mask row."""
+    return packing.choose(in_len, out_len, 2 * rows, bfv.N)
+
+
+def rows_per_request(in_len: int, out_len: int, rows: int) -> int:
+    """The most rows one request may carry with at most MAX_CTS ciphertexts each way."""
+    n = rows
+    while n > 1:
+        p = packing_for(in_len, out_len, n)
+        if p.cts_up <= MAX_CTS and p.cts_down <= MAX_CTS:
+            break
+        n = (n + 1) // 2
+    return n
+
+
+# -- server ------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Block:
+    """One plain product inside a unit: ``out[o0:o0+no] = W_int @ in[i0:i0+ni]``."""
+
+    i0: int
+    o0: int
+    ints: np.ndarray  # (no, ni) int32, the server's integer weights
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.ints.shape
+
+
+def server_products(block: Block, rows: int, cts: np.ndarray) -> tuple[np.ndarray, int]:
+    """The product ciphertexts for one request (a worker thread's job: seconds of SEAL calls).
+    Returns the serialized results (cts_down, ct_bytes) and the thread CPU microseconds spent.
+    An all-zero result row stands for an all-zero product block (SEAL refuses to make a
+    ciphertext that a zero plaintext would leave transparent)."""
+    import seal
+
+    t0 = time.thread_time()
+    n_out, n_in = block.shape
+    p = packing_for(n_in, n_out, rows)
+    if cts.shape[0] != p.cts_up:
+        raise bfv.HEError(f"{rows} rows of a {n_out}x{n_in} block take {p.cts_up} ciphertexts, got {cts.shape[0]}")
+    ctx = bfv.context()
+    ev = seal.Evaluator(ctx)
+    inputs = []
+    for raw in cts:
+        ct = bfv.load_ciphertext(raw.tobytes())
+        ev.transform_to_ntt_inplace(ct)
+        inputs.append(ct)
+    acc = [[None] * p.out_blocks for _ in range(p.groups)]
+    W = block.ints
+    for a in range(p.in_blocks):
+        for b in range(p.out_blocks):
+            coeffs = packing.weight_poly(p, W, a, b, bfv.T)
+            if not coeffs.any():
+                continue
+            w = bfv.plaintext(coeffs)
+            ev.transform_to_ntt_inplace(w, ctx.first_parms_id())
+            for g in range(p.groups):
+                prod = ev.multiply_plain(inputs[g * p.in_blocks + a], w)
+                if acc[g][b] is None:
+                    acc[g][b] = prod
+                else:
+                    ev.add_inplace(acc[g][b], prod)
+    size = cts.shape[1]
+    out = np.zeros((p.cts_down, size), np.uint8)
+    for g in range(p.groups):
+        for b in range(p.out_blocks):
+            if acc[g][b] is not None:
+                ev.transform_from_ntt_inplace(acc[g][b])
+                out[g * p.out_blocks + b] = np.frombuffer(acc[g][b].to_string(), np.uint8)
+    return out, int((time.thread_time() - t0) * 1e6)
+
+
+# -- client ------------------------------------------------------------------------------------
+def limbs(r: np.ndarray) -> np.ndarray:
+    """Mask rows (rows, k) as ring elements -> the 2*rows limb vectors [low; high] (uint64 < t)."""
+    u = r.view(np.uint64)
+    return np.concatenate([u & np.uint64(LOW_MASK), u >> np.uint64(LOW_BITS)])
+
+
+def combine(y: np.ndarray, rows: int) -> np.ndarray:
+    """Decrypted limb products (2*rows, out) mod t -> W r mod 2^64 as int64."""
+    lo = y[:rows].astype(np.int64)
+    lo = np.where(lo >= bfv.T // 2, lo - bfv.T, lo)  # the exact low-limb product, centred
+    hi = y[rows:].astype(np.uint64)
+    return (lo.view(np.uint64) + (hi << np.uint64(LOW_BITS))).view(np.int64)
+
+
+@dataclasses.dataclass
+class Costs:
+    """What the HE offline phase cost, for reports: CPU on each side, ciphertexts each way."""
+
+    client_cpu_s: float = 0.0
+    server_cpu_s: float = 0.0
+    cts_up: int = 0
+    cts_down: int = 0
+    products: int = 0
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class Encryptor:
+    """The client's side of one session: its key, and per request the packing, encryption and
+    decryption. The I/O lives with the caller (masked.py's HE source), so this runs in tests
+    against ``server_products`` directly."""
+
+    def __init__(self):
+        t0 = time.thread_time()
+        self.keys = bfv.Keys()
+        self.costs = Costs(client_cpu_s=time.thread_time() - t0)
+
+    def encrypt(self, r: np.ndarray, out_len: int) -> tuple[packing.Packing, np.ndarray]:
+        t0 = time.thread_time()
+        rows, in_len = r.shape
+        p = packing_for(in_len, out_len, rows)
+        polys = packing.pack_inputs(p, limbs(r))
+        cts = np.stack([np.frombuffer(self.keys.encrypt(poly), np.uint8) for poly in polys])
+        self.costs.client_cpu_s += time.thread_time() - t0
+        self.costs.cts_up += len(polys)
+        return p, cts
+
+    def decrypt(self, p: packing.Packing, cts: np.ndarray) -> np.ndarray:
+        t0 = time.thread_time()
+        if cts.shape[0] != p.cts_down:
+            raise bfv.HEError(f"the server returned {cts.shape[0]} ciphertexts, expected {p.cts_down}")
+        polys = np.stack([np.zeros(bfv.N, np.uint64) if not raw.any() else self.keys.decrypt(raw.tobytes())
+                          for raw in cts])
+        wr = combine(packing.unpack_outputs(p, polys), p.vectors // 2)
+        self.costs.client_cpu_s += time.thread_time() - t0
+        self.costs.cts_down += len(polys)
+        self.costs.products += p.products
+        return wr
+
+
+def new_seed() -> bytes:
+    return os.urandom(ring.MaskPRG.SEED_BYTES)
