@@ -32,7 +32,6 @@ import time
 
 import numpy as np
 import torch
-import trio
 
 from ..party.client import ClientConfig, ClientError, connect
 from ..wire import tls

@@ -1,7 +1,10 @@
 """`--offline dealer`: a dealer process deals exact, single-use mask material, and never the server."""
 import contextlib
 import json
+import os
 import secrets
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -292,11 +295,50 @@ async def _inprocess_dealer(tmp_path, model):
         nursery.cancel_scope.cancel()
 
 
+def _cli(*args, check=True):
+    proc = subprocess.run([sys.executable, "-m", "shardlm.cli", *args], capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_cli_three_processes_a_client_without_weights_generates_with_offline_dealer(tiny, dealer_proc, tmp_path):
+    # dealer, server and a client run from an export-client directory (no linear weight matrix)
+    d, model = tiny
+    client_dir = tmp_path / "client"
+    _cli("models", "export-client", str(client_dir), "-m", str(d), "--json")
+    want = reference_generate(model, model.tokenizer.encode_chat([{"role": "user", "content": "hello"}]), 6, GREEDY)
+    deal = ["--offline", "dealer", "--dealer", dealer_proc.address, "--dealer-fingerprint", dealer_proc.fingerprint]
+    with launch.server(["-m", str(d), "--threads", "1"]) as srv:
+        run = ["-m", str(client_dir), *srv.client_args]
+        for variant in ("v3", "v3-2r"):
+            out = json.loads(_cli("generate", *run, "--protocol", variant, "-p", "hello", "--max-tokens", "6", *deal,
+                                  "--json").stdout)
+            assert out["token_ids"] == want and out["offline"]["mode"] == "dealer", variant
+            assert out["offline"]["dealer_s"] > 0
+        store = tmp_path / "store"
+        pre = json.loads(_cli("preprocess", *run, "--tokens", "40", "--out", str(store), *deal, "--json").stdout)
+        assert pre["offline"]["mode"] == "dealer" and json.loads((store / "meta.json").read_text())["source"] == "dealer"
+        out = json.loads(_cli("generate", *run, "-p", "hello", "--max-tokens", "6", "--material", str(store),
+                              "--json").stdout)
+        assert out["token_ids"] == want
+        # the server's own certificate given as the dealer's: refused before any material is asked for
+        same = _cli("generate", *run, "-p", "hello", "--max-tokens", "6", "--offline", "dealer", "--dealer",
+                    srv.address, "--dealer-fingerprint", srv.fingerprint, "--json", check=False)
+    assert same.returncode == 1 and json.loads(same.stdout)["code"] == "dealer", same.stdout + same.stderr
+    assert "must be different, non-colluding parties" in json.loads(same.stdout)["error"]
+
+
 @pytest.mark.slow
-def test_smollm2_material_from_a_dealer_process_is_exact(smollm2):
-    # the real shapes: the 49152-wide head arrives in several slices (10 rows of 393 KB each)
-    rows = units.rows_needed(units.units_for(smollm2.plan, "v3"), 3, 12)
-    assert rows["lm_head"] == 12
-    with launch.dealer(["-m", "smollm2", "--threads", "1"]) as proc:
-        store = _fetch(proc, smollm2, "v3", rows)
-    _assert_exact(store, smollm2, "v3", rows)
+def test_smollm2_three_processes_a_client_from_an_export_generates_the_reference(smollm2, tmp_path):
+    client_dir = tmp_path / "client"
+    _cli("models", "export-client", str(client_dir), "-m", "smollm2", "--json")
+    prompt, n = "Hello, how are you?", 8
+    want = reference_generate(smollm2, smollm2.tokenizer.encode_prompt(prompt), n, GREEDY)
+    with launch.dealer(["-m", "smollm2", "--threads", "1"]) as dl, \
+            launch.server(["-m", "smollm2", "--threads", "1"]) as srv:
+        out = json.loads(_cli("generate", "-m", str(client_dir), *srv.client_args, "-p", prompt, "--max-tokens",
+                              str(n), "--offline", "dealer", "--dealer", dl.address, "--dealer-fingerprint",
+                              dl.fingerprint, "--threads", "1", "--json").stdout)
+    assert out["token_ids"] == want and out["offline"]["mode"] == "dealer"
