@@ -14,7 +14,6 @@ and the exact products), so the online phase does not know where its material ca
 
 from __future__ import annotations
 
-import dataclasses
 import time
 
 import numpy as np
@@ -33,13 +32,6 @@ def deal_locally(model, variant: str, rows: dict[str, int], progress=None) -> pr
     """The ``client`` mode: this process draws the masks and multiplies them by its own weights."""
     return preprocess.deal(matrices_for(model, variant), rows, model_fingerprint=model.fingerprint(),
                            variant=variant, fx=FIXED_POINT, progress=progress)
-
-
-def _meta(model, variant: str, units, rows: dict[str, int], seconds: float, mode: str) -> dict:
-    return {"model_fingerprint": model.fingerprint(), "variant": variant,
-            "fixed_point": dataclasses.asdict(FIXED_POINT),
-            "units": {n: {"in": units[n].in_dim, "out": units[n].out_dim, "rows": rows[n]} for n in rows},
-            "created": time.time(), "dealer_seconds": seconds, "source": mode}
 
 
 class ClientSource:
@@ -105,7 +97,9 @@ class HESource:
             pools[name] = preprocess.Pool(seed, unit.in_dim, torch.from_numpy(wr), n)
             if progress is not None:
                 progress(f"offline (he): mask products {i + 1}/{len(rows)} units", i + 1 == len(rows))
-        meta = _meta(self.model, self.variant, self.units, rows, time.perf_counter() - t0, "he")
+        meta = preprocess.material_meta({n: (self.units[n].in_dim, self.units[n].out_dim) for n in rows}, rows,
+                                        model_fingerprint=self.model.fingerprint(), variant=self.variant,
+                                        fx=FIXED_POINT, dealer_seconds=time.perf_counter() - t0, source="he")
         return preprocess.MaterialStore(meta, pools)
 
 
