@@ -12,6 +12,7 @@ token), offline time, ``ratio_to_plain`` when ``plain`` ran in the same invocati
 from __future__ import annotations
 
 import datetime
+import resource
 import platform
 import statistics
 from typing import Callable
@@ -52,6 +53,15 @@ async def bench_protocol(cfg: ClientConfig, model, spec: ProtocolSpec, prompt_id
     checked = [r["verification"] for r in reports if r.get("verification")]
     decode_tps = [x["decode_tokens_per_s"] for x in t]
     n_decode = max(1, max_tokens - 1)
+    positions = len(prompt_ids) + max_tokens
+    offline = None
+    if reports[0].get("offline"):  # masked protocols: who computed W r, and what it cost per position
+        costs = [r["offline"] for r in reports]
+        offline = {"mode": costs[0]["mode"], **{
+            f"{k}_per_token": statistics.fmean(c.get(k, 0.0) for c in costs) / positions
+            for k in ("client_cpu_s", "server_cpu_s")}, **{
+            f"{k}_per_token": statistics.fmean(r["phases"].get("offline", {}).get(k, 0) for r in reports) / positions
+            for k in ("bytes_sent", "bytes_received")}}
     return {
         "model": model.name, "gpu": None, "device": cfg_device_note(),
         "version": protocol, "endpoint": protocol, "private": reports[0]["private"],
@@ -77,6 +87,9 @@ async def bench_protocol(cfg: ClientConfig, model, spec: ProtocolSpec, prompt_id
             "bytes_received": statistics.fmean(r["bytes_received"] for r in reports),
             "rounds": statistics.fmean(r["rounds"] for r in reports),
             "prefill_rounds": reports[0]["prefill_rounds"],
+            **({"offline": offline} if offline else {}),
+            # the client process's peak so far: one bench run per protocol gives that protocol's peak
+            "client_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             **({"verify_setup_ms": statistics.fmean(v["setup_ms"] for v in checked),
                 "verify_check_ms": statistics.fmean(v["check_ms"] for v in checked)} if checked else {}),
             "per_decode_token": {
@@ -116,6 +129,13 @@ def table(results: list[dict]) -> str:
                      f"{(f'{ratio:.2f}' if ratio else '-'):>6s} {x['per_decode_token']['bytes_sent']:11.0f} "
                      f"{x['per_decode_token']['bytes_received']:12.0f} {x['per_decode_token']['rounds']:10.1f} "
                      f"{x['offline_ms']:10.0f}")
+    for r in results:
+        o = r["results"].get("offline")
+        if o:
+            lines.append(f"offline ({r['version']}): --offline {o['mode']}, per position: client CPU "
+                         f"{o['client_cpu_s_per_token'] * 1e3:.0f} ms, server CPU {o['server_cpu_s_per_token'] * 1e3:.0f} ms, "
+                         f"{o['bytes_sent_per_token'] / 1e6:.2f} MB up, {o['bytes_received_per_token'] / 1e6:.2f} MB down; "
+                         f"client peak RSS {r['results']['client_peak_rss_mb']:.0f} MB")
     lines += [f"note ({r['version']}): {n}" for r in results for n in r.get("notes", [])]
     exposed = [r["version"] for r in results if not r["private"]]
     if exposed:

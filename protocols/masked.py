@@ -173,8 +173,24 @@ class MaskedServerHandler:
             if not he.low_limb_fits(W.max_row_l1):
                 raise ProtocolError(ErrorCode.INTERNAL, f"{name}: row L1 {W.max_row_l1} too large for exact HE products")
             i0, _, o0, _ = blocks(self.units[name])[index]
-            return he.Block(i0, o0, W.int_weights().numpy())
+            block = he.Block(i0, o0, W.int_weights().numpy())
+            he_cache(model)[(self.variant, name, index)] = block.ints.nbytes
+            return block
         return model.derived(("he", self.variant, name, index), make)
+
+
+def he_cache(model) -> dict:
+    """Bytes of the HE weight encodings this process has built, per (variant, unit, block)."""
+    return model.derived(("he", "bytes"), dict)
+
+
+def server_info(spec, server, request: dict) -> dict:
+    """What ``shardlm info`` shows under v2/v3/v3-2r: the offline modes this server serves and the
+    memory its HE weight encodings hold so far (built on first use, kept for the process)."""
+    cached = {k: v for k, v in he_cache(server.model).items() if k[0] == spec.name} if server.model else {}
+    return {"offline_modes": ["client", "he", "dealer"],
+            "he": {"scheme": f"BFV N={bfv.N} t=2^{bfv.LOG_T} q={'+'.join(map(str, bfv.COEFF_BITS))} bits (SEAL)",
+                   "weight_cache_bytes": sum(cached.values()), "blocks_cached": len(cached)}}
 
 
 # -- client --------------------------------------------------------------------------------------

@@ -74,6 +74,9 @@ def test_parameters_are_128_bit_by_the_standard_and_fixed():
     assert log_q == sum(bfv.COEFF_BITS) == 180 <= 218  # HomomorphicEncryption.org: N=8192 -> log q <= 218 at 128 bits
     assert seal.CoeffModulus.MaxBitCount(bfv.N, seal.sec_level_type.tc128) == 218
     assert data.plain_modulus().value() == bfv.T == 2 ** 52
+    # a request's ciphertexts fit one tensor of the wire's default limits
+    from shardlm.wire import frames
+    assert service.MAX_CTS * bfv.ciphertext_bytes() <= frames.Limits().max_tensor_elements
 
 
 def test_worst_case_operands_decrypt_exactly_with_noise_budget_left():
@@ -288,3 +291,24 @@ def test_cli_generate_and_preprocess_with_offline_he(tiny_server, tmp_path):
     out = json.loads(_shardlm("generate", *args, "-m", str(d), "-p", "hello", "--max-tokens", "6", "--material",
                               str(store), "--json").stdout)
     assert out["token_ids"] == want
+
+
+@pytest.mark.slow
+def test_smollm2_v3_with_offline_he_from_an_export_client_directory_equals_the_reference(smollm2, tmp_path):
+    """Two processes over TLS: the server holds SmolLM2; the client runs from an export-client
+    directory, which has no linear weight matrix to read, so every W r came from the server's HE."""
+    import json
+
+    from shardlm.party import launch
+    from shardlm.protocols.export import export_client
+
+    export = tmp_path / "client"
+    export_client(smollm2, export)
+    prompt = "The capital of France is"
+    want = reference_generate(smollm2, smollm2.tokenizer.encode_prompt(prompt, None, False), 3, GREEDY)
+    with launch.server(["--model", "smollm2", "--threads", "1", "--session-ttl", "1800"]) as srv:
+        out = json.loads(_shardlm("generate", *srv.client_args, "-m", str(export), "--raw", "-p", prompt,
+                                  "--max-tokens", "3", "--offline", "he", "--threads", "1", "--json",
+                                  timeout=1200).stdout)
+    assert out["token_ids"] == want
+    assert out["offline"]["mode"] == "he" and out["offline"]["server_cpu_s"] > 0

@@ -33,8 +33,9 @@ from . import bfv, packing
 
 LOW_BITS = 64 - bfv.LOG_T
 LOW_MASK = (1 << LOW_BITS) - 1
-# ciphertexts per message each way (~42 MB at 262 KB each): a request covers as many rows as fit
-MAX_CTS = 160
+# ciphertexts per message each way (~63 MB at 262 KB each, under the wire's 2^26-element tensor limit): a
+# request covers as many rows as fit
+MAX_CTS = 240
 
 HE_SETUP = Schema("HE_SETUP", params=Bytes())
 HE_SETUP_OK = Schema("HE_SETUP_OK")
