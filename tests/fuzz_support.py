@@ -93,6 +93,11 @@ def valid_bodies() -> dict[MsgType, dict]:
                            "rows": {"qkv": 3, "o": 2}},
         MsgType.DEAL_PART: {"unit": "qkv", "seed": bytes(u8(32)), "start": 0, "wr": ring(2, OUT_DIM)},
         MsgType.DEAL_OK: {"take": bytes(u8(16)), "rows": {"qkv": 2}, "dealer_seconds": 0.01},
+        # --offline he (real ciphertexts are 262,257 bytes each; the schema fixes the width per session)
+        MsgType.HE_SETUP: {"params": bytes(u8(129))},
+        MsgType.HE_SETUP_OK: {},
+        MsgType.HE_PRODUCT: {"unit": "qkv", "block": 0, "rows": 2, "cts": u8(2, 64)},
+        MsgType.HE_PRODUCT_OK: {"cts": u8(3, 64), "cpu_us": 1200},
     }
 
 
@@ -102,6 +107,7 @@ def body_checks() -> dict:
     from shardlm.party import handshake, server
     from shardlm.protocols import dealer, masked, plain, registry, split
     from shardlm.protocols.cc import service as cc
+    from shardlm.protocols.he import service as he
     from shardlm.protocols.mpc import service as mpc
     from shardlm.protocols.ot import embedding
     from shardlm.protocols.ot import service as ot
@@ -130,6 +136,10 @@ def body_checks() -> dict:
         MsgType.DEAL_PART: lambda b: dealer.DEAL_PART.check(b, units={"qkv": 2}, out_dim=lambda f: OUT_DIM,
                                                             rows=lambda f: (1, 2 - f["start"])),
         MsgType.DEAL_OK: dealer.DEAL_OK.check,
+        MsgType.HE_SETUP: he.HE_SETUP.check,
+        MsgType.HE_SETUP_OK: he.HE_SETUP_OK.check,
+        MsgType.HE_PRODUCT: lambda b: he.HE_PRODUCT.check(b, units={"qkv": 2}, cts=(1, 240), ct_bytes=64),
+        MsgType.HE_PRODUCT_OK: lambda b: he.HE_PRODUCT_OK.check(b, cts=3, ct_bytes=64),
     }
     for t, shape in ring_shapes.items():
         checks[t] = lambda b, t=t, shape=shape: mpc.ring_tensor(t, b, shape)

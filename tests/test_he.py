@@ -283,6 +283,8 @@ def test_cli_generate_and_preprocess_with_offline_he(tiny_server, tmp_path):
     out = json.loads(_shardlm("generate", *args, "-m", str(d), "-p", "hello", "--max-tokens", "6", "--offline", "he",
                               "--json").stdout)
     assert out["token_ids"] == want and out["offline"]["mode"] == "he" and out["offline"]["server_cpu_s"] > 0
+    info = json.loads(_shardlm("info", *args, "--json").stdout)["protocols"]["v3"]
+    assert info["offline_modes"] == ["client", "he", "dealer"] and info["he"]["weight_cache_bytes"] > 0
     store = tmp_path / "store"
     pre = json.loads(_shardlm("preprocess", *args, "-m", str(d), "--tokens", "40", "--out", str(store),
                               "--offline", "he", "--json").stdout)
