@@ -60,7 +60,9 @@ async def bench_protocol(cfg: ClientConfig, model, spec: ProtocolSpec, prompt_id
         offline = {"mode": costs[0]["mode"], **{
             f"{k}_per_token": statistics.fmean(c.get(k, 0.0) for c in costs) / positions
             for k in ("client_cpu_s", "server_cpu_s")}, **{
-            f"{k}_per_token": statistics.fmean(r["phases"].get("offline", {}).get(k, 0) for r in reports) / positions
+            # on the session's channel (he) plus any other connection the source used (the dealer's)
+            f"{k}_per_token": statistics.fmean(r["phases"].get("offline", {}).get(k, 0) + r["offline"].get(k, 0)
+                                               for r in reports) / positions
             for k in ("bytes_sent", "bytes_received")}}
     return {
         "model": model.name, "gpu": None, "device": cfg_device_note(),

@@ -160,9 +160,11 @@ async def fetch(address: str, fingerprint: str | None, *, model_fingerprint: str
         if ok["take"] != take or ok["rows"] != rows or filled != rows:
             raise ProtocolError(ErrorCode.MALFORMED, f"DEAL_OK closes a take other than the one asked: {filled} "
                                                      f"rows received, {rows} asked")
+        traffic = conn.channel.totals()
     pools = {n: preprocess.Pool(seeds[n], units[n].in_dim, torch.from_numpy(wr[n]), k) for n, k in rows.items()}
     meta = preprocess.material_meta({n: (units[n].in_dim, units[n].out_dim) for n in rows}, rows,
                                     model_fingerprint=model_fingerprint, variant=variant, fx=FIXED_POINT,
                                     dealer_seconds=ok["dealer_seconds"], source="dealer", dealer=address,
-                                    dealer_fingerprint=dealer_fp)
+                                    dealer_fingerprint=dealer_fp,
+                                    dealer_bytes={"sent": traffic.bytes_sent, "received": traffic.bytes_received})
     return preprocess.MaterialStore(meta, pools)

@@ -170,8 +170,6 @@ class MaskedServerHandler:
 
         def make():
             W = block_matrices(matrices_for(model, self.variant)[name])[index]
-            if not he.low_limb_fits(W.max_row_l1):
-                raise ProtocolError(ErrorCode.INTERNAL, f"{name}: row L1 {W.max_row_l1} too large for exact HE products")
             i0, _, o0, _ = blocks(self.units[name])[index]
             block = he.Block(i0, o0, W.int_weights().numpy())
             he_cache(model)[(self.variant, name, index)] = block.ints.nbytes
@@ -260,17 +258,19 @@ class MaskedClient:
         unit = self.unit_of[comp.first.name if comp else ops[0].name]
         assert unit.composite == comp and (comp or unit.ops == ops), "the executor's grouping and the unit table disagree"
         parts = self.encoding[unit.name]
+        # masks 2^shift r' (HE-made material): encode that many bits higher, the bound still |z| < 2^62
+        shift = self.material.shift
         if comp is None:
-            bits = [self.fx.bits_for(float(x.abs().max()), parts[0][1])]
+            bits = [self.fx.bits_for(float(x.abs().max()), parts[0][1] << shift)]
             encoded = self.fx.encode(x, bits[0])
         else:  # input [a | res]: a meets the first and the cross products, res the T product
             a, res = x
-            bits_a = min(self.fx.bits_for(float(a.abs().max()), l1) for _, l1 in parts[:2])
-            bits = [bits_a, bits_a, self.fx.bits_for(float(res.abs().max()), parts[2][1])]
+            bits_a = min(self.fx.bits_for(float(a.abs().max()), l1 << shift) for _, l1 in parts[:2])
+            bits = [bits_a, bits_a, self.fx.bits_for(float(res.abs().max()), parts[2][1] << shift)]
             encoded = torch.cat([self.fx.encode(a, bits_a), self.fx.encode(res, bits[2])], dim=1)
         n = encoded.shape[0]
         r, wr = self.material.take(unit.name, n)
-        m = encoded - r
+        m = encoded * (1 << shift) - r
         t0 = time.perf_counter()
         reply = await self.channel.request(MsgType.MASKED_LINEAR, {"unit": unit.name, "m": m.numpy()},
                                            MsgType.MASKED_LINEAR_OK)
@@ -283,6 +283,8 @@ class MaskedClient:
             except VerificationError as exc:  # nothing of this reply is used; the server is told why
                 await self.channel.send_error(exc.code, exc.message)
                 raise
+        if shift:  # z = 2^shift W x exactly (|z| < 2^62): the arithmetic shift is exact
+            z = torch.bitwise_right_shift(z, shift)
         decoded, at = [], 0
         for b, (scales, _) in zip(bits, parts):
             decoded.append(self.fx.decode_product(z[:, at:at + scales.numel()], b, scales))

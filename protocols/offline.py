@@ -99,7 +99,8 @@ class HESource:
                 progress(f"offline (he): mask products {i + 1}/{len(rows)} units", i + 1 == len(rows))
         meta = preprocess.material_meta({n: (self.units[n].in_dim, self.units[n].out_dim) for n in rows}, rows,
                                         model_fingerprint=self.model.fingerprint(), variant=self.variant,
-                                        fx=FIXED_POINT, dealer_seconds=time.perf_counter() - t0, source="he")
+                                        fx=FIXED_POINT, dealer_seconds=time.perf_counter() - t0, source="he",
+                                        mask_shift=he.SHIFT)
         return preprocess.MaterialStore(meta, pools)
 
 
@@ -122,4 +123,6 @@ class DealerSource:
                             server_fingerprint=self.server_fingerprint)
         self.costs["client_cpu_s"] = self.costs.get("client_cpu_s", 0.0) + time.thread_time() - t0
         self.costs["dealer_s"] = self.costs.get("dealer_s", 0.0) + store.meta["dealer_seconds"]
+        for k in ("sent", "received"):  # the dealer connection's traffic (not on the session's channel)
+            self.costs[f"bytes_{k}"] = self.costs.get(f"bytes_{k}", 0) + store.meta["dealer_bytes"][k]
         return store

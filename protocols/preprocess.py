@@ -19,7 +19,7 @@ on disk is used by one run at most:
 - a ``cursor.json.tmp`` left by a run killed mid-write is removed by the next claim.
 
 On disk (``shardlm preprocess --out STORE``): ``STORE/meta.json`` (model fingerprint, variant,
-fixed point, units with their shapes and row counts), ``STORE/material.safetensors`` (per unit
+fixed point, units with their shapes and row counts, ``mask_shift`` for HE-made material), ``STORE/material.safetensors`` (per unit
 ``<unit>.wr`` int64 rows x out, ``<unit>.seed`` uint8[32]) and ``STORE/cursor.json``. The
 seeds are secrets of the client: files are created mode 0600.
 """
@@ -61,6 +61,9 @@ class MaterialStore:
         self.meta = meta
         self.pools = pools
         self.path = path
+        # the online masks are 2^shift times the seed's rows (--offline he: protocols/he/service.py);
+        # the client encodes its activations that many bits higher and shifts products back down
+        self.shift = int(meta.get("mask_shift", 0))
         self._lock_fd: int | None = None  # the exclusive claim of an on-disk store (load)
         self._spent = path is None  # on disk: whether the cursor file already marks every row taken
 
@@ -97,7 +100,8 @@ class MaterialStore:
             self._spent = True
         start = p.cursor
         p.cursor += n
-        return ring.mask_rows(p.seed, start, n, p.in_dim), p.wr[start:start + n]
+        r = ring.mask_rows(p.seed, start, n, p.in_dim)
+        return (r * (1 << self.shift) if self.shift else r), p.wr[start:start + n]  # int64 products wrap mod 2^64
 
     def _persist_cursor(self, cursor: dict[str, int]) -> None:
         tmp = self.path / "cursor.json.tmp"

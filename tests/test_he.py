@@ -73,7 +73,7 @@ def test_parameters_are_128_bit_by_the_standard_and_fixed():
     log_q = sum(m.bit_count() for m in data.coeff_modulus())
     assert log_q == sum(bfv.COEFF_BITS) == 180 <= 218  # HomomorphicEncryption.org: N=8192 -> log q <= 218 at 128 bits
     assert seal.CoeffModulus.MaxBitCount(bfv.N, seal.sec_level_type.tc128) == 218
-    assert data.plain_modulus().value() == bfv.T == 2 ** 52
+    assert data.plain_modulus().value() == bfv.T == 2 ** 59 and service.SHIFT == 5
     # a request's ciphertexts fit one tensor of the wire's default limits
     from shardlm.wire import frames
     assert service.MAX_CTS * bfv.ciphertext_bytes() <= frames.Limits().max_tensor_elements
@@ -82,17 +82,17 @@ def test_parameters_are_128_bit_by_the_standard_and_fixed():
 def test_worst_case_operands_decrypt_exactly_with_noise_budget_left():
     """Every plaintext coefficient near t (negative weights), every mask limb at its maximum, and
     the deepest accumulation a request on SmolLM2's widest input (1536) gets: exact, with bits to spare."""
-    n_out, n_in, rows = 576, 1536, 21
+    n_out, n_in, rows = 576, 1536, 80
     W = np.where(np.arange(n_out * n_in).reshape(n_out, n_in) % 3 == 0, ring.WMAX // 8, -1).astype(np.int32)
-    r = np.full((rows, n_in), -1, np.int64)  # limbs 2^12-1 and 2^52-1
-    assert service.low_limb_fits(int(np.abs(W.astype(np.int64)).sum(1).max()))
+    r = np.full((rows, n_in), -1, np.int64)  # every mask entry t - 1 mod t
     enc = service.Encryptor()
     p, cts = enc.encrypt(r, n_out)
     assert p.in_blocks >= 48 and p.cts_up <= service.MAX_CTS  # the accumulation depth this test is about
     out, _ = service.server_products(service.Block(0, 0, W), rows, cts)
     budget = min(enc.keys.noise_budget(raw.tobytes()) for raw in out)
     assert budget >= 10, budget
-    want = ring.RingMatrix(torch.from_numpy(W.astype(np.int64))).matmul(torch.from_numpy(r)).numpy()
+    # the material: W (2^5 r) mod 2^64, as the client would compute it for its online masks 2^5 r
+    want = ring.RingMatrix(torch.from_numpy(W.astype(np.int64))).matmul(torch.from_numpy(r) * 32).numpy()
     assert (enc.decrypt(p, out) == want).all()
 
 
@@ -109,7 +109,7 @@ def test_he_material_is_bit_identical_to_the_clients_own(tiny_models, family, va
             p, cts = enc.encrypt(r[:, i0:i0 + ni].numpy(), no)
             out, _ = service.server_products(service.Block(i0, o0, W.int_weights().numpy()), 3, cts)
             got[:, o0:o0 + no] = enc.decrypt(p, out)
-        assert (got == matrices[name].matmul(r).numpy()).all(), name
+        assert (got == matrices[name].matmul(r * (1 << service.SHIFT)).numpy()).all(), name
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
@@ -177,19 +177,41 @@ def test_server_view_holds_parameters_ciphertexts_and_masked_rows_only(tiny_mode
     cts = np.concatenate([_ct_coefficients(row) for v in views for m in v if m.type == MsgType.HE_PRODUCT
                           for row in m.body["cts"]])
     assert_uniform_residues(cts)
-    assert_uniform_ring([m.body["m"] for v in views for m in v if m.type == MsgType.MASKED_LINEAR])
+    # HE-made masks are 2^5 r': the masked rows are uniform multiples of 2^5 (a one-time pad of Z_2^59)
+    ms = [m.body["m"] for v in views for m in v if m.type == MsgType.MASKED_LINEAR]
+    assert all(not (x & 31).any() for x in ms)
+    assert_uniform_below([x.view(np.uint64) >> np.uint64(5) for x in ms], 59)
+
+
+def assert_uniform_below(arrays, bits: int) -> None:
+    """uint64 values that should be uniform in [0, 2^bits): chi-square per whole byte, bit balance per bit."""
+    u = np.concatenate([a.reshape(-1) for a in arrays])
+    assert not (u >> np.uint64(bits)).any()
+    by_pos = u.view(np.uint8).reshape(-1, 8)
+    for pos in range(bits // 8):
+        counts = np.bincount(by_pos[:, pos], minlength=256)
+        chi2 = ((counts - u.size / 256) ** 2 / (u.size / 256)).sum()
+        assert chi2 < 370, (pos, chi2)  # 255 dof: p < 1e-6 above 370
+    balance = ((u[:, None] >> np.arange(bits, dtype=np.uint64)) & np.uint64(1)).mean(axis=0)
+    assert np.abs(balance - 0.5).max() < 6 * 0.5 / math.sqrt(u.size)
 
 
 def test_the_ciphertext_check_fails_on_unencrypted_limbs():
     """The residue check above, on a broken client that ships its packed limbs in the clear."""
     p = service.packing_for(64, 96, 6)
-    polys = packing.pack_inputs(p, service.limbs(ring.mask_rows(service.new_seed(), 0, 6, 64).numpy()))
+    polys = packing.pack_inputs(p, service.plaintext_rows(ring.mask_rows(service.new_seed(), 0, 6, 64).numpy()))
     leaked = np.concatenate([polys.reshape(-1), polys.reshape(-1)])
     with pytest.raises(AssertionError):
         assert_uniform_residues(leaked)
     enc = service.Encryptor()
     _, cts = enc.encrypt(ring.mask_rows(service.new_seed(), 0, 6, 64).numpy(), 96)
     assert_uniform_residues(np.concatenate([_ct_coefficients(row) for row in cts]))
+    # and the masked-row check: uniform 59-bit values pass, a stuck bit or a 60th bit does not
+    u = ring.mask_rows(service.new_seed(), 0, 64, 576).numpy().view(np.uint64) >> np.uint64(5)
+    assert_uniform_below([u], 59)
+    for broken in (u & ~np.uint64(1 << 30), u | np.uint64(1 << 59)):
+        with pytest.raises(AssertionError):
+            assert_uniform_below([broken], 59)
 
 
 async def _he_session(cfg, model, capacity=64):

@@ -11,11 +11,11 @@ Parameters (fixed: part of the protocol, compared byte for byte at set-up):
   data and SEAL's special prime: log q = 180 <= 218, the HomomorphicEncryption.org standard's
   bound for 128-bit security at N = 8192 (SEAL itself refuses non-compliant parameters:
   SEALContext's default sec_level is tc128).
-- t = 2^52 (a power of two: products come out mod 2^52, which composes with the Z_2^64 ring:
-  protocols/he/service.py splits each mask into a 12-bit and a 52-bit limb).
-- Noise: a fresh secret-key encryption has ~60 bits of invariant noise budget; after one
+- t = 2^59 (a power of two: products come out mod 2^59, which composes with the Z_2^64 ring
+  through masks 2^5 r': protocols/he/service.py).
+- Noise: a fresh secret-key encryption has ~53 bits of invariant noise budget; after one
   plaintext product with worst-case operands (every plaintext coefficient near t) and 64
-  accumulations, ~28 bits are left (measured; tests/test_he.py asserts the worst case of the
+  accumulations, ~21 bits are left (measured; tests/test_he.py asserts the worst case of the
   packings we use decrypts exactly and leaves a margin).
 - Secret-key encryption: the client never sends a key of any kind. The server needs only the
   parameters to multiply; it holds no secret key, no public key, no Galois or relinearization key.
@@ -29,7 +29,7 @@ import struct
 import numpy as np
 
 N = 8192
-LOG_T = 52
+LOG_T = 59  # SEAL's largest plaintext modulus is 60 bits, so 2^59 is the largest power of two
 T = 1 << LOG_T
 COEFF_BITS = (60, 60, 60)
 _MAGIC = bytes.fromhex("5ea11004") + bytes(4)  # SEAL's serialization header: magic, version 4.x, no compression

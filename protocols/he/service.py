@@ -1,18 +1,22 @@
 """``--offline he``: the server computes the client's ``W r`` on ciphertexts (Delphi's offline phase
 with Cheetah's packing, protocols/he/packing.py), so the client needs no weight matrix.
 
-Per unit (and per block of a precomposed unit, units.blocks) the client draws its mask rows
-``r`` as always (a seed, protocols/ring.mask_rows), splits each 64-bit entry into a low limb of
-12 bits and a high limb of 52 bits (t = 2^52), encrypts both limbs under its own secret key
-and sends the ciphertexts (HE_PRODUCT); the server multiplies them by its integer weights in
-NTT form, accumulates, and returns the product ciphertexts (HE_PRODUCT_OK); the client decrypts
+Per unit (and per block of a precomposed unit, units.blocks) the client draws mask rows
+``r'`` as always (a seed, protocols/ring.mask_rows) and reads them mod t = 2^59, encrypts them
+under its own secret key and sends the ciphertexts (HE_PRODUCT); the server multiplies them by
+its integer weights in NTT form, accumulates, and returns the product ciphertexts
+(HE_PRODUCT_OK); the client decrypts ``W r' mod 2^59``. The online mask is ``r = 2^5 r'``
+(SHIFT = 64 - 59), whose product the client then knows exactly in Z_2^64:
 
-    W r mod 2^64 = W r_lo + 2^12 (W r_hi mod 2^52)
+    W r mod 2^64 = 2^5 (W r' mod 2^59)
 
-The high limb's product is only needed mod 2^52 (2^12 times it wraps mod 2^64 either way); the
-low limb's product must be exact, which holds when |W r_lo| <= L1 * (2^12 - 1) < 2^51 = t/2, L1
-the unit's largest integer row L1 norm (~2^28 for SmolLM2; checked on both sides). So the
-material is bit-identical to what the client would compute itself.
+so one plaintext product per mask row suffices (a 64-bit product from a 59-bit plaintext
+modulus would otherwise need two limbs: twice the work and the bytes). The client encodes its
+activations 5 bits higher (``x 2^5``, fractional bits chosen for |2^5 W x| < 2^62: for SmolLM2
+~17 instead of ~22 on the widest products, an absolute error of 2^-18 on values ~3000), so
+``m = 2^5 (x - r')``: uniform over the multiples of 2^5, i.e. a one-time pad of Z_2^59; its low
+5 bits are always zero and carry nothing. The client shifts the unmasked product back down.
+Material made this way says so in its meta (``mask_shift``, protocols/preprocess).
 
 What the server sees: BFV ciphertexts under a key it never gets (semantic security under RLWE:
 128-bit parameters, protocols/he/bfv.py), the unit names and row counts (public: the schedule).
@@ -31,8 +35,7 @@ from ...wire.schema import Bytes, Int, Schema, Str, Tensor
 from .. import ring
 from . import bfv, packing
 
-LOW_BITS = 64 - bfv.LOG_T
-LOW_MASK = (1 << LOW_BITS) - 1
+SHIFT = 64 - bfv.LOG_T  # the online masks are 2^SHIFT r', r' read mod t
 # ciphertexts per message each way (~63 MB at 262 KB each, under the wire's 2^26-element tensor limit): a
 # request covers as many rows as fit
 MAX_CTS = 240
@@ -44,14 +47,9 @@ HE_PRODUCT = Schema("HE_PRODUCT", unit=Str(choices="units"), block=Int(lo=0), ro
 HE_PRODUCT_OK = Schema("HE_PRODUCT_OK", cts=Tensor("uint8", ("cts", "ct_bytes")), cpu_us=Int(lo=0))
 
 
-def low_limb_fits(max_row_l1: int) -> bool:
-    """Whether the low limb's product stays exact below t/2 (see the module docstring)."""
-    return max_row_l1 * LOW_MASK < bfv.T // 2
-
-
 def packing_for(in_len: int, out_len: int, rows: int) -> packing.Packing:
-    """Both parties' packing of one request: 2 vectors (the limbs) per mask row."""
-    return packing.choose(in_len, out_len, 2 * rows, bfv.N)
+    """Both parties' packing of one request: one vector per mask row."""
+    return packing.choose(in_len, out_len, rows, bfv.N)
 
 
 def rows_per_request(in_len: int, out_len: int, rows: int) -> int:
@@ -124,18 +122,14 @@ def server_products(block: Block, rows: int, cts: np.ndarray) -> tuple[np.ndarra
 
 
 # -- client ------------------------------------------------------------------------------------
-def limbs(r: np.ndarray) -> np.ndarray:
-    """Mask rows (rows, k) as ring elements -> the 2*rows limb vectors [low; high] (uint64 < t)."""
-    u = r.view(np.uint64)
-    return np.concatenate([u & np.uint64(LOW_MASK), u >> np.uint64(LOW_BITS)])
+def plaintext_rows(r: np.ndarray) -> np.ndarray:
+    """Mask rows r' (rows, k) as ring elements -> their residues mod t (uint64 < t)."""
+    return r.view(np.uint64) & np.uint64(bfv.T - 1)
 
 
-def combine(y: np.ndarray, rows: int) -> np.ndarray:
-    """Decrypted limb products (2*rows, out) mod t -> W r mod 2^64 as int64."""
-    lo = y[:rows].astype(np.int64)
-    lo = np.where(lo >= bfv.T // 2, lo - bfv.T, lo)  # the exact low-limb product, centred
-    hi = y[rows:].astype(np.uint64)
-    return (lo.view(np.uint64) + (hi << np.uint64(LOW_BITS))).view(np.int64)
+def shifted(y: np.ndarray) -> np.ndarray:
+    """Decrypted products W r' mod t -> the material's W (2^SHIFT r') mod 2^64, as int64."""
+    return (y.astype(np.uint64) << np.uint64(SHIFT)).view(np.int64)
 
 
 @dataclasses.dataclass
@@ -166,7 +160,7 @@ class Encryptor:
         t0 = time.thread_time()
         rows, in_len = r.shape
         p = packing_for(in_len, out_len, rows)
-        polys = packing.pack_inputs(p, limbs(r))
+        polys = packing.pack_inputs(p, plaintext_rows(r))
         cts = np.stack([np.frombuffer(self.keys.encrypt(poly), np.uint8) for poly in polys])
         self.costs.client_cpu_s += time.thread_time() - t0
         self.costs.cts_up += len(polys)
@@ -178,7 +172,7 @@ class Encryptor:
             raise bfv.HEError(f"the server returned {cts.shape[0]} ciphertexts, expected {p.cts_down}")
         polys = np.stack([np.zeros(bfv.N, np.uint64) if not raw.any() else self.keys.decrypt(raw.tobytes())
                           for raw in cts])
-        wr = combine(packing.unpack_outputs(p, polys), p.vectors // 2)
+        wr = shifted(packing.unpack_outputs(p, polys))
         self.costs.client_cpu_s += time.thread_time() - t0
         self.costs.cts_down += len(polys)
         self.costs.products += p.products
