@@ -80,7 +80,7 @@ class HESource:
         pools = {}
         for i, (name, n) in enumerate(rows.items()):
             unit = self.units[name]
-            seed = he.new_seed()
+            seed = preprocess.new_seed()
             r = preprocess.ring.mask_rows(seed, 0, n, unit.in_dim).numpy()
             wr = np.empty((n, unit.out_dim), np.int64)
             for b, (i0, ni, o0, no) in enumerate(blocks(unit)):

@@ -4,7 +4,11 @@ Packing against a plain negacyclic product, the parameters' security bound and w
 noise, exact material, greedy generation equal to the reference, the server's view (only
 parameters, ciphertexts and masked ring rows; no key), and bad input refused while other
 sessions keep running."""
+import json
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -17,13 +21,13 @@ from shardlm.models.sampling import SamplingParams
 from shardlm.party.client import connect
 from shardlm.party.run import run_generation
 from shardlm.party.transcript import load_transcript, session_dirs
-from shardlm.protocols import registry, ring
+from shardlm.protocols import preprocess, registry, ring
 from shardlm.protocols.he import bfv, packing, service
 from shardlm.protocols.units import block_matrices, blocks, matrices_for, units_for
 from shardlm.wire.errors import RemoteError
 from shardlm.wire.msgtypes import MsgType
 
-from support import assert_uniform_ring, tls_server
+from support import tls_server
 
 GREEDY = SamplingParams()
 PROMPT = [5, 77, 31, 200, 9, 14, 150]
@@ -103,7 +107,7 @@ def test_he_material_is_bit_identical_to_the_clients_own(tiny_models, family, va
     enc = service.Encryptor()
     matrices = matrices_for(model, variant)
     for name, unit in units_for(model.plan, variant).items():
-        r = ring.mask_rows(service.new_seed(), 0, 3, unit.in_dim)
+        r = ring.mask_rows(preprocess.new_seed(), 0, 3, unit.in_dim)
         got = np.empty((3, unit.out_dim), np.int64)
         for W, (i0, ni, o0, no) in zip(block_matrices(matrices[name]), blocks(unit)):
             p, cts = enc.encrypt(r[:, i0:i0 + ni].numpy(), no)
@@ -199,15 +203,15 @@ def assert_uniform_below(arrays, bits: int) -> None:
 def test_the_ciphertext_check_fails_on_unencrypted_limbs():
     """The residue check above, on a broken client that ships its packed limbs in the clear."""
     p = service.packing_for(64, 96, 6)
-    polys = packing.pack_inputs(p, service.plaintext_rows(ring.mask_rows(service.new_seed(), 0, 6, 64).numpy()))
+    polys = packing.pack_inputs(p, service.plaintext_rows(ring.mask_rows(preprocess.new_seed(), 0, 6, 64).numpy()))
     leaked = np.concatenate([polys.reshape(-1), polys.reshape(-1)])
     with pytest.raises(AssertionError):
         assert_uniform_residues(leaked)
     enc = service.Encryptor()
-    _, cts = enc.encrypt(ring.mask_rows(service.new_seed(), 0, 6, 64).numpy(), 96)
+    _, cts = enc.encrypt(ring.mask_rows(preprocess.new_seed(), 0, 6, 64).numpy(), 96)
     assert_uniform_residues(np.concatenate([_ct_coefficients(row) for row in cts]))
     # and the masked-row check: uniform 59-bit values pass, a stuck bit or a 60th bit does not
-    u = ring.mask_rows(service.new_seed(), 0, 64, 576).numpy().view(np.uint64) >> np.uint64(5)
+    u = ring.mask_rows(preprocess.new_seed(), 0, 64, 576).numpy().view(np.uint64) >> np.uint64(5)
     assert_uniform_below([u], 59)
     for broken in (u & ~np.uint64(1 << 30), u | np.uint64(1 << 59)):
         with pytest.raises(AssertionError):
@@ -226,7 +230,7 @@ def test_bad_he_input_is_refused_clearly_and_other_sessions_keep_running(tiny_mo
     unit = next(iter(units_for(model.plan, "v3").values()))
     _, ni, _, no = blocks(unit)[0]
     enc = service.Encryptor()
-    p, good = enc.encrypt(ring.mask_rows(service.new_seed(), 0, 2, ni).numpy(), no)
+    p, good = enc.encrypt(ring.mask_rows(preprocess.new_seed(), 0, 2, ni).numpy(), no)
     other = bfv.parameters().replace(b"\x00\x20\x00\x00", b"\x00\x10\x00\x00", 1)  # N=4096 instead of 8192
     assert other != bfv.parameters()
     garbage = np.frombuffer(np.random.default_rng(1).bytes(good.size), np.uint8).reshape(good.shape)
@@ -273,10 +277,6 @@ def test_bad_he_input_is_refused_clearly_and_other_sessions_keep_running(tiny_mo
 
 # -- as users run it: a server process and client processes --------------------------------------
 def _shardlm(*args, timeout=600):
-    import os
-    import subprocess
-    import sys
-
     proc = subprocess.run([sys.executable, "-m", "shardlm.cli", *args], capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -295,8 +295,6 @@ def tiny_server(tmp_path_factory):
 
 
 def test_cli_generate_and_preprocess_with_offline_he(tiny_server, tmp_path):
-    import json
-
     from shardlm.models.load import load_model
 
     d, args = tiny_server
@@ -321,8 +319,6 @@ def test_cli_generate_and_preprocess_with_offline_he(tiny_server, tmp_path):
 def test_smollm2_v3_with_offline_he_from_an_export_client_directory_equals_the_reference(smollm2, tmp_path):
     """Two processes over TLS: the server holds SmolLM2; the client runs from an export-client
     directory, which has no linear weight matrix to read, so every W r came from the server's HE."""
-    import json
-
     from shardlm.party import launch
     from shardlm.protocols.export import export_client
 

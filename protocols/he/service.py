@@ -26,13 +26,11 @@ It learns nothing about r, so the online phase's ``m = x - r`` stays a one-time 
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 
 import numpy as np
 
 from ...wire.schema import Bytes, Int, Schema, Str, Tensor
-from .. import ring
 from . import bfv, packing
 
 SHIFT = 64 - bfv.LOG_T  # the online masks are 2^SHIFT r', r' read mod t
@@ -177,7 +175,3 @@ class Encryptor:
         self.costs.cts_down += len(polys)
         self.costs.products += p.products
         return wr
-
-
-def new_seed() -> bytes:
-    return os.urandom(ring.MaskPRG.SEED_BYTES)
