@@ -110,6 +110,36 @@ def test_generation_with_dealt_material_equals_the_reference(tiny, dealer_proc, 
     assert json.loads((tmp_path / "material/cursor.json").read_text()) == rows
 
 
+@pytest.fixture(scope="module")
+def family_dealers(tmp_path_factory):
+    """Per family: (tiny model, a dealer process holding it)."""
+    with contextlib.ExitStack() as stack:
+        out = {}
+        for family in ("llama", "qwen2", "gpt2"):
+            d = tmp_path_factory.mktemp(family)
+            build_tiny(family, d, seed=4)
+            out[family] = (load_model(str(d)), stack.enter_context(launch.dealer(["-m", str(d), "--threads", "1"])))
+        yield out
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("variant", ["v3", "v3-2r"])
+def test_offline_dealer_generation_equals_the_reference_on_every_family(family_dealers, tmp_path, family, variant):
+    """The `--offline dealer` source itself (first chunk in set-up, decode rows from it), against an
+    in-process TLS server: greedy output equals the reference."""
+    model, proc = family_dealers[family]
+    options = {"offline_mode": "dealer", "dealer": proc.address, "dealer_fingerprint": proc.fingerprint}
+
+    async def main():
+        async with tls_server(tmp_path, model=model) as (server, cfg):
+            return await run_generation(cfg, model, registry.get(variant), PROMPT, 10, GREEDY, ignore_eos=True,
+                                        options=options)
+    rep = trio.run(main)
+    assert rep.result.token_ids == reference_generate(model, PROMPT, 10, GREEDY, stop_ids=())
+    off = rep.as_dict()["offline"]
+    assert off["mode"] == "dealer" and off["bytes_received"] > 0 and off["dealer_s"] > 0
+
+
 async def _parts(channel, parts=None) -> list[dict]:
     """The DEAL_PARTs of one take, up to its DEAL_OK, appended to ``parts`` (an ERROR raises
     RemoteError, with the parts received before it in ``parts``)."""
