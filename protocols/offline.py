@@ -76,7 +76,6 @@ class HESource:
         t0 = time.perf_counter()
         if self.encryptor is None:
             await self._setup()
-        ct_bytes = he.bfv.ciphertext_bytes()
         pools = {}
         for i, (name, n) in enumerate(rows.items()):
             unit = self.units[name]
@@ -91,7 +90,7 @@ class HESource:
                     reply = await self.channel.request(
                         MsgType.HE_PRODUCT, {"unit": name, "block": b, "rows": part.shape[0], "cts": cts},
                         MsgType.HE_PRODUCT_OK)
-                    body = he.HE_PRODUCT_OK.check(reply, cts=p.cts_down, ct_bytes=ct_bytes)
+                    body = he.HE_PRODUCT_OK.check(reply, cts=p.cts_down, ct_bytes=he.reply_bytes(p))
                     self.server_cpu_s += body["cpu_us"] / 1e6
                     wr[at:at + step, o0:o0 + no] = self.encryptor.decrypt(p, body["cts"])
             pools[name] = preprocess.Pool(seed, unit.in_dim, torch.from_numpy(wr), n)

@@ -75,11 +75,12 @@ class Block:
         return self.ints.shape
 
 
-def server_products(block: Block, rows: int, cts: np.ndarray) -> tuple[np.ndarray, int]:
+def server_products(block: Block, rows: int, cts: np.ndarray, full: bool = False) -> tuple[np.ndarray, int]:
     """The product ciphertexts for one request (a worker thread's job: seconds of SEAL calls).
     Returns the serialized results (cts_down, ct_bytes) and the thread CPU microseconds spent.
     An all-zero result row stands for an all-zero product block (SEAL refuses to make a
-    ciphertext that a zero plaintext would leave transparent)."""
+    ciphertext that a zero plaintext would leave transparent). ``full``: whole ciphertexts instead
+    of :func:`compact` rows (for measuring their noise)."""
     import seal
 
     t0 = time.thread_time()
@@ -109,14 +110,50 @@ def server_products(block: Block, rows: int, cts: np.ndarray) -> tuple[np.ndarra
                     acc[g][b] = prod
                 else:
                     ev.add_inplace(acc[g][b], prod)
-    size = cts.shape[1]
-    out = np.zeros((p.cts_down, size), np.uint8)
+    out = np.zeros((p.cts_down, bfv.ciphertext_bytes() if full else reply_bytes(p)), np.uint8)
     for g in range(p.groups):
         for b in range(p.out_blocks):
             if acc[g][b] is not None:
                 ev.transform_from_ntt_inplace(acc[g][b])
-                out[g * p.out_blocks + b] = np.frombuffer(acc[g][b].to_string(), np.uint8)
+                raw = acc[g][b].to_string()
+                out[g * p.out_blocks + b] = np.frombuffer(raw, np.uint8) if full else compact(raw, p)
     return out, int((time.thread_time() - t0) * 1e6)
+
+
+# A product ciphertext goes back without the c0 coefficients the client never reads: decryption
+# (c0 + c1 s, then scaling) works coefficient by coefficient, so zeros there only spoil unread
+# outputs. Layout of SEAL's serialization (size 2, two data primes): a 113-byte header, then
+# c0 and c1, each two residue polynomials of N uint64. Down bytes: ~half.
+_HEADER = 113
+
+
+def output_positions(p: packing.Packing) -> np.ndarray:
+    """The coefficients of an output polynomial the client reads (packing.unpack_outputs)."""
+    c, j = np.meshgrid(np.arange(p.k), np.arange(p.n), indexing="ij")
+    return (c * p.m * p.n + j * p.m + p.m - 1).reshape(-1)
+
+
+def reply_bytes(p: packing.Packing) -> int:
+    primes = len(bfv.COEFF_BITS) - 1
+    return _HEADER + 8 * primes * (bfv.N + p.k * p.n)
+
+
+def compact(raw: bytes, p: packing.Packing) -> np.ndarray:
+    """A serialized product ciphertext -> header, c1 whole, c0 at the read coefficients."""
+    if len(raw) != bfv.ciphertext_bytes():
+        raise bfv.HEError(f"a product ciphertext of {len(raw)} bytes, expected {bfv.ciphertext_bytes()}")
+    polys = np.frombuffer(raw, np.uint64, offset=_HEADER).reshape(2, -1, bfv.N)
+    return np.concatenate([np.frombuffer(raw[:_HEADER], np.uint8), polys[1].reshape(-1).view(np.uint8),
+                           polys[0][:, output_positions(p)].reshape(-1).view(np.uint8)])
+
+
+def expand(row: np.ndarray, p: packing.Packing) -> bytes:
+    """:func:`compact`'s row -> a full serialized ciphertext with zeros at c0's unread coefficients."""
+    primes = len(bfv.COEFF_BITS) - 1
+    c1 = row[_HEADER:_HEADER + 8 * primes * bfv.N].view(np.uint64).reshape(primes, bfv.N)
+    c0 = np.zeros((primes, bfv.N), np.uint64)
+    c0[:, output_positions(p)] = row[_HEADER + 8 * primes * bfv.N:].view(np.uint64).reshape(primes, -1)
+    return row[:_HEADER].tobytes() + c0.tobytes() + c1.tobytes()
 
 
 # -- client ------------------------------------------------------------------------------------
@@ -168,7 +205,7 @@ class Encryptor:
         t0 = time.thread_time()
         if cts.shape[0] != p.cts_down:
             raise bfv.HEError(f"the server returned {cts.shape[0]} ciphertexts, expected {p.cts_down}")
-        polys = np.stack([np.zeros(bfv.N, np.uint64) if not raw.any() else self.keys.decrypt(raw.tobytes())
+        polys = np.stack([np.zeros(bfv.N, np.uint64) if not raw.any() else self.keys.decrypt(expand(raw, p))
                           for raw in cts])
         wr = shifted(packing.unpack_outputs(p, polys))
         self.costs.client_cpu_s += time.thread_time() - t0
