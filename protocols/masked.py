@@ -356,6 +356,9 @@ def client(spec, channel, model, *, prompt_tokens: int, max_tokens: int, progres
     if verify and model.client_only:  # refused before any material is claimed
         raise ModelError(f"--verify checks replies against U W, which needs the linear weight matrices; {model.source} "
                          f"is an export-client directory without them: run without --verify, or from the full model")
+    if material and offline_mode != "client":
+        raise OptionError(f"--material already holds the offline phase's products; --offline {offline_mode} would make "
+                          f"new ones: give one or the other")
     if offline_mode == "client" and model.client_only and not material:
         raise ModelError(f"--offline client computes W r with the linear weight matrices; {model.source} is an "
                          f"export-client directory without them: use --offline he or --offline dealer")

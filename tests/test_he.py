@@ -315,6 +315,10 @@ def test_cli_generate_and_preprocess_with_offline_he(tiny_server, tmp_path):
     out = json.loads(_shardlm("generate", *args, "-m", str(d), "-p", "hello", "--max-tokens", "6", "--material",
                               str(store), "--json").stdout)
     assert out["token_ids"] == want
+    both = subprocess.run([sys.executable, "-m", "shardlm.cli", "generate", *args, "-m", str(d), "-p", "hello",
+                           "--max-tokens", "6", "--material", str(store), "--offline", "he"],
+                          capture_output=True, text=True, timeout=120)
+    assert both.returncode == 2 and "give one or the other" in both.stderr
 
 
 @pytest.mark.slow
