@@ -401,7 +401,8 @@ def _parsed(parse, value, hint: str):
 @cli.command("netsim-proxy")
 @click.option("--listen", required=True, help="HOST:PORT to accept connections on (port 0 picks a free one).")
 @click.option("--target", required=True, help="HOST:PORT to forward each connection to (e.g. a shardlm server).")
-@click.option("--rtt", default="0ms", show_default=True, help="Round-trip time added: half on each direction (20ms, 0.1s).")
+@click.option("--rtt", default="0ms", show_default=True,
+              help="Round-trip time added: half on each direction (20ms, 0.1s).")
 @click.option("--bw", help="Bandwidth of each direction (100mbit, 1gbit); unlimited if omitted.")
 @click.option("--jitter", default="0ms", show_default=True,
               help="Each one-way delay varies uniformly by up to this much either way (never reordering).")
@@ -452,7 +453,7 @@ def netsim_proxy(listen, target, rtt, bw, jitter, loss_reset, reset_within, seed
             async with trio.open_nursery() as nursery:
                 port = await nursery.start(proxy.serve, listeners)
                 host = config.listen[0]
-                _emit({"event": "listening", "host": host, "port": port, **config.describe()}, as_json,
+                _emit({"event": "listening", "host": host, "port": port, **proxy.config.describe()}, as_json,
                       human=f"netsim-proxy listening on {host}:{port} -> {target} ({spec.describe()})")
                 sys.stdout.flush()
                 async for _ in signals:

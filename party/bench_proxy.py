@@ -3,7 +3,8 @@
     python -m shardlm.party.bench_proxy [--case 20ms,20mbit ...] [--rounds 200] [--seconds 2] [--json]
 
 For each case a proxy process runs between two plain TCP endpoints of this process: a
-ping-pong of 64-byte messages (median round trip against --rtt) and a bulk transfer of
+ping-pong of 64-byte messages (median round trip against --rtt; the same ping-pong without the
+proxy, for what the endpoints cost themselves) and a bulk transfer of
 ``seconds`` worth of bytes at the asked rate (the receiver's rate from its first byte to its
 last, against --bw). Plain TCP, not TLS, so the figures are the proxy's, not the parties'.
 tests/test_netsim_proxy.py runs the same measurement, briefly, with a loose bound.
@@ -82,18 +83,20 @@ def measure(rtt: str, bw: str, *, rounds: int = 100, seconds: float = 2.0, extra
         port = listeners[0].socket.getsockname()[1]
         async with trio.open_nursery() as nursery:
             nursery.start_soon(trio.serve_listeners, lambda s: _target(s, sinks), listeners)
+            direct = await _ping_pong(f"127.0.0.1:{port}", rounds)
             with launch.proxy(f"127.0.0.1:{port}", rtt=rtt, bw=bw, extra_args=extra_args) as px:
                 rtts = await _ping_pong(px.address, rounds)
                 sink = await _bulk(px.address, nbytes, sinks)
             nursery.cancel_scope.cancel()
-        return rtts, sink, px.report
+        return direct, rtts, sink, px.report
 
-    rtts, sink, report = trio.run(main)
+    direct, rtts, sink, report = trio.run(main)
     rtt_ms = statistics.median(rtts) * 1e3
     mbit = sink["rate_bps"] / 1e6
     return {
         "rtt_ms_asked": spec.rtt * 1e3, "rtt_ms_median": round(rtt_ms, 3),
         "rtt_ms_p90": round(sorted(rtts)[int(0.9 * len(rtts))] * 1e3, 3),
+        "rtt_ms_direct": round(statistics.median(direct) * 1e3, 3),  # the same ping-pong without the proxy
         "rtt_error_pct": round((rtt_ms / (spec.rtt * 1e3) - 1) * 100, 2) if spec.rtt else None,
         "bw_mbit_asked": spec.bandwidth / 1e6, "bw_mbit_measured": round(mbit, 3),
         "bw_error_pct": round((mbit / (spec.bandwidth / 1e6) - 1) * 100, 2),
@@ -118,7 +121,8 @@ def main() -> None:
         results.append(r)
         if not args.json:
             print(f"rtt {r['rtt_ms_asked']:g} ms -> median {r['rtt_ms_median']:.2f} ms ({r['rtt_error_pct']:+.1f}%), "
-                  f"p90 {r['rtt_ms_p90']:.2f} ms; bw {r['bw_mbit_asked']:g} Mbit/s -> {r['bw_mbit_measured']:.2f} "
+                  f"p90 {r['rtt_ms_p90']:.2f} ms (direct {r['rtt_ms_direct']:.2f}); "
+                  f"bw {r['bw_mbit_asked']:g} Mbit/s -> {r['bw_mbit_measured']:.2f} "
                   f"({r['bw_error_pct']:+.1f}%) over {r['bulk_bytes'] / 1e6:.1f} MB", flush=True)
     if args.json:
         print(json.dumps(results, indent=2))

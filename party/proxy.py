@@ -190,7 +190,9 @@ class Proxy:
         return await trio.open_tcp_listeners(port, host=host)
 
     async def serve(self, listeners, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        task_status.started(listeners[0].socket.getsockname()[1])
+        # with port 0, report the port bound
+        self.config = dataclasses.replace(self.config, listen=listeners[0].socket.getsockname()[:2])
+        task_status.started(self.config.listen[1])
         await trio.serve_listeners(self._handle, listeners)
 
     async def _handle(self, downstream: trio.SocketStream) -> None:
