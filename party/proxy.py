@@ -79,7 +79,8 @@ class Flow:
 
 
 class _Reset(Exception):
-    """The connection is to be reset: by --loss-reset, or because one side broke."""
+    """The connection is to be reset: by --loss-reset (its message starts with "reset"), or because
+    one side broke (then the other side gets the reset too)."""
 
 
 def _reset(stream: trio.SocketStream) -> None:
@@ -121,11 +122,14 @@ class _Connection:
             await downstream.aclose()
         except BaseExceptionGroup as group:
             first = first_error(group)
-            if not isinstance(first, _Reset):
+            if first is None:  # cancelled: the proxy is stopping
                 raise
-            self.ended = str(first)
             _reset(upstream)
             _reset(downstream)
+            self.ended = str(first)
+            if not isinstance(first, _Reset):  # a bug: this connection ends, the proxy serves on
+                self.ended = f"failed: {first!r}"
+                log.error("connection %d: %s", self.number, self.ended, exc_info=first)
 
     async def _read(self, src: trio.SocketStream, link: netsim.Link, out: trio.MemorySendChannel) -> None:
         slack = max(QUEUE_MIN_S, link.spec.transfer_time(QUEUE_BYTES))
@@ -212,6 +216,7 @@ class Proxy:
                 self.on_connection_end(conn.report())
 
     def report(self) -> dict:
+        # resets: those --loss-reset made (a peer's own reset is passed on, not counted)
         return {"event": "report", **self.config.describe(), "connections": self.connections,
                 "open": self.open, "resets": self.resets,
                 **{name: f.report() for name, f in self.flows.items()}}
