@@ -390,6 +390,84 @@ def dealer(model_spec, as_json, **listener):
                                          "warning": COLLUSION}, f"\nwarning: {COLLUSION}")
 
 
+def _parsed(parse, value, hint: str):
+    """``parse(value)``, its ValueError (or a usage ClientError) shown as bad usage of ``hint``."""
+    try:
+        return parse(value)
+    except (ValueError, client_mod.ClientError) as exc:
+        raise click.BadParameter(str(exc), param_hint=hint) from None
+
+
+@cli.command("netsim-proxy")
+@click.option("--listen", required=True, help="HOST:PORT to accept connections on (port 0 picks a free one).")
+@click.option("--target", required=True, help="HOST:PORT to forward each connection to (e.g. a shardlm server).")
+@click.option("--rtt", default="0ms", show_default=True,
+              help="Round-trip time added: half on each direction (20ms, 0.1s).")
+@click.option("--bw", help="Bandwidth of each direction (100mbit, 1gbit); unlimited if omitted.")
+@click.option("--jitter", default="0ms", show_default=True,
+              help="Each one-way delay varies uniformly by up to this much either way (never reordering).")
+@click.option("--loss-reset", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="Probability that a connection is reset (RST both ways) at a random point: chaos tests.")
+@click.option("--reset-within", type=click.IntRange(min=1), default=1 << 20, show_default=True,
+              help="Bytes: a doomed connection is reset after a log-uniform count in [1, this] (or at its close).")
+@click.option("--seed", type=int, help="Seed of the jitter and the resets (default: a fresh one).")
+@click.option("-v", "--verbose", is_flag=True, help="Report each connection on stderr when it ends.")
+@_json_option
+@_reports_errors
+def netsim_proxy(listen, target, rtt, bw, jitter, loss_reset, reset_within, seed, verbose, as_json):
+    """Forward TCP connections to --target through a simulated WAN, until interrupted.
+
+    Each direction is delayed by rtt/2 and rate-limited to --bw independently, in order, so
+    an unmodified client and server talk as over a slow link; TLS passes through untouched
+    (the client's certificate pin still holds). Prints a listening line, and on exit
+    (Ctrl-C, SIGTERM) the bytes each way and the mean delay applied.
+    """
+    import signal
+
+    from .party import proxy as proxy_mod
+
+    spec = netsim.NetSpec(rtt=_parsed(netsim.parse_duration, rtt, "--rtt"),
+                          bandwidth=_parsed(netsim.parse_rate, bw, "--bw") if bw else float("inf"),
+                          jitter=_parsed(netsim.parse_duration, jitter, "--jitter"))
+    config = proxy_mod.ProxyConfig(
+        listen=_parsed(lambda a: client_mod.parse_address(a, any_port=True), listen, "--listen"),
+        target=_parsed(client_mod.parse_address, target, "--target"),
+        spec=spec, loss_reset=loss_reset, reset_within=reset_within, seed=seed)
+
+    def connection_ended(report: dict) -> None:
+        if verbose:
+            line = json.dumps(report) if as_json else (
+                f"connection {report['number']} from {report['peer']} {report['ended']}: "
+                f"up {report['up']['bytes']} B (mean delay {report['up']['mean_delay_ms']:.2f} ms), "
+                f"down {report['down']['bytes']} B (mean delay {report['down']['mean_delay_ms']:.2f} ms)")
+            click.echo(line, err=True)
+
+    proxy = proxy_mod.Proxy(config, connection_ended)
+
+    async def main():
+        try:
+            listeners = await proxy.listen()
+        except OSError as exc:
+            raise Failure(f"cannot listen on {listen}: {exc.strerror or exc}", "listen") from None
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+                port = await nursery.start(proxy.serve, listeners)
+                host = config.listen[0]
+                _emit({"event": "listening", "host": host, "port": port, **proxy.config.describe()}, as_json,
+                      human=f"netsim-proxy listening on {host}:{port} -> {target} ({spec.describe()})")
+                sys.stdout.flush()
+                async for _ in signals:
+                    nursery.cancel_scope.cancel()
+                    break
+
+    trio.run(main)
+    report = proxy.report()
+    up, down = report["up"], report["down"]
+    _emit(report, as_json, human=f"{report['connections']} connections ({report['resets']} reset): "
+                                 f"up {up['bytes']} B, mean delay {up['mean_delay_ms']:.2f} ms; "
+                                 f"down {down['bytes']} B, mean delay {down['mean_delay_ms']:.2f} ms")
+
+
 # -- health / info -----------------------------------------------------------------------------
 @cli.command()
 @client_options

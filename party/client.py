@@ -45,8 +45,9 @@ class ClientConfig:
     record_dir: str | None = None  # record what this client receives (audits of the client's view)
 
 
-def parse_address(text: str) -> tuple[str, int]:
-    """``host:port``, ``[v6]:port`` or a URL-ish ``tls://host:port`` (the seeds used http://)."""
+def parse_address(text: str, *, any_port: bool = False) -> tuple[str, int]:
+    """``host:port``, ``[v6]:port`` or a URL-ish ``tls://host:port`` (the seeds used http://);
+    ``any_port``: port 0 too (an address to listen on, where 0 picks a free port)."""
     addr = text.strip()
     for scheme in ("tls://", "https://", "http://", "shardlm://"):
         if addr.startswith(scheme):
@@ -57,7 +58,7 @@ def parse_address(text: str) -> tuple[str, int]:
         port = rest.lstrip(":")
     else:
         host, _, port = addr.rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not host or not port.isdigit() or not (0 if any_port else 1) <= int(port) < 65536:
         raise ClientError(f"bad server address {text!r}: expected HOST:PORT, e.g. 127.0.0.1:9090", "usage")
     return host, int(port)
 

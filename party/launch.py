@@ -8,6 +8,9 @@ afterwards the process gone and the certificate deleted::
     with launch.server(["-m", "smollm2"]) as srv:
         cfg = srv.client_config(timeout=300)   # or srv.client_args for the client CLI
 
+:func:`proxy` starts a ``shardlm netsim-proxy`` the same way, to put a simulated WAN in front of
+it; ``prefix`` runs either under a command such as ``ip netns exec NS`` (another host's network).
+
 The server is started as a process (``python -m shardlm.cli serve --json``), never imported:
 this module depends on the client and TLS layers only, not on the CLI or the protocols.
 """
@@ -63,7 +66,8 @@ class ServerProcess:
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        host = self.event.get("host", "127.0.0.1")
+        return f"{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{self.port}"
 
     @property
     def client_args(self) -> list[str]:
@@ -77,9 +81,12 @@ class ServerProcess:
 
 @contextlib.contextmanager
 def server(extra_args: Sequence[str] = (), *, cert_dir: str | Path | None = None, env: dict | None = None,
-           ready_timeout: float = READY_TIMEOUT, stderr=None, command: str = "serve") -> Iterator[ServerProcess]:
-    """Run ``shardlm serve --json --host 127.0.0.1 --port 0 --cert .. --key .. *extra_args``
+           ready_timeout: float = READY_TIMEOUT, stderr=None, command: str = "serve", host: str = "127.0.0.1",
+           prefix: Sequence[str] = ()) -> Iterator[ServerProcess]:
+    """Run ``shardlm serve --json --host HOST --port 0 --cert .. --key .. *extra_args``
     (``command="dealer"``: a ``shardlm dealer``, the same way; see :func:`dealer`).
+    ``prefix``: a command to run it under, e.g. ``["ip", "netns", "exec", NS]``; the health check
+    then runs as ``shardlm health`` under the same prefix (this process may not reach that network).
 
     ``cert_dir`` holds ``server.crt`` and ``server.key`` to serve (as ``shardlm certs --out``
     writes them); without it a fresh self-signed pair is made in a temporary directory, removed
@@ -97,14 +104,17 @@ def server(extra_args: Sequence[str] = (), *, cert_dir: str | Path | None = None
         else:
             fingerprint = tls.fingerprint_of(Path(cert_dir) / "server.crt")
         proc = subprocess.Popen(
-            [sys.executable, "-m", "shardlm.cli", command, "--json", "--host", "127.0.0.1", "--port", "0",
+            [*prefix, sys.executable, "-m", "shardlm.cli", command, "--json", "--host", host, "--port", "0",
              "--cert", str(Path(cert_dir) / "server.crt"), "--key", str(Path(cert_dir) / "server.key"),
              *extra_args],
             stdout=subprocess.PIPE, stderr=stderr, text=True, env=env,
         )
         stack.callback(_stop, proc)
-        launched = ServerProcess(proc, _listening_event(proc, deadline), fingerprint)
-        _check_health(launched, deadline)
+        launched = ServerProcess(proc, _listening_event(proc, deadline, "server"), fingerprint)
+        if prefix:
+            _check_health_under(launched, prefix, deadline, env)
+        else:
+            _check_health(launched, deadline)
         yield launched
 
 
@@ -114,14 +124,14 @@ def dealer(extra_args: Sequence[str] = (), **options) -> contextlib.AbstractCont
     return server(extra_args, command="dealer", **options)
 
 
-def _listening_event(proc: subprocess.Popen, deadline: float) -> dict:
-    """The ``listening`` event the server prints first; LaunchError if it prints anything else
-    (``serve --json`` reports a failure as ``{"error": ...}`` and exits), exits, or is silent
-    until the deadline."""
+def _listening_event(proc: subprocess.Popen, deadline: float, what: str) -> dict:
+    """The ``listening`` event the server (``what``) prints first; LaunchError if it prints
+    anything else (``serve --json`` reports a failure as ``{"error": ...}`` and exits), exits, or
+    is silent until the deadline."""
     with selectors.DefaultSelector() as sel:
         sel.register(proc.stdout, selectors.EVENT_READ)
         if not sel.select(max(0.0, deadline - time.monotonic())):
-            raise LaunchError("the server did not report listening before the ready timeout")
+            raise LaunchError(f"the {what} did not report listening before the ready timeout")
     line = proc.stdout.readline()
     try:
         event = json.loads(line) if line else {}
@@ -137,8 +147,8 @@ def _listening_event(proc: subprocess.Popen, deadline: float) -> dict:
         status = None
     reason = f": {event['error']}" if "error" in event else ""
     if status is None:
-        raise LaunchError(f"the server did not start{reason}")
-    raise LaunchError(f"the server exited with status {status} before listening{reason}", status)
+        raise LaunchError(f"the {what} did not start{reason}")
+    raise LaunchError(f"the {what} exited with status {status} before listening{reason}", status)
 
 
 def _check_health(launched: ServerProcess, deadline: float) -> None:
@@ -157,9 +167,66 @@ def _check_health(launched: ServerProcess, deadline: float) -> None:
         raise LaunchError(f"the server at {launched.address} is not healthy: {exc}") from exc
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    """Terminate the server (SIGTERM, then SIGKILL after STOP_TIMEOUT: a stuck server must not
-    outlive its caller) and close our end of its stdout."""
+def _check_health_under(launched: ServerProcess, prefix: Sequence[str], deadline: float, env: dict | None) -> None:
+    """The same check as :func:`_check_health`, by a ``shardlm health`` process run under ``prefix``."""
+    try:
+        done = subprocess.run([*prefix, sys.executable, "-m", "shardlm.cli", "health", *launched.client_args],
+                              capture_output=True, text=True, env=env, timeout=max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        raise LaunchError(f"the server at {launched.address} did not answer HEALTH before the ready timeout") from None
+    if done.returncode != 0:
+        status = launched.proc.poll()
+        raise LaunchError(f"the server at {launched.address} is not healthy: {done.stderr.strip()[-500:]}", status)
+
+
+@dataclasses.dataclass
+class ProxyProcess:
+    """A running ``shardlm netsim-proxy``: its listening event; ``report`` (its closing JSON
+    report: connections, resets, bytes and mean delay each way) once it has stopped."""
+
+    proc: subprocess.Popen
+    event: dict
+    report: dict | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.event['host']}:{self.event['port']}"
+
+    def stop(self) -> dict:
+        """Terminate it (SIGTERM) and return its report."""
+        if self.report is None:
+            _stop(self.proc, close=False)
+            out = self.proc.stdout.read()
+            self.proc.stdout.close()
+            lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+            self.report = next((e for e in lines if e.get("event") == "report"), {})
+        return self.report
+
+
+@contextlib.contextmanager
+def proxy(target: str, *, rtt: str = "0ms", bw: str | None = None, listen: str = "127.0.0.1:0",
+          extra_args: Sequence[str] = (), prefix: Sequence[str] = (), env: dict | None = None, stderr=None,
+          ready_timeout: float = 60.0) -> Iterator[ProxyProcess]:
+    """Run ``shardlm netsim-proxy --json --listen LISTEN --target TARGET --rtt RTT [--bw BW]
+    *extra_args`` (e.g. ``--jitter 2ms``, ``--loss-reset 1``, ``-v``) until the block ends; yields
+    once it listens. Clients reach the target through ``.address``; ``.report`` after the block."""
+    cmd = [*prefix, sys.executable, "-m", "shardlm.cli", "netsim-proxy", "--json", "--listen", listen,
+           "--target", target, "--rtt", rtt, *(["--bw", bw] if bw else []), *extra_args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env)
+    launched = None
+    try:
+        launched = ProxyProcess(proc, _listening_event(proc, time.monotonic() + ready_timeout, "proxy"))
+        yield launched
+    finally:
+        if launched is not None:
+            launched.stop()
+        else:
+            _stop(proc)
+
+
+def _stop(proc: subprocess.Popen, close: bool = True) -> None:
+    """Terminate the process (SIGTERM, then SIGKILL after STOP_TIMEOUT: a stuck server must not
+    outlive its caller) and close our end of its stdout (``close=False``: the caller reads the rest)."""
     if proc.poll() is None:
         proc.terminate()
         try:
@@ -167,4 +234,5 @@ def _stop(proc: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-    proc.stdout.close()
+    if close:
+        proc.stdout.close()
