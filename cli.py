@@ -309,13 +309,15 @@ def _serve_forever(server, fp: str, as_json: bool, event: dict, human: str = "")
             listeners = await server.listen()
         except OSError as exc:
             raise Failure(f"cannot listen on {host}:{port}: {exc.strerror or exc}", "listen") from None
-        async with trio.open_nursery() as nursery:
-            bound = await nursery.start(functools.partial(server.serve, listeners, on_ready=ready))
+        def listening(bound: int) -> None:  # before the preload starts: the ready line always comes second
             full = {"event": "listening", "host": host, "port": bound, "fingerprint": fp,
                     "protocols": sorted(server.offered), "mutual_tls": server.ssl_context.verify_mode != ssl.CERT_NONE, **event}
             _emit(full, as_json, human=f"shardlm {__version__}{' dealer' if full['role'] == 'dealer' else ''} listening on {host}:{bound}"
                                        f"\nTLS fingerprint: {fp}\nprotocols: {', '.join(full['protocols'])}" + human)
             sys.stdout.flush()
+
+        async with trio.open_nursery() as nursery:
+            await nursery.start(functools.partial(server.serve, listeners, on_listening=listening, on_ready=ready))
 
     try:
         trio.run(main)

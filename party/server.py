@@ -199,15 +199,19 @@ class Server:
         """Bind the configured address (an OSError, e.g. the port is taken, raises here)."""
         return await trio.open_tcp_listeners(self.config.port, host=self.config.host)
 
-    async def serve(self, listeners=None, *, on_ready=None, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Accept connections and, meanwhile, build the preloaded protocols' state;
-        ``on_ready(preloader)`` once that is done."""
+    async def serve(self, listeners=None, *, on_listening=None, on_ready=None,
+                    task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Accept connections and, meanwhile, build the preloaded protocols' state:
+        ``on_listening(port)`` once listening (before the preload starts), ``on_ready(preloader)``
+        once the preload is done."""
         if listeners is None:
             listeners = await self.listen()
         ports = sorted({ln.socket.getsockname()[1] for ln in listeners})
         async with trio.open_nursery() as nursery:
             for listener in listeners:
                 nursery.start_soon(trio.serve_listeners, self._handle_tcp, [listener])
+            if on_listening is not None:
+                on_listening(ports[0])
             task_status.started(ports[0])
             nursery.start_soon(self.preloader.run, on_ready)
             await trio.sleep_forever()
