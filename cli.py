@@ -293,21 +293,31 @@ def _server_config(kw: dict, cert_home: str, **extra) -> tuple[server_mod.Server
 
 
 def _serve_forever(server, fp: str, as_json: bool, event: dict, human: str = "") -> None:
-    """Listen, print the listening event (the address and the fingerprint to pin), serve until interrupted."""
+    """Listen, print the listening event (the address and the fingerprint to pin), serve until
+    interrupted; once the preloaded protocols are built, print the ready event."""
     host, port = server.config.host, server.config.port
+
+    def ready(preloader):
+        done = {n: s for n, s in preloader.state.items()}
+        _emit({"event": "ready", "seconds": preloader.seconds, "protocols": done}, as_json,
+              human=f"ready after {preloader.seconds:.1f} s" + "".join(
+                  f"\n  {n}: {_preload_line(s)}" for n, s in done.items()))
+        sys.stdout.flush()
 
     async def main():
         try:  # bound before any nursery, so a taken port is one OSError, not an exception group
             listeners = await server.listen()
         except OSError as exc:
             raise Failure(f"cannot listen on {host}:{port}: {exc.strerror or exc}", "listen") from None
-        async with trio.open_nursery() as nursery:
-            bound = await nursery.start(server.serve, listeners)
+        def listening(bound: int) -> None:  # before the preload starts: the ready line always comes second
             full = {"event": "listening", "host": host, "port": bound, "fingerprint": fp,
                     "protocols": sorted(server.offered), "mutual_tls": server.ssl_context.verify_mode != ssl.CERT_NONE, **event}
             _emit(full, as_json, human=f"shardlm {__version__}{' dealer' if full['role'] == 'dealer' else ''} listening on {host}:{bound}"
                                        f"\nTLS fingerprint: {fp}\nprotocols: {', '.join(full['protocols'])}" + human)
             sys.stdout.flush()
+
+        async with trio.open_nursery() as nursery:
+            await nursery.start(functools.partial(server.serve, listeners, on_listening=listening, on_ready=ready))
 
     try:
         trio.run(main)
@@ -328,22 +338,40 @@ def _serve_forever(server, fp: str, as_json: bool, event: dict, human: str = "")
                    "unattested servers, not against the server's operator); nvidia: GPU CC mode, refused where absent.")
 @click.option("--cc-key", envvar="SHARDLM_CC_KEY", show_envvar=True, type=click.Path(dir_okay=False),
               help="Ed25519 seed file of the software provider (default: $SHARDLM_HOME/cc/software-ed25519.key).")
+@click.option("--preload", envvar="SHARDLM_PRELOAD", show_envvar=True,
+              help="Protocols whose ring matrices and kernels are built at start-up (while connections are "
+                   "already accepted; health says loading until done): a comma list, 'all' or 'none'. "
+                   "Default: v3 (what clients run by default; each masked variant holds its own ~6-14 bytes "
+                   "per weight, so others build on their first session).")
+@click.option("--no-cache", is_flag=True, envvar="SHARDLM_NO_CACHE", show_envvar=True,
+              help="Do not read or write the ring-matrix cache ($SHARDLM_HOME/ring-cache).")
 @_json_option
 @_reports_errors
-def serve(record_transcript, model_spec, cc_provider, cc_key, as_json, **listener):
+def serve(record_transcript, model_spec, cc_provider, cc_key, preload, no_cache, as_json, **listener):
     """Run a server until interrupted.
 
     Prints the address and the certificate fingerprint clients must pin (with --json, one JSON
-    line when listening). A server never deals mask material (that is `shardlm dealer`, a
-    different party).
+    line when listening), builds the --preload protocols' ring matrices while it already
+    accepts connections (`health` says loading, then ready), and prints a ready line (with
+    --json, a {"event": "ready"} line) when they are built. A server never deals mask material
+    (that is `shardlm dealer`, a different party).
     """
+    from .models.fetch import shardlm_home
+    from .party import preload as preload_mod
+
+    cache = None if no_cache else str(shardlm_home() / "ring-cache")
     config, ctx, fp = _server_config(listener, "certs", record_dir=record_transcript, cc_provider=cc_provider,
-                                     cc_key=cc_key)
+                                     cc_key=cc_key, matrix_cache=cache)
     model = load_model_for_cli(model_spec, config.device, tokenizer=False) if model_spec else None
     if model is not None and model.client_only:
         raise Failure(f"{model_spec} is an export-client directory (no linear weight matrices): a server needs the "
                       f"full model", "model")
-    server = server_mod.Server(config, ctx, model, protocols=registry.offered(model is not None))
+    offered = registry.offered(model is not None)
+    try:
+        names = preload_mod.choose(preload, offered, DEFAULT_PRELOAD)
+    except ValueError as exc:
+        raise Failure(str(exc), "usage") from None
+    server = server_mod.Server(config, ctx, model, protocols=offered, preload=names)
     cc = None
     if "v3-cc" in server.offered:  # its provider's key and measurement, printed for clients to pin
         from .protocols.cc import service as cc_service
@@ -357,6 +385,27 @@ def serve(record_transcript, model_spec, cc_provider, cc_key, as_json, **listene
     if cc:
         event["cc"] = {k: cc[k] for k in ("provider", "simulated", "note", "key_fingerprint", "measurement")}
     _serve_forever(server, fp, as_json, event, "\n" + "\n".join(cc_service.describe_lines(cc)) if cc else "")
+
+
+# What `serve` preloads by default: v3 is generate's and chat's default protocol. Not 'all': each
+# masked variant keeps its own matrices with both kernels resident (3 bytes per weight of digit
+# planes, ~3 packed, 8 float64: ~14 per weight of each of its units; v3-2r's composed units have
+# ~1.9x the weights), so preloading protocols nobody asks for would multiply the server's memory;
+# they still build (or load from the cache) on their first session.
+DEFAULT_PRELOAD = ("v3",)
+
+
+def _preload_line(s: dict) -> str:
+    if s.get("status") == "failed":
+        return f"failed: {s.get('error')}"
+    if not s.get("total"):
+        return "nothing to build"
+    shared = s["total"] - s.get("loaded", 0) - s.get("built", 0)
+    how = (f"{s.get('loaded', 0)} loaded from cache, {s.get('built', 0)} built"
+           + (f", {s['rejected']} invalid cache files rebuilt" if s.get("rejected") else "")) if s.get("cache") \
+        else f"{s.get('built', 0)} built (no cache)"
+    how += f", {shared} shared with a protocol built before" if shared > 0 else ""
+    return f"{s['total']} units ready in {s.get('seconds', 0):.1f} s ({how})"
 
 
 COLLUSION = ("The dealer and the server must not collude: the dealer knows every mask r it deals, so a dealer "
@@ -477,8 +526,16 @@ def health(client_config, as_json):
     """Check that a server is up and reachable over authenticated TLS."""
     cfg = client_config()
     result = _run_client(cfg, lambda conn: conn.health())
-    _emit(result, as_json, human=f"{cfg.server}: {result['status']} (up {result['uptime_secs']:.0f} s, "
-                                 f"{result['active_sessions']} active sessions)")
+    lines = [f"{cfg.server}: {result['status']} (up {result['uptime_secs']:.0f} s, "
+             f"{result['active_sessions']} active sessions)"]
+    if "loading" in result:
+        p = result["loading"]
+        lines.append(f"  loading: {p['done']}/{p['total'] if p['total'] is not None else '?'} units, "
+                     f"{p['protocols_ready']}/{p['protocols']} protocols ready")
+    for name, s in result.get("protocols", {}).items():
+        if "matrices" in s:
+            lines.append(f"  {name}: {s['status']}, matrices built {s['matrices']['built']}/{s['matrices']['total']}")
+    _emit(result, as_json, human="\n".join(lines))
 
 
 @cli.command()
@@ -506,6 +563,9 @@ def info(attest, cc_trust, client_config, as_json):
     for name, p in result["protocols"].items():
         label = "no inference" if p["private"] is None else "private" if p["private"] else "NOT PRIVATE"
         lines.append(f"  {name:8s} {label}: {p['summary']}")
+        if "matrices" in p:
+            lines.append(f"           matrices built: {p['matrices']['built']}/{p['matrices']['total']}"
+                         + (f" (preload: {p['preload']['status']})" if "preload" in p else ""))
     lines.append("limits: " + ", ".join(f"{k}={v}" for k, v in result["limits"].items()))
     cc = result["protocols"].get("v3-cc", {}).get("cc")
     if cc:

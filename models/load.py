@@ -56,6 +56,10 @@ class Model:
                 self._derived[key] = make()
             return self._derived[key]
 
+    def has_derived(self, key) -> bool:
+        """Whether :meth:`derived` has made ``key`` (info's "built" counts; never waits)."""
+        return key in self._derived
+
     def embedding_table(self):
         """The token embedding rows as a contiguous float32 numpy array (vocab, hidden): what the
         OT embedding retrieval (protocols/ot/embedding.py) serves."""

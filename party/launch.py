@@ -82,7 +82,7 @@ class ServerProcess:
 @contextlib.contextmanager
 def server(extra_args: Sequence[str] = (), *, cert_dir: str | Path | None = None, env: dict | None = None,
            ready_timeout: float = READY_TIMEOUT, stderr=None, command: str = "serve", host: str = "127.0.0.1",
-           prefix: Sequence[str] = ()) -> Iterator[ServerProcess]:
+           prefix: Sequence[str] = (), wait_ready: bool = True) -> Iterator[ServerProcess]:
     """Run ``shardlm serve --json --host HOST --port 0 --cert .. --key .. *extra_args``
     (``command="dealer"``: a ``shardlm dealer``, the same way; see :func:`dealer`).
     ``prefix``: a command to run it under, e.g. ``["ip", "netns", "exec", NS]``; the health check
@@ -91,7 +91,8 @@ def server(extra_args: Sequence[str] = (), *, cert_dir: str | Path | None = None
     ``cert_dir`` holds ``server.crt`` and ``server.key`` to serve (as ``shardlm certs --out``
     writes them); without it a fresh self-signed pair is made in a temporary directory, removed
     on exit. Yields once the server has printed its listening event and answered a HEALTH
-    request over TLS pinned to that certificate, within ``ready_timeout`` seconds; raises
+    request over TLS pinned to that certificate and, with ``wait_ready`` (the default), reported
+    ``ready`` (its preloaded protocols built: party/preload.py), within ``ready_timeout`` seconds; raises
     :class:`LaunchError` if it exits or times out first. ``stderr``: where its log goes (default:
     this process's stderr). On exit the server is terminated
     (killed if it does not stop within STOP_TIMEOUT seconds).
@@ -111,11 +112,20 @@ def server(extra_args: Sequence[str] = (), *, cert_dir: str | Path | None = None
         )
         stack.callback(_stop, proc)
         launched = ServerProcess(proc, _listening_event(proc, deadline, "server"), fingerprint)
-        if prefix:
+        if prefix:  # a session arriving while the server loads waits for it: one answer is enough
             _check_health_under(launched, prefix, deadline, env)
         else:
-            _check_health(launched, deadline)
+            _check_health(launched, deadline, wait_ready)
         yield launched
+
+
+def next_event(launched: ServerProcess, timeout: float = READY_TIMEOUT) -> dict:
+    """The next JSON line the server prints after its listening event (e.g. ``ready``)."""
+    with selectors.DefaultSelector() as sel:
+        sel.register(launched.proc.stdout, selectors.EVENT_READ)
+        if not sel.select(timeout):
+            raise LaunchError(f"the server printed nothing more within {timeout:g} s")
+    return json.loads(launched.proc.stdout.readline() or "{}")
 
 
 def dealer(extra_args: Sequence[str] = (), **options) -> contextlib.AbstractContextManager[ServerProcess]:
@@ -151,12 +161,20 @@ def _listening_event(proc: subprocess.Popen, deadline: float, what: str) -> dict
     raise LaunchError(f"the {what} exited with status {status} before listening{reason}", status)
 
 
-def _check_health(launched: ServerProcess, deadline: float) -> None:
-    """One HEALTH request over pinned TLS: the server is up and serves the certificate we pin."""
+def _check_health(launched: ServerProcess, deadline: float, wait_ready: bool = True) -> None:
+    """A HEALTH request over pinned TLS: the server is up and serves the certificate we pin;
+    ``wait_ready``: repeated (a connection each: the server's handshake timeout bounds how long
+    one may stay before HELLO) until it says ``ready``."""
 
     async def health() -> dict:
-        async with connect(launched.client_config(timeout=max(1.0, deadline - time.monotonic()))) as conn:
-            return await conn.health()
+        while True:
+            async with connect(launched.client_config(timeout=max(1.0, deadline - time.monotonic()))) as conn:
+                h = await conn.health()
+            if not wait_ready or h.get("status") == "ready":
+                return h
+            if time.monotonic() > deadline:
+                raise ClientError(f"still {h.get('status')} at the ready timeout: {h.get('loading')}", "timeout")
+            await trio.sleep(0.2)
 
     try:
         trio.run(health)

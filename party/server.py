@@ -36,6 +36,7 @@ from ..wire.errors import ConnectionClosed, ErrorCode, PeerStalled, ProtocolErro
 from ..wire.msgtypes import MsgType
 from . import handshake
 from .channel import Channel, Message
+from .preload import Preloader
 from .spec import ProtocolSpec
 from .transcript import TranscriptRecorder
 
@@ -59,6 +60,7 @@ class ServerConfig:
     record_dir: str | None = None
     cc_provider: str = "software"  # v3-cc: software (simulated TEE) or nvidia
     cc_key: str | None = None      # v3-cc software provider's key file (default: $SHARDLM_HOME/cc)
+    matrix_cache: str | None = None  # directory of the ring-matrix disk cache (protocols/matrix_cache); None: off
 
 
 @dataclasses.dataclass
@@ -95,9 +97,11 @@ class ServerSession:
 
 class Server:
     def __init__(self, config: ServerConfig, ssl_context: ssl.SSLContext, model=None, *,
-                 protocols: dict[str, ProtocolSpec]):
+                 protocols: dict[str, ProtocolSpec], preload: list[str] = ()):
         """``protocols``: the specs this server offers (protocols/registry.offered); a protocol
-        needing a model is refused here when there is none."""
+        needing a model is refused here when there is none. ``preload``: offered protocols whose
+        state :meth:`serve` builds at start-up (party/preload.py); health says ``loading`` until
+        they are built, then ``ready``."""
         self.config = config
         self.ssl_context = ssl_context
         self.model = model
@@ -108,6 +112,10 @@ class Server:
             # one process dealing masks and receiving x - r would unmask x: a dealer offers nothing else
             raise ValueError(f"a dealer offers its dealer protocol alone, not with {', '.join(sorted(protocols))}")
         self.offered = dict(protocols)
+        unknown = sorted(set(preload) - set(self.offered))
+        if unknown:
+            raise ValueError(f"cannot preload {', '.join(unknown)}: not offered")
+        self.preloader = Preloader(self, list(preload))
         self.active = 0
         self.served = 0
         self.started = time.time()
@@ -123,6 +131,16 @@ class Server:
         """Run ``fn(*args)`` in a worker thread behind the process-wide limiter: the event loop
         keeps serving other sessions (and their timeouts) while a product runs."""
         return await trio.to_thread.run_sync(fn, *args, limiter=self.compute_limiter)
+
+    async def preloaded(self, protocol: str) -> None:
+        """Wait until ``protocol``'s start-up build is over (at once if it has none)."""
+        await self.preloader.wait(protocol)
+
+    def matrices(self, name: str) -> dict | None:
+        """``{"built": k, "total": n}`` of a protocol's server-side matrices (its optional
+        ``matrices_built`` hook), None for a protocol without any."""
+        hook = self.offered[name].hook("matrices_built") if self.model is not None else None
+        return hook(self.offered[name], self) if hook is not None else None
 
     def protocol_state(self, protocol: str, make):
         """State a protocol keeps across its sessions on this server (v3-cc's provider, v3-mpc's
@@ -140,6 +158,10 @@ class Server:
             server_info = s.hook("server_info")
             if server_info is not None:
                 protocols[n].update(server_info(s, self, request or {}))
+            if (built := self.matrices(n)) is not None:
+                protocols[n]["matrices"] = built
+            if n in self.preloader.state:
+                protocols[n]["preload"] = dict(self.preloader.state[n])
         return {
             "name": "shardlm", "version": __version__,
             "protocol_version": handshake.PROTOCOL_VERSION,
@@ -160,22 +182,38 @@ class Server:
         """``active_sessions``: sessions past HELLO and not yet ended; ``connections``: open
         connections, the one asking included (it used to be reported as active_sessions, so an
         idle server said 1)."""
-        return {"status": "ok", "uptime_secs": round(time.time() - self.started, 3),
-                "active_sessions": len(self.sessions), "connections": self.active, "served": self.served,
-                "cut_off": dict(self.cut_off)}
+        ready = self.preloader.ready
+        out = {"status": "ready" if ready else "loading", "uptime_secs": round(time.time() - self.started, 3),
+               "active_sessions": len(self.sessions), "connections": self.active, "served": self.served,
+               "cut_off": dict(self.cut_off)}
+        if not ready:
+            out["loading"] = self.preloader.progress()
+        out["protocols"] = {n: {**self.preloader.state.get(n, {"status": "on first use"}),
+                                **({"matrices": m} if (m := self.matrices(n)) is not None else {})}
+                            for n in sorted(self.offered)}
+        if self.preloader.seconds is not None:
+            out["ready_secs"] = self.preloader.seconds
+        return out
 
     async def listen(self) -> list[trio.SocketListener]:
         """Bind the configured address (an OSError, e.g. the port is taken, raises here)."""
         return await trio.open_tcp_listeners(self.config.port, host=self.config.host)
 
-    async def serve(self, listeners=None, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def serve(self, listeners=None, *, on_listening=None, on_ready=None,
+                    task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Accept connections and, meanwhile, build the preloaded protocols' state:
+        ``on_listening(port)`` once listening (before the preload starts), ``on_ready(preloader)``
+        once the preload is done."""
         if listeners is None:
             listeners = await self.listen()
         ports = sorted({ln.socket.getsockname()[1] for ln in listeners})
         async with trio.open_nursery() as nursery:
             for listener in listeners:
                 nursery.start_soon(trio.serve_listeners, self._handle_tcp, [listener])
+            if on_listening is not None:
+                on_listening(ports[0])
             task_status.started(ports[0])
+            nursery.start_soon(self.preloader.run, on_ready)
             await trio.sleep_forever()
 
     async def _handle_tcp(self, tcp: trio.SocketStream) -> None:

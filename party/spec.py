@@ -98,9 +98,12 @@ class Implementation(Protocol):
     generates text (``runs_generation``) also ``client(spec, channel, model, *, prompt_tokens,
     max_tokens, session_id, progress, **declared_options) -> ProtocolClient`` (``session_id``:
     HELLO_OK's, for protocols that bind to the session). Optional, by name:
-    ``server_info(spec, server, request) -> dict`` (merged into the protocol's INFO entry) and
+    ``server_info(spec, server, request) -> dict`` (merged into the protocol's INFO entry),
     ``deal(spec, model, tokens, progress) -> store`` (mask material ahead of time, for
-    ``shardlm preprocess``)."""
+    ``shardlm preprocess``), ``preload(spec, server, progress) -> dict`` (build in a worker thread
+    at start-up what sessions would build on first use, calling ``progress(done, total)``; its
+    summary goes to health: party/preload.py) and ``matrices_built(spec, server) -> {"built",
+    "total"}`` (how much of that this process holds, for info and health)."""
 
     def server_handler(self, spec: "ProtocolSpec", session) -> ServerHandler: ...
 

@@ -45,12 +45,12 @@ from ..wire.errors import ErrorCode, ProtocolError
 from ..wire.msgtypes import MsgType
 from ..wire.tls import peer_fingerprint
 from ..wire.schema import Schema, Str, Tensor
-from . import offline, preprocess, ring
+from . import matrix_cache, offline, preprocess, ring
 from .he import bfv
 from .he import service as he
 from .ot import embedding
-from .units import (FIXED_POINT, FUSED, PRECOMPOSED, block_matrices, blocks, encoding_for, matrices_for, rows_needed,
-                    units_for)
+from .units import (FIXED_POINT, FUSED, PRECOMPOSED, block_matrices, blocks, encoding_for, matrices_for, matrix_for,
+                    matrix_key, rows_needed, units_for)
 from .verify import VerificationError, Verifier
 
 
@@ -67,13 +67,38 @@ def chunk_rows(model, variant: str, positions: int) -> dict[str, int]:
 
 
 # -- server --------------------------------------------------------------------------------------
-def _server_matrices(model, variant: str, device) -> dict:
-    """The variant's matrices with the decode kernel's packed weights made too (both once per
-    process), so the first decode step does not stall the event loop."""
-    matrices = matrices_for(model, variant, device)
-    for W in matrices.values():
-        W.pack()
-    return matrices
+def _server_matrices(server, variant: str, progress=None) -> dict:
+    """The variant's matrices (from the server's disk cache when it holds them) with both
+    kernels' weights made too (ring.RingMatrix.prepare), once per process, so neither the first
+    decode step nor the first prefill stalls for them. ``progress(done, total)`` after each unit."""
+    cache = matrix_cache.for_server(server)
+    units = units_for(server.model.plan, variant)
+    out = {}
+    for i, (name, u) in enumerate(units.items()):
+        out[name] = matrix_for(server.model, u, server.config.device, cache)
+        out[name].prepare()
+        if progress is not None:
+            progress(i + 1, len(units))
+    return out
+
+
+def preload(spec, server, progress) -> dict:
+    """party/spec's start-up hook: build (or load) ``spec``'s matrices in this worker thread; what
+    the cache did for them (loaded / built / rejected matrices) goes to health and the ready event."""
+    cache = matrix_cache.for_server(server)
+    held = matrices_built(spec, server)
+    before = dict(cache.stats) if cache else {}
+    _server_matrices(server, spec.name, progress)
+    after = cache.stats if cache else {"built": held["total"] - held["built"]}  # what it did not hold before
+    return {k: after.get(k, 0) - before.get(k, 0) for k in ("loaded", "built", "rejected")} | {"cache": cache is not None}
+
+
+def matrices_built(spec, server) -> dict:
+    """How many of ``spec``'s unit matrices this process holds (info and health)."""
+    model, device = server.model, str(server.config.device)
+    units = units_for(model.plan, spec.name)
+    built = sum(model.has_derived((*matrix_key(u), device)) for u in units.values())
+    return {"built": built, "total": len(units)}
 
 
 MASKED_LINEAR = Schema("MASKED_LINEAR", unit=Str(choices="units"), m=Tensor("int64", ("rows", "in_dim"), rows=0))
@@ -117,8 +142,10 @@ class MaskedServerHandler:
                                                         request=msg.body, sender=self.ot_sender)
             return
         if self.matrices is None:  # seconds for a large model: other sessions keep being served
-            self.matrices = await trio.to_thread.run_sync(_server_matrices, server.model, self.variant,
-                                                          server.config.device)
+            # a protocol the server is preloading: wait for it (README "Ready state") rather than
+            # build the same matrices a second time in parallel; then they are all made already
+            await server.preloaded(self.variant)
+            self.matrices = await trio.to_thread.run_sync(_server_matrices, server, self.variant)
         body = MASKED_LINEAR.check(msg.body, units=self.matrices, in_dim=lambda f: self.matrices[f["unit"]].in_dim,
                                    rows=(1, self.session.max_seq_len))
         unit, m = self.units[body["unit"]], torch.from_numpy(body["m"])

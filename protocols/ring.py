@@ -285,20 +285,37 @@ class RingMatrix:
             raise TypeError("RingMatrix takes a 2-D int64 matrix")
         if w_int.numel() and int(w_int.abs().max()) > WMAX:
             raise OverflowError(f"integer weights must satisfy |W| <= {WMAX}")
-        self.out_dim, self.in_dim = w_int.shape
-        if 128 * 128 * self.in_dim >= 2**31:  # int32 accumulation of the int8 path
-            raise OverflowError(f"K={self.in_dim} is too large for exact int32 accumulation")
-        self.max_abs = int(w_int.abs().max()) if w_int.numel() else 0
+        max_abs = int(w_int.abs().max()) if w_int.numel() else 0
         # the largest |row . x| per unit |x|: the client's bound against wrapping past 2^63
-        self.max_row_l1 = int(w_int.abs().sum(dim=1).max()) if w_int.numel() else 0
-        self.f64_limb_bits = f64_limb_bits(self.max_abs, self.in_dim)
+        max_row_l1 = int(w_int.abs().sum(dim=1).max()) if w_int.numel() else 0
         digits, rest = [], w_int.to(torch.int32)  # |W| < 2^23; bit operations, not division (~6x faster)
         for _ in range(N_DIGITS):
             d = torch.bitwise_and(rest + 128, 255) - 128
             digits.append(d.to(torch.int8))
             rest = torch.bitwise_right_shift(rest - d, 8)
         # (in, 3*out): the digit planes side by side, one GEMM pass over 3 bytes per weight
-        self.digits = torch.cat(digits, dim=0).t().contiguous().to(device=device)
+        self._init(torch.cat(digits, dim=0).t().contiguous(), device, row_scales, max_abs, max_row_l1)
+
+    @classmethod
+    def from_digits(cls, digits: torch.Tensor, row_scales: torch.Tensor | None, max_abs: int, max_row_l1: int,
+                    device="cpu") -> "RingMatrix":
+        """A matrix from its stored digit planes (in, 3*out) and bounds (protocols/matrix_cache:
+        the caller has checked them against the digits' hash)."""
+        if digits.dtype != torch.int8 or digits.dim() != 2 or digits.shape[1] % N_DIGITS:
+            raise TypeError("digit planes are a 2-D int8 (in, 3*out) matrix")
+        if not 0 <= max_abs <= WMAX:
+            raise OverflowError(f"integer weights must satisfy |W| <= {WMAX}")
+        self = cls.__new__(cls)
+        self._init(digits.contiguous(), device, row_scales, max_abs, max_row_l1)
+        return self
+
+    def _init(self, digits: torch.Tensor, device, row_scales, max_abs: int, max_row_l1: int) -> None:
+        self.in_dim, self.out_dim = digits.shape[0], digits.shape[1] // N_DIGITS
+        if 128 * 128 * self.in_dim >= 2**31:  # int32 accumulation of the int8 path
+            raise OverflowError(f"K={self.in_dim} is too large for exact int32 accumulation")
+        self.max_abs, self.max_row_l1 = max_abs, max_row_l1
+        self.f64_limb_bits = f64_limb_bits(self.max_abs, self.in_dim)
+        self.digits = digits.to(device=device)
         self.device = self.digits.device
         self.row_scales = row_scales
         self._wt64: torch.Tensor | None = None  # the float64 path's weights, rebuilt from the digits on first use
@@ -333,13 +350,24 @@ class RingMatrix:
         int8 = m.shape[0] <= INT8_MAX_ROWS and (self.device.type != "cpu" or fbgemm_exact())
         return self._matmul_int8(m) if int8 else self._matmul_f64(m)
 
-    def _matmul_f64(self, m: torch.Tensor) -> torch.Tensor:
+    def _weights64(self) -> torch.Tensor:
         if self._wt64 is None:
             o = self.out_dim
             wt = self.digits[:, 2 * o:].to(torch.float64)
             for p in (1, 0):  # Horner: ((d2 * 256) + d1) * 256 + d0, one float64 matrix at a time
                 wt.mul_(256.0).add_(self.digits[:, p * o:(p + 1) * o].to(torch.float64))
             self._wt64 = wt
+        return self._wt64
+
+    def prepare(self) -> None:
+        """Make both kernels' weights now (fbgemm's packed planes, the float64 copy prefills use),
+        as a server does at start-up: otherwise the first decode step and the first prefill
+        each stall for them (seconds for SmolLM2)."""
+        self.pack()
+        self._weights64()
+
+    def _matmul_f64(self, m: torch.Tensor) -> torch.Tensor:
+        self._weights64()
         n, nl = m.shape[0], self._shifts64.shape[0]
         limbs = torch.bitwise_and(torch.bitwise_right_shift(m.unsqueeze(0), self._shifts64), self._masks64)
         partial = torch.matmul(limbs.to(torch.float64).view(nl * n, self.in_dim), self._wt64)

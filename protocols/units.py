@@ -85,6 +85,10 @@ class ComposedMatrix:
     def pack(self) -> bool:
         return self.a_side.pack() and self.t.pack()
 
+    def prepare(self) -> None:
+        self.a_side.prepare()
+        self.t.prepare()
+
     def matmul(self, m: torch.Tensor) -> torch.Tensor:
         k = self.a_side.in_dim
         return torch.cat([self.a_side.matmul(m[:, :k]), self.t.matmul(m[:, k:])], dim=1)
@@ -109,23 +113,43 @@ def _composed(model, comp: Composite, device) -> ComposedMatrix:
                           [(first_scales, l1(first_int)), (cross_scales, l1(cross_int)), (t_scales, l1(t_int))])
 
 
-def matrices_for(model, variant: str, device="cpu") -> dict[str, ring.RingMatrix | ComposedMatrix]:
+def matrices_for(model, variant: str, device="cpu", cache=None) -> dict[str, ring.RingMatrix | ComposedMatrix]:
     """The model's ring weights for ``variant``, built once per process (server and dealer alike)
     and shared between variants where a unit is the same (a single op, or the same fused group).
     A fused group is one matrix (one int8 GEMM call per unit: measured 2x faster for q/k/v
     than one call per op), so a server that runs v2 and v3 holds those weights twice."""
-    def op_matrix(op: Linear):
-        return _cached(model, ("op", op.name, str(device)),
-                       lambda: ring.RingMatrix.from_float(model.weights[op.weight], device))
+    return {name: matrix_for(model, u, device, cache) for name, u in units_for(model.plan, variant).items()}
 
-    def build(u: Unit):
+
+def matrix_for(model, u: Unit, device="cpu", cache=None) -> ring.RingMatrix | ComposedMatrix:
+    """One unit's matrix, made once per process under a key naming what it is (so v2 and v3 share
+    a single op's). ``cache`` (protocols/matrix_cache.MatrixCache, a server's): read it from disk
+    instead of building it when a valid copy is there, and store what is built."""
+    def make():  # on the CPU: that is what the disk cache holds; another device gets a copy
         if u.composite is not None:
-            return _cached(model, ("composed", u.name, str(device)), lambda: _composed(model, u.composite, device))
-        if len(u.ops) == 1:
-            return op_matrix(u.ops[0])
-        return _cached(model, ("fused", u.name, str(device)),
-                       lambda: ring.RingMatrix.from_float(unit_weight(u, model.weights), device))
-    return {name: build(u) for name, u in units_for(model.plan, variant).items()}
+            return _composed(model, u.composite, "cpu")
+        return ring.RingMatrix.from_float(unit_weight(u, model.weights), "cpu")  # one op, or a fused group
+    key = matrix_key(u)
+    if cache is not None:
+        make = cache.wrap("-".join(key[1:]), [(b[3], b[1]) for b in blocks(u)], make)  # (out, in) per block
+    if str(device) == "cpu":
+        return model.derived((*key, "cpu"), make)
+    return model.derived((*key, str(device)), lambda: to_device(make(), device))
+
+
+def matrix_key(u: Unit) -> tuple[str, ...]:
+    """The Model.derived key of a unit's matrix (without its device): what it is, not which
+    variant asked, so variants share a unit they have in common."""
+    if u.composite is not None:
+        return ("masked", "composed", u.name)
+    return ("masked", "op", u.ops[0].name) if len(u.ops) == 1 else ("masked", "fused", u.name)
+
+
+def to_device(matrix, device):
+    """A matrix built (or cached) on the CPU, moved to ``device``."""
+    if isinstance(matrix, ComposedMatrix):
+        return ComposedMatrix(to_device(matrix.a_side, device), to_device(matrix.t, device), matrix.encodings)
+    return ring.RingMatrix.from_digits(matrix.digits, matrix.row_scales, matrix.max_abs, matrix.max_row_l1, device)
 
 
 def encoding_for(model, variant: str) -> dict[str, list[tuple[torch.Tensor, int]]]:

@@ -49,7 +49,7 @@ def valid_bodies() -> dict[MsgType, dict]:
     return {
         MsgType.ERROR: {"code": ErrorCode.MALFORMED.value, "message": "payload shorter than its length prefix"},
         MsgType.HEALTH: {},
-        MsgType.HEALTH_OK: {"status": "ok", "uptime_secs": 1.5, "active_sessions": 1, "served": 3, "cut_off": {}},
+        MsgType.HEALTH_OK: {"status": "ready", "uptime_secs": 1.5, "active_sessions": 1, "served": 3, "cut_off": {}},
         MsgType.INFO: {},
         MsgType.INFO_OK: {"name": "shardlm", "protocol_version": 1, "model": None, "model_fingerprint": "none",
                           "protocols": {"echo": {"private": True, "summary": "no inference"}},

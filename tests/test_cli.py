@@ -38,7 +38,7 @@ def test_health_and_info_from_a_client_process(server):
     event, cert = server
     addr = f"127.0.0.1:{event['port']}"
     health = json.loads(shardlm("health", "-s", addr, "--tls-fingerprint", cert["fingerprint"], "--json").stdout)
-    assert health["status"] == "ok"
+    assert health["status"] == "ready"
     # the same through environment variables, and the human output
     env = {"SHARDLM_SERVER": addr, "SHARDLM_TLS_FINGERPRINT": cert["fingerprint"]}
     info = json.loads(shardlm("info", "--json", env=env).stdout)
@@ -74,7 +74,7 @@ def test_net_option_applies_latency(server):
                   "--net", "rtt=500ms", "--json")
     # at least the TLS 1.3 handshake's round trip plus the HEALTH request's
     assert time.monotonic() - t0 >= 1.0
-    assert json.loads(out.stdout)["status"] == "ok"
+    assert json.loads(out.stdout)["status"] == "ready"
 
 
 def test_demo_generates_privately_and_matches_the_reference(smollm2):

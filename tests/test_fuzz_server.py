@@ -452,7 +452,7 @@ class ServerMachine(RuleBasedStateMachine):
         self.srv.wait_idle()
         well_behaved_session(self.srv)
         health = self.srv.wait_idle()
-        assert health["status"] == "ok"
+        assert health["status"] == "ready"
         self.srv.check_alive()
 
 

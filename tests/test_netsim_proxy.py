@@ -57,7 +57,7 @@ def test_tls_passes_through_and_the_pin_still_holds(echo_server):
     srv = echo_server
     with launch.proxy(srv.address, rtt="10ms") as px:
         cfg = srv.client_config(timeout=10)
-        assert _health(dataclasses.replace(cfg, server=px.address))["status"] == "ok"
+        assert _health(dataclasses.replace(cfg, server=px.address))["status"] == "ready"
         with pytest.raises(ClientError) as wrong:
             _health(dataclasses.replace(cfg, server=px.address, fingerprint="sha256:" + "00" * 32))
         assert wrong.value.code == "pin_mismatch"

@@ -53,7 +53,7 @@ def test_bad_input_gets_an_error_frame_and_others_are_still_served(tmp_path, cas
                 _, reply = await good.ping(np.arange(10, dtype=np.uint64))
                 assert reply["data"].tolist() == list(range(10))
             async with connect(cfg) as again:
-                assert (await again.health())["status"] == "ok"
+                assert (await again.health())["status"] == "ready"
             return received
 
     received = trio.run(main)
@@ -77,7 +77,7 @@ def test_health_info_and_ping_over_tls(tmp_path):
                 return h, i, s, big, reply, sized
 
     h, i, s, big, reply, sized = trio.run(main)
-    assert h["status"] == "ok"
+    assert h["status"] == "ready"
     assert h["active_sessions"] == 0 and h["connections"] == 1  # an idle server: only the asking connection
     assert "echo" in i["protocols"] and i["device"] == "cpu" and i["limits"]["max_seq_len"] == 8192
     assert s["protocol"] == "echo" and len(s["session_id"]) == 16
@@ -138,7 +138,7 @@ def test_ca_file_trust_verifies_the_server(tmp_path):
                     await conn.health()
             return ok
 
-    assert trio.run(main) == "ok"
+    assert trio.run(main) == "ready"
 
 
 def test_mutual_tls_refuses_clients_without_a_certificate(tmp_path):
@@ -161,7 +161,7 @@ def test_mutual_tls_refuses_clients_without_a_certificate(tmp_path):
             async with connect(good) as conn:
                 return (await conn.health())["status"]
 
-    assert trio.run(main) == "ok"
+    assert trio.run(main) == "ready"
 
 
 def test_max_sessions_refuses_the_extra_client_with_busy(tmp_path):
@@ -177,7 +177,7 @@ def test_max_sessions_refuses_the_extra_client_with_busy(tmp_path):
             async with connect(cfg) as third:  # capacity is back once the first left
                 return (await third.health())["status"]
 
-    assert trio.run(main) == "ok"
+    assert trio.run(main) == "ready"
 
 
 def test_idle_timeout_and_session_ttl_close_with_clear_codes(tmp_path):

@@ -205,7 +205,9 @@ class MPCServerHandler:
         except ValueError as exc:
             raise ProtocolError(ErrorCode.MALFORMED, str(exc)) from None
         engine = Engine(provider, transport=self.transport)
-        # the ring weights are built once per process, off the event loop (seconds for SmolLM2)
+        # the ring weights are built once per process, off the event loop (seconds for SmolLM2),
+        # by the server's preload when it offers v3-mpc (waited for, not built twice)
+        await self.session.server.preloaded("v3-mpc")
         self.executor = await trio.to_thread.run_sync(lambda: MPCExecutor(self.model, engine, ranges))
         await self.session.channel.send(MsgType.MPC_SETUP_OK, {})
         await sync_driver.drive(provider.prefill)  # the first pool (joint with the client for ot)
@@ -278,6 +280,23 @@ def deal_rows(model, rows: dict[str, int], progress=None) -> preprocess.Material
     return preprocess.deal({name: W for name, (W, _k) in mpc_matrices(model).items()}, rows,
                            model_fingerprint=model.fingerprint(), variant="v3-mpc", fx=FIXED_POINT,
                            progress=progress)
+
+
+def preload(spec, server, progress) -> dict:
+    """party/spec's start-up hook: v3-mpc's ring weights (its own power-of-two encoding, not the
+    masked protocols' matrices), with both kernels' weights, built in this worker thread (not
+    cached on disk: README "Ready state")."""
+    held = server.model.has_derived(("mpc", "matrices"))
+    mats = mpc_matrices(server.model)
+    for i, (W, _k) in enumerate(mats.values()):
+        W.prepare()
+        progress(i + 1, len(mats))
+    return {"built": 0 if held else len(mats), "cache": False}
+
+
+def matrices_built(spec, server) -> dict:
+    total = len(units_for(server.model.plan, "v3"))
+    return {"built": total if server.model.has_derived(("mpc", "matrices")) else 0, "total": total}
 
 
 def server_handler(spec, session) -> MPCServerHandler:
