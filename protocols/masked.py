@@ -173,16 +173,15 @@ class MaskedServerHandler:
             return
         if not self.he_ready:
             raise ProtocolError(ErrorCode.WRONG_STATE, "HE_PRODUCT before HE_SETUP")
-        unit_names = {name: u for name, u in self.units.items()}
-        pre = he.HE_PRODUCT.check(msg.body, units=unit_names, cts=None, ct_bytes=None)
+        pre = he.HE_PRODUCT.check(msg.body, units=self.units, cts=None, ct_bytes=None)
         unit = self.units[pre["unit"]]
         if pre["block"] >= len(blocks(unit)):
             raise ProtocolError(ErrorCode.MALFORMED, f"{unit.name} has {len(blocks(unit))} blocks, not block {pre['block']}")
         _, ni, _, no = blocks(unit)[pre["block"]]
         self.session.charge(f"he {unit.name}#{pre['block']}", pre["rows"])
         p = he.packing_for(ni, no, pre["rows"])
-        body = he.HE_PRODUCT.check(msg.body, units=unit_names, cts=p.cts_up, ct_bytes=bfv.ciphertext_bytes())
-        self.session.check_memory((p.cts_up + 2 * p.cts_down) * bfv.ciphertext_bytes(),
+        body = he.HE_PRODUCT.check(msg.body, units=self.units, cts=p.cts_up, ct_bytes=bfv.CIPHERTEXT_BYTES)
+        self.session.check_memory((p.cts_up + 2 * p.cts_down) * bfv.CIPHERTEXT_BYTES,
                                   f"{pre['rows']} HE rows of {unit.name}")
         block = await trio.to_thread.run_sync(self._he_block, unit.name, pre["block"])
         try:

@@ -80,7 +80,9 @@ def test_parameters_are_128_bit_by_the_standard_and_fixed():
     assert data.plain_modulus().value() == bfv.T == 2 ** 59 and service.SHIFT == 5
     # a request's ciphertexts fit one tensor of the wire's default limits
     from shardlm.wire import frames
-    assert service.MAX_CTS * bfv.ciphertext_bytes() <= frames.Limits().max_tensor_elements
+    assert service.MAX_CTS * bfv.CIPHERTEXT_BYTES <= frames.Limits().max_tensor_elements
+    # the serialized layout compact/expand rely on: a fresh encryption has exactly that size
+    assert len(bfv.Keys().encrypt(np.zeros(1, np.uint64))) == bfv.CIPHERTEXT_BYTES
 
 
 def test_worst_case_operands_decrypt_exactly_with_noise_budget_left():
@@ -132,7 +134,7 @@ def test_greedy_generation_with_he_offline_equals_the_reference(tiny_models, tmp
     assert rep.result.token_ids == want
     off = rep.as_dict()["offline"]
     assert off["mode"] == "he" and off["cts_up"] > 0 and off["server_cpu_s"] > 0 and off["client_cpu_s"] > 0
-    assert rep.stats["offline"]["bytes_sent"] >= off["cts_up"] * bfv.ciphertext_bytes()
+    assert rep.stats["offline"]["bytes_sent"] >= off["cts_up"] * bfv.CIPHERTEXT_BYTES
 
 
 def _ct_coefficients(raw: np.ndarray) -> np.ndarray:

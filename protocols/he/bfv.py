@@ -47,15 +47,19 @@ def _seal():
     return seal
 
 
-@functools.lru_cache(maxsize=None)
-def context():
-    """The SEALContext of the fixed parameters (one per process; SEAL objects are thread-safe to read)."""
+def _parms():
     seal = _seal()
     parms = seal.EncryptionParameters(seal.scheme_type.bfv)
     parms.set_poly_modulus_degree(N)
     parms.set_coeff_modulus(seal.CoeffModulus.Create(N, list(COEFF_BITS)))
     parms.set_plain_modulus(T)
-    ctx = seal.SEALContext(parms)
+    return parms
+
+
+@functools.lru_cache(maxsize=None)
+def context():
+    """The SEALContext of the fixed parameters (one per process; SEAL objects are thread-safe to read)."""
+    ctx = _seal().SEALContext(_parms())
     if not ctx.parameters_set():
         raise HEError(f"SEAL refuses the parameters: {ctx.parameter_error_message()}")
     return ctx
@@ -63,19 +67,15 @@ def context():
 
 def parameters() -> bytes:
     """The serialized parameter set: what the client announces and the server compares."""
-    seal = _seal()
-    parms = seal.EncryptionParameters(seal.scheme_type.bfv)
-    parms.set_poly_modulus_degree(N)
-    parms.set_coeff_modulus(seal.CoeffModulus.Create(N, list(COEFF_BITS)))
-    parms.set_plain_modulus(T)
-    return parms.to_bytes()
+    return _parms().to_bytes()
 
 
-@functools.lru_cache(maxsize=None)
-def ciphertext_bytes() -> int:
-    """The serialized size of every ciphertext exchanged (size 2, top data level, uncompressed)."""
-    keys = Keys()
-    return len(keys.encrypt(np.zeros(1, np.uint64)))
+# SEAL's serialization of every ciphertext exchanged (size 2, top data level, uncompressed): a
+# header, then c0 and c1, each one residue polynomial of N uint64 per data prime (the last prime
+# of COEFF_BITS is SEAL's special prime, not part of the data). tests/test_he.py checks it.
+CT_HEADER = 113
+DATA_PRIMES = len(COEFF_BITS) - 1
+CIPHERTEXT_BYTES = CT_HEADER + 2 * DATA_PRIMES * N * 8
 
 
 def _header(body: bytes) -> bytes:

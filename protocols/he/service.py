@@ -110,7 +110,7 @@ def server_products(block: Block, rows: int, cts: np.ndarray, full: bool = False
                     acc[g][b] = prod
                 else:
                     ev.add_inplace(acc[g][b], prod)
-    out = np.zeros((p.cts_down, bfv.ciphertext_bytes() if full else reply_bytes(p)), np.uint8)
+    out = np.zeros((p.cts_down, bfv.CIPHERTEXT_BYTES if full else reply_bytes(p)), np.uint8)
     for g in range(p.groups):
         for b in range(p.out_blocks):
             if acc[g][b] is not None:
@@ -122,9 +122,7 @@ def server_products(block: Block, rows: int, cts: np.ndarray, full: bool = False
 
 # A product ciphertext goes back without the c0 coefficients the client never reads: decryption
 # (c0 + c1 s, then scaling) works coefficient by coefficient, so zeros there only spoil unread
-# outputs. Layout of SEAL's serialization (size 2, two data primes): a 113-byte header, then
-# c0 and c1, each two residue polynomials of N uint64. Down bytes: ~half.
-_HEADER = 113
+# outputs (layout: bfv.CT_HEADER). Down bytes: ~half.
 
 
 def output_positions(p: packing.Packing) -> np.ndarray:
@@ -134,26 +132,25 @@ def output_positions(p: packing.Packing) -> np.ndarray:
 
 
 def reply_bytes(p: packing.Packing) -> int:
-    primes = len(bfv.COEFF_BITS) - 1
-    return _HEADER + 8 * primes * (bfv.N + p.k * p.n)
+    return bfv.CT_HEADER + 8 * bfv.DATA_PRIMES * (bfv.N + p.k * p.n)
 
 
 def compact(raw: bytes, p: packing.Packing) -> np.ndarray:
     """A serialized product ciphertext -> header, c1 whole, c0 at the read coefficients."""
-    if len(raw) != bfv.ciphertext_bytes():
-        raise bfv.HEError(f"a product ciphertext of {len(raw)} bytes, expected {bfv.ciphertext_bytes()}")
-    polys = np.frombuffer(raw, np.uint64, offset=_HEADER).reshape(2, -1, bfv.N)
-    return np.concatenate([np.frombuffer(raw[:_HEADER], np.uint8), polys[1].reshape(-1).view(np.uint8),
+    if len(raw) != bfv.CIPHERTEXT_BYTES:
+        raise bfv.HEError(f"a product ciphertext of {len(raw)} bytes, expected {bfv.CIPHERTEXT_BYTES}")
+    polys = np.frombuffer(raw, np.uint64, offset=bfv.CT_HEADER).reshape(2, bfv.DATA_PRIMES, bfv.N)
+    return np.concatenate([np.frombuffer(raw[:bfv.CT_HEADER], np.uint8), polys[1].reshape(-1).view(np.uint8),
                            polys[0][:, output_positions(p)].reshape(-1).view(np.uint8)])
 
 
 def expand(row: np.ndarray, p: packing.Packing) -> bytes:
     """:func:`compact`'s row -> a full serialized ciphertext with zeros at c0's unread coefficients."""
-    primes = len(bfv.COEFF_BITS) - 1
-    c1 = row[_HEADER:_HEADER + 8 * primes * bfv.N].view(np.uint64).reshape(primes, bfv.N)
-    c0 = np.zeros((primes, bfv.N), np.uint64)
-    c0[:, output_positions(p)] = row[_HEADER + 8 * primes * bfv.N:].view(np.uint64).reshape(primes, -1)
-    return row[:_HEADER].tobytes() + c0.tobytes() + c1.tobytes()
+    at = bfv.CT_HEADER + 8 * bfv.DATA_PRIMES * bfv.N
+    c1 = row[bfv.CT_HEADER:at].view(np.uint64).reshape(bfv.DATA_PRIMES, bfv.N)
+    c0 = np.zeros((bfv.DATA_PRIMES, bfv.N), np.uint64)
+    c0[:, output_positions(p)] = row[at:].view(np.uint64).reshape(bfv.DATA_PRIMES, -1)
+    return row[:bfv.CT_HEADER].tobytes() + c0.tobytes() + c1.tobytes()
 
 
 # -- client ------------------------------------------------------------------------------------
