@@ -625,6 +625,8 @@ def health(client_config, as_json):
         p = result["loading"]
         lines.append(f"  loading: {p['done']}/{p['total'] if p['total'] is not None else '?'} units, "
                      f"{p['protocols_ready']}/{p['protocols']} protocols ready")
+    if "tp" in result:
+        lines.append(f"  tensor parallel: {result['tp']['size']} ranks, {result['tp']['status']}")
     for name, s in result.get("protocols", {}).items():
         if "matrices" in s:
             lines.append(f"  {name}: {s['status']}, matrices built {s['matrices']['built']}/{s['matrices']['total']}")
@@ -660,6 +662,15 @@ def info(attest, cc_trust, client_config, as_json):
             lines.append(f"           matrices built: {p['matrices']['built']}/{p['matrices']['total']}"
                          + (f" (preload: {p['preload']['status']})" if "preload" in p else ""))
     lines.append("limits: " + ", ".join(f"{k}={v}" for k, v in result["limits"].items()))
+    if "tp" in result:
+        t = result["tp"]
+        lines.append(f"tensor parallel: {t['size']} ranks ({t['backend']}), {t['status']}; sharded: "
+                     f"{', '.join(t['sharded_protocols'])} (others on rank 0 alone)")
+        for variant, ranks in t["shards"].items():
+            for r in ranks:
+                mats = [m for blocks in r["units"].values() for m in blocks]
+                lines.append(f"  {variant} rank {r['rank']}: {len(r['units'])} units, rows "
+                             f"{sum(m[0] for m in mats):,} x in, {sum(m[2] for m in mats):,} weight bytes")
     cc = result["protocols"].get("v3-cc", {}).get("cc")
     if cc:
         from .protocols.cc import service as cc_service

@@ -230,8 +230,8 @@ class Coordinator:
             try:
                 return fn(*args)
             except (RuntimeError, ValueError) as exc:  # torch.distributed's errors are RuntimeErrors
-                dead = [f"rank {r + 1} (pid {p.pid}) exited with status {p.poll()}"
-                        for r, p in enumerate(self.workers) if p.poll() is not None]
+                dead = [f"rank {r + 1} (pid {p.pid}) exited with status {status}"
+                        for r, p in enumerate(self.workers) if (status := _exit_status(p)) is not None]
                 self.failed = ("a tensor-parallel rank is lost" + (f": {'; '.join(dead)}" if dead else "")
                                + f" ({str(exc).splitlines()[0].split('. ')[0][:300]}); this server can make no more products: "
                                  "restart it")
@@ -300,6 +300,14 @@ class Coordinator:
                 p.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 p.kill()
+
+
+def _exit_status(proc: subprocess.Popen, wait: float = 1.0):
+    """A worker's exit status if it exited (a closed connection may be seen before it is reaped)."""
+    try:
+        return proc.wait(timeout=wait)
+    except subprocess.TimeoutExpired:
+        return None
 
 
 class ShardedMatrix:
