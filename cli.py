@@ -669,8 +669,8 @@ def info(attest, cc_trust, client_config, as_json):
         for variant, ranks in t["shards"].items():
             for r in ranks:
                 mats = [m for blocks in r["units"].values() for m in blocks]
-                lines.append(f"  {variant} rank {r['rank']}: {len(r['units'])} units, rows "
-                             f"{sum(m[0] for m in mats):,} x in, {sum(m[2] for m in mats):,} weight bytes")
+                lines.append(f"  {variant} rank {r['rank']}: {len(r['units'])} units, {sum(m[0] for m in mats):,} "
+                             f"output rows, {sum(m[2] for m in mats):,} bytes of weight digits")
     cc = result["protocols"].get("v3-cc", {}).get("cc")
     if cc:
         from .protocols.cc import service as cc_service
