@@ -197,7 +197,9 @@ class Group:
         """Build this rank's shards of ``variant``; rank 0 gets every rank's shapes and bytes."""
         mine = self.shards.build(variant, progress)
         every = [None] * self.size if self.rank == 0 else None
-        dist.gather_object(mine, every, dst=0, group=self.pg)
+        # on the default group (the rendezvous timeout): a large model's build takes minutes on
+        # some rank, longer than a product may
+        dist.gather_object(mine, every, dst=0)
         return every
 
     def close(self) -> None:
@@ -262,17 +264,16 @@ class Coordinator:
         return self.group.prepare(variant, progress)
 
     def product(self, variant: str, index: int, m: torch.Tensor) -> torch.Tensor:
-        rows = m.shape[0]
-        out = self._run(self._product, variant, index, m, rows)
-        g = self.group
-        widths = max(g.shards.width(variant, index, r) for r in range(g.size))
-        self.products += 1
-        self.collective_bytes += (g.size - 1) * (4 * 8 + m.numel() * 8 + rows * widths * 8)
-        return out
+        return self._run(self._product, variant, index, m, m.shape[0])
 
     def _product(self, variant, index, m, rows):
-        self.group.header(OP_MATMUL, VARIANTS.index(variant), index, rows)
-        return self.group.matmul(variant, index, m, rows)
+        g = self.group
+        g.header(OP_MATMUL, VARIANTS.index(variant), index, rows)
+        out = g.matmul(variant, index, m, rows)
+        widest = max(g.shards.width(variant, index, r) for r in range(g.size))
+        self.products += 1
+        self.collective_bytes += (g.size - 1) * (4 * 8 + m.numel() * 8 + rows * widest * 8)
+        return out
 
     def describe(self) -> dict:
         """What ``info`` and ``health`` show: the group, its state, every rank's shards."""
