@@ -2,6 +2,7 @@
 for bit, over gloo between real processes; a served generation equals the reference; a lost rank
 fails the next product with a clear error in bounded time."""
 import os
+import signal
 import sys
 import time
 
@@ -83,6 +84,34 @@ def test_gloo_products_between_two_processes_equal_one_rank(tiny):
         finally:
             coordinator.close()
         assert workers[0].wait(timeout=30) == 0  # stopped by rank 0, not killed
+    finally:
+        for w in workers:
+            w.kill()
+
+
+def test_a_rank_that_stops_answering_fails_within_the_timeout(tiny):
+    """A frozen worker (SIGSTOP: its connection stays open, so only the group's timeout can tell)
+    fails the next product after about --tp-timeout seconds, not never; later ones at once."""
+    d, model = tiny
+    store, workers = tp.spawn_workers(2, _worker_argv(d))
+    try:
+        coordinator = tp.Coordinator(tp.Group(model, "cpu", 2, 0, timeout=3, store=store), workers)
+        try:
+            W = coordinator.matrices("v3")["lm_head"]
+            m = ring.random_ring(2, W.in_dim)
+            W.matmul(m)
+            os.kill(workers[0].pid, signal.SIGSTOP)
+            t0 = time.monotonic()
+            with pytest.raises(tp.TPFailure, match="tensor-parallel rank is lost"):
+                W.matmul(m)
+            assert 2 < time.monotonic() - t0 < 30
+            t0 = time.monotonic()
+            with pytest.raises(tp.TPFailure, match="restart it"):
+                W.matmul(m)
+            assert time.monotonic() - t0 < 1 and coordinator.describe()["status"].startswith("failed")
+        finally:
+            workers[0].kill()
+            coordinator.close()
     finally:
         for w in workers:
             w.kill()
