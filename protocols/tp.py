@@ -156,12 +156,17 @@ class Group:
 
     def _check_model(self, model) -> None:
         """Every rank must hold the same model: sharded rows of different weights would mix."""
-        prints = [None] * self.size
-        dist.all_gather_object(prints, model.fingerprint())
+        every = [None] * self.size
+        dist.all_gather_object(every, (model.fingerprint(), self.timeout))
+        prints = [p for p, _ in every]
         odd = {r: p for r, p in enumerate(prints) if p != prints[0]}
         if odd:
             raise ValueError(f"tensor-parallel ranks hold different models: rank 0 has {prints[0]}, "
                              + ", ".join(f"rank {r} has {p}" for r, p in odd.items()) + "; refusing to serve")
+        # a worker waits for work up to its own timeout; rank 0's heartbeats are paced by its own
+        if len({t for _, t in every}) > 1:
+            raise ValueError(f"tensor-parallel ranks were given different --tp-timeout values "
+                             f"({', '.join(f'rank {r}: {t:g} s' for r, (_, t) in enumerate(every))}); give all the same")
 
     def header(self, op: int = 0, variant: int = 0, unit: int = 0, rows: int = 0) -> list[int]:
         h = torch.tensor([op, variant, unit, rows], dtype=torch.int64, device=self.comm)

@@ -56,8 +56,9 @@ def test_a_ranks_rows_are_the_full_matrix_rows(tiny):
                     assert at == part.shape[1] == s.width(variant, i, r)
 
 
-def _worker_argv(d) -> list[str]:
-    return [sys.executable, "-m", "shardlm.cli", "serve", "-m", str(d), "--tp", "2", "--threads", "1"]
+def _worker_argv(d, timeout: float = 60) -> list[str]:
+    return [sys.executable, "-m", "shardlm.cli", "serve", "-m", str(d), "--tp", "2", "--threads", "1",
+            "--tp-timeout", str(timeout)]
 
 
 def test_gloo_products_between_two_processes_equal_one_rank(tiny):
@@ -90,16 +91,18 @@ def test_gloo_products_between_two_processes_equal_one_rank(tiny):
 
 
 def test_a_rank_that_stops_answering_fails_within_the_timeout(tiny):
-    """A frozen worker (SIGSTOP: its connection stays open, so only the group's timeout can tell)
-    fails the next product after about --tp-timeout seconds, not never; later ones at once."""
+    """An idle group outlives its timeout (heartbeats); a frozen worker (SIGSTOP: its connection
+    stays open, so only the group's timeout can tell) fails the next product after about
+    --tp-timeout seconds, not never; later ones at once."""
     d, model = tiny
-    store, workers = tp.spawn_workers(2, _worker_argv(d))
+    store, workers = tp.spawn_workers(2, _worker_argv(d, timeout=3))
     try:
         coordinator = tp.Coordinator(tp.Group(model, "cpu", 2, 0, timeout=3, store=store), workers)
         try:
             W = coordinator.matrices("v3")["lm_head"]
             m = ring.random_ring(2, W.in_dim)
-            W.matmul(m)
+            time.sleep(4)  # idle longer than the timeout: the heartbeat keeps the waiting worker in the group
+            assert torch.equal(W.matmul(m), matrix_for(model, units_for(model.plan, "v3")["lm_head"]).matmul(m))
             os.kill(workers[0].pid, signal.SIGSTOP)
             t0 = time.monotonic()
             with pytest.raises(tp.TPFailure, match="tensor-parallel rank is lost"):
