@@ -345,9 +345,18 @@ def _serve_forever(server, fp: str, as_json: bool, event: dict, human: str = "")
                    "per weight, so others build on their first session).")
 @click.option("--no-cache", is_flag=True, envvar="SHARDLM_NO_CACHE", show_envvar=True,
               help="Do not read or write the ring-matrix cache ($SHARDLM_HOME/ring-cache).")
+@click.option("--tp", type=click.IntRange(1, 64), default=1, show_default=True, envvar="SHARDLM_TP", show_envvar=True,
+              help="Tensor parallelism: shard every v2/v3/v3-2r unit's weights by output rows across this many "
+                   "ranks (torch.distributed: gloo on CPU, NCCL on CUDA). Rank 0 serves the sessions; on one host "
+                   "it starts the other ranks itself; under torchrun (RANK/WORLD_SIZE set) each launched process is "
+                   "one rank (README: several hosts). Other protocols run on rank 0 alone with full weights.")
+@click.option("--tp-timeout", type=click.FloatRange(1.0), default=60.0, show_default=True,
+              envvar="SHARDLM_TP_TIMEOUT_SECS", show_envvar=True,
+              help="Seconds a tensor-parallel operation may take before the rank group counts as failed (then "
+                   "every product is refused with an error until the server is restarted).")
 @_json_option
 @_reports_errors
-def serve(record_transcript, model_spec, cc_provider, cc_key, preload, no_cache, as_json, **listener):
+def serve(record_transcript, model_spec, cc_provider, cc_key, preload, no_cache, tp, tp_timeout, as_json, **listener):
     """Run a server until interrupted.
 
     Prints the address and the certificate fingerprint clients must pin (with --json, one JSON
@@ -359,6 +368,12 @@ def serve(record_transcript, model_spec, cc_provider, cc_key, preload, no_cache,
     from .models.fetch import shardlm_home
     from .party import preload as preload_mod
 
+    if tp > 1 and not model_spec:
+        raise Failure("--tp shards a model's weights: give --model", "usage")
+    if tp > 1 and int(os.environ.get("RANK", "0")) != 0:  # a worker rank: no sessions, no TLS
+        _tp_worker(model_spec, tp, tp_timeout, listener)
+        return
+    threads = listener.get("threads")
     cache = None if no_cache else str(shardlm_home() / "ring-cache")
     config, ctx, fp = _server_config(listener, "certs", record_dir=record_transcript, cc_provider=cc_provider,
                                      cc_key=cc_key, matrix_cache=cache)
@@ -371,7 +386,16 @@ def serve(record_transcript, model_spec, cc_provider, cc_key, preload, no_cache,
         names = preload_mod.choose(preload, offered, DEFAULT_PRELOAD)
     except ValueError as exc:
         raise Failure(str(exc), "usage") from None
-    server = server_mod.Server(config, ctx, model, protocols=offered, preload=names)
+    coordinator = _tp_rank0(model, model_spec, tp, tp_timeout, config.device, threads) if tp > 1 else None
+    try:
+        _serve_model(config, ctx, fp, model, offered, names, coordinator, as_json)
+    finally:
+        if coordinator is not None:
+            coordinator.close()
+
+
+def _serve_model(config, ctx, fp, model, offered, names, coordinator, as_json) -> None:
+    server = server_mod.Server(config, ctx, model, protocols=offered, preload=names, tp=coordinator)
     cc = None
     if "v3-cc" in server.offered:  # its provider's key and measurement, printed for clients to pin
         from .protocols.cc import service as cc_service
@@ -384,7 +408,76 @@ def serve(record_transcript, model_spec, cc_provider, cc_key, preload, no_cache,
     event = {"role": "server", "model": model.name if model else None, "model_fingerprint": server.fingerprint}
     if cc:
         event["cc"] = {k: cc[k] for k in ("provider", "simulated", "note", "key_fingerprint", "measurement")}
+    if coordinator is not None:
+        event["tp"] = {k: coordinator.describe()[k] for k in ("size", "backend", "worker_pids", "sharded_protocols")}
     _serve_forever(server, fp, as_json, event, "\n" + "\n".join(cc_service.describe_lines(cc)) if cc else "")
+
+
+def _tp_device(device: str) -> str:
+    """Under torchrun on a multi-GPU host each rank takes its own GPU (LOCAL_RANK)."""
+    return f"cuda:{os.environ['LOCAL_RANK']}" if device == "cuda" and "LOCAL_RANK" in os.environ else device
+
+
+def _tp_worker(model_spec: str, size: int, timeout: float, listener: dict) -> None:
+    """A rank other than 0 (started by rank 0, or by torchrun): load the model, join the group,
+    answer rank 0's operations until it stops (protocols/tp.run_worker)."""
+    from .protocols import tp as tp_mod
+
+    logging.basicConfig(level=logging.INFO if listener.get("verbose") else logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(message)s")
+    if listener.get("threads"):
+        torch_threads(listener["threads"])
+    _tp_check_world(size)
+    device = _tp_device(listener["device"])
+    model = load_model_for_cli(model_spec, device, tokenizer=False)
+    try:
+        group = tp_mod.Group(model, device, size, int(os.environ["RANK"]), timeout)
+    except ValueError as exc:
+        raise Failure(str(exc), "model") from None
+    tp_mod.run_worker(group)
+
+
+def _tp_check_world(size: int) -> None:
+    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) != size:
+        raise Failure(f"--tp {size} but the launcher started WORLD_SIZE={os.environ['WORLD_SIZE']} ranks", "usage")
+
+
+def _tp_rank0(model, model_spec: str, size: int, timeout: float, device: str, threads):
+    """Rank 0: start ranks 1..size-1 on this host (unless torchrun started them), join the group
+    (waiting for their model loads; a rank that exits meanwhile is reported), check that every
+    rank holds this model; returns the coordinator the masked handlers multiply through."""
+    import threading
+
+    from .protocols import tp as tp_mod
+
+    _tp_check_world(size)
+    workers, store = [], None
+    if "RANK" not in os.environ:  # one host: the same command, once per rank, with torchrun's variables
+        argv = [sys.executable, "-m", "shardlm.cli", "serve", "-m", model_spec, "--tp", str(size),
+                "--tp-timeout", str(timeout), "--device", device, *(["--threads", str(threads)] if threads else [])]
+        store, workers = tp_mod.spawn_workers(size, argv)
+    made: list = []
+
+    def join():
+        try:
+            made.append(tp_mod.Group(model, _tp_device(device), size, 0, timeout, store))
+        except Exception as exc:  # reported by the waiting thread below
+            made.append(exc)
+    t = threading.Thread(target=join, name="tp-join", daemon=True)
+    t.start()
+    while t.is_alive():
+        t.join(0.2)
+        gone = [(r + 1, p.returncode) for r, p in enumerate(workers) if p.poll() is not None]
+        if gone:
+            for p in workers:
+                p.kill()
+            raise Failure("tensor-parallel rank " + ", ".join(f"{r} exited with status {c}" for r, c in gone)
+                          + " before joining the group (its error is above)", "model")
+    if isinstance(made[0], Exception):
+        for p in workers:
+            p.kill()
+        raise Failure(f"tensor parallelism: {made[0]}", "model")
+    return tp_mod.Coordinator(made[0], workers)
 
 
 # What `serve` preloads by default: v3 is generate's and chat's default protocol. Not 'all': each
@@ -532,6 +625,8 @@ def health(client_config, as_json):
         p = result["loading"]
         lines.append(f"  loading: {p['done']}/{p['total'] if p['total'] is not None else '?'} units, "
                      f"{p['protocols_ready']}/{p['protocols']} protocols ready")
+    if "tp" in result:
+        lines.append(f"  tensor parallel: {result['tp']['size']} ranks, {result['tp']['status']}")
     for name, s in result.get("protocols", {}).items():
         if "matrices" in s:
             lines.append(f"  {name}: {s['status']}, matrices built {s['matrices']['built']}/{s['matrices']['total']}")
@@ -567,6 +662,15 @@ def info(attest, cc_trust, client_config, as_json):
             lines.append(f"           matrices built: {p['matrices']['built']}/{p['matrices']['total']}"
                          + (f" (preload: {p['preload']['status']})" if "preload" in p else ""))
     lines.append("limits: " + ", ".join(f"{k}={v}" for k, v in result["limits"].items()))
+    if "tp" in result:
+        t = result["tp"]
+        lines.append(f"tensor parallel: {t['size']} ranks ({t['backend']}), {t['status']}; sharded: "
+                     f"{', '.join(t['sharded_protocols'])} (others on rank 0 alone)")
+        for variant, ranks in t["shards"].items():
+            for r in ranks:
+                mats = [m for blocks in r["units"].values() for m in blocks]
+                lines.append(f"  {variant} rank {r['rank']}: {len(r['units'])} units, {sum(m[0] for m in mats):,} "
+                             f"output rows, {sum(m[2] for m in mats):,} bytes of weight digits")
     cc = result["protocols"].get("v3-cc", {}).get("cc")
     if cc:
         from .protocols.cc import service as cc_service

@@ -97,12 +97,14 @@ class ServerSession:
 
 class Server:
     def __init__(self, config: ServerConfig, ssl_context: ssl.SSLContext, model=None, *,
-                 protocols: dict[str, ProtocolSpec], preload: list[str] = ()):
+                 protocols: dict[str, ProtocolSpec], preload: list[str] = (), tp=None):
         """``protocols``: the specs this server offers (protocols/registry.offered); a protocol
         needing a model is refused here when there is none. ``preload``: offered protocols whose
         state :meth:`serve` builds at start-up (party/preload.py); health says ``loading`` until
-        they are built, then ``ready``."""
+        they are built, then ``ready``. ``tp``: the tensor-parallel coordinator (protocols/tp) the
+        masked protocols multiply through, or None (one process)."""
         self.config = config
+        self.tp = tp
         self.ssl_context = ssl_context
         self.model = model
         missing = sorted(n for n, s in protocols.items() if s.needs_model and model is None)
@@ -169,6 +171,7 @@ class Server:
             "model": getattr(self.model, "name", None),
             "model_fingerprint": self.fingerprint,
             "device": self.config.device,
+            **({"tp": self.tp.describe()} if self.tp is not None else {}),
             "limits": {
                 "max_sessions": self.config.max_sessions, "max_seq_len": self.config.max_seq_len,
                 "max_frame_bytes": self.config.limits.max_frame_bytes,
@@ -193,6 +196,10 @@ class Server:
                             for n in sorted(self.offered)}
         if self.preloader.seconds is not None:
             out["ready_secs"] = self.preloader.seconds
+        if self.tp is not None:  # a failed rank group makes no more products: not ready, whatever was built
+            out["tp"] = {k: v for k, v in self.tp.describe().items() if k in ("size", "status")}
+            if self.tp.failed:
+                out["status"] = "failed"
         return out
 
     async def listen(self) -> list[trio.SocketListener]:

@@ -70,7 +70,11 @@ def chunk_rows(model, variant: str, positions: int) -> dict[str, int]:
 def _server_matrices(server, variant: str, progress=None) -> dict:
     """The variant's matrices (from the server's disk cache when it holds them) with both
     kernels' weights made too (ring.RingMatrix.prepare), once per process, so neither the first
-    decode step nor the first prefill stalls for them. ``progress(done, total)`` after each unit."""
+    decode step nor the first prefill stalls for them. ``progress(done, total)`` after each unit.
+    With ``serve --tp`` the units are sharded across the ranks (protocols/tp: every rank builds
+    its rows now)."""
+    if getattr(server, "tp", None) is not None:
+        return server.tp.matrices(variant, progress)
     cache = matrix_cache.for_server(server)
     units = units_for(server.model.plan, variant)
     out = {}
@@ -85,6 +89,9 @@ def _server_matrices(server, variant: str, progress=None) -> dict:
 def preload(spec, server, progress) -> dict:
     """party/spec's start-up hook: build (or load) ``spec``'s matrices in this worker thread; what
     the cache did for them (loaded / built / rejected matrices) goes to health and the ready event."""
+    if getattr(server, "tp", None) is not None:  # shards are built from the weights on every rank, not cached
+        _server_matrices(server, spec.name, progress)
+        return {"loaded": 0, "built": len(units_for(server.model.plan, spec.name)), "rejected": 0, "cache": False}
     cache = matrix_cache.for_server(server)
     held = matrices_built(spec, server)
     before = dict(cache.stats) if cache else {}
@@ -97,6 +104,8 @@ def matrices_built(spec, server) -> dict:
     """How many of ``spec``'s unit matrices this process holds (info and health)."""
     model, device = server.model, str(server.config.device)
     units = units_for(model.plan, spec.name)
+    if getattr(server, "tp", None) is not None:
+        return {"built": len(units) if spec.name in server.tp.shapes else 0, "total": len(units)}
     built = sum(model.has_derived((*matrix_key(u), device)) for u in units.values())
     return {"built": built, "total": len(units)}
 
