@@ -211,3 +211,36 @@ TABLES = {t.name: t for t in [
     Table("rsqrt", lambda x: 1 / np.sqrt(x), 0.25, 64.0, 12),
     Table("ltz", lambda x: (x < 0).astype(np.float64), -4000.0, 4000.0, 8, out_frac=0),
 ]}
+
+
+# -- on the engine's shares (the two-party simulator or one party of the networked protocol) -------
+def on_shares(engine, x, table: Table):
+    """``f(x)`` for a :class:`shares.Shared` ``x`` by ``table``: the server is the table's sender
+    (rotating by its index share), the client its receiver. The lookups run on the IKNP extensions
+    of the engine's OT provider (``--triples ot``: beaver_ot's parties, over the session channel
+    when networked, in memory in the simulator), in the same order on both sides like its triples,
+    so no request message is needed. One round for the whole tensor."""
+    import torch
+
+    from .beaver_ot import OTProvider
+    from .shares import Shared
+    from .void import VOID
+
+    p = engine.provider
+    if not isinstance(p, OTProvider):
+        raise ValueError("table lookups run on the OT provider's IKNP extensions (--triples ot)")
+
+    def u64(t):
+        return t.contiguous().numpy().view(np.uint64).reshape(-1)
+
+    def ring(a):
+        return torch.from_numpy(a.view(np.int64).reshape(x.shape))
+
+    async def client(ch):
+        return (ring(await lut_recv(ch, p.client.receiver, table, u64(x.c))),)
+
+    async def server(ch):
+        return (ring(await lut_send(ch, p.server.sender, table, u64(x.s))),)
+
+    (c,), (s,) = p._run(client, server)
+    return Shared(c, s) if c is not VOID or s is not VOID else Shared(VOID, VOID)
