@@ -85,7 +85,7 @@ SPECS: tuple[ProtocolSpec, ...] = (
                  summary="every activation additively shared over Z_2^64; linear layers on the server's share "
                          "with preprocessed masks, nonlinear layers by Beaver-triple MPC (--triples dealer|ot); "
                          "approximate"),
-    ProtocolSpec("v3-ot", private=True, needs_model=True, module="shardlm.protocols.mpc.service",
+    ProtocolSpec("v3-ot", private=True, needs_model=True, module="shardlm.protocols.mpc.service_ot",
                  options=(TRIPLE_BATCH, MATERIAL),
                  summary="as v3-mpc with nothing from a dealer (products and comparisons by OT triples) and "
                          "exp, the softmax's 1/x start, sigmoid and GELU by lookup tables over 1-of-N OT; "

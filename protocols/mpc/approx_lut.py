@@ -23,7 +23,6 @@ the comparisons themselves (Kogge-Stone over AND triples from OT).
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 
@@ -33,8 +32,6 @@ from .shares import LazySum, Shared
 
 # below 1e-4 relative after Newton: enough next to the tables' own errors
 _RECIPROCAL_REL = 1e-4
-GELU_GATE = lut.Table("gelu_gate", lambda x: 0.5 * (1 + lut.np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3))),
-                      -8.0, 8.0, 12)
 
 
 @functools.lru_cache(maxsize=None)
@@ -101,4 +98,4 @@ class LutEngine(Engine):
     def gelu_tanh(self, x: Shared) -> Shared:
         lim = 8.0 - self.CMP_SLACK
         xc = self.clip(x, -lim, lim, bounded=True)
-        return self.mul(self.table(xc, GELU_GATE), x)
+        return self.mul(self.table(xc, lut.TABLES["gelu_gate"]), x)

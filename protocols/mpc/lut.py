@@ -26,7 +26,7 @@ entries under pads it cannot compute (nofn's PRF keys); the rotation by ``b`` is
 them in range (clipping by secure comparison stays with the engine, compare.py).
 
 Cost per evaluation: ``2^k 8`` bytes S -> R plus ``16 k`` bytes R -> S (IKNP), one round for a
-whole batch. The seeds claim 48 KB per nonlinear evaluation; every table below but silu costs less.
+whole batch. The seeds claim 48 KB per nonlinear evaluation; every table below costs less.
 
 Tables (F = 20 fraction bits in and out; bytes per evaluation each way; w the bucket width; the
 max error measured on shares over the whole range, 2 10^5 points, and the bound ``w max|f'|``
@@ -37,20 +37,21 @@ table         input range     k   S -> R      R -> S    w        measured     bo
 ============  ==============  ==  ==========  ========  =======  ===========  ==========
 exp           [-16, 0]        12  32 KiB      192 B     3.9e-3   abs 3.9e-3   abs 4.0e-3
 sigmoid       [-16, 16]       12  32 KiB      192 B     7.8e-3   abs 1.9e-3   abs 2.0e-3
-silu          [-16, 16]       13  64 KiB      208 B     3.9e-3   abs 4.3e-3   abs 4.5e-3
-gelu_tanh     [-8, 8]         12  32 KiB      192 B     3.9e-3   abs 4.3e-3   abs 4.6e-3
+gelu_gate     [-8, 8]         12  32 KiB      192 B     3.9e-3   abs 1.5e-3   abs 2.0e-3
 reciprocal    [1, 64]         12  32 KiB      192 B     1.5e-2   rel 1.5e-2   rel 1.6e-2
-rsqrt         [0.25, 64]      12  32 KiB      192 B     1.6e-2   rel 2.7e-2   rel 3.2e-2
+rsqrt         [0.25, 64]      12  32 KiB      192 B     1.6e-2   rel 2.8e-2   rel 3.2e-2
 ltz (x < 0)   [-4000, 4000]   8   2 KiB       128 B     31.4     exact for |x| >= w (a 0/1 integer)
 ============  ==============  ==  ==========  ========  =======  ===========  ==========
 
 exp serves the softmax's ``x - max`` (exp(-16) = 1.1e-7 is below the output's 2^-20); reciprocal
-its row sum for up to 64 keys; sigmoid and silu the gated MLP, gelu_tanh GPT-2's MLP; ltz the
-comparisons (relu, the max) with an error zone of one bucket around 0.
+its row sum for up to 64 keys (the start of Newton's iteration: approx_lut.py); sigmoid the SiLU
+gate ``x sigmoid(x)``, gelu_gate GPT-2's GELU ``x gelu_gate(x)`` (``gelu(x) / x``), each then one
+product; ltz a comparison (relu, the max) with an error zone of one bucket around 0.
 
-The k were picked for accuracy first within the 48 KB per evaluation the seeds claim (silu's 64
-KiB is over it: one table for x sigmoid(x) instead of sigmoid's table and a product), then bytes;
-the errors scale as 2^-k, so one more bit halves them and doubles the bytes. Uniform buckets are
+The k were picked for accuracy first within the 48 KB per evaluation the seeds claim, then bytes;
+the errors scale as 2^-k, so one more bit halves them and doubles the bytes. (A table of SiLU
+itself needs k = 13, 64 KiB, for 4.3e-3 on [-16, 16], and grows with the range because SiLU does:
+a table of the bounded gate and one product is cheaper.) Uniform buckets are
 what limits reciprocal and rsqrt: their relative error is ``w / x`` (``w / 2x``), worst at lo.
 What single tables cannot do, stated plainly: reciprocal and rsqrt over the wide ranges v3-mpc serves (the norms' 1e9) need an
 exponent/mantissa split (a coarse table for the exponent, a product by it, a fine table for the
@@ -65,9 +66,12 @@ import math
 from typing import Callable
 
 import numpy as np
+import torch
 
 from ..ot import nofn, prims
 from ..ot.iknp import IknpReceiver, IknpSender
+from .beaver_ot import OTProvider
+from .shares import Shared
 
 FRAC_BITS = 20
 _RING = 1 << 64
@@ -198,15 +202,15 @@ def _sigmoid(x):
     return 0.5 * (1 + np.tanh(x / 2))  # no overflow for large |x|
 
 
-def _gelu_tanh(x):
-    return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+def _gelu_gate(x):
+    """gelu_tanh(x) / x: 0 and 1 within 1e-14 at -8 and 8, so clipping x there costs nothing."""
+    return 0.5 * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
 
 
 TABLES = {t.name: t for t in [
     Table("exp", np.exp, -16.0, 0.0, 12),
     Table("sigmoid", _sigmoid, -16.0, 16.0, 12),
-    Table("silu", lambda x: x * _sigmoid(x), -16.0, 16.0, 13),
-    Table("gelu_tanh", _gelu_tanh, -8.0, 8.0, 12),
+    Table("gelu_gate", _gelu_gate, -8.0, 8.0, 12),
     Table("reciprocal", lambda x: 1 / x, 1.0, 64.0, 12),
     Table("rsqrt", lambda x: 1 / np.sqrt(x), 0.25, 64.0, 12),
     Table("ltz", lambda x: (x < 0).astype(np.float64), -4000.0, 4000.0, 8, out_frac=0),
@@ -220,12 +224,6 @@ def on_shares(engine, x, table: Table):
     of the engine's OT provider (``--triples ot``: beaver_ot's parties, over the session channel
     when networked, in memory in the simulator), in the same order on both sides like its triples,
     so no request message is needed. One round for the whole tensor."""
-    import torch
-
-    from .beaver_ot import OTProvider
-    from .shares import Shared
-    from .void import VOID
-
     p = engine.provider
     if not isinstance(p, OTProvider):
         raise ValueError("table lookups run on the OT provider's IKNP extensions (--triples ot)")
@@ -242,5 +240,28 @@ def on_shares(engine, x, table: Table):
     async def server(ch):
         return (ring(await lut_send(ch, p.server.sender, table, u64(x.s))),)
 
-    (c,), (s,) = p._run(client, server)
-    return Shared(c, s) if c is not VOID or s is not VOID else Shared(VOID, VOID)
+    (c,), (s,) = p._run(client, server)  # a party gets VOID for the other's
+    return Shared(c, s)
+
+
+def measure(t: Table, points: int = 200_000, seed: int = 0) -> dict:
+    """Max error of ``t`` on shares over its whole range: random two-party splits of ``points``
+    inputs (both ends included), each looked up at the index its shares select (what the OT
+    delivers, tests/test_lut.py)."""
+    x = np.concatenate([[t.lo, t.hi], np.random.default_rng(seed).uniform(t.lo, t.hi, points - 2)])
+    v = encode(x, t.frac)
+    v_s, v_r = share(v)
+    got = decode(t.entries()[lut_plain_index(t, v_s, v_r)], t.out_frac)
+    want = t.plain(decode(v, t.frac))
+    err = np.abs(got - want)
+    return {"abs": float(err.max()), "rel": float((err / np.maximum(np.abs(want), 1e-300)).max()),
+            "wrong_within": float(np.abs(x[err > 0]).max()) if (err > 0).any() else 0.0}
+
+
+if __name__ == "__main__":  # the module docstring's table
+    print(f"{'table':12s} {'range':>16s} {'k':>3s} {'S->R B':>8s} {'R->S B':>7s} {'w':>9s} {'max abs':>9s} {'max rel':>9s}")
+    for t in TABLES.values():
+        m = measure(t)
+        err = f"wrong only within {m['wrong_within']:.3g} of 0" if t.out_frac == 0 else f"{m['abs']:9.3g} {m['rel']:9.3g}"
+        print(f"{t.name:12s} {f'[{t.lo:g}, {t.hi:g}]':>16s} {t.k:3d} {t.bytes_per_eval[0]:8d} {t.bytes_per_eval[1]:7d} "
+              f"{t.width:9.3g} {err}")

@@ -318,8 +318,7 @@ def server_handler(spec, session) -> MPCServerHandler:
 
 
 def client(spec, channel, model, *, prompt_tokens: int, max_tokens: int, progress=None, session_id: str,
-           material: str | None, triple_batch: int | None,
-           triples: str = "ot", mpc_ranges: str = "wide") -> MPCClient:
+           material: str | None, triples: str, mpc_ranges: str, triple_batch: int | None) -> MPCClient:
     """The client with its mask material, loaded from a store or dealt now (the offline phase)."""
     t0 = time.perf_counter()
     if material:
