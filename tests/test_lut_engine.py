@@ -74,7 +74,7 @@ def test_v3_ot_greedy_over_tls_equals_the_reference(tiny_llama, tmp_path):
     from shardlm.wire.msgtypes import MsgType
     from support import tls_server
 
-    prompt, n, rec = [5, 77, 31, 200], 3, tmp_path / "client-view"
+    prompt, n, rec = [5, 77, 31, 200], 2, tmp_path / "client-view"
 
     async def main():
         async with tls_server(tmp_path, model=tiny_llama) as (server, cfg):
