@@ -844,7 +844,7 @@ def generation_options(*, exclude: tuple[str, ...] = ()):
                          show_envvar=True, help="'smollm2' or a path; must be the same model the server holds."),
             click.option("--protocol", default="v3", show_default=True, envvar="SHARDLM_PROTOCOL", show_envvar=True,
                          help="plain (insecure baseline), v2, v3, v3-2r (v3 in 2 rounds per layer: for slow "
-                              "links), v3-mpc, v3-cc, or split (NOT private: layer split)."),
+                              "links), v3-mpc, v3-ot, v3-cc, or split (NOT private: layer split)."),
             click.option("--max-tokens", default=64, show_default=True, type=click.IntRange(min=1),
                          help="Tokens to generate at most."),
             click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0.0),

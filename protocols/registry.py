@@ -85,6 +85,11 @@ SPECS: tuple[ProtocolSpec, ...] = (
                  summary="every activation additively shared over Z_2^64; linear layers on the server's share "
                          "with preprocessed masks, nonlinear layers by Beaver-triple MPC (--triples dealer|ot); "
                          "approximate"),
+    ProtocolSpec("v3-ot", private=True, needs_model=True, module="shardlm.protocols.mpc.service_ot",
+                 options=(TRIPLE_BATCH, MATERIAL),
+                 summary="as v3-mpc with nothing from a dealer (products and comparisons by OT triples) and "
+                         "exp, the softmax's 1/x start, sigmoid and GELU by lookup tables over 1-of-N OT; "
+                         "approximate"),
     ProtocolSpec("v3-cc", private=True, needs_model=True, module="shardlm.protocols.cc.service",
                  options=(CC_TRUST, CC_WINDOW),
                  summary="whole model inside an attested enclave boundary (signed report over the client's nonce; "

@@ -19,6 +19,9 @@ Modules:
 - ``weights``: the server's weights as ring integers with per-row power-of-two scales;
 - ``executor``: :class:`MPCExecutor`, a model's plan on shares, and its public :class:`Ranges`;
 - ``service``: the networked protocol (server handler, client, registered as ``v3-mpc``);
+- ``lut``: v3-ot's core, nonlinear functions on shares by lookup tables over 1-of-N OT, and its
+  tables (range, k, bytes, error); ``approx_lut``: :class:`LutEngine`, the engine with them
+  (``v3-ot``: ``service_ot``, v3-mpc's session with that engine);
 - ``ideal``, ``accuracy``: the simulator with ideal products, and teacher-forced SmolLM2
   accuracy (``python -m shardlm.protocols.mpc.accuracy``).
 """

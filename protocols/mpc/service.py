@@ -23,6 +23,10 @@ tensor or an extra field, is refused with ``malformed`` and the session closed):
   triples refill their pools and make matrix triples with OT messages (0x11xx) in between.
 
 The client samples from the revealed logits; nothing else is ever revealed to either party.
+
+``v3-ot`` is this protocol with :class:`approx_lut.LutEngine` on both sides: the same session,
+with the triples always ``ot`` (nothing from a dealer) and exp, the softmax's reciprocal start,
+the sigmoid and the GELU gate by table lookups (1-of-N OT messages, 0x11xx, between openings).
 """
 
 from __future__ import annotations
@@ -42,11 +46,14 @@ from ...wire.schema import Int, Schema, Str, Tensor
 from .. import preprocess
 from ..units import FIXED_POINT, rows_needed, units_for
 from . import beaver, beaver_ot
+from .approx_lut import LutEngine
 from .engine import Engine
 from .executor import MPCExecutor, Ranges
 from .weights import mpc_matrices
 
 RANGES = {"wide": Ranges.wide, "narrow": Ranges}
+# the engine of each protocol this module serves (v3-ot: table lookups, OT triples only)
+ENGINES = {"v3-mpc": Engine, "v3-ot": LutEngine}
 TRIPLES = ("dealer", "ot")
 SEED_WORDS = 4  # the dealer's 32-byte seed as int64[4]: every tensor on the wire is a ring tensor
 # elementwise triples per pool (the first dealt offline): dealing is cheap in bulk; an OT
@@ -160,8 +167,9 @@ class MPCServerHandler:
 
     message_types = frozenset({MsgType.MPC_SETUP, MsgType.MPC_INPUT})
 
-    def __init__(self, session):
+    def __init__(self, session, protocol: str = "v3-mpc"):
         self.session = session
+        self.protocol = protocol
         self.model = session.server.model
         self.executor: MPCExecutor | None = None
         self.transport = ChannelTransport(session.channel, "server", session.server.config.idle_timeout)
@@ -190,6 +198,8 @@ class MPCServerHandler:
         triples, ranges, batch, seed = body["triples"], RANGES[body["ranges"]](), body["batch"], body["seed"]
         if (seed is None) != (triples == "ot"):
             raise ProtocolError(ErrorCode.MALFORMED, "MPC_SETUP carries a seed with the dealer's triples and only then")
+        if self.protocol == "v3-ot" and (triples != "ot" or not ranges.comparisons):
+            raise ProtocolError(ErrorCode.MALFORMED, "v3-ot runs with OT triples and the 'wide' ranges only (no dealer)")
         if triples == "dealer":
             seed = seed.tobytes()
             # digests of the dealer seeds this server's sessions have used: a repeated seed would
@@ -204,10 +214,10 @@ class MPCServerHandler:
             provider = make_provider("server", triples, self.transport, seed, ranges, batch)
         except ValueError as exc:
             raise ProtocolError(ErrorCode.MALFORMED, str(exc)) from None
-        engine = Engine(provider, transport=self.transport)
+        engine = ENGINES[self.protocol](provider, transport=self.transport)
         # the ring weights are built once per process, off the event loop (seconds for SmolLM2),
-        # by the server's preload when it offers v3-mpc (waited for, not built twice)
-        await self.session.server.preloaded("v3-mpc")
+        # by the server's preload when it offers the protocol (waited for, not built twice)
+        await self.session.server.preloaded(self.protocol)
         self.executor = await trio.to_thread.run_sync(lambda: MPCExecutor(self.model, engine, ranges))
         await self.session.channel.send(MsgType.MPC_SETUP_OK, {})
         await sync_driver.drive(provider.prefill)  # the first pool (joint with the client for ot)
@@ -218,7 +228,9 @@ class MPCClient:
     """The client party: drives generation, samples from the revealed logits."""
 
     def __init__(self, channel, model, store: preprocess.MaterialStore, triples: str = "dealer",
-                 mpc_ranges: str = "wide", triple_batch: int | None = None):
+                 mpc_ranges: str = "wide", triple_batch: int | None = None, protocol: str = "v3-mpc"):
+        if protocol == "v3-ot" and (triples, mpc_ranges) != ("ot", "wide"):
+            raise ValueError("v3-ot runs with OT triples and the 'wide' ranges only")
         if mpc_ranges not in RANGES:
             raise ValueError(f"mpc_ranges must be one of {', '.join(RANGES)}, not {mpc_ranges!r}")
         self.channel = channel
@@ -228,12 +240,13 @@ class MPCClient:
         self.seed = os.urandom(8 * SEED_WORDS) if triples == "dealer" else None
         rng = RANGES[mpc_ranges]()
         self.provider = make_provider("client", triples, self.transport, self.seed, rng, self.batch)
-        self.executor = MPCExecutor(model, Engine(self.provider, transport=self.transport), rng, store=store)
+        self.executor = MPCExecutor(model, ENGINES[protocol](self.provider, transport=self.transport), rng, store=store)
         self.timings: dict[str, float] = {}
         self.forwards: list[dict] = []
         self.offline_ms = 0.0
-        self.notes = [f"v3-mpc: triples by {'the client as trusted dealer' if triples == 'dealer' else 'IKNP OT'}, "
-                      f"'{mpc_ranges}' ranges{' (secure comparisons)' if rng.comparisons else ''}"]
+        self.notes = [f"{protocol}: triples by {'the client as trusted dealer' if triples == 'dealer' else 'IKNP OT'}, "
+                      f"'{mpc_ranges}' ranges{' (secure comparisons)' if rng.comparisons else ''}"
+                      + ("; exp, 1/x start, sigmoid, GELU by 1-of-N OT tables" if protocol == "v3-ot" else "")]
 
     async def setup(self) -> None:
         t0 = time.perf_counter()
@@ -246,7 +259,7 @@ class MPCClient:
 
     def new_cache(self, capacity: int):
         if self.executor.length:
-            raise RuntimeError("v3-mpc runs one generation per session (the server's KV cache shares go on)")
+            raise RuntimeError("v3-mpc and v3-ot run one generation per session (the server's KV cache shares go on)")
         self.executor.new_cache(capacity)
 
     async def forward(self, ids: list[int]) -> torch.Tensor:
@@ -261,7 +274,8 @@ class MPCClient:
 
     def _counters(self) -> dict:
         p = self.provider
-        return {**vars(self.executor.e.stats), **{f"triples_{k}": v for k, v in p.issued.items()},
+        return {**vars(self.executor.e.stats), "lookups": getattr(self.executor.e, "lookups", 0),
+                **{f"triples_{k}": v for k, v in p.issued.items()},
                 **{f"triple_elements_{k}": v for k, v in p.elements.items()}}
 
     @property
@@ -300,12 +314,11 @@ def matrices_built(spec, server) -> dict:
 
 
 def server_handler(spec, session) -> MPCServerHandler:
-    return MPCServerHandler(session)
+    return MPCServerHandler(session, spec.name)
 
 
 def client(spec, channel, model, *, prompt_tokens: int, max_tokens: int, progress=None, session_id: str,
-           material: str | None,
-           triples: str, mpc_ranges: str, triple_batch: int | None) -> MPCClient:
+           material: str | None, triples: str, mpc_ranges: str, triple_batch: int | None) -> MPCClient:
     """The client with its mask material, loaded from a store or dealt now (the offline phase)."""
     t0 = time.perf_counter()
     if material:
@@ -313,7 +326,7 @@ def client(spec, channel, model, *, prompt_tokens: int, max_tokens: int, progres
         store.check_for(model.fingerprint(), "v3-mpc", FIXED_POINT)
     else:
         store = deal_for(model, prompt_tokens, max_tokens, progress=progress)
-    c = MPCClient(channel, model, store, triples, mpc_ranges, triple_batch)
+    c = MPCClient(channel, model, store, triples, mpc_ranges, triple_batch, spec.name)
     # a store was dealt ahead of time: this run's offline phase is 0, the store's time reported apart
     c.offline_ms = 0.0 if material else (time.perf_counter() - t0) * 1e3
     c.material_dealt_ms = store.meta["dealer_seconds"] * 1e3 if material else None

@@ -65,36 +65,62 @@ def _keys(kpairs: np.ndarray, xs: np.ndarray) -> np.ndarray:
     return out
 
 
-async def send(ch: Channel, sender: IknpSender, messages: np.ndarray, count: int | None = None) -> None:
+def _blocks(T: int, N: int, L: int):
+    """The ciphertext messages of T instances of 1-of-N over L bytes, as (t0, t1, off, end):
+    instances t0..t1-1, rows off..end-1 each. Up to ``_ROWS_PER_MESSAGE`` 16-byte rows per
+    message: small N packs many instances into one message (one vectorised key derivation for
+    all of them, not a Python step per instance), large N splits one instance's rows."""
+    rows = max(1, _ROWS_PER_MESSAGE // max(1, -(-L // 16)))
+    if N <= rows:
+        per = rows // N
+        for t0 in range(0, T, per):
+            yield t0, min(T, t0 + per), 0, N
+    else:
+        for t in range(T):
+            for off in range(0, N, rows):
+                yield t, t + 1, off, min(N, off + rows)
+
+
+async def send(ch: Channel, sender: IknpSender, messages, count: int | None = None) -> None:
     """Sender of ``count`` 1-of-N OTs.
 
     messages: (T, N, L) uint8, one list per instance; or (N, L) shared by all ``count``
-    instances (no copy is made). The receiver learns exactly one row per instance.
+    instances (no copy is made); or a function ``messages(t0, t1)`` returning the (t1 - t0, N, L)
+    lists of instances t0..t1-1, called block by block in order (tables made on the fly, so T N L
+    bytes never sit in memory at once), with ``count`` instances and its ``shape = (N, L)``
+    attribute. The receiver learns exactly one row per instance.
     """
-    messages = np.asarray(messages, dtype=np.uint8)
-    if messages.ndim == 2:
+    if callable(messages):
         if count is None:
-            raise ValueError("a shared (N, L) message list needs count")
-        shared = True
-        N, L = messages.shape
-        T = count
-    elif messages.ndim == 3:
-        shared = False
-        T, N, L = messages.shape
+            raise ValueError("a message function needs count")
+        make, (N, L), T = messages, messages.shape, count
     else:
-        raise ValueError("messages must be (T, N, L) or (N, L) uint8")
+        messages = np.asarray(messages, dtype=np.uint8)
+        if messages.ndim == 2:
+            if count is None:
+                raise ValueError("a shared (N, L) message list needs count")
+            N, L = messages.shape
+            T = count
+            make = lambda t0, t1: messages[None]  # noqa: E731 (broadcast over the block)
+        elif messages.ndim == 3:
+            T, N, L = messages.shape
+            make = lambda t0, t1: messages[t0:t1]  # noqa: E731
+        else:
+            raise ValueError("messages must be (T, N, L) or (N, L) uint8")
     k = bits_for(N)
     m0, m1 = await sender.random(ch, T * k)
     kpairs = np.stack([m0, m1], axis=1).reshape(T, k, 2, 2)
     await ch.send(MsgType.OT_NOFN_CT, {"instances": T, "n": N, "nbytes": L})
-    rows = max(1, _ROWS_PER_MESSAGE // max(1, -(-L // 16)))
-    for t in range(T):
-        msgs = messages if shared else messages[t]
-        for off in range(0, N, rows):
-            xs = np.arange(off, min(N, off + rows), dtype=np.int64)
-            keys = _keys(kpairs[t:t + 1], xs)[0]
-            ct = msgs[off:off + len(xs)] ^ pad_bytes(keys, L, _PAD_DOMAIN)
-            await ch.send(MsgType.OT_NOFN_CT, {"ct": ct})
+    block, have = None, (-1, -1)
+    for t0, t1, off, end in _blocks(T, N, L):
+        if have != (t0, t1):
+            block, have = np.asarray(make(t0, t1), dtype=np.uint8), (t0, t1)
+            if block.shape[1:] != (N, L) or block.shape[0] not in (1, t1 - t0):
+                raise ValueError(f"1-of-N: messages for instances {t0}..{t1} are {block.shape}, not ({t1 - t0}, {N}, {L})")
+        xs = np.arange(off, end, dtype=np.int64)
+        keys = _keys(kpairs[t0:t1], xs)  # (t1 - t0, end - off, 2)
+        ct = pad_bytes(keys.reshape(-1, 2), L, _PAD_DOMAIN).reshape(t1 - t0, end - off, L) ^ block[:, off:end]
+        await ch.send(MsgType.OT_NOFN_CT, {"ct": ct})
 
 
 async def receive(ch: Channel, receiver: IknpReceiver, choices, n: int, nbytes: int) -> np.ndarray:
@@ -117,13 +143,11 @@ async def receive(ch: Channel, receiver: IknpReceiver, choices, n: int, nbytes: 
         key ^= prims.ccr_hash(mc[:, i] ^ xblock)
     pads = pad_bytes(key, nbytes, _PAD_DOMAIN)
     out = np.empty((T, nbytes), dtype=np.uint8)
-    rows = max(1, _ROWS_PER_MESSAGE // max(1, -(-nbytes // 16)))
-    for t in range(T):
-        for off in range(0, n, rows):
-            ct = (await ch.expect(MsgType.OT_NOFN_CT)).body.get("ct")
-            want = (min(n, off + rows) - off, nbytes)
-            if not isinstance(ct, np.ndarray) or ct.dtype != np.uint8 or ct.shape != want:
-                raise ProtocolError(ErrorCode.MALFORMED, f"1-of-N: expected a {want} uint8 ciphertext block")
-            if off <= c[t] < off + want[0]:
-                out[t] = ct[c[t] - off] ^ pads[t]
+    for t0, t1, off, end in _blocks(T, n, nbytes):
+        ct = (await ch.expect(MsgType.OT_NOFN_CT)).body.get("ct")
+        want = (t1 - t0, end - off, nbytes)
+        if not isinstance(ct, np.ndarray) or ct.dtype != np.uint8 or ct.shape != want:
+            raise ProtocolError(ErrorCode.MALFORMED, f"1-of-N: expected a {want} uint8 ciphertext block")
+        mine = np.nonzero((c[t0:t1] >= off) & (c[t0:t1] < end))[0]
+        out[t0 + mine] = ct[mine, c[t0 + mine] - off] ^ pads[t0 + mine]
     return out
