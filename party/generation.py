@@ -41,6 +41,7 @@ class GenerationResult:
     stop_reason: str  # "eos" | "max_tokens"
     padded_steps: int = 0    # --pad-to-max: dummy decode forwards run after the stop token
     padding_ms: float = 0.0
+    drafting: dict | None = None  # speculative decoding (party/speculative): forwards, tokens per forward
 
     @property
     def decode_tokens_per_s(self) -> float:
