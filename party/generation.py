@@ -1,7 +1,8 @@
 """The client's generation loop, the same for every protocol.
 
 A protocol's client object provides ``new_cache(capacity)`` and ``async forward(ids) -> logits``
-(of the last position); this module samples, streams, stops and times. Sampling always happens
+(of the last position); this module samples, streams, stops and times, one forward per token
+(party/speculative verifies several drafted tokens per forward instead, with ``--draft``). Sampling always happens
 on the client: the server never sees which token was chosen (except under ``plain``).
 """
 

@@ -21,7 +21,9 @@ unit name (public: the same schedule for every prompt) and uniform ring tensors.
   measured trade-off).
 
 What it does not hide: the number of tokens processed per round (prompt length, then one per
-decode step), timing, and that generation is happening. The server's replies are trusted unless
+decode step, or K+1 with ``--draft``: party/speculative), the number of decode forwards (with
+drafts: how predictable the text was, unless ``--pad-to-max``), timing, and that generation is
+happening. The server's replies are trusted unless
 the client runs with ``verify`` (``--verify``): then each is checked (protocols/verify.py) and the
 first altered product aborts the session.
 """
