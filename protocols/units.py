@@ -178,7 +178,8 @@ def encoding_for(model, variant: str) -> dict[str, list[tuple[torch.Tensor, int]
     return _cached(model, ("encoding", variant), make)
 
 
-def rows_needed(units: dict[str, Unit], prompt_tokens: int, max_tokens: int, rows_per_forward: int = 1) -> dict[str, int]:
+def rows_needed(units: dict[str, Unit], prompt_tokens: int, max_tokens: int,
+                rows_per_forward: int = 1) -> dict[str, int]:
     """Mask rows a generation uses: the prompt, then ``rows_per_forward`` rows per decode forward
     (max_tokens - 1 of them at most; K+1 with K drafts, party/speculative, rejected rows consumed
     too: material is single-use); the head one row per prefill forward (generation.forwards: a
