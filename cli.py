@@ -858,7 +858,8 @@ def generation_options(*, exclude: tuple[str, ...] = ()):
             click.option("--pad-to-max", is_flag=True,
                          help="After the stop token, run dummy decode steps up to --max-tokens, so the server "
                               "cannot tell where the completion ended (costs those steps; the number of forwards "
-                              "then reveals --max-tokens instead)."),
+                              "then reveals --max-tokens instead). With --draft: dummy forwards of K+1 rows up to "
+                              "max-tokens - 1 forwards, hiding how many tokens the drafts won."),
         ]
         for opt in reversed(opts):
             fn = opt(fn)

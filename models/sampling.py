@@ -35,11 +35,12 @@ class SamplingParams:
         return g
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> int:
-    """One token id from a (vocab,) logits vector."""
+def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The distribution a token is drawn from, (vocab,): after temperature, top-k and top-p; one-hot
+    at the argmax when greedy (speculative verification, party/speculative, uses it whole)."""
     logits = logits.float().reshape(-1)
     if params.greedy:
-        return int(torch.argmax(logits))
+        return torch.nn.functional.one_hot(torch.argmax(logits), logits.numel()).float()
     logits = logits / params.temperature
     if params.top_k and params.top_k < logits.numel():
         kth = torch.topk(logits, params.top_k).values[-1]
@@ -51,7 +52,18 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         drop = (p.cumsum(-1) - p) >= params.top_p
         logits = logits.clone()
         logits[order[drop]] = float("-inf")
-    probs = torch.softmax(logits, dim=-1)
+    return torch.softmax(logits, dim=-1)
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> int:
+    """One token id from a (vocab,) logits vector."""
+    if params.greedy:
+        return int(torch.argmax(logits.float().reshape(-1)))
+    return draw(probabilities(logits, params), generator)
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> int:
+    """One token id from a (vocab,) probability vector (need not be normalised)."""
     return int(torch.multinomial(probs.cpu(), 1, generator=generator))
 
 

@@ -50,6 +50,7 @@ async def bench_protocol(cfg: ClientConfig, model, spec: ProtocolSpec, prompt_id
         if i >= warmup:
             reports.append(rep.as_dict())
     t = [r["timing"] for r in reports]
+    drafted = [r["drafting"] for r in reports if r.get("drafting")]
     checked = [r["verification"] for r in reports if r.get("verification")]
     decode_tps = [x["decode_tokens_per_s"] for x in t]
     n_decode = max(1, max_tokens - 1)
@@ -90,6 +91,11 @@ async def bench_protocol(cfg: ClientConfig, model, spec: ProtocolSpec, prompt_id
             "rounds": statistics.fmean(r["rounds"] for r in reports),
             "prefill_rounds": reports[0]["prefill_rounds"],
             **({"offline": offline} if offline else {}),
+            # speculative decoding (party/speculative): tokens each decode forward committed
+            **({"drafting": {"draft": drafted[0]["draft"], "draft_len": drafted[0]["draft_len"],
+                             **{k: statistics.fmean(d[k] or 0.0 for d in drafted)
+                                for k in ("tokens_per_forward", "forwards_per_token", "decode_forwards")}}}
+               if drafted else {}),
             # the client process's peak so far: one bench run per protocol gives that protocol's peak
             "client_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             **({"verify_setup_ms": statistics.fmean(v["setup_ms"] for v in checked),
@@ -123,14 +129,14 @@ def add_ratios(results: list[dict]) -> None:
 def table(results: list[dict]) -> str:
     """The human summary of ``shardlm bench``: one line per protocol, then notes and warnings."""
     lines = [f"{'protocol':8s} {'prefill ms':>11s} {'decode tok/s':>12s} {'ratio':>6s} {'B/token up':>11s} "
-             f"{'B/token down':>12s} {'rounds/tok':>10s} {'offline ms':>10s}"]
+             f"{'B/token down':>12s} {'rounds/tok':>10s} {'tok/fwd':>7s} {'offline ms':>10s}"]
     for r in results:
         x = r["results"]
         ratio = x.get("ratio_to_plain", {}).get("decode_tokens_per_second")
         lines.append(f"{r['version']:8s} {x['prefill']['mean_ms']:11.1f} {x['decode_tokens_per_second']:12.2f} "
                      f"{(f'{ratio:.2f}' if ratio else '-'):>6s} {x['per_decode_token']['bytes_sent']:11.0f} "
                      f"{x['per_decode_token']['bytes_received']:12.0f} {x['per_decode_token']['rounds']:10.1f} "
-                     f"{x['offline_ms']:10.0f}")
+                     f"{x.get('drafting', {}).get('tokens_per_forward', 1.0):7.2f} {x['offline_ms']:10.0f}")
     for r in results:
         o = r["results"].get("offline")
         if o:

@@ -1,7 +1,8 @@
 """The client's generation loop, the same for every protocol.
 
 A protocol's client object provides ``new_cache(capacity)`` and ``async forward(ids) -> logits``
-(of the last position); this module samples, streams, stops and times. Sampling always happens
+(of the last position); this module samples, streams, stops and times, one forward per token
+(party/speculative verifies several drafted tokens per forward instead, with ``--draft``). Sampling always happens
 on the client: the server never sees which token was chosen (except under ``plain``).
 """
 
@@ -41,6 +42,7 @@ class GenerationResult:
     stop_reason: str  # "eos" | "max_tokens"
     padded_steps: int = 0    # --pad-to-max: dummy decode forwards run after the stop token
     padding_ms: float = 0.0
+    drafting: dict | None = None  # speculative decoding (party/speculative): forwards, tokens per forward
 
     @property
     def decode_tokens_per_s(self) -> float:

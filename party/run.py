@@ -15,6 +15,8 @@ from . import handshake
 from .client import ClientConfig, connect
 from .generation import GenerationResult, generate
 from .spec import OptionError, ProtocolSpec
+from .drafting import Drafting, session_rows
+from .speculative import generate as speculative_generate
 
 
 @dataclasses.dataclass
@@ -57,6 +59,8 @@ class RunReport:
         }
         if self.verification is not None:
             out["verification"] = dict(self.verification)
+        if r.drafting is not None:
+            out["drafting"] = dict(r.drafting)
         if r.padded_steps:
             out["padding"] = {"steps": r.padded_steps, "ms": r.padding_ms}
         if self.protocol_stats:
@@ -90,6 +94,10 @@ def summary(out: dict) -> str:
         v = out["verification"]
         lines.append(f"verified {v['replies']} replies: checks {v['check_ms']:.0f} ms online, "
                      f"keys {v['setup_ms']:.0f} ms offline")
+    if out.get("drafting"):
+        d = out["drafting"]
+        lines.append(f"drafts {d['draft']} K={d['draft_len']}: {d['decode_forwards']} decode forwards of "
+                     f"{d['rows_per_forward']} rows, {d['tokens_per_forward'] or 0:.2f} tokens per forward")
     if out.get("padding"):
         lines.append(f"padding {out['padding']['steps']} dummy decode steps after the stop ({out['padding']['ms']:.0f} ms)")
     lines += [f"note: {n}" for n in out.get("notes", [])]
@@ -141,12 +149,12 @@ async def run_generation(cfg: ClientConfig, model, spec: ProtocolSpec, prompt_id
                          options: dict | None = None, pad_to_max: bool = False) -> RunReport:
     """``options``: the protocol's declared options (spec.options; any other is an OptionError,
     raised before connecting). ``pad_to_max``: hide where the completion stopped (generation.generate)."""
-    spec.resolve_options(options)
+    drafting = Drafting.from_options(spec.resolve_options(options))
     async with connect(cfg) as conn:
         if progress is not None:
             conn.channel.on_message = _phase_reporter(conn.channel, progress)
-        session = await conn.open_session(spec.name, model.fingerprint(),
-                                          handshake.capacity_bucket(len(prompt_ids) + max_tokens))
+        session = await conn.open_session(spec.name, model.fingerprint(), handshake.capacity_bucket(
+            session_rows(len(prompt_ids), max_tokens, drafting)))
         channel = conn.channel
         with channel.phase("offline"):
             client = spec.client(channel, model, prompt_tokens=len(prompt_ids), max_tokens=max_tokens,
@@ -161,6 +169,10 @@ async def run_generation(cfg: ClientConfig, model, spec: ProtocolSpec, prompt_id
             raise OptionError(f"--pad-to-max: {spec.name} runs its own decoding loop, which does not pad")
         if own_loop is not None:
             result = await own_loop(prompt_ids, max_tokens, sampling, stops, on_token=on_token, channel=channel)
+        elif drafting.on:  # several tokens per forward: party/speculative
+            result = await speculative_generate(client, prompt_ids, max_tokens, sampling, stops, drafting,
+                                                on_token=on_token, channel=channel, pad_to_max=pad_to_max,
+                                                progress=progress)
         else:
             result = await generate(client, prompt_ids, max_tokens, sampling, stops, on_token=on_token,
                                     channel=channel, pad_to_max=pad_to_max, progress=progress)

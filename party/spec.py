@@ -82,7 +82,9 @@ class ProtocolClient(Protocol):
     """The client side of one session, driven by party/generation. Optional: ``async setup()``
     (before the prompt is used), ``async generate(prompt_ids, max_tokens, sampling, stop_ids,
     on_token=, channel=)`` (its own decoding loop), ``notes``, ``protocol_stats`` and
-    ``verification`` (a dict when it checks the server's replies: protocols/verify)."""
+    ``verification`` (a dict when it checks the server's replies: protocols/verify); for
+    ``--draft`` (party/speculative) ``async forward_rows(ids)`` (every row's logits) and
+    ``rollback(length)`` (its KV cache back to ``length`` positions)."""
 
     offline_ms: float
     timings: dict

@@ -21,7 +21,9 @@ unit name (public: the same schedule for every prompt) and uniform ring tensors.
   measured trade-off).
 
 What it does not hide: the number of tokens processed per round (prompt length, then one per
-decode step), timing, and that generation is happening. The server's replies are trusted unless
+decode step, or K+1 with ``--draft``: party/speculative), the number of decode forwards (with
+drafts: how predictable the text was, unless ``--pad-to-max``), timing, and that generation is
+happening. The server's replies are trusted unless
 the client runs with ``verify`` (``--verify``): then each is checked (protocols/verify.py) and the
 first altered product aborts the session.
 """
@@ -40,6 +42,7 @@ from ..models.reference import Reference
 from ..models.plan import Composite, Linear
 from ..party.client import connect
 from ..party.handshake import capacity_bucket
+from ..party.drafting import MAX_DRAFT_LEN, Drafting
 from ..party.spec import OptionError
 from ..wire.errors import ErrorCode, ProtocolError
 from ..wire.msgtypes import MsgType
@@ -123,9 +126,11 @@ class MaskedServerHandler:
     """Per session: answers MASKED_LINEAR with ``W m mod 2^64``. Accepts nothing but ring tensors.
 
     Rows are charged against the session's capacity per unit, as the schedule uses them: a
-    body unit sees each position once (prompt rows, then one per decode step), the LM head
-    one row per forward; so no session can ask for more products than a generation of its
-    declared length needs."""
+    body unit sees each position once (prompt rows, then one per decode step, or K+1 per
+    decode forward with K drafts: party/speculative), the LM head one row per prefill forward
+    and at most MAX_DRAFT_LEN + 1 per decode forward; so no session can ask for more products
+    than a generation of its declared capacity (HELLO's bucket, made from
+    speculative.session_rows) needs."""
 
     message_types = frozenset({MsgType.MASKED_LINEAR, MsgType.OT_EMB_REQ, MsgType.HE_SETUP, MsgType.HE_PRODUCT})
 
@@ -158,7 +163,7 @@ class MaskedServerHandler:
         body = MASKED_LINEAR.check(msg.body, units=self.matrices, in_dim=lambda f: self.matrices[f["unit"]].in_dim,
                                    rows=(1, self.session.max_seq_len))
         unit, m = self.units[body["unit"]], torch.from_numpy(body["m"])
-        self.session.charge(unit.name, m.shape[0], per_request=1 if unit.head else None)
+        self.session.charge(unit.name, m.shape[0], per_request=MAX_DRAFT_LEN + 1 if unit.head else None)
         W = self.matrices[unit.name]
         self.session.check_memory(m.shape[0] * (W.in_dim + 2 * W.out_dim) * 8, f"{m.shape[0]} rows of {unit.name}")
         y = torch.empty((m.shape[0], W.out_dim), dtype=torch.int64)
@@ -332,6 +337,18 @@ class MaskedClient:
         return [part + w[op.bias] if op.bias else part for op, part in zip(ops, outs)]
 
     async def forward(self, ids: list[int]) -> torch.Tensor:
+        """The logits of the last of ``ids``."""
+        return (await self._material_then_forward(ids, all_logits=False))[-1]
+
+    async def forward_rows(self, ids: list[int]) -> torch.Tensor:
+        """The logits of every row of ``ids`` (speculative verification: the head gets every row)."""
+        return await self._material_then_forward(ids, all_logits=True)
+
+    def rollback(self, length: int) -> None:
+        """Drop KV-cache positions from ``length`` on (drafts not accepted); the cache is the client's."""
+        self.cache.truncate(length)
+
+    async def _material_then_forward(self, ids: list[int], all_logits: bool) -> torch.Tensor:
         if self.cache.length in self.streamed:  # a later chunk of a long prompt: its material now
             t0 = time.perf_counter()
             with self.channel.phase("offline"):
@@ -340,11 +357,11 @@ class MaskedClient:
             self.material = store
             self.offline_ms += (time.perf_counter() - t0) * 1e3
         try:
-            return await self._forward(ids)
+            return await self._forward(ids, all_logits)
         finally:
             self.material = self.store
 
-    async def _forward(self, ids: list[int]) -> torch.Tensor:
+    async def _forward(self, ids: list[int], all_logits: bool) -> torch.Tensor:
         embedded = None
         if self.embedding_source == "ot":
             t0 = time.perf_counter()
@@ -355,8 +372,8 @@ class MaskedClient:
             self.timings["embed"] = self.timings.get("embed", 0.0) + time.perf_counter() - t0
         gen = forward_steps(self.model.plan, self.model.weights, torch.tensor(ids, dtype=torch.long), self.cache,
                             self.ref.rope, fuse=FUSED[self.variant], timings=self.timings, embedded=embedded,
-                            precompose=self.variant in PRECOMPOSED)
-        return (await run_async(gen, self.linear))[-1]
+                            precompose=self.variant in PRECOMPOSED, all_logits=all_logits)
+        return await run_async(gen, self.linear)
 
 
 def server_handler(spec, session) -> MaskedServerHandler:
@@ -381,13 +398,16 @@ def source_for(spec, channel, model, *, offline_mode: str, dealer: str | None = 
 
 def client(spec, channel, model, *, prompt_tokens: int, max_tokens: int, progress=None, session_id: str,
            embedding_source: str, material: str | None, verify: bool, offline_mode: str = "client",
-           dealer: str | None = None, dealer_fingerprint: str | None = None) -> MaskedClient:
+           dealer: str | None = None, dealer_fingerprint: str | None = None, draft: str = "none",
+           draft_len: int | None = None) -> MaskedClient:
     """Online client with its material: loaded from a store (made ahead of time: offline_ms 0,
     the store's own dealing time reported as material_dealt_ms), or obtained in ``setup`` from the
     ``offline_mode`` source (the offline phase: the first prefill chunk and every decode step; a
     long prompt's later chunks are obtained as the prefill reaches them, so the material held at
     once follows the chunk, not the prompt). ``verify``: check every reply (protocols/verify.py);
-    its keys count as offline time."""
+    its keys count as offline time. ``draft``/``draft_len``: speculative decoding (party/speculative),
+    K+1 material rows per decode forward."""
+    rows = Drafting.from_options({"draft": draft, "draft_len": draft_len}).rows
     if verify and model.client_only:  # refused before any material is claimed
         raise ModelError(f"--verify checks replies against U W, which needs the linear weight matrices; {model.source} "
                          f"is an export-client directory without them: run without --verify, or from the full model")
@@ -409,7 +429,7 @@ def client(spec, channel, model, *, prompt_tokens: int, max_tokens: int, progres
     first = min(prompt_tokens, PREFILL_CHUNK)  # the first prefill forward's positions
     c = MaskedClient(channel, model, spec.name, None, embedding_source=embedding_source, verify=verify,
                      streamed=range(first, prompt_tokens), source=source,
-                     first_rows=rows_needed(units_for(model.plan, spec.name), first, max_tokens))
+                     first_rows=rows_needed(units_for(model.plan, spec.name), first, max_tokens, rows))
     c.progress = progress
     c.offline_ms = (time.perf_counter() - t0) * 1e3
     return c

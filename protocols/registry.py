@@ -8,6 +8,7 @@ here and rejects an option the chosen protocol does not declare.
 
 from __future__ import annotations
 
+from ..party.drafting import DEFAULT_DRAFT_LEN, KINDS, MAX_DRAFT_LEN
 from ..party.spec import Option, OptionError, ProtocolSpec
 from .cc import SIMULATED_NOTE
 
@@ -41,13 +42,24 @@ DEALER = Option("dealer", str, None, env="SHARDLM_DEALER",
                 help="--offline dealer: the dealer's HOST:PORT. It must not collude with the server.")
 DEALER_FINGERPRINT = Option("dealer_fingerprint", str, None, env="SHARDLM_DEALER_FINGERPRINT",
                             help="--offline dealer: the dealer's certificate, sha256:<hex> (printed by `shardlm dealer`).")
-_MASKED_OPTIONS = (EMBEDDING, MATERIAL, VERIFY, OFFLINE, DEALER, DEALER_FINGERPRINT)
+DRAFT = Option(
+    "draft", str, "none", choices=KINDS,
+    help="Speculative decoding: draft K tokens and verify them in one forward of K+1 rows, committing 1..K+1 "
+         "tokens per forward with output exactly as without drafts (greedy: the same tokens, up to float/"
+         "fixed-point near-ties of batched rows; sampling: the same distribution). 'lookup': tokens that followed "
+         "the context's last n-gram earlier in prompt + output (edits, quoting, code); 'jacobi': the previous "
+         "forward's predictions. Fewer forwards (round trips) per token, K+1 times the rows (server work, "
+         "bytes, mask material) per forward. LEAK: every forward carries K+1 rows, but the number of forwards "
+         "tells the server how predictable the text was; --pad-to-max hides it (pads to max-tokens - 1 forwards).")
+DRAFT_LEN = Option("draft_len", int, DEFAULT_DRAFT_LEN, lo=1, hi=MAX_DRAFT_LEN,
+                   help=f"--draft: K, drafts per forward (rows per decode forward K+1; default {DEFAULT_DRAFT_LEN}).")
+_MASKED_OPTIONS = (EMBEDDING, MATERIAL, VERIFY, OFFLINE, DEALER, DEALER_FINGERPRINT, DRAFT, DRAFT_LEN)
 SPLIT_LAYERS = Option("split_layers", int, 2, lo=1,
                       help="Blocks the client runs at each end (the server runs the rest). NOT private.")
-JACOBI_BLOCK = Option("jacobi_block", int, 0, lo=0,
-                      help="Jacobi decoding with blocks of this many tokens (0: one token per round; greedy only).")
+JACOBI_BLOCK = Option("jacobi_block", int, 0, lo=0, hi=MAX_DRAFT_LEN + 1,
+                      help="Older name: --jacobi-block B is --draft lookup --draft-len B-1 (0 or 1: none).")
 JACOBI_ITERS = Option("jacobi_iters", int, None, lo=1,
-                      help="Jacobi iterations before the guesses restart (default: never).")
+                      help="--draft: Jacobi iterations before the carried guesses restart (default: never).")
 TRIPLES = Option(
     "triples", str, "dealer", choices=("dealer", "ot"),
     help="Beaver triples from the client as trusted dealer (it could unmask; it owns the prompt), or made "
@@ -69,7 +81,7 @@ SPECS: tuple[ProtocolSpec, ...] = (
                  summary="no inference: PING/PONG only, for connectivity, latency and throughput checks"),
     ProtocolSpec("ot", private=True, module="shardlm.protocols.ot.service",
                  summary="OT engine: IKNP batches (random / correlated / chosen) and private embedding-row retrieval"),
-    ProtocolSpec("plain", private=False, needs_model=True, module="shardlm.protocols.plain",
+    ProtocolSpec("plain", private=False, needs_model=True, module="shardlm.protocols.plain", options=(DRAFT, DRAFT_LEN),
                  summary="INSECURE baseline: token ids in the clear, the server runs the whole model"),
     ProtocolSpec("v2", private=True, needs_model=True, module=_MASKED, options=_MASKED_OPTIONS,
                  summary="linear layers on the server over one-time-padded Z_2^64 inputs, one round per op "
@@ -99,7 +111,7 @@ SPECS: tuple[ProtocolSpec, ...] = (
                  summary="mask material (seeds and exact W r) for v2/v3/v3-2r clients, from a third party: offered "
                          "only by `shardlm dealer`; the dealer and the server must not collude"),
     ProtocolSpec("split", private=False, needs_model=True, module="shardlm.protocols.split",
-                 options=(SPLIT_LAYERS, JACOBI_BLOCK, JACOBI_ITERS),
+                 options=(SPLIT_LAYERS, DRAFT, DRAFT_LEN, JACOBI_BLOCK, JACOBI_ITERS),
                  summary="layer-split inference (client: embedding, first and last k blocks, head; server: the "
                          "middle blocks and their KV cache); the server sees hidden states, which invert to the "
                          "prompt (shardlm audit)"),

@@ -178,12 +178,16 @@ def encoding_for(model, variant: str) -> dict[str, list[tuple[torch.Tensor, int]
     return _cached(model, ("encoding", variant), make)
 
 
-def rows_needed(units: dict[str, Unit], prompt_tokens: int, max_tokens: int) -> dict[str, int]:
-    """Mask rows a generation uses: the prompt, then one row per decode step (max_tokens - 1
-    of them); the head one row per forward (generation.forwards: a long prompt's prefill is
-    several)."""
-    body = prompt_tokens + max(max_tokens - 1, 0)
-    return {name: (forwards(prompt_tokens, max_tokens) if u.head else body) for name, u in units.items()}
+def rows_needed(units: dict[str, Unit], prompt_tokens: int, max_tokens: int,
+                rows_per_forward: int = 1) -> dict[str, int]:
+    """Mask rows a generation uses: the prompt, then ``rows_per_forward`` rows per decode forward
+    (max_tokens - 1 of them at most; K+1 with K drafts, party/speculative, rejected rows consumed
+    too: material is single-use); the head one row per prefill forward (generation.forwards: a
+    long prompt's prefill is several) and every row of a decode forward."""
+    decode = max(max_tokens - 1, 0)
+    body = prompt_tokens + decode * rows_per_forward
+    head = forwards(prompt_tokens, max_tokens) + decode * (rows_per_forward - 1)
+    return {name: (head if u.head else body) for name, u in units.items()}
 
 
 def blocks(unit: Unit) -> list[tuple[int, int, int, int]]:

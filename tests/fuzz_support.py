@@ -60,7 +60,7 @@ def valid_bodies() -> dict[MsgType, dict]:
         MsgType.PING: {"data": np.arange(5, dtype=np.uint64) * 2**61, "echo": True},
         MsgType.PONG: {"data": np.arange(5, dtype=np.uint64) * 2**61, "echo": True},
         MsgType.BYE: {},
-        MsgType.PLAIN_FORWARD: {"ids": np.array([1, 5, 9], dtype=np.int64)},
+        MsgType.PLAIN_FORWARD: {"ids": np.array([1, 5, 9], dtype=np.int64), "start": 4, "all_rows": True},
         MsgType.PLAIN_LOGITS: {"logits": rng.standard_normal(VOCAB, dtype=np.float32)},
         MsgType.MASKED_LINEAR: {"unit": "qkv", "m": ring(2, IN_DIM)},
         MsgType.MASKED_LINEAR_OK: {"y": ring(2, OUT_DIM)},
@@ -120,7 +120,7 @@ def body_checks() -> dict:
         MsgType.HELLO_OK: lambda b: handshake.check_hello_ok(b, protocol="echo"),
         MsgType.PING: server._pong,
         MsgType.PLAIN_FORWARD: plain.PLAIN_FORWARD.check,
-        MsgType.PLAIN_LOGITS: lambda b: plain.PLAIN_LOGITS.check(b, vocab=VOCAB),
+        MsgType.PLAIN_LOGITS: lambda b: plain.PLAIN_LOGITS.check(b, shape=(VOCAB,)),
         MsgType.MASKED_LINEAR: lambda b: masked.MASKED_LINEAR.check(
             b, units={"qkv": IN_DIM, "o": IN_DIM}, in_dim=lambda f: IN_DIM, rows=(1, 16)),
         MsgType.MASKED_LINEAR_OK: lambda b: masked.MASKED_LINEAR_OK.check(b, rows=2, out_dim=OUT_DIM),

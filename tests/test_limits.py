@@ -10,6 +10,7 @@ from conftest import load_tiny_models
 from shardlm.models.reference import generate as reference_generate
 from shardlm.models.sampling import SamplingParams
 from shardlm.party.client import connect
+from shardlm.party.drafting import MAX_DRAFT_LEN
 from shardlm.party.run import run_generation
 from shardlm.protocols import registry, ring
 from shardlm.wire import frames
@@ -115,13 +116,16 @@ def test_a_slowloris_client_is_cut_off_at_the_idle_timeout(model, tmp_path):
     trio.run(main)
 
 
-@pytest.mark.parametrize("case", ["head_two_rows", "unit_beyond_capacity", "embedding_beyond_capacity", "memory"])
+@pytest.mark.parametrize("case", ["head_beyond_draft_rows", "unit_beyond_capacity", "embedding_beyond_capacity",
+                                  "memory"])
 def test_requests_beyond_the_schedule_or_memory_are_refused(model, tmp_path, case):
     # Before, rows were capped only by max_seq_len per request, the head too, and OT_EMB_REQ
     # took any count up to 2^20.
     capacity = 512 if case == "memory" else 64
     requests = {
-        "head_two_rows": [(MsgType.MASKED_LINEAR, {"unit": "lm_head", "m": np.zeros((2, 64), np.int64)})],
+        # the head sees one row per prefill forward, K+1 <= MAX_DRAFT_LEN + 1 per decode forward (--draft)
+        "head_beyond_draft_rows": [(MsgType.MASKED_LINEAR, {"unit": "lm_head",
+                                                            "m": np.zeros((MAX_DRAFT_LEN + 2, 64), np.int64)})],
         # 40 + 40 rows of one body unit: each position meets a body unit once, so 80 > 64 is no generation
         "unit_beyond_capacity": [(MsgType.MASKED_LINEAR, {"unit": "layers.0.o", "m": np.zeros((40, 64), np.int64)})] * 2,
         "embedding_beyond_capacity": [(MsgType.OT_EMB_REQ, {"count": 65, "setup": True})],
