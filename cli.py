@@ -52,6 +52,7 @@ ERROR_CODES = {
     "material": "mask material missing, already used, exhausted or made for another model",
     "listen": "the server cannot listen on its address (e.g. the port is taken)",
     "cc_provider": "the confidential-computing provider is unavailable",
+    "device": "the device's exact ring product failed its start-up self-check (wrong products): serve refuses",
     "unreachable": "no TCP connection to the server",
     "dealer": "the dealer cannot be used: it is the server itself (same certificate), or its reply is malformed",
     "pin_mismatch": "the server's certificate is not the pinned one",
@@ -362,6 +363,7 @@ def serve(record_transcript, model_spec, cc_provider, cc_key, preload, no_cache,
     cache = None if no_cache else str(shardlm_home() / "ring-cache")
     config, ctx, fp = _server_config(listener, "certs", record_dir=record_transcript, cc_provider=cc_provider,
                                      cc_key=cc_key, matrix_cache=cache)
+    kernels = _kernel_check(config.device)
     model = load_model_for_cli(model_spec, config.device, tokenizer=False) if model_spec else None
     if model is not None and model.client_only:
         raise Failure(f"{model_spec} is an export-client directory (no linear weight matrices): a server needs the "
@@ -371,7 +373,7 @@ def serve(record_transcript, model_spec, cc_provider, cc_key, preload, no_cache,
         names = preload_mod.choose(preload, offered, DEFAULT_PRELOAD)
     except ValueError as exc:
         raise Failure(str(exc), "usage") from None
-    server = server_mod.Server(config, ctx, model, protocols=offered, preload=names)
+    server = server_mod.Server(config, ctx, model, protocols=offered, preload=names, kernels=kernels)
     cc = None
     if "v3-cc" in server.offered:  # its provider's key and measurement, printed for clients to pin
         from .protocols.cc import service as cc_service
@@ -385,6 +387,19 @@ def serve(record_transcript, model_spec, cc_provider, cc_key, preload, no_cache,
     if cc:
         event["cc"] = {k: cc[k] for k in ("provider", "simulated", "note", "key_fingerprint", "measurement")}
     _serve_forever(server, fp, as_json, event, "\n" + "\n".join(cc_service.describe_lines(cc)) if cc else "")
+
+
+def _kernel_check(device: str) -> dict:
+    """The device self-check (protocols/ring.self_check): a server whose exact products are not
+    exact on this device would return wrong products to every client, so it refuses to start."""
+    from .protocols import ring
+
+    report = ring.self_check(device)
+    if not report["exact"]:
+        raise Failure(f"the exact ring product is not exact on {device} (kernels {report['kernels']}): "
+                      + "; ".join(report["failures"]) + ". Refusing to serve; set SHARDLM_INT8_KERNEL=float64 "
+                      "to use the float64 limbs for every product", "device")
+    return report
 
 
 # What `serve` preloads by default: v3 is generate's and chat's default protocol. Not 'all': each

@@ -97,12 +97,14 @@ class ServerSession:
 
 class Server:
     def __init__(self, config: ServerConfig, ssl_context: ssl.SSLContext, model=None, *,
-                 protocols: dict[str, ProtocolSpec], preload: list[str] = ()):
+                 protocols: dict[str, ProtocolSpec], preload: list[str] = (), kernels: dict | None = None):
         """``protocols``: the specs this server offers (protocols/registry.offered); a protocol
         needing a model is refused here when there is none. ``preload``: offered protocols whose
         state :meth:`serve` builds at start-up (party/preload.py); health says ``loading`` until
-        they are built, then ``ready``."""
+        they are built, then ``ready``. ``kernels``: the device self-check's report (cli serve runs
+        protocols/ring.self_check before it builds a server), shown by info."""
         self.config = config
+        self.kernels = kernels
         self.ssl_context = ssl_context
         self.model = model
         missing = sorted(n for n, s in protocols.items() if s.needs_model and model is None)
@@ -169,6 +171,7 @@ class Server:
             "model": getattr(self.model, "name", None),
             "model_fingerprint": self.fingerprint,
             "device": self.config.device,
+            **({"kernels": self.kernels} if self.kernels is not None else {}),
             "limits": {
                 "max_sessions": self.config.max_sessions, "max_seq_len": self.config.max_seq_len,
                 "max_frame_bytes": self.config.limits.max_frame_bytes,
