@@ -544,21 +544,24 @@ def self_check(device: str | torch.device = "cpu") -> dict:
     Both of a matrix's kernels (the int8 one decode-sized products use, and the float64 limbs of
     prefills) and the dispatching :meth:`RingMatrix.matmul`, on worst-case operands: weight rows at
     +-WMAX (every digit +-127), rows whose digits are -128, random rows, and a {-1, 0, 1} matrix
-    (which takes the widest float64 limbs); ring operands of all ones (-1), the int64 extremes,
-    0x80..80 and 0x7f..7f (balanced digits at their bounds) and random words; K = 1100 crosses
-    fbgemm's 1024-column chunks. The reference (:func:`exact_matmul_reference`) is Python
+    (which takes the widest float64 limbs); ring operands whose balanced digits are all +127,
+    all -127 or all -128, all ones (-1), the int64 extremes and random words; K = 1101 crosses
+    fbgemm's 1024-column chunks and lets int8 accumulators pass 2^24. The reference (:func:`exact_matmul_reference`) is Python
     big-integer arithmetic mod 2^64, sharing no code with the kernels. CUDA runs the very same
     code (``torch._int_mm`` and float64 GEMMs on the device). Returns a report (``exact``,
     ``kernels``, what failed); a server raises :class:`KernelCheckError` when not exact."""
     t0 = time.perf_counter()
     g = torch.Generator().manual_seed(20)
-    k = FBGEMM_K + 76
+    k = FBGEMM_K + 77  # odd: a sum of k odd products past 2^24 is odd, so no float32 holds it
     w = torch.randint(-WMAX, WMAX + 1, (8, k), generator=g)
     w[0], w[1] = WMAX, -WMAX
     w[2] = -128 - 128 * 256  # digits -128, -128, 0: the balanced range's low end
     w[3] = torch.where(torch.arange(k) % 2 == 0, WMAX, -WMAX)
     small = torch.randint(-1, 2, (5, k), generator=g)
-    specials = [-1, -(2**63), 2**63 - 1, _BALANCE, _signed64(0x7F7F7F7F7F7F7F7F), 1]
+    # rows of words whose balanced digits are all +127, all -127 (their products with +-127 weight
+    # digits are odd: a float32 accumulation of K of them loses bits), then -1 and the int64 extremes
+    specials = [_signed64(0x7F7F7F7F7F7F7F7F), _signed64(0x0101010101010101 - 0x8080808080808080), -1, -(2**63),
+                2**63 - 1, _signed64(-0x8080808080808080), 1]
     failures, checked, kernels = [], 0, set()
     for wi in (w, small):
         R = RingMatrix(wi, device)
