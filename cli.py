@@ -342,8 +342,8 @@ def _serve_forever(server, fp: str, as_json: bool, event: dict, human: str = "")
 @click.option("--preload", envvar="SHARDLM_PRELOAD", show_envvar=True,
               help="Protocols whose ring matrices and kernels are built at start-up (while connections are "
                    "already accepted; health says loading until done): a comma list, 'all' or 'none'. "
-                   "Default: v3 (what clients run by default; each masked variant holds its own ~6-14 bytes "
-                   "per weight, so others build on their first session).")
+                   "Default: v3 (what clients run by default; v2 shares its matrices, v3-2r's composed "
+                   "ones add ~1.2x the model's weights, so it builds on its first session).")
 @click.option("--no-cache", is_flag=True, envvar="SHARDLM_NO_CACHE", show_envvar=True,
               help="Do not read or write the ring-matrix cache ($SHARDLM_HOME/ring-cache).")
 @_json_option
@@ -383,7 +383,8 @@ def serve(record_transcript, model_spec, cc_provider, cc_key, preload, no_cache,
             cc = cc_service.server_cc(server).describe()
         except ProviderUnavailable as exc:  # e.g. --cc-provider nvidia without a GPU in CC mode
             raise Failure(str(exc), "cc_provider") from None
-    event = {"role": "server", "model": model.name if model else None, "model_fingerprint": server.fingerprint}
+    event = {"role": "server", "model": model.name if model else None, "model_fingerprint": server.fingerprint,
+             "kernels": {**kernels["kernels"], "self_check": "exact"}}
     if cc:
         event["cc"] = {k: cc[k] for k in ("provider", "simulated", "note", "key_fingerprint", "measurement")}
     _serve_forever(server, fp, as_json, event, "\n" + "\n".join(cc_service.describe_lines(cc)) if cc else "")
@@ -402,11 +403,10 @@ def _kernel_check(device: str) -> dict:
     return report
 
 
-# What `serve` preloads by default: v3 is generate's and chat's default protocol. Not 'all': each
-# masked variant keeps its own matrices with both kernels resident (3 bytes per weight of digit
-# planes, ~3 packed, 8 float64: ~14 per weight of each of its units; v3-2r's composed units have
-# ~1.9x the weights), so preloading protocols nobody asks for would multiply the server's memory;
-# they still build (or load from the cache) on their first session.
+# What `serve` preloads by default: v3 is generate's and chat's default protocol. Not 'all': v2
+# shares v3's matrices, but v3-2r's composed ones add ~1.2x the model's weights (~7 bytes per
+# weight each: protocols/ring.RingMatrix), so preloading protocols nobody asks for would still
+# grow the server's memory; they build (or load from the cache) on their first session.
 DEFAULT_PRELOAD = ("v3",)
 
 
@@ -581,6 +581,15 @@ def info(attest, cc_trust, client_config, as_json):
         if "matrices" in p:
             lines.append(f"           matrices built: {p['matrices']['built']}/{p['matrices']['total']}"
                          + (f" (preload: {p['preload']['status']})" if "preload" in p else ""))
+        if p.get("memory", {}).get("bytes"):
+            m = p["memory"]
+            lines.append(f"           resident: {m['bytes'] / 2**20:.1f} MiB, {m['bytes_per_weight']} bytes per weight "
+                         f"({m['bytes_per_model_weight']} per model weight; shared ones count in each protocol)")
+    if "kernels" in result:
+        k = result["kernels"]
+        lines.append(f"kernels: decode {k['kernels']['decode']}, prefill {k['kernels']['prefill']} (above "
+                     f"{k['kernels']['int8_max_rows']} rows); start-up self-check "
+                     f"{'exact' if k['exact'] else 'FAILED'} on {k['products_checked']} worst-case products")
     lines.append("limits: " + ", ".join(f"{k}={v}" for k, v in result["limits"].items()))
     cc = result["protocols"].get("v3-cc", {}).get("cc")
     if cc:
