@@ -389,10 +389,10 @@ class RingMatrix:
         columns included, and one int32 column offset per output row and K chunk; fbgemm's
         blocked layout adds ~10-50% more, measured by RSS in protocols/bench_memory) and
         ``row_scales`` (float64 per output row)."""
-        packed = 0
-        for _lo, p in self._packed or ():
-            w, _bias = torch.ops.quantized.linear_unpack(p)
-            packed += w.int_repr().nbytes + 4 * w.shape[0]
+        # from the shapes (an unpack would copy them all per info request; tests/test_memory checks
+        # this against linear_unpack): per K chunk, 3 * out rows of chunk + 2 int8 and an int32 offset
+        packed = sum(N_DIGITS * self.out_dim * (min(FBGEMM_K, self.in_dim - lo) + 2 + 4)
+                     for lo, _p in self._packed or ())
         return {"float32": self.w32.nbytes, "planes": self._planes.nbytes if self._planes is not None else 0,
                 "packed": packed, "row_scales": self.row_scales.nbytes if self.row_scales is not None else 0}
 
