@@ -30,6 +30,20 @@ def rss() -> int:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS"))
 
 
+def trimmed_rss() -> int:
+    """RSS once freed memory is handed back (glibc keeps freed heap pages of the build's
+    temporaries otherwise): closer to what the matrices hold."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:  # not glibc
+        pass
+    return rss()
+
+
 def load() -> list[str]:
     with open("/proc/loadavg") as f:
         return f.read().split()[:3]
@@ -49,13 +63,17 @@ def resident_run(model_spec: str, protocols: list[str], rows: list[int], reps: i
     from ..models.load import load_model
 
     model = load_model(model_spec)
-    print(json.dumps({"model": model_spec, "model_weights": units.model_weights(model), "rss": rss(), "load": load()}))
+    for t in model.weights.values():  # page the float weights in: the server reads them all
+        t.sum()
+    print(json.dumps({"model": model_spec, "model_weights": units.model_weights(model), "rss": rss(),
+                      "rss_trimmed": trimmed_rss(), "load": load()}))
     for v in protocols:
         t0 = time.perf_counter()
         for u in units.units_for(model.plan, v).values():
             units.matrix_for(model, u).prepare()
         res = units.resident(model, protocols)
         print(json.dumps({"built": v, "seconds": round(time.perf_counter() - t0, 1), "rss": rss(),
+                          "rss_trimmed": trimmed_rss(),
                           "resident": res["protocols"][v], "all": res["total"], "load": load()}), flush=True)
     for v in protocols:
         us = units.units_for(model.plan, v)
