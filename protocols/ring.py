@@ -53,6 +53,7 @@ import functools
 import math
 import os
 import sys
+import threading
 import time
 import warnings
 
@@ -304,6 +305,19 @@ def f64_limb_bits(max_abs: int, k: int) -> int:
 _F64_BLOCK_BYTES = 1 << 23  # float64 weight blocks made per product (measured: 2^21..2^26 alike, within noise)
 
 
+_SCRATCH = threading.local()
+
+
+def _scratch(n: int, device) -> torch.Tensor:
+    """This thread's float64 block buffer (at least ``n`` values): a fresh 8 MB tensor per block
+    costs its page faults every time (measured: the conversion then took ~3 ns per weight)."""
+    buf = getattr(_SCRATCH, str(device), None)
+    if buf is None or buf.numel() < n:
+        buf = torch.empty(max(n, _F64_BLOCK_BYTES // 8), dtype=torch.float64, device=device)
+        setattr(_SCRATCH, str(device), buf)
+    return buf
+
+
 def _digit_planes(w: torch.Tensor) -> torch.Tensor:
     """Integer weights (out, in), |W| <= WMAX (any integer or exact float dtype) -> the (in, 3*out)
     int8 planes of their balanced base-256 digits, side by side (one GEMM pass over 3 bytes per weight)."""
@@ -424,8 +438,11 @@ class RingMatrix:
         limbs = limbs.to(torch.float64).view(nl * n, self.in_dim)
         partial = torch.empty(nl * n, self.out_dim, dtype=torch.float64, device=self.device)
         step = max(16, _F64_BLOCK_BYTES // (8 * max(self.in_dim, 1)))  # output rows per float64 block
+        scratch = _scratch(min(step, self.out_dim) * self.in_dim, self.device)
         for lo in range(0, self.out_dim, step):  # every partial sum < 2^53: exact in any order
-            torch.matmul(limbs, self.w32[lo:lo + step].to(torch.float64).t(), out=partial[:, lo:lo + step])
+            rows = min(step, self.out_dim - lo)
+            block = scratch[:rows * self.in_dim].view(rows, self.in_dim).copy_(self.w32[lo:lo + rows])
+            torch.matmul(limbs, block.t(), out=partial[:, lo:lo + rows])
         partial = torch.bitwise_left_shift(partial.view(nl, n, self.out_dim).to(torch.int64), self._shifts64)
         return partial.sum(dim=0)  # wraps mod 2^64
 
