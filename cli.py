@@ -52,6 +52,7 @@ ERROR_CODES = {
     "material": "mask material missing, already used, exhausted or made for another model",
     "listen": "the server cannot listen on its address (e.g. the port is taken)",
     "cc_provider": "the confidential-computing provider is unavailable",
+    "device": "the device's exact ring product failed its start-up self-check (wrong products): serve refuses",
     "unreachable": "no TCP connection to the server",
     "dealer": "the dealer cannot be used: it is the server itself (same certificate), or its reply is malformed",
     "pin_mismatch": "the server's certificate is not the pinned one",
@@ -341,8 +342,8 @@ def _serve_forever(server, fp: str, as_json: bool, event: dict, human: str = "")
 @click.option("--preload", envvar="SHARDLM_PRELOAD", show_envvar=True,
               help="Protocols whose ring matrices and kernels are built at start-up (while connections are "
                    "already accepted; health says loading until done): a comma list, 'all' or 'none'. "
-                   "Default: v3 (what clients run by default; each masked variant holds its own ~6-14 bytes "
-                   "per weight, so others build on their first session).")
+                   "Default: v3 (what clients run by default; v2 shares its matrices, v3-2r's composed "
+                   "ones add ~1.2x the model's weights, so it builds on its first session).")
 @click.option("--no-cache", is_flag=True, envvar="SHARDLM_NO_CACHE", show_envvar=True,
               help="Do not read or write the ring-matrix cache ($SHARDLM_HOME/ring-cache).")
 @click.option("--tp", type=click.IntRange(1, 64), default=1, show_default=True, envvar="SHARDLM_TP", show_envvar=True,
@@ -377,6 +378,7 @@ def serve(record_transcript, model_spec, cc_provider, cc_key, preload, no_cache,
     cache = None if no_cache else str(shardlm_home() / "ring-cache")
     config, ctx, fp = _server_config(listener, "certs", record_dir=record_transcript, cc_provider=cc_provider,
                                      cc_key=cc_key, matrix_cache=cache)
+    kernels = _kernel_check(config.device)
     model = load_model_for_cli(model_spec, config.device, tokenizer=False) if model_spec else None
     if model is not None and model.client_only:
         raise Failure(f"{model_spec} is an export-client directory (no linear weight matrices): a server needs the "
@@ -388,14 +390,15 @@ def serve(record_transcript, model_spec, cc_provider, cc_key, preload, no_cache,
         raise Failure(str(exc), "usage") from None
     coordinator = _tp_rank0(model, model_spec, tp, tp_timeout, config.device, threads) if tp > 1 else None
     try:
-        _serve_model(config, ctx, fp, model, offered, names, coordinator, as_json)
+        _serve_model(config, ctx, fp, model, offered, names, coordinator, kernels, as_json)
     finally:
         if coordinator is not None:
             coordinator.close()
 
 
-def _serve_model(config, ctx, fp, model, offered, names, coordinator, as_json) -> None:
-    server = server_mod.Server(config, ctx, model, protocols=offered, preload=names, tp=coordinator)
+def _serve_model(config, ctx, fp, model, offered, names, coordinator, kernels, as_json) -> None:
+    server = server_mod.Server(config, ctx, model, protocols=offered, preload=names, tp=coordinator,
+                               kernels=kernels)
     cc = None
     if "v3-cc" in server.offered:  # its provider's key and measurement, printed for clients to pin
         from .protocols.cc import service as cc_service
@@ -405,7 +408,8 @@ def _serve_model(config, ctx, fp, model, offered, names, coordinator, as_json) -
             cc = cc_service.server_cc(server).describe()
         except ProviderUnavailable as exc:  # e.g. --cc-provider nvidia without a GPU in CC mode
             raise Failure(str(exc), "cc_provider") from None
-    event = {"role": "server", "model": model.name if model else None, "model_fingerprint": server.fingerprint}
+    event = {"role": "server", "model": model.name if model else None, "model_fingerprint": server.fingerprint,
+             "kernels": {**kernels["kernels"], "self_check": "exact"}}
     if cc:
         event["cc"] = {k: cc[k] for k in ("provider", "simulated", "note", "key_fingerprint", "measurement")}
     if coordinator is not None:
@@ -480,11 +484,23 @@ def _tp_rank0(model, model_spec: str, size: int, timeout: float, device: str, th
     return tp_mod.Coordinator(made[0], workers)
 
 
-# What `serve` preloads by default: v3 is generate's and chat's default protocol. Not 'all': each
-# masked variant keeps its own matrices with both kernels resident (3 bytes per weight of digit
-# planes, ~3 packed, 8 float64: ~14 per weight of each of its units; v3-2r's composed units have
-# ~1.9x the weights), so preloading protocols nobody asks for would multiply the server's memory;
-# they still build (or load from the cache) on their first session.
+def _kernel_check(device: str) -> dict:
+    """The device self-check (protocols/ring.self_check): a server whose exact products are not
+    exact on this device would return wrong products to every client, so it refuses to start."""
+    from .protocols import ring
+
+    report = ring.self_check(device)
+    if not report["exact"]:
+        raise Failure(f"the exact ring product is not exact on {device} (kernels {report['kernels']}): "
+                      + "; ".join(report["failures"]) + ". Refusing to serve; set SHARDLM_INT8_KERNEL=float64 "
+                      "to use the float64 limbs for every product", "device")
+    return report
+
+
+# What `serve` preloads by default: v3 is generate's and chat's default protocol. Not 'all': v2
+# shares v3's matrices, but v3-2r's composed ones add ~1.2x the model's weights (~7 bytes per
+# weight each: protocols/ring.RingMatrix), so preloading protocols nobody asks for would still
+# grow the server's memory; they build (or load from the cache) on their first session.
 DEFAULT_PRELOAD = ("v3",)
 
 
@@ -661,6 +677,15 @@ def info(attest, cc_trust, client_config, as_json):
         if "matrices" in p:
             lines.append(f"           matrices built: {p['matrices']['built']}/{p['matrices']['total']}"
                          + (f" (preload: {p['preload']['status']})" if "preload" in p else ""))
+        if p.get("memory", {}).get("bytes"):
+            m = p["memory"]
+            lines.append(f"           resident: {m['bytes'] / 2**20:.1f} MiB, {m['bytes_per_weight']} bytes per weight "
+                         f"({m['bytes_per_model_weight']} per model weight; shared ones count in each protocol)")
+    if "kernels" in result:
+        k = result["kernels"]
+        lines.append(f"kernels: decode {k['kernels']['decode']}, prefill {k['kernels']['prefill']} (above "
+                     f"{k['kernels']['int8_max_rows']} rows); start-up self-check "
+                     f"{'exact' if k['exact'] else 'FAILED'} on {k['products_checked']} worst-case products")
     lines.append("limits: " + ", ".join(f"{k}={v}" for k, v in result["limits"].items()))
     if "tp" in result:
         t = result["tp"]
@@ -670,7 +695,7 @@ def info(attest, cc_trust, client_config, as_json):
             for r in ranks:
                 mats = [m for blocks in r["units"].values() for m in blocks]
                 lines.append(f"  {variant} rank {r['rank']}: {len(r['units'])} units, {sum(m[0] for m in mats):,} "
-                             f"output rows, {sum(m[2] for m in mats):,} bytes of weight digits")
+                             f"output rows, {sum(m[2] for m in mats):,} resident bytes")
     cc = result["protocols"].get("v3-cc", {}).get("cc")
     if cc:
         from .protocols.cc import service as cc_service

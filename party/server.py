@@ -97,14 +97,17 @@ class ServerSession:
 
 class Server:
     def __init__(self, config: ServerConfig, ssl_context: ssl.SSLContext, model=None, *,
-                 protocols: dict[str, ProtocolSpec], preload: list[str] = (), tp=None):
+                 protocols: dict[str, ProtocolSpec], preload: list[str] = (), tp=None, kernels: dict | None = None):
         """``protocols``: the specs this server offers (protocols/registry.offered); a protocol
         needing a model is refused here when there is none. ``preload``: offered protocols whose
         state :meth:`serve` builds at start-up (party/preload.py); health says ``loading`` until
         they are built, then ``ready``. ``tp``: the tensor-parallel coordinator (protocols/tp) the
-        masked protocols multiply through, or None (one process)."""
+        masked protocols multiply through, or None (one process). ``kernels``: the device
+        self-check's report (cli serve runs protocols/ring.self_check before it builds a server),
+        shown by info."""
         self.config = config
         self.tp = tp
+        self.kernels = kernels
         self.ssl_context = ssl_context
         self.model = model
         missing = sorted(n for n, s in protocols.items() if s.needs_model and model is None)
@@ -172,6 +175,7 @@ class Server:
             "model_fingerprint": self.fingerprint,
             "device": self.config.device,
             **({"tp": self.tp.describe()} if self.tp is not None else {}),
+            **({"kernels": self.kernels} if self.kernels is not None else {}),
             "limits": {
                 "max_sessions": self.config.max_sessions, "max_seq_len": self.config.max_seq_len,
                 "max_frame_bytes": self.config.limits.max_frame_bytes,

@@ -48,7 +48,7 @@ from ..wire.errors import ErrorCode, ProtocolError
 from ..wire.msgtypes import MsgType
 from ..wire.tls import peer_fingerprint
 from ..wire.schema import Schema, Str, Tensor
-from . import matrix_cache, offline, preprocess, ring
+from . import matrix_cache, offline, preprocess, ring, units
 from .he import bfv
 from .he import service as he
 from .ot import embedding
@@ -100,7 +100,10 @@ def preload(spec, server, progress) -> dict:
     before = dict(cache.stats) if cache else {}
     _server_matrices(server, spec.name, progress)
     after = cache.stats if cache else {"built": held["total"] - held["built"]}  # what it did not hold before
-    return {k: after.get(k, 0) - before.get(k, 0) for k in ("loaded", "built", "rejected")} | {"cache": cache is not None}
+    mem = units.resident(server.model, [spec.name], server.config.device)["protocols"].get(spec.name, {})
+    return ({k: after.get(k, 0) - before.get(k, 0) for k in ("loaded", "built", "rejected")}
+            | {"cache": cache is not None, "resident_bytes": mem.get("bytes", 0),
+               "bytes_per_weight": mem.get("bytes_per_weight")})
 
 
 def matrices_built(spec, server) -> dict:
@@ -226,9 +229,21 @@ def server_info(spec, server, request: dict) -> dict:
     """What ``shardlm info`` shows under v2/v3/v3-2r: the offline modes this server serves and the
     memory its HE weight encodings hold so far (built on first use, kept for the process)."""
     cached = {k: v for k, v in he_cache(server.model).items() if k[0] == spec.name} if server.model else {}
-    return {"offline_modes": ["client", "he", "dealer"],
-            "he": {"scheme": f"BFV N={bfv.N} t=2^{bfv.LOG_T} q={'+'.join(map(str, bfv.COEFF_BITS))} bits (SEAL)",
-                   "weight_cache_bytes": sum(cached.values()), "blocks_cached": len(cached)}}
+    out = {"offline_modes": ["client", "he", "dealer"],
+           "he": {"scheme": f"BFV N={bfv.N} t=2^{bfv.LOG_T} q={'+'.join(map(str, bfv.COEFF_BITS))} bits (SEAL)",
+                  "weight_cache_bytes": sum(cached.values()), "blocks_cached": len(cached)}}
+    if server.model is not None:
+        out["memory"] = memory(server, spec.name)
+    return out
+
+
+def memory(server, variant: str) -> dict:
+    """Resident bytes of ``variant``'s ring matrices built so far (units.resident: per integer
+    weight and per model weight; matrices it shares with another variant count in both), and
+    ``all_masked``: the masked variants' matrices together, each once."""
+    res = units.resident(server.model, [v for v in FUSED if v in server.offered], server.config.device)
+    mine = res["protocols"].get(variant, {"bytes": 0, "weights": 0})
+    return {**mine, "all_masked": res["total"]}
 
 
 # -- client --------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """The server's ring matrices on disk, so a restarted server loads them instead of rebuilding them.
 
-One safetensors file per matrix (units.matrix_for's key: a single op, a fused group or a composed
-pair, so v2 and v3 share their common files as they share the matrices in memory), under
+One safetensors file per ring matrix (units._leaves' key: a single op's weights, or a v3-2r
+composite's ``cross`` or ``then`` matrix; a fused unit is its ops' files, so v2, v3 and v3-2r share
+their common files as they share the matrices in memory), under
 ``<root>/v<ENCODING_VERSION>/<model fingerprint>/``. A file holds the digit planes, row scales
 and integer bounds (ring.RingMatrix.from_digits) and, in its metadata, the encoding version, the
 model fingerprint, its own name and a sha256 over all of it. A file is used only if all of these
@@ -30,13 +31,13 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from . import ring
-from .units import ComposedMatrix
 
 log = logging.getLogger("shardlm.matrix_cache")
 
 # Bump whenever what a cached matrix holds or means changes: ring.py's weight encoding (WMAX, digit
 # planes, row scales), units.py's grouping or composition (ring.compose). Old files are then ignored.
-ENCODING_VERSION = 1
+# 2: one file per leaf matrix (op, cross, then), no fused or composed files.
+ENCODING_VERSION = 2
 FORMAT = "shardlm-ring-matrix"
 
 
@@ -55,7 +56,7 @@ class MatrixCache:
 
     def wrap(self, name: str, shapes: list[tuple[int, int]], make):
         """``make`` as a function that reads the matrix from disk when a valid copy is there,
-        else builds it with ``make()`` and stores it; ``shapes``: (out, in) of each block."""
+        else builds it with ``make()`` and stores it; ``shapes``: [(out, in)] of the matrix."""
         def load_or_make():
             matrix = self.load(name, shapes)
             if matrix is not None:
@@ -78,8 +79,7 @@ class MatrixCache:
     def save(self, name: str, matrix) -> None:
         tensors, ints = _flatten(matrix)
         meta = {"format": FORMAT, "encoding_version": str(ENCODING_VERSION), "model_fingerprint": self.fingerprint,
-                "name": name, "kind": "composed" if isinstance(matrix, ComposedMatrix) else "ring",
-                "ints": json.dumps(ints)}
+                "name": name, "ints": json.dumps(ints)}
         meta["sha256"] = _digest(tensors, meta)
         self.dir.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".tmp-", suffix=".safetensors")
@@ -107,19 +107,11 @@ class MatrixCache:
             return None
 
 
-def _flatten(matrix) -> tuple[dict[str, torch.Tensor], dict]:
-    parts = [("a", matrix.a_side), ("t", matrix.t)] if isinstance(matrix, ComposedMatrix) else [("w", matrix)]
-    tensors, ints = {}, {}
-    for p, m in parts:
-        tensors[f"{p}.digits"] = m.digits.cpu().contiguous()
-        if m.row_scales is not None:
-            tensors[f"{p}.scales"] = m.row_scales.cpu().contiguous()
-        ints[p] = [m.max_abs, m.max_row_l1]
-    if isinstance(matrix, ComposedMatrix):
-        for i, (scales, l1) in enumerate(matrix.encodings):
-            tensors[f"enc{i}.scales"] = scales.cpu().clone()  # T's are its matrix's own: one tensor per entry
-            ints[f"enc{i}"] = l1
-    return tensors, ints
+def _flatten(matrix: ring.RingMatrix) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors = {"w.digits": matrix.digits.cpu().contiguous()}
+    if matrix.row_scales is not None:
+        tensors["w.scales"] = matrix.row_scales.cpu().contiguous()
+    return tensors, {"w": [matrix.max_abs, matrix.max_row_l1]}
 
 
 def _digest(tensors: dict[str, torch.Tensor], meta: dict) -> str:
@@ -140,18 +132,11 @@ def _check(meta: dict, tensors: dict, name: str, fingerprint: str, shapes: list[
     if meta.get("sha256") != _digest(tensors, meta):
         raise ValueError("content hash mismatch")
     ints = json.loads(meta["ints"])
-    parts = ["a", "t"] if meta["kind"] == "composed" else ["w"]
-    if len(parts) != len(shapes):
-        raise ValueError(f"{len(parts)} blocks, the plan has {len(shapes)}")
-    mats = []
-    for p, (out_dim, in_dim) in zip(parts, shapes):
-        digits, scales = tensors[f"{p}.digits"], tensors.get(f"{p}.scales")
-        if tuple(digits.shape) != (in_dim, ring.N_DIGITS * out_dim) or (scales is not None and scales.shape != (out_dim,)):
-            raise ValueError(f"block {p} has shape {tuple(digits.shape)}, the plan says ({in_dim}, 3 x {out_dim})")
-        mats.append(ring.RingMatrix.from_digits(digits, scales, int(ints[p][0]), int(ints[p][1])))
-    if meta["kind"] != "composed":
-        return mats[0]
-    return ComposedMatrix(*mats, [(tensors[f"enc{i}.scales"], int(ints[f"enc{i}"])) for i in range(3)])
+    (out_dim, in_dim), = shapes
+    digits, scales = tensors["w.digits"], tensors.get("w.scales")
+    if tuple(digits.shape) != (in_dim, ring.N_DIGITS * out_dim) or (scales is not None and scales.shape != (out_dim,)):
+        raise ValueError(f"the matrix has shape {tuple(digits.shape)}, the plan says ({in_dim}, 3 x {out_dim})")
+    return ring.RingMatrix.from_digits(digits, scales, int(ints["w"][0]), int(ints["w"][1]))
 
 
 def for_server(server) -> MatrixCache | None:

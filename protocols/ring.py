@@ -35,12 +35,15 @@ scale 1, zero point 128, i.e. the digits themselves, and (b) every accumulator f
 self-test at first use checks this exactness on the worst cases. Where it fails (an AVX2-only
 CPU: fbgemm's u8*s8 pair sums saturate at int16) a CPU uses the float64 limbs below for every
 product: ``torch._int_mm`` there is a plain loop (measured on such a CPU: 6.3 s for one SmolLM2
-decode step's 121 products, against 0.2 s in float64). ``torch._int_mm`` remains the GPU path.
+decode step's 121 products, against 0.2 s in float64). ``torch._int_mm`` remains the GPU path
+(:func:`cpu_int8_kernel`).
 
 Above ``INT8_MAX_ROWS`` rows (a prefill: compute-bound) the product instead splits ``m`` into
-limbs of ``b`` bits (16 for SmolLM2's K, chosen so ``2^b * max|W| * K < 2^53``) and runs one
-float64 GEMM: 4 float64 multiply-adds per weight and row. All paths give identical results;
-the tests check each against Python integers.
+limbs of ``b`` bits (16 for SmolLM2's K, chosen so ``2^b * max|W| * K < 2^53``) and runs
+float64 GEMMs: 4 float64 multiply-adds per weight and row, over float64 blocks converted from
+the float32 copy of ``W`` (exact: |W| < 2^24) as they are used, so no float64 copy stays
+resident. All paths give identical results; the tests check each against Python integers, and
+a server checks its device's kernels at start (:func:`self_check`).
 """
 
 from __future__ import annotations
@@ -50,6 +53,8 @@ import functools
 import math
 import os
 import sys
+import threading
+import time
 import warnings
 
 import numpy as np
@@ -249,6 +254,30 @@ def fbgemm_exact() -> bool:
     except (RuntimeError, AttributeError):
         return False
 
+
+KERNEL_ENV = "SHARDLM_INT8_KERNEL"  # fbgemm | int_mm | float64: overrides cpu_int8_kernel's choice
+
+
+@functools.cache
+def cpu_int8_kernel() -> str:
+    """The CPU's kernel for decode-sized products (up to INT8_MAX_ROWS rows): ``fbgemm``,
+    ``int_mm`` (both exact int8 GEMMs over the digit planes) or ``float64`` (the limbs).
+
+    fbgemm where it is exact: it needs its packed copy of the planes (measured 3.4-4.5 bytes per
+    weight resident for SmolLM2's shapes) but pays for it: a SmolLM2-shaped decode sweep took
+    1.4-1.7x as long with torch._int_mm (which multiplies the plain planes, 3 bytes per weight;
+    protocols/bench_memory.py --kernels). Elsewhere the float64 limbs: on an
+    AVX2-only CPU fbgemm's u8*s8 pair sums saturate, and torch._int_mm is a plain loop 25-50x
+    slower than the limbs. ``SHARDLM_INT8_KERNEL`` overrides the choice (``int_mm`` trades that
+    decode speed for ~1 byte per weight less)."""
+    forced = os.environ.get(KERNEL_ENV)
+    if forced:
+        if forced not in ("fbgemm", "int_mm", "float64"):
+            raise ValueError(f"{KERNEL_ENV}={forced!r}: expected fbgemm, int_mm or float64")
+        return forced
+    return "fbgemm" if fbgemm_exact() else "float64"
+
+
 N_LIMBS = 8  # balanced base-256 digits of the masked operand
 # 2^(7l + 8p) for limb l and weight digit p, as wrapping int64 factors, shaped (l, 1, p, 1)
 def _signed64(v: int) -> int:
@@ -273,28 +302,53 @@ def f64_limb_bits(max_abs: int, k: int) -> int:
     raise OverflowError(f"K={k} is too large for exact float64 products")
 
 
-_LEFT_BLOCK_BYTES = 1 << 19  # left_matmul's float64 blocks (SmolLM2's shapes: 2^17..2^21 within noise, 2^19 best)
+_F64_BLOCK_BYTES = 1 << 23  # float64 weight blocks made per product (measured: 2^21..2^26 alike, within noise)
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(n: int, device) -> torch.Tensor:
+    """This thread's float64 block buffer (at least ``n`` values): a fresh 8 MB tensor per block
+    costs its page faults every time (measured: the conversion then took ~3 ns per weight)."""
+    buf = getattr(_SCRATCH, str(device), None)
+    if buf is None or buf.numel() < n:
+        buf = torch.empty(max(n, _F64_BLOCK_BYTES // 8), dtype=torch.float64, device=device)
+        setattr(_SCRATCH, str(device), buf)
+    return buf
+
+
+def _digit_planes(w: torch.Tensor) -> torch.Tensor:
+    """Integer weights (out, in), |W| <= WMAX (any integer or exact float dtype) -> the (in, 3*out)
+    int8 planes of their balanced base-256 digits, side by side (one GEMM pass over 3 bytes per weight)."""
+    digits, rest = [], w.to(torch.int32)  # |W| < 2^23; bit operations, not division (~6x faster)
+    for _ in range(N_DIGITS):
+        d = torch.bitwise_and(rest + 128, 255) - 128
+        digits.append(d.to(torch.int8))
+        rest = torch.bitwise_right_shift(rest - d, 8)
+    return torch.cat(digits, dim=0).t().contiguous()
 
 
 class RingMatrix:
-    """Integer weights (out, in), |W| <= WMAX, ready for exact products with ring tensors."""
+    """Integer weights (out, in), |W| <= WMAX, ready for exact products with ring tensors.
+
+    What stays resident (measured in bench: ``python -m shardlm.protocols.bench_memory``):
+    the weights once as float32 (``w32``: exact, |W| < 2^24; 4 bytes per weight), which the
+    float64 path (prefills) converts a block at a time, and the int8 digit planes the decode
+    path needs, once: fbgemm's packed copy on a CPU (~3 bytes), the plain planes on another
+    device (3 bytes; ``torch._int_mm``). A persistent float64 copy (8 bytes per weight) is not
+    kept: converting float32 blocks into a per-thread buffer measured 1.04-1.11x its prefill
+    products' time (8-100 rows, SmolLM2 shapes); the plain planes are not kept beside fbgemm's
+    copy (:attr:`digits` remakes them). ``kernel`` pins the int8 kernel (tests, the self-check).
+    """
 
     def __init__(self, w_int: torch.Tensor, device: str | torch.device = "cpu",
-                 row_scales: torch.Tensor | None = None):
+                 row_scales: torch.Tensor | None = None, *, kernel: str | None = None):
         if w_int.dtype != torch.int64 or w_int.dim() != 2:
             raise TypeError("RingMatrix takes a 2-D int64 matrix")
         if w_int.numel() and int(w_int.abs().max()) > WMAX:
             raise OverflowError(f"integer weights must satisfy |W| <= {WMAX}")
-        max_abs = int(w_int.abs().max()) if w_int.numel() else 0
-        # the largest |row . x| per unit |x|: the client's bound against wrapping past 2^63
-        max_row_l1 = int(w_int.abs().sum(dim=1).max()) if w_int.numel() else 0
-        digits, rest = [], w_int.to(torch.int32)  # |W| < 2^23; bit operations, not division (~6x faster)
-        for _ in range(N_DIGITS):
-            d = torch.bitwise_and(rest + 128, 255) - 128
-            digits.append(d.to(torch.int8))
-            rest = torch.bitwise_right_shift(rest - d, 8)
-        # (in, 3*out): the digit planes side by side, one GEMM pass over 3 bytes per weight
-        self._init(torch.cat(digits, dim=0).t().contiguous(), device, row_scales, max_abs, max_row_l1)
+        self._init(w_int.to(torch.float32), device, row_scales, kernel)
 
     @classmethod
     def from_digits(cls, digits: torch.Tensor, row_scales: torch.Tensor | None, max_abs: int, max_row_l1: int,
@@ -306,19 +360,26 @@ class RingMatrix:
         if not 0 <= max_abs <= WMAX:
             raise OverflowError(f"integer weights must satisfy |W| <= {WMAX}")
         self = cls.__new__(cls)
-        self._init(digits.contiguous(), device, row_scales, max_abs, max_row_l1)
+        self._init(_from_planes(digits).to(torch.float32), device, row_scales, None)
+        if (self.max_abs, self.max_row_l1) != (max_abs, max_row_l1):
+            raise ValueError("the stored bounds do not match the digit planes")
         return self
 
-    def _init(self, digits: torch.Tensor, device, row_scales, max_abs: int, max_row_l1: int) -> None:
-        self.in_dim, self.out_dim = digits.shape[0], digits.shape[1] // N_DIGITS
+    def _init(self, w32: torch.Tensor, device, row_scales, kernel: str | None) -> None:
+        self.out_dim, self.in_dim = w32.shape
         if 128 * 128 * self.in_dim >= 2**31:  # int32 accumulation of the int8 path
             raise OverflowError(f"K={self.in_dim} is too large for exact int32 accumulation")
-        self.max_abs, self.max_row_l1 = max_abs, max_row_l1
+        # float sums of |W| < 2^23 are exact while below 2^53: these bounds are integers
+        self.max_abs = int(w32.abs().max()) if w32.numel() else 0
+        # the largest |row . x| per unit |x|: the client's bound against wrapping past 2^63
+        self.max_row_l1 = int(w32.to(torch.float64).abs().sum(dim=1).max()) if w32.numel() else 0
         self.f64_limb_bits = f64_limb_bits(self.max_abs, self.in_dim)
-        self.digits = digits.to(device=device)
-        self.device = self.digits.device
+        self.w32 = w32.to(device=device).contiguous()
+        self.device = self.w32.device
         self.row_scales = row_scales
-        self._wt64: torch.Tensor | None = None  # the float64 path's weights, rebuilt from the digits on first use
+        # decode-sized products' kernel (``kernel``: a test's or the self-check's pick)
+        self.int8 = kernel or ("int_mm" if self.device.type != "cpu" else cpu_int8_kernel())
+        self._planes: torch.Tensor | None = None  # torch._int_mm's digit planes (not on an fbgemm CPU)
         self._packed: list | None = None  # fbgemm's packed digit planes per K chunk, made on first use
         b = self.f64_limb_bits
         shifts = list(range(0, 64, b))
@@ -327,14 +388,28 @@ class RingMatrix:
         self._masks64 = torch.tensor([(1 << min(b, 64 - s)) - 1 for s in shifts], device=self.device).view(-1, 1, 1)
         self._factors = _FACTORS.to(self.device)
 
+    @property
+    def digits(self) -> torch.Tensor:
+        """The (in, 3*out) int8 digit planes (the disk cache's format); made anew unless held."""
+        return self._planes if self._planes is not None else _digit_planes(self.w32)
+
     def int_weights(self) -> torch.Tensor:
-        """The integer weights (out, in) as int32, rebuilt from the digit planes (the HE offline
-        phase encodes them into plaintext polynomials: protocols/he)."""
-        o = self.out_dim
-        w = self.digits[:, (N_DIGITS - 1) * o:].to(torch.int32)
-        for p in range(N_DIGITS - 2, -1, -1):
-            w = w * 256 + self.digits[:, p * o:(p + 1) * o].to(torch.int32)
-        return w.t().contiguous().cpu()
+        """The integer weights (out, in) as int32 (the HE offline phase encodes them into
+        plaintext polynomials: protocols/he)."""
+        return self.w32.to(torch.int32).cpu()
+
+    def nbytes(self) -> dict[str, int]:
+        """Resident bytes per kind: ``float32`` (w32), ``planes`` (int8 digit planes held for
+        torch._int_mm), ``packed`` (fbgemm's copy: its int8 weights as fbgemm unpacks them, pad
+        columns included, and one int32 column offset per output row and K chunk; fbgemm's
+        blocked layout adds ~10-50% more, measured by RSS in protocols/bench_memory) and
+        ``row_scales`` (float64 per output row)."""
+        # from the shapes (an unpack would copy them all per info request; tests/test_memory checks
+        # this against linear_unpack): per K chunk, 3 * out rows of chunk + 2 int8 and an int32 offset
+        packed = sum(N_DIGITS * self.out_dim * (min(FBGEMM_K, self.in_dim - lo) + 2 + 4)
+                     for lo, _p in self._packed or ())
+        return {"float32": self.w32.nbytes, "planes": self._planes.nbytes if self._planes is not None else 0,
+                "packed": packed, "row_scales": self.row_scales.nbytes if self.row_scales is not None else 0}
 
     @classmethod
     def from_float(cls, w: torch.Tensor, device="cpu") -> "RingMatrix":
@@ -344,79 +419,214 @@ class RingMatrix:
     def matmul(self, m: torch.Tensor) -> torch.Tensor:
         """(n, in) ring -> (n, out) ring: exactly ``m @ W^T mod 2^64``."""
         m = m.to(self.device)
-        # int8 only where it is fast: fbgemm (exact with VNNI; on AVX2-only CPUs its u8*s8 pair sums
-        # saturate) or a GPU. torch._int_mm on such a CPU is a plain loop, 25-50x slower than the
-        # float64 limbs (measured: the 49152x576 head 2.9 s against 54 ms)
-        int8 = m.shape[0] <= INT8_MAX_ROWS and (self.device.type != "cpu" or fbgemm_exact())
-        return self._matmul_int8(m) if int8 else self._matmul_f64(m)
+        return self._matmul_int8(m) if self.kernel(m.shape[0]) != "float64" else self._matmul_f64(m)
 
-    def _weights64(self) -> torch.Tensor:
-        if self._wt64 is None:
-            o = self.out_dim
-            wt = self.digits[:, 2 * o:].to(torch.float64)
-            for p in (1, 0):  # Horner: ((d2 * 256) + d1) * 256 + d0, one float64 matrix at a time
-                wt.mul_(256.0).add_(self.digits[:, p * o:(p + 1) * o].to(torch.float64))
-            self._wt64 = wt
-        return self._wt64
+    def kernel(self, rows: int) -> str:
+        """The kernel a product of ``rows`` rows runs: ``fbgemm`` / ``int_mm`` (int8 digits, up to
+        INT8_MAX_ROWS rows: cpu_int8_kernel's choice on a CPU, int_mm on a GPU) or ``float64``."""
+        return "float64" if rows > INT8_MAX_ROWS else self.int8
 
     def prepare(self) -> None:
-        """Make both kernels' weights now (fbgemm's packed planes, the float64 copy prefills use),
-        as a server does at start-up: otherwise the first decode step and the first prefill
-        each stall for them (seconds for SmolLM2)."""
-        self.pack()
-        self._weights64()
+        """Make the int8 kernel's weights now (fbgemm's packed planes, or the plain planes for
+        torch._int_mm), as a server does at start-up: otherwise the first decode step stalls for
+        them (seconds for SmolLM2)."""
+        if not self.pack() and self.int8 == "int_mm" and self._planes is None:
+            self._planes = _digit_planes(self.w32)
 
     def _matmul_f64(self, m: torch.Tensor) -> torch.Tensor:
-        self._weights64()
         n, nl = m.shape[0], self._shifts64.shape[0]
         limbs = torch.bitwise_and(torch.bitwise_right_shift(m.unsqueeze(0), self._shifts64), self._masks64)
-        partial = torch.matmul(limbs.to(torch.float64).view(nl * n, self.in_dim), self._wt64)
+        limbs = limbs.to(torch.float64).view(nl * n, self.in_dim)
+        partial = torch.empty(nl * n, self.out_dim, dtype=torch.float64, device=self.device)
+        step = max(16, _F64_BLOCK_BYTES // (8 * max(self.in_dim, 1)))  # output rows per float64 block
+        scratch = _scratch(min(step, self.out_dim) * self.in_dim, self.device)
+        for lo in range(0, self.out_dim, step):  # every partial sum < 2^53: exact in any order
+            rows = min(step, self.out_dim - lo)
+            block = scratch[:rows * self.in_dim].view(rows, self.in_dim).copy_(self.w32[lo:lo + rows])
+            torch.matmul(limbs, block.t(), out=partial[:, lo:lo + rows])
         partial = torch.bitwise_left_shift(partial.view(nl, n, self.out_dim).to(torch.int64), self._shifts64)
         return partial.sum(dim=0)  # wraps mod 2^64
 
     def left_matmul(self, u: torch.Tensor) -> torch.Tensor:
         """(k, out) integers with ``|u| <= 128`` -> (k, in): exactly ``u @ W`` (protocols/verify's
         secret rows). Every partial sum stays below ``128 * WMAX * out < 2^53``, so float64 GEMMs
-        are exact; ``W`` is rebuilt from the digit planes a block of input columns at a time
-        (int32 holds |W| < 2^23), never whole."""
+        are exact; ``W`` is converted to float64 a block of input columns at a time, never whole."""
         if (u.numel() and int(u.to(torch.int64).abs().max()) > 128) or 128 * WMAX * self.out_dim >= 2**53:
             raise OverflowError("left_matmul is exact for |u| <= 128 and 128 * WMAX * out < 2^53 only")
-        ut = u.to("cpu", torch.float64).t().contiguous()
-        out = torch.empty(self.in_dim, u.shape[0], dtype=torch.float64)
-        o = self.out_dim
-        step = max(4, _LEFT_BLOCK_BYTES // (8 * o))  # a block's float64 rows stay in cache
+        uf = u.to("cpu", torch.float64)
+        out = torch.empty(u.shape[0], self.in_dim, dtype=torch.float64)
+        w = self.w32.cpu()
+        step = max(16, _F64_BLOCK_BYTES // (8 * max(self.out_dim, 1)))
         for lo in range(0, self.in_dim, step):
-            d = self.digits[lo:lo + step].to("cpu", torch.int32)
-            wt = d[:, 2 * o:] * 65536 + d[:, o:2 * o] * 256 + d[:, :o]  # W^T rows lo.., (block, out)
-            torch.matmul(wt.to(torch.float64), ut, out=out[lo:lo + step])
-        return out.to(torch.int64).t()
+            torch.matmul(uf, w[:, lo:lo + step].to(torch.float64), out=out[:, lo:lo + step])
+        return out.to(torch.int64)
 
     def pack(self) -> bool:
         """Make fbgemm's packed weights now (seconds for a large model: a server does it in a
         worker thread); False where the fbgemm path is not used."""
-        if self.device.type != "cpu" or not fbgemm_exact():
+        if self.int8 != "fbgemm":
             return False
         if self._packed is None:
-            wt = self.digits.t()
+            wt = _digit_planes(self.w32).t()  # transient: fbgemm keeps its own copy
             self._packed = [(lo, _pack_int8(wt[:, lo:lo + FBGEMM_K].contiguous()))
                             for lo in range(0, self.in_dim, FBGEMM_K)]
         return True
 
     def _matmul_int8(self, m: torch.Tensor) -> torch.Tensor:
+        return self._int8_product(self._int8_operand(m), m.shape[0])
+
+    def _int8_operand(self, m: torch.Tensor):
+        """``m``'s balanced int8 digits as this matrix's int8 kernel takes them: the (8n, in) limbs
+        for torch._int_mm, fbgemm's float32 input per K chunk (pads included) for fbgemm. A
+        RowStack makes it once for all its parts."""
         n = m.shape[0]
-        # Arithmetic shift drags the sign in from the top; the mask keeps only each limb.
         # balanced digits in one pass: bytes of m + 0x80..80, each XOR 0x80 read as int8 = byte - 128
         raw = torch.add(m, _BALANCE).view(torch.uint8).view(n, self.in_dim, N_LIMBS)
         limbs = torch.bitwise_xor(raw, 0x80).view(torch.int8).permute(2, 0, 1).reshape(N_LIMBS * n, self.in_dim)
-        if self.pack():
+        if self.int8 != "fbgemm":
+            return limbs
+        chunks = []
+        for lo in range(0, self.in_dim, FBGEMM_K):
+            x = limbs[:, lo:lo + FBGEMM_K]
+            xf = torch.empty(x.shape[0], x.shape[1] + 2, dtype=torch.float32)
+            xf[:, :-2] = x
+            xf[:, -2:] = _PADS  # pins the dynamic quantization to scale 1, zero point 128
+            chunks.append(xf)
+        return chunks
+
+    def _int8_product(self, operand, n: int) -> torch.Tensor:
+        if self.int8 == "fbgemm" and self.pack():
             partial = None
-            for lo, packed in self._packed:
-                y = _fbgemm_partial(limbs[:, lo:lo + FBGEMM_K], packed)
+            for xf, (_lo, packed) in zip(operand, self._packed):
+                y = torch.ops.quantized.linear_dynamic(xf, packed, False).to(torch.int64)
                 partial = y if partial is None else partial.add_(y)
         else:
-            partial = torch._int_mm(limbs, self.digits)
+            self.prepare()
+            partial = torch._int_mm(operand, self.digits)  # the held planes (made for this call if int8 is another kernel: tests)
         partial = partial.view(N_LIMBS, n, N_DIGITS, self.out_dim).to(torch.int64)
         return (partial * self._factors).sum(dim=(0, 2))  # int64 products and sums wrap mod 2^64
+
+
+class RowStack:
+    """Ring matrices with one input stacked by output rows, ``[A; B; ...]``, without a copy: v3's
+    fused q/k/v and gate/up units are v2's single-op matrices stacked, and a v3-2r composite's
+    ``[first; cross]`` holds the very ``first`` matrix v2 and v3 use (units.matrix_for), so the
+    protocols share one encoding of each weight. A product is one product per part, its outputs
+    side by side (bit for bit the fused matrix's: each output row is the same integer dot product)."""
+
+    def __init__(self, parts: list[RingMatrix]):
+        if not parts or len({p.in_dim for p in parts}) != 1:
+            raise ValueError("a row stack takes matrices with one input width")
+        self.parts = list(parts)
+        self.in_dim, self.out_dim = parts[0].in_dim, sum(p.out_dim for p in parts)
+        self.device = parts[0].device
+        self.max_abs = max(p.max_abs for p in parts)
+        self.max_row_l1 = max(p.max_row_l1 for p in parts)
+
+    @property
+    def row_scales(self) -> torch.Tensor | None:
+        """The parts' row scales stacked (made on use: the parts hold them)."""
+        scales = [p.row_scales for p in self.parts]
+        return None if any(s is None for s in scales) else torch.cat(scales)
+
+    def matmul(self, m: torch.Tensor) -> torch.Tensor:
+        first = self.parts[0]
+        m = m.to(self.device)
+        if first.kernel(m.shape[0]) == "float64" or any(p.int8 != first.int8 for p in self.parts):
+            return torch.cat([p.matmul(m) for p in self.parts], dim=1)
+        # the int8 operand once for all parts (a decode step's products are short: a separate
+        # matmul per part measured 1.34x one fused matrix for SmolLM2's q/k/v and gate/up)
+        operand = first._int8_operand(m)
+        return torch.cat([p._int8_product(operand, m.shape[0]) for p in self.parts], dim=1)
+
+    def kernel(self, rows: int) -> str:
+        return self.parts[0].kernel(rows)
+
+    def prepare(self) -> None:
+        for p in self.parts:
+            p.prepare()
+
+    def pack(self) -> bool:
+        return all([p.pack() for p in self.parts])
+
+    def int_weights(self) -> torch.Tensor:
+        return torch.cat([p.int_weights() for p in self.parts])
+
+    @property
+    def digits(self) -> torch.Tensor:
+        """The stacked matrix's (in, 3*out) digit planes, made anew."""
+        ds = [p.digits for p in self.parts]
+        return torch.cat([d[:, k * p.out_dim:(k + 1) * p.out_dim] for k in range(N_DIGITS) for d, p in zip(ds, self.parts)],
+                         dim=1)
+
+    def left_matmul(self, u: torch.Tensor) -> torch.Tensor:
+        """``u @ W`` exactly: the parts' products summed (int64: each is exact, their sum too)."""
+        out, lo = None, 0
+        for p in self.parts:
+            y = p.left_matmul(u[:, lo:lo + p.out_dim])
+            out, lo = (y if out is None else out + y), lo + p.out_dim
+        return out
+
+
+def _from_planes(digits: torch.Tensor) -> torch.Tensor:
+    """(in, 3*out) digit planes -> the integer weights (out, in) as int32 (Horner over the planes)."""
+    o = digits.shape[1] // N_DIGITS
+    w = digits[:, (N_DIGITS - 1) * o:].to(torch.int32)
+    for p in range(N_DIGITS - 2, -1, -1):
+        w = w * 256 + digits[:, p * o:(p + 1) * o].to(torch.int32)
+    return w.t().contiguous()
+
+
+class KernelCheckError(RuntimeError):
+    """The device's ring products are not exact (:func:`self_check`): a server must not start."""
+
+
+def self_check(device: str | torch.device = "cpu") -> dict:
+    """Check the exact product on ``device`` as a server will run it, against Python integers.
+
+    Both of a matrix's kernels (the int8 one decode-sized products use, and the float64 limbs of
+    prefills) and the dispatching :meth:`RingMatrix.matmul`, on worst-case operands: weight rows at
+    +-WMAX (every digit +-127), rows whose digits are -128, random rows, and a {-1, 0, 1} matrix
+    (which takes the widest float64 limbs); ring operands whose balanced digits are all +127,
+    all -127 or all -128, all ones (-1), the int64 extremes and random words; K = 1101 crosses
+    fbgemm's 1024-column chunks and lets int8 accumulators pass 2^24. The reference (:func:`exact_matmul_reference`) is Python
+    big-integer arithmetic mod 2^64, sharing no code with the kernels. CUDA runs the very same
+    code (``torch._int_mm`` and float64 GEMMs on the device). Returns a report (``exact``,
+    ``kernels``, what failed); a server raises :class:`KernelCheckError` when not exact."""
+    t0 = time.perf_counter()
+    g = torch.Generator().manual_seed(20)
+    k = FBGEMM_K + 77  # odd: a sum of k odd products past 2^24 is odd, so no float32 holds it
+    w = torch.randint(-WMAX, WMAX + 1, (8, k), generator=g)
+    w[0], w[1] = WMAX, -WMAX
+    w[2] = -128 - 128 * 256  # digits -128, -128, 0: the balanced range's low end
+    w[3] = torch.where(torch.arange(k) % 2 == 0, WMAX, -WMAX)
+    small = torch.randint(-1, 2, (5, k), generator=g)
+    # rows of words whose balanced digits are all +127, all -127 (their products with +-127 weight
+    # digits are odd: a float32 accumulation of K of them loses bits), then -1 and the int64 extremes
+    specials = [_signed64(0x7F7F7F7F7F7F7F7F), _signed64(0x0101010101010101 - 0x8080808080808080), -1, -(2**63),
+                2**63 - 1, _signed64(-0x8080808080808080), 1]
+    failures, checked, kernels = [], 0, set()
+    for wi in (w, small):
+        R = RingMatrix(wi, device)
+        R.prepare()
+        for rows in (INT8_MAX_ROWS, INT8_MAX_ROWS + 3):
+            m = torch.randint(-2**63, 2**63 - 1, (rows, k), generator=g)
+            for i, v in enumerate(specials[:rows]):
+                m[i] = v
+            want = exact_matmul_reference(m.numpy(), wi.numpy())
+            kernel = R.kernel(rows)
+            run = R._matmul_f64 if kernel == "float64" else R._matmul_int8
+            for name, got in ((kernel, run(m.to(R.device))), ("matmul", R.matmul(m))):
+                checked += 1
+                kernels.add(kernel)
+                if not np.array_equal(got.cpu().numpy(), want):
+                    failures.append(f"{name} ({kernel}, {rows} rows, |W| <= {int(wi.abs().max())}): "
+                                    f"{int((got.cpu().numpy() != want).sum())} of {want.size} entries differ")
+    probe = RingMatrix(w[:1], device)
+    return {"device": str(device), "exact": not failures, "products_checked": checked, "failures": failures,
+            "kernels": {"decode": probe.kernel(1), "prefill": probe.kernel(INT8_MAX_ROWS + 1),
+                        "int8_max_rows": INT8_MAX_ROWS},
+            "seconds": round(time.perf_counter() - t0, 3)}
 
 
 def compose_bits(k: int) -> int:

@@ -93,7 +93,8 @@ class Shards:
 
     def build(self, variant: str, progress=None) -> dict:
         """Make (once per process; variants share a unit they have in common) this rank's rows of
-        ``variant``'s units with both kernels' weights; returns their shapes and digit bytes."""
+        ``variant``'s units with both kernels' weights; returns their shapes and resident bytes
+        (ring.RingMatrix.nbytes)."""
         out, units = [], self.units[variant]
         for i, u in enumerate(units):
             def make(u=u):
@@ -112,7 +113,7 @@ class Shards:
             if progress is not None:
                 progress(i + 1, len(units))
         self.built[variant] = out
-        return {u.name: [[m.out_dim, m.in_dim, m.digits.nbytes] for m in mats] for u, mats in zip(units, out)}
+        return {u.name: [[m.out_dim, m.in_dim, sum(m.nbytes().values())] for m in mats] for u, mats in zip(units, out)}
 
     def width(self, variant: str, index: int, rank: int) -> int:
         """Output columns ``rank`` contributes to a unit's product."""

@@ -99,57 +99,132 @@ class ComposedMatrix:
         return torch.cat([self.a_side.left_matmul(u[:, :o]), self.t.left_matmul(u[:, o:])], dim=1)
 
 
-def _composed(model, comp: Composite, device) -> ComposedMatrix:
+def _then(model, comp: Composite) -> tuple[torch.Tensor, torch.Tensor]:
+    """``T`` (the ``then`` group's weights times the norm's gain) encoded: (integers, row scales)."""
     w = model.weights
     t = torch.cat([w[op.weight] for op in comp.then]).to(torch.float64) * w[comp.norm.weight].to(torch.float64)
-    first_int, first_scales = ring.encode_weights(w[comp.first.weight])
-    t_int, t_scales = ring.encode_weights(t)
-    cross_int, cross_scales = ring.compose(t_int, t_scales, w[comp.first.weight])
-
-    def l1(ints):
-        return int(ints.abs().sum(dim=1).max())
-    a_side = ring.RingMatrix(torch.cat([first_int, cross_int]), device, torch.cat([first_scales, cross_scales]))
-    return ComposedMatrix(a_side, ring.RingMatrix(t_int, device, t_scales),
-                          [(first_scales, l1(first_int)), (cross_scales, l1(cross_int)), (t_scales, l1(t_int))])
+    return ring.encode_weights(t)
 
 
-def matrices_for(model, variant: str, device="cpu", cache=None) -> dict[str, ring.RingMatrix | ComposedMatrix]:
-    """The model's ring weights for ``variant``, built once per process (server and dealer alike)
-    and shared between variants where a unit is the same (a single op, or the same fused group).
-    A fused group is one matrix (one int8 GEMM call per unit: measured 2x faster for q/k/v
-    than one call per op), so a server that runs v2 and v3 holds those weights twice."""
+def _leaves(model, u: Unit) -> list[tuple[tuple[str, ...], tuple[int, int], object]]:
+    """The ring matrices a unit is made of, as (key, (out, in), build): one per op of a plain or
+    fused unit (v2's and v3's are the same ones), and for a composite ``first`` (an op matrix
+    too), ``cross = T first`` and ``T`` (ring.compose). The key names what a matrix is, not which
+    variant asked: it is the Model.derived key and the disk cache's file name."""
+    def op(o: Linear):
+        return ("op", o.name), (o.out_dim, o.in_dim), lambda: ring.RingMatrix.from_float(model.weights[o.weight])
+    comp = u.composite
+    if comp is None:
+        return [op(o) for o in u.ops]
+    out2 = sum(o.out_dim for o in comp.then)
+
+    def cross():
+        ints, scales = ring.compose(*_then(model, comp), model.weights[comp.first.weight])
+        return ring.RingMatrix(ints, "cpu", scales)
+
+    def then():
+        ints, scales = _then(model, comp)
+        return ring.RingMatrix(ints, "cpu", scales)
+    return [op(comp.first), (("cross", comp.name), (out2, comp.first.in_dim), cross),
+            (("then", comp.name), (out2, comp.first.out_dim), then)]
+
+
+def _leaf(model, key, shape, build, device, cache) -> ring.RingMatrix:
+    """One ring matrix, made once per process: read from the disk cache when it holds a valid
+    copy (built on the CPU, which is what the cache holds; another device gets a copy)."""
+    make = build if cache is None else cache.wrap("-".join(key), [shape], build)
+    if str(device) == "cpu":
+        return model.derived(("masked", *key, "cpu"), make)
+    return model.derived(("masked", *key, str(device)), lambda: to_device(make(), device))
+
+
+def matrices_for(model, variant: str, device="cpu", cache=None) -> dict[str, ring.RingMatrix | ring.RowStack | ComposedMatrix]:
+    """The model's ring weights for ``variant``, built once per process (server and dealer alike).
+    Variants share every matrix they have in common: a fused unit is its ops' matrices stacked
+    (ring.RowStack), a composite's ``first`` is the op's matrix, so v2 and v3 hold one encoding
+    of the weights between them."""
     return {name: matrix_for(model, u, device, cache) for name, u in units_for(model.plan, variant).items()}
 
 
-def matrix_for(model, u: Unit, device="cpu", cache=None) -> ring.RingMatrix | ComposedMatrix:
-    """One unit's matrix, made once per process under a key naming what it is (so v2 and v3 share
-    a single op's). ``cache`` (protocols/matrix_cache.MatrixCache, a server's): read it from disk
-    instead of building it when a valid copy is there, and store what is built."""
-    def make():  # on the CPU: that is what the disk cache holds; another device gets a copy
+def matrix_for(model, u: Unit, device="cpu", cache=None) -> ring.RingMatrix | ring.RowStack | ComposedMatrix:
+    """One unit's matrix, assembled from its shared leaves (:func:`_leaves`). ``cache``
+    (protocols/matrix_cache.MatrixCache, a server's): leaves are read from disk instead of built
+    when a valid copy is there, and stored when built."""
+    def make():
+        leaves = [_leaf(model, key, shape, build, device, cache) for key, shape, build in _leaves(model, u)]
         if u.composite is not None:
-            return _composed(model, u.composite, "cpu")
-        return ring.RingMatrix.from_float(unit_weight(u, model.weights), "cpu")  # one op, or a fused group
-    key = matrix_key(u)
-    if cache is not None:
-        make = cache.wrap("-".join(key[1:]), [(b[3], b[1]) for b in blocks(u)], make)  # (out, in) per block
-    if str(device) == "cpu":
-        return model.derived((*key, "cpu"), make)
-    return model.derived((*key, str(device)), lambda: to_device(make(), device))
+            first, cross, then = leaves
+            return ComposedMatrix(ring.RowStack([first, cross]), then,
+                                  [(m.row_scales, m.max_row_l1) for m in leaves])
+        return leaves[0] if len(leaves) == 1 else ring.RowStack(leaves)
+    return model.derived((*matrix_key(u), str(device)), make)
 
 
 def matrix_key(u: Unit) -> tuple[str, ...]:
     """The Model.derived key of a unit's matrix (without its device): what it is, not which
-    variant asked, so variants share a unit they have in common."""
+    variant asked."""
     if u.composite is not None:
         return ("masked", "composed", u.name)
     return ("masked", "op", u.ops[0].name) if len(u.ops) == 1 else ("masked", "fused", u.name)
 
 
-def to_device(matrix, device):
-    """A matrix built (or cached) on the CPU, moved to ``device``."""
+def cache_names(u: Unit) -> list[str]:
+    """The disk cache's names of a unit's leaf matrices (protocols/matrix_cache)."""
+    return ["-".join(key) for key, _shape, _build in _leaves(None, u)]
+
+
+def to_device(matrix: ring.RingMatrix, device) -> ring.RingMatrix:
+    """A ring matrix built (or cached) on the CPU, moved to ``device``."""
+    return ring.RingMatrix(matrix.int_weights().to(torch.int64), device, matrix.row_scales)
+
+
+def leaf_matrices(matrix) -> list[ring.RingMatrix]:
+    """The ring matrices a unit's matrix holds (shared ones included)."""
     if isinstance(matrix, ComposedMatrix):
-        return ComposedMatrix(to_device(matrix.a_side, device), to_device(matrix.t, device), matrix.encodings)
-    return ring.RingMatrix.from_digits(matrix.digits, matrix.row_scales, matrix.max_abs, matrix.max_row_l1, device)
+        return leaf_matrices(matrix.a_side) + leaf_matrices(matrix.t)
+    return list(matrix.parts) if isinstance(matrix, ring.RowStack) else [matrix]
+
+
+def resident(model, variants, device="cpu") -> dict:
+    """Memory the masked protocols' matrices hold in this process, counting only what is built
+    (never builds): per variant, its matrices' resident bytes (ring.RingMatrix.nbytes; a matrix
+    two variants share counts in each) over the integer weights they encode and over the model's
+    own linear weights (a v3-2r composite encodes more weights than the model has); and
+    ``total``: every matrix once, over the model's weights and the variants that hold any."""
+    seen: dict[int, ring.RingMatrix] = {}
+    out = {}
+    n_model = model_weights(model)
+    for v in variants:
+        mats: dict[int, ring.RingMatrix] = {}
+        for u in units_for(model.plan, v).values():
+            if model.has_derived((*matrix_key(u), str(device))):
+                for m in leaf_matrices(matrix_for(model, u, device)):
+                    mats[id(m)] = m
+        if not mats:
+            continue
+        seen.update(mats)
+        out[v] = _bytes_report(mats.values(), n_model)
+    total = _bytes_report(seen.values(), n_model)
+    total["bytes_per_model_weight_per_protocol"] = round(total["bytes_per_model_weight"] / max(len(out), 1), 3)
+    return {"protocols": out, "total": total}
+
+
+def _bytes_report(mats, n_model: int) -> dict:
+    kinds: dict[str, int] = {}
+    weights = 0
+    for m in mats:
+        weights += m.in_dim * m.out_dim
+        for k, b in m.nbytes().items():
+            kinds[k] = kinds.get(k, 0) + b
+    b = sum(kinds.values())
+    return {"bytes": b, "by_kind": kinds, "weights": weights, "bytes_per_weight": round(b / max(weights, 1), 3),
+            "bytes_per_model_weight": round(b / max(n_model, 1), 3)}
+
+
+def model_weights(model) -> int:
+    """The model's linear weights (every op of the plan once: a tied head counts once)."""
+    ops = {s.weight: s for s in model.plan.steps if isinstance(s, Linear)}
+    return sum(o.in_dim * o.out_dim for o in ops.values())
 
 
 def encoding_for(model, variant: str) -> dict[str, list[tuple[torch.Tensor, int]]]:

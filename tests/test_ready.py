@@ -17,7 +17,7 @@ from shardlm.party import launch
 from shardlm.party.client import connect
 from shardlm.party.preload import HOLD_ENV
 from shardlm.protocols import matrix_cache
-from shardlm.protocols.units import units_for
+from shardlm.protocols.units import cache_names, units_for
 
 PROMPT = "hello"
 
@@ -61,6 +61,11 @@ def _units(model, protocol) -> int:
     return len(units_for(model.plan, protocol))
 
 
+def _leaves(model, protocol) -> int:
+    """The ring matrices (cache files) a protocol's units are made of: a fused unit is its ops'."""
+    return len({n for u in units_for(model.plan, protocol).values() for n in cache_names(u)})
+
+
 @pytest.fixture(scope="module")
 def warm_home(tiny, tmp_path_factory):
     """A $SHARDLM_HOME whose cache a first server filled (v3 and v3-2r); tests copy it."""
@@ -70,8 +75,8 @@ def warm_home(tiny, tmp_path_factory):
         h = _health(srv)
         ready = launch.next_event(srv)
     v3, v32r = h["protocols"]["v3"], h["protocols"]["v3-2r"]
-    # a fresh server builds everything (v3-2r shares layer 0's qkv, the last down and the head with v3)
-    assert v3["built"] == _units(model, "v3") and v3["loaded"] == 0
+    # a fresh server builds everything (v3-2r shares layer 0's q/k/v, each o and down and the head with v3)
+    assert v3["built"] == _leaves(model, "v3") and v3["loaded"] == 0
     assert v32r["built"] > 0 and v32r["loaded"] == 0
     assert ready["event"] == "ready" and set(ready["protocols"]) == {"v3", "v3-2r"}
     files = sorted(home.glob("ring-cache/v*/*/*.safetensors"))
@@ -97,8 +102,8 @@ def test_health_goes_from_loading_to_ready_and_reports_each_protocol(tiny, tmp_p
         assert h["status"] == "ready" and "loading" not in h
         for p in ("v3", "v3-2r"):
             assert h["protocols"][p]["matrices"] == {"built": _units(model, p), "total": _units(model, p)}
-        # v2 was not preloaded: it holds only the single-op units it shares with v3 (o, down, head)
-        assert h["protocols"]["v2"]["matrices"]["built"] < _units(model, "v2")
+        # v2 was not preloaded, yet holds every matrix: its units are v3's fused units' own parts
+        assert h["protocols"]["v2"]["matrices"] == {"built": _units(model, "v2"), "total": _units(model, "v2")}
         info = json.loads(subprocess.run([sys.executable, "-m", "shardlm.cli", "info", *srv.client_args, "--json"],
                                          capture_output=True, text=True, env=env, timeout=120).stdout)
         assert info["protocols"]["v3"]["matrices"]["built"] == _units(model, "v3")
@@ -113,7 +118,7 @@ def test_a_restarted_server_loads_the_cache_and_stays_exact(tiny, warm_home, tmp
     with _serve(d, home) as srv:
         h = _health(srv)
         v3, v32r = h["protocols"]["v3"], h["protocols"]["v3-2r"]
-        assert v3["loaded"] == _units(model, "v3") and v3["built"] == 0 and v3.get("rejected", 0) == 0
+        assert v3["loaded"] == _leaves(model, "v3") and v3["built"] == 0 and v3.get("rejected", 0) == 0
         assert v32r["loaded"] > 0 and v32r["built"] == 0
         for protocol in ("v3", "v3-2r"):
             _assert_exact(srv, d, model, home, protocol)
@@ -124,8 +129,8 @@ def test_a_corrupt_or_foreign_cache_file_is_rebuilt(tiny, warm_home, tmp_path):
     home = tmp_path / "home"
     shutil.copytree(warm_home, home)
     cache = matrix_cache.MatrixCache(home / "ring-cache", model.fingerprint())
-    units = units_for(model.plan, "v3")
-    qkv, o = cache.path("fused-layers.0.qkv"), cache.path("op-layers.0.o")
+    ops = {op.name: op for u in units_for(model.plan, "v2").values() for op in u.ops}
+    qkv, o = cache.path("op-layers.0.k"), cache.path("op-layers.0.o")  # k: a part of v3's fused qkv
     raw = bytearray(qkv.read_bytes())
     raw[-100] ^= 0x01  # one bit of the tensor data (it follows the header)
     qkv.write_bytes(bytes(raw))
@@ -135,10 +140,10 @@ def test_a_corrupt_or_foreign_cache_file_is_rebuilt(tiny, warm_home, tmp_path):
     o.write_bytes(raw[:at] + (b"0" if raw[at:at + 1] != b"0" else b"1") + raw[at + 1:])
     with _serve(d, home, preload="v3") as srv:
         v3 = _health(srv)["protocols"]["v3"]
-        assert v3["rejected"] == 2 and v3["built"] == 2 and v3["loaded"] == _units(model, "v3") - 2
+        assert v3["rejected"] == 2 and v3["built"] == 2 and v3["loaded"] == _leaves(model, "v3") - 2
         _assert_exact(srv, d, model, home, "v3")
     # the rebuilt matrices were written back whole: the cache is valid again
-    for name, u in (("fused-layers.0.qkv", units["layers.0.qkv"]), ("op-layers.0.o", units["layers.0.o"])):
+    for name, u in (("op-layers.0.k", ops["layers.0.k"]), ("op-layers.0.o", ops["layers.0.o"])):
         assert cache.load(name, [(u.out_dim, u.in_dim)]) is not None
     assert cache.stats["rejected"] == 0
 
@@ -168,7 +173,7 @@ def test_a_session_arriving_while_loading_waits_and_is_exact(tiny, tmp_path):
         assert json.loads(out)["token_ids"] == generate(model, ids, 5, SamplingParams())
         # the preload built every unit: the waiting session built none of them itself
         v3 = _health(srv)["protocols"]["v3"]
-        assert v3["built"] == _units(model, "v3") and v3["status"] == "ready"
+        assert v3["built"] == _leaves(model, "v3") and v3["status"] == "ready"
 
 
 def test_no_cache_writes_nothing_and_bad_preload_is_a_usage_error(tiny, tmp_path):

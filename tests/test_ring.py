@@ -9,12 +9,9 @@ from shardlm.protocols import ring
 @pytest.mark.parametrize("rows,kernel", [(4, "fbgemm"), (4, "int_mm"), (ring.INT8_MAX_ROWS + 3, "float64")])
 @pytest.mark.parametrize("max_w,k", [(1, 7), (127, 64), (ring.WMAX, 1536), (ring.WMAX, 300), (300, 5000),
                                      (ring.WMAX, 20000)])
-def test_ring_product_is_exact_mod_2_64(max_w, k, rows, kernel, monkeypatch):
-    if kernel == "fbgemm":
-        if not ring.fbgemm_exact():
-            pytest.skip("fbgemm is not exact on this CPU: its products use the float64 limbs (int_mm is the GPU's)")
-    else:
-        monkeypatch.setattr(ring, "fbgemm_exact", lambda: False)
+def test_ring_product_is_exact_mod_2_64(max_w, k, rows, kernel):
+    if kernel == "fbgemm" and not ring.fbgemm_exact():
+        pytest.skip("fbgemm is not exact on this CPU: its products use the float64 limbs (int_mm is the GPU's)")
     g = torch.Generator().manual_seed(k)
     w = torch.randint(-max_w, max_w + 1, (5, k), generator=g)
     w[0, :] = max_w  # the bounds are reached: a full row of extreme weights ...
@@ -23,7 +20,8 @@ def test_ring_product_is_exact_mod_2_64(max_w, k, rows, kernel, monkeypatch):
     m[0, :] = -1  # ... times all-ones words, the limb split's worst case
     m[1, :] = -(2**63)
     m[2, :] = 2**63 - 1
-    R = ring.RingMatrix(w)
+    R = ring.RingMatrix(w, kernel=kernel)
+    assert R.kernel(rows) == kernel
     got = (R._matmul_f64 if kernel == "float64" else R._matmul_int8)(m)  # each kernel, whichever matmul picks
     want = ring.exact_matmul_reference(m.numpy(), w.numpy())
     assert np.array_equal(got.numpy(), want)
