@@ -767,8 +767,18 @@ def _progress_printer(enabled: bool):
     return ProgressLine() if enabled else None
 
 
+def _auto_chooser(model, options: dict):
+    """``--protocol auto``: run_generation's ``choose(link)`` (protocols/auto)."""
+    from .protocols import auto
+
+    def choose(link: dict):
+        choice, cands = auto.choose(model, link["rtt"], link["bandwidth"], lens=auto.draft_lens(options))
+        return registry.get(choice.protocol), auto.options_for(choice, options), auto.report(choice, cands, link)
+    return choose
+
+
 def _generate_remote(cfg, model, spec, prompt_ids, max_tokens, sampling, *, stream: bool, options: dict,
-                     pad_to_max: bool = False):
+                     pad_to_max: bool = False, auto: bool = False):
     from .party.run import run_generation
     from .protocols.preprocess import MaterialError
 
@@ -784,8 +794,8 @@ def _generate_remote(cfg, model, spec, prompt_ids, max_tokens, sampling, *, stre
         with trio.fail_after(cfg.timeout * (max_tokens + 10)):
             return await run_generation(cfg, model, spec, prompt_ids, max_tokens, sampling,
                                         on_token=on_token if stream else None,
-                                        progress=progress, options=options,
-                                        pad_to_max=pad_to_max)
+                                        progress=progress, options=options, pad_to_max=pad_to_max,
+                                        choose=_auto_chooser(model, options) if auto else None)
 
     try:
         report = trio.run(main)
@@ -855,8 +865,10 @@ def _options_for(specs, given: dict) -> list[dict]:
 
 
 def _protocol_spec(name: str):
+    """The spec of ``--protocol NAME``; for ``auto``, v3's (v3 and v3-2r take the same options,
+    checked against it before connecting; the choice is made after measuring the link)."""
     try:
-        return registry.generator(name)
+        return registry.generator("v3" if name == "auto" else name)
     except spec.OptionError as exc:
         raise click.BadParameter(str(exc), param_hint="--protocol") from None
 
@@ -869,7 +881,9 @@ def generation_options(*, exclude: tuple[str, ...] = ()):
                          show_envvar=True, help="'smollm2' or a path; must be the same model the server holds."),
             click.option("--protocol", default="v3", show_default=True, envvar="SHARDLM_PROTOCOL", show_envvar=True,
                          help="plain (insecure baseline), v2, v3, v3-2r (v3 in 2 rounds per layer: for slow "
-                              "links), v3-mpc, v3-ot, v3-cc, or split (NOT private: layer split)."),
+                              "links), v3-mpc, v3-ot, v3-cc, split (NOT private: layer split), or auto (v3 or "
+                              "v3-2r and a draft length, chosen from the link's RTT and bandwidth measured before "
+                              "the session; --json's 'auto' says what and why)."),
             click.option("--max-tokens", default=64, show_default=True, type=click.IntRange(min=1),
                          help="Tokens to generate at most."),
             click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0.0),
@@ -936,7 +950,7 @@ def generate(prompt, model_spec, protocol, max_tokens, temperature, top_k, top_p
                        err=True)
         return
     report = _generate_remote(client_config(), model, proto, ids, max_tokens, sampling, stream=not as_json,
-                              options=options, pad_to_max=pad_to_max)
+                              options=options, pad_to_max=pad_to_max, auto=protocol == "auto")
     out = report.as_dict(model.tokenizer)
     if as_json:
         _emit(out, True)
@@ -985,7 +999,7 @@ def chat(model_spec, protocol, max_tokens, temperature, top_k, top_p, seed, syst
         if not as_json:
             click.echo("assistant: ", nl=False)
         report = _generate_remote(cfg, model, proto, ids, max_tokens, sampling, stream=not as_json, options=options,
-                                  pad_to_max=pad_to_max)
+                                  pad_to_max=pad_to_max, auto=protocol == "auto")
         out = report.as_dict(model.tokenizer)
         if not as_json and len(turns) == 0:
             for note in out["notes"]:
@@ -994,7 +1008,8 @@ def chat(model_spec, protocol, max_tokens, temperature, top_k, top_p, seed, syst
         turns.append({"user": line, "assistant": out["text"], "timing": out["timing"],
                       "bytes_sent": out["bytes_sent"], "bytes_received": out["bytes_received"],
                       "rounds": out["rounds"], "offline_ms": out["offline_ms"], "notes": out["notes"],
-                      "verify": out["verify"], **({"verification": out["verification"]} if out["verify"] else {})})
+                      "verify": out["verify"], **({"verification": out["verification"]} if out["verify"] else {}),
+                      **({"auto": out["auto"]} if "auto" in out else {})})
     if as_json:
         doc = {"protocol": protocol, "private": proto.private, "turns": turns}
         if not proto.private:

@@ -34,6 +34,7 @@ class RunReport:
     verification: dict | None = None  # --verify: replies checked, setup_ms (within offline_ms), check_ms
     material_dealt_ms: float | None = None  # --material: the store's dealing time, ahead of this run
     offline: dict | None = None  # masked protocols: --offline mode and its costs (client/server CPU seconds, ...)
+    auto: dict | None = None  # --protocol auto: the measured link, the choice and every candidate's prediction
 
     def as_dict(self, tokenizer=None) -> dict:
         r = self.result
@@ -69,6 +70,8 @@ class RunReport:
             out["material_dealt_ms"] = self.material_dealt_ms
         if self.offline is not None:
             out["offline"] = dict(self.offline)
+        if self.auto is not None:
+            out["auto"] = dict(self.auto)
         if not self.private:
             out["warning"] = self.warning or "NOT PRIVATE"
         if tokenizer is not None:
@@ -100,6 +103,8 @@ def summary(out: dict) -> str:
                      f"{d['rows_per_forward']} rows, {d['tokens_per_forward'] or 0:.2f} tokens per forward")
     if out.get("padding"):
         lines.append(f"padding {out['padding']['steps']} dummy decode steps after the stop ({out['padding']['ms']:.0f} ms)")
+    if out.get("auto"):
+        lines.append(f"auto: {out['auto']['why']}")
     lines += [f"note: {n}" for n in out.get("notes", [])]
     if out.get("transcript"):
         lines.append(f"server transcript: {out['transcript']}")
@@ -146,13 +151,22 @@ def _phase_reporter(channel, progress: Callable[[str, bool], None]) -> Callable[
 async def run_generation(cfg: ClientConfig, model, spec: ProtocolSpec, prompt_ids: list[int], max_tokens: int,
                          sampling: SamplingParams, *, on_token: Callable[[int], None] | None = None,
                          progress: Callable | None = None, ignore_eos: bool = False,
-                         options: dict | None = None, pad_to_max: bool = False) -> RunReport:
+                         options: dict | None = None, pad_to_max: bool = False,
+                         choose: Callable[[dict], tuple] | None = None) -> RunReport:
     """``options``: the protocol's declared options (spec.options; any other is an OptionError,
-    raised before connecting). ``pad_to_max``: hide where the completion stopped (generation.generate)."""
+    raised before connecting). ``pad_to_max``: hide where the completion stopped (generation.generate).
+    ``choose(link) -> (spec, options, why)`` (``--protocol auto``): after connecting, the link is
+    measured (Connection.probe_link, before HELLO) and ``choose`` picks the protocol and its options."""
     drafting = Drafting.from_options(spec.resolve_options(options))
+    auto = None
     async with connect(cfg) as conn:
         if progress is not None:
             conn.channel.on_message = _phase_reporter(conn.channel, progress)
+        if choose is not None:
+            with conn.channel.phase("probe"):
+                link = await conn.probe_link()
+            spec, options, auto = choose(link)
+            drafting = Drafting.from_options(spec.resolve_options(options))
         session = await conn.open_session(spec.name, model.fingerprint(), handshake.capacity_bucket(
             session_rows(len(prompt_ids), max_tokens, drafting)))
         channel = conn.channel
@@ -183,4 +197,4 @@ async def run_generation(cfg: ClientConfig, model, spec: ProtocolSpec, prompt_id
                      protocol_stats=dict(getattr(client, "protocol_stats", {})),
                      verification=getattr(client, "verification", None),
                      material_dealt_ms=getattr(client, "material_dealt_ms", None),
-                     offline=getattr(client, "offline", None))
+                     offline=getattr(client, "offline", None), auto=auto)

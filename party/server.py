@@ -2,7 +2,8 @@
 
 Connection states and the messages each accepts (anything else is WRONG_STATE)::
 
-    new      HEALTH -> HEALTH_OK (stay), INFO -> INFO_OK (stay), HELLO -> HELLO_OK (session)
+    new      HEALTH -> HEALTH_OK (stay), INFO -> INFO_OK (stay), PING -> PONG (stay: a client
+             measuring the link before it picks a protocol), HELLO -> HELLO_OK (session)
     session  PING -> PONG, BYE (close), the session protocol's own message types
 
 Every violation (bad frame, unknown type, wrong state, limit) is answered with an ERROR frame
@@ -333,6 +334,8 @@ class Server:
                     await channel.send(MsgType.HEALTH_OK, self.health())
                 elif msg.type == MsgType.INFO:
                     await channel.send(MsgType.INFO_OK, self.info(msg.body))
+                elif msg.type == MsgType.PING:  # bounded like the rest of the handshake by its deadline
+                    await channel.send(MsgType.PONG, _pong(msg.body))
                 elif msg.type == MsgType.HELLO:
                     protocol = handshake.check_hello(
                         msg.body, offered=self.offered, model_fingerprint=self.fingerprint,

@@ -213,6 +213,10 @@ def predict(state: str, msg_type: int, body) -> tuple:
     if msg_type == MsgType.ERROR:
         return (CLOSE,)  # the server treats it as the peer's verdict and hangs up
     try:
+        if msg_type == MsgType.PING:  # in every state (before HELLO: a client probing the link)
+            if not isinstance(body.get("echo", True), bool):
+                return "error", ErrorCode.MALFORMED.value
+            return "reply", MsgType.PONG, state
         if state == "new":
             if msg_type == MsgType.HEALTH:
                 return "reply", MsgType.HEALTH_OK, state
@@ -223,10 +227,6 @@ def predict(state: str, msg_type: int, body) -> tuple:
                                                  max_seq_len=MAX_SEQ_LEN)
                 return "reply", MsgType.HELLO_OK, protocol
         else:
-            if msg_type == MsgType.PING:
-                if not isinstance(body.get("echo", True), bool):
-                    return "error", ErrorCode.MALFORMED.value
-                return "reply", MsgType.PONG, state
             if msg_type == MsgType.BYE:
                 return (CLOSE,)
             if state == "ot" and msg_type == MsgType.OT_REQ:
@@ -256,7 +256,7 @@ def _small_table(body: dict) -> dict:
     return body
 
 
-_VALID_IN = {"new": [MsgType.HEALTH, MsgType.INFO, MsgType.HELLO, MsgType.HELLO, MsgType.HELLO], "echo": [MsgType.PING],
+_VALID_IN = {"new": [MsgType.HEALTH, MsgType.INFO, MsgType.PING, MsgType.HELLO, MsgType.HELLO, MsgType.HELLO], "echo": [MsgType.PING],
              "ot": [MsgType.PING, MsgType.OT_REQ, MsgType.OT_EMB_REQ]}
 field_values = (st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | st.text(max_size=8)
                 | st.binary(max_size=8) | st.lists(st.integers(0, 3), max_size=3)

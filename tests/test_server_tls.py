@@ -28,7 +28,7 @@ BAD_INPUTS = {
     "oversized_length": (frames.HEADER.pack(frames.MAGIC, frames.WIRE_VERSION, MsgType.HEALTH, 0, 0, 2**32 - 1, 0),
                          {"frame_too_large"}),
     "unknown_type": (frame_bytes(0x7777, {}), {"unknown_type"}),
-    "wrong_state": (frame_bytes(MsgType.PING, {"data": 1}), {"wrong_state"}),
+    "wrong_state": (frame_bytes(MsgType.BYE, {}), {"wrong_state"}),
     "hello_twice": (frame_bytes(MsgType.HELLO, HELLO_ECHO) + frame_bytes(MsgType.HELLO, HELLO_ECHO, seq=1),
                     {"wrong_state"}),
     "garbage": (bytes(np.random.default_rng(1).integers(0, 256, 3000, dtype=np.uint8)), {"bad_magic"}),
