@@ -14,19 +14,23 @@ session with the fastest. The prediction, per decode forward of K+1 rows (K draf
   unit shapes; framing is ignored.
 - ``compute(K)``: the server's products and the client's own work, proportional to the weights
   a forward streams: SECONDS_PER_WEIGHT per weight of v3's units (v3-2r's composed units stream
-  more), times (1 + ROW_COST * K) for the extra rows. Both constants were measured on these
-  machines (README: SmolLM2 v3 5.07 tok/s and v3-2r 4.16 tok/s on an idle loopback; extra rows
-  from the exact product's cost at 1 and 8 rows). A faster server makes compute smaller, which
+  more), times (1 + ROW_COST * K) for the extra rows. The constants were measured on these
+  machines (README: SmolLM2 v3 5.07 tok/s and v3-2r 4.16 tok/s on an idle loopback; a decode
+  forward of 5 rows took about as long as one of 1 row in the speculative-decoding benchmark, where
+  decode is memory-bound). A faster server makes compute smaller, which
   favours more rounds saved (v3-2r) and more rows (longer drafts); the model is deliberately
   simple and its inputs and outputs are reported (``--json``: ``auto``), so a wrong choice shows.
 - ``tokens_per_forward(K)``: with each draft accepted with probability ``a`` independently,
-  (1 - a^(K+1)) / (1 - a). The acceptance is not known before generating; ACCEPTANCE is a prior
-  for prompt-lookup drafts on chat text, and ``--draft`` / ``--draft-len`` given by the user fix
-  those choices instead.
+  (1 - a^(K+1)) / (1 - a). The acceptance is not known before generating. ACCEPTANCE is a fixed
+  prior between what lookup drafts reached on SmolLM2 with K = 4 on a chat prompt (1.11 tokens
+  per forward: a ~ 0.1) and on an edit prompt (3.55: a ~ 0.85); ``--draft`` / ``--draft-len``
+  given by the user fix those choices instead.
 
 What auto costs in privacy: nothing beyond the chosen protocol's own leak. The link probe carries
-no prompt data, and the choice (which the server sees, as it sees any protocol name) depends only
-on the link, the model and the generation's length, never on the prompt's content.
+no prompt data, and the choice (which the server sees: the protocol name and K+1 rows per
+forward) depends only on the link and the model, never on the prompt: estimating the acceptance
+from the prompt's own repetitiveness would choose better, and would tell the server something
+about the prompt.
 """
 
 from __future__ import annotations
@@ -44,8 +48,8 @@ SECONDS_PER_WEIGHT = 1.47e-9
 # v3-2r's composed units: measured 4.16 tok/s against v3's 5.07 on the same run (1.22x the time),
 # less than the weight ratio (~1.9x): the client's share of the work does not grow.
 V3_2R_COMPUTE = 1.22
-ROW_COST = 0.3  # each extra row of a forward: +30% of a one-row forward (exact product: ~3.4x at 8 rows)
-ACCEPTANCE = 0.5  # prior per-draft acceptance of lookup drafts
+ROW_COST = 0.05  # each extra row of a decode forward: +5% of a one-row forward (memory-bound products)
+ACCEPTANCE = 0.5  # prior per-draft acceptance of lookup drafts (SmolLM2: ~0.1 on chat, ~0.85 on edits)
 REPLY_BYTES = 8  # per product element when a unit declares nothing narrower
 
 
