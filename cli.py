@@ -345,9 +345,19 @@ def _serve_forever(server, fp: str, as_json: bool, event: dict, human: str = "")
                    "per weight, so others build on their first session).")
 @click.option("--no-cache", is_flag=True, envvar="SHARDLM_NO_CACHE", show_envvar=True,
               help="Do not read or write the ring-matrix cache ($SHARDLM_HOME/ring-cache).")
+@click.option("--batch-window-ms", envvar="SHARDLM_BATCH_WINDOW_MS", show_envvar=True, show_default=True,
+              type=click.FloatRange(min=0), default=server_mod.DEFAULT_WINDOW * 1e3,
+              help="Cross-session batching of the masked protocols' products (v2, v3, v3-2r): a product waits at "
+                   "most this long for other sessions' rows of the same matrix, then runs once over all of them "
+                   "(exact: each session's rows are bit for bit what it would get alone). It goes at once when "
+                   "no other session could join, so a lone session does not wait. 0 turns batching off.")
+@click.option("--batch-rows", envvar="SHARDLM_BATCH_ROWS", show_envvar=True, show_default=True,
+              type=click.IntRange(min=1), default=server_mod.DEFAULT_MAX_ROWS,
+              help="Rows in one batched product at most (a full batch goes at once).")
 @_json_option
 @_reports_errors
-def serve(record_transcript, model_spec, cc_provider, cc_key, preload, no_cache, as_json, **listener):
+def serve(record_transcript, model_spec, cc_provider, cc_key, preload, no_cache, batch_window_ms, batch_rows,
+          as_json, **listener):
     """Run a server until interrupted.
 
     Prints the address and the certificate fingerprint clients must pin (with --json, one JSON
@@ -361,7 +371,8 @@ def serve(record_transcript, model_spec, cc_provider, cc_key, preload, no_cache,
 
     cache = None if no_cache else str(shardlm_home() / "ring-cache")
     config, ctx, fp = _server_config(listener, "certs", record_dir=record_transcript, cc_provider=cc_provider,
-                                     cc_key=cc_key, matrix_cache=cache)
+                                     cc_key=cc_key, matrix_cache=cache, batch_window=batch_window_ms / 1e3,
+                                     batch_rows=batch_rows)
     model = load_model_for_cli(model_spec, config.device, tokenizer=False) if model_spec else None
     if model is not None and model.client_only:
         raise Failure(f"{model_spec} is an export-client directory (no linear weight matrices): a server needs the "
