@@ -949,14 +949,24 @@ def preprocess(model_spec, protocol, tokens, out_dir, threads, offline_mode, dea
 @click.option("--output", type=click.Path(dir_okay=False), help="Write the results JSON here.")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Draw prefill and decode bars to this PNG.")
 @click.option("--threads", type=int, envvar="SHARDLM_THREADS", show_envvar=True)
+@click.option("--clients", help="Load test instead: N concurrent sessions (a comma list, e.g. 1,2,4,8: one load "
+                                "test each), each running --runs generations back to back (or for --duration) and "
+                                "checking every output against the reference. The sessions are trio tasks in this "
+                                "process sharing one model, so their client work shares this process's CPU.")
+@click.option("--duration", type=click.FloatRange(min=0, min_open=True),
+              help="With --clients: run each session for this many seconds instead of --runs generations.")
+@click.option("--server-pid", type=int, help="With --clients: the server's process id on this machine, to read its "
+                                             "CPU seconds per served decode token and its RSS over time (/proc).")
 @protocol_options(exclude=("material",))
 @client_options
 @_json_option
 @_reports_errors
-def bench(model_spec, protocols, prompt, prompt_tokens, max_tokens, runs, warmup, output, plot, threads,
-          protocol_options, client_config, as_json):
+def bench(model_spec, protocols, prompt, prompt_tokens, max_tokens, runs, warmup, output, plot, threads, clients,
+          duration, server_pid, protocol_options, client_config, as_json):
     """Benchmark protocols side by side against a running server (seed JSON format, extended
-    with decode tokens/s, bytes, rounds, offline time and the ratio to plain)."""
+    with decode tokens/s, bytes, rounds, offline time and the ratio to plain). With --clients, a
+    load test: aggregate decode tokens/s, per-token latency p50/p99, the server's CPU per decode
+    token and RSS, and every session's outcome."""
     from .party import bench as bench_mod
 
     try:
@@ -976,6 +986,10 @@ def bench(model_spec, protocols, prompt, prompt_tokens, max_tokens, runs, warmup
     _check_prompt(model, ids, max_tokens)
     cfg = client_config()
     say = None if as_json else (lambda msg: click.echo(msg, err=True))
+    if clients:
+        _load_tests(cfg, model, entries, given, ids, max_tokens, runs, duration, server_pid, clients, output,
+                    as_json)
+        return
     results = []
     for (label, proto, options), defaults in zip(entries, given):
         r = trio.run(bench_mod.bench_protocol, cfg, model, proto, ids, max_tokens, runs, warmup,
@@ -989,6 +1003,31 @@ def bench(model_spec, protocols, prompt, prompt_tokens, max_tokens, runs, warmup
     if plot:
         bench_mod.plot(results, plot)
     _emit(doc, as_json, human=bench_mod.table(results))
+
+
+def _load_tests(cfg, model, entries, given, ids, max_tokens, runs, duration, server_pid, clients: str, output,
+                as_json) -> None:
+    from .party import loadtest
+
+    try:
+        counts = [int(c) for c in clients.split(",") if c.strip()]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise click.BadParameter(f"{clients!r} is not a comma list of positive integers", param_hint="--clients")
+    reports = []
+    for (label, proto, options), defaults in zip(entries, given):
+        for n in counts:
+            r = trio.run(functools.partial(loadtest.load_test, cfg, model, proto, ids, max_tokens, n, runs=runs,
+                                           duration=duration, server_pid=server_pid, options={**defaults, **options}))
+            r["version"] = label
+            reports.append(r)
+    doc = {"load_tests": reports}
+    if output:
+        Path(output).write_text(json.dumps(doc, indent=2))
+    _emit(doc, as_json, human=loadtest.table(reports))
+    if not all(r["all_correct"] for r in reports):
+        raise Failure("a session's output differed from the reference or failed (see its outcome)", "failed")
 
 
 BENCH_TEXT = ("The history of cryptography begins with simple substitution ciphers and leads, through "
