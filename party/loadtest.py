@@ -137,6 +137,7 @@ async def load_test(cfg: ClientConfig, model, spec: ProtocolSpec, prompt_ids: li
             "cpu_s_per_position": round(cpu / positions, 5) if cpu is not None and positions else None,
             "rss_mb": rss, "rss_mb_max": max((r for _, r in rss), default=None),
             "batching": {"enabled": batching1.get("enabled"), "batches": batches,
+                         "shared_batches": batching1.get("shared_batches", 0) - batching0.get("shared_batches", 0),
                          "mean_rows": round(rows / batches, 3) if batches else 0.0},
         },
         "load_avg": _loadavg(),

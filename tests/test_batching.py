@@ -2,6 +2,11 @@
 
 The scheduler runs in-process over a tiny model's real ring matrices; the sessions run over real
 TLS (an in-process server on a loopback socket) and, once, against a SmolLM2 server process."""
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import trio
@@ -210,20 +215,25 @@ def test_two_concurrent_v3_sessions_over_tls_are_batched_and_exact(tiny, tmp_pat
 
 
 def test_load_test_with_eight_clients_on_a_tiny_model(tiny, tmp_path):
-    """Eight concurrent sessions against one server process: every session's tokens are the
-    reference's, the server's CPU and RSS were read, and its products were batched."""
+    """`bench --clients 8` against one server process: every session's tokens are the
+    reference's (the load test checks them), the server's CPU and RSS were read, and its
+    products were batched."""
     d, model = tiny
-    ids = model.tokenizer.encode_prompt(PROMPT)
     with launch.server(["--model", str(d), "--threads", "1", "--preload", "v3", "--no-cache"]) as srv:
-        report = trio.run(lambda: loadtest.load_test(srv.client_config(timeout=60), model, registry.get("v3"), ids, 5,
-                                                     8, server_pid=srv.proc.pid))
+        proc = subprocess.run([sys.executable, "-m", "shardlm.cli", "bench", *srv.client_args, "-m", str(d),
+                               "--protocol", "v3", "--clients", "8", "--runs", "1", "--max-tokens", "5",
+                               "--server-pid", str(srv.proc.pid), "--threads", "1", "--json"],
+                              capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [report] = json.loads(proc.stdout)["load_tests"]
     assert report["all_correct"] and len(report["sessions"]) == 8 and not report["failed"]
     assert {s["status"] for s in report["sessions"]} == {"ok"}
     assert len({s["session_id"] for s in report["sessions"]}) == 8
     assert report["decode_tokens"] == 8 * 4 and report["latency_ms"]["n"] == 8 * 4
     srv_rep = report["server"]
     assert srv_rep["cpu_s"] > 0 and srv_rep["rss_mb_max"] > 0
-    assert srv_rep["batching"]["batches"] > 0 and srv_rep["batching"]["mean_rows"] > 1
+    assert srv_rep["batching"]["shared_batches"] > 0 and srv_rep["batching"]["mean_rows"] > 1
 
 
 @pytest.mark.slow
