@@ -9,10 +9,11 @@ bits with the row count, so plain and split do not come here.
 
 When a batch is dispatched:
 
-- at once when no other session could still join it: every other session that uses the
-  batcher is waiting on a product already (in another batch, or running) and none of them is
-  behind in the schedule (``order``: a session waiting on a lower order may still come to this
-  one; one at a higher order went past it); so a lone session never waits;
+- at once when no other session could still join it. A session could if it is behind in the
+  schedule (waiting on a product of a lower ``order``: it will come to this one; one at a higher
+  order went past it), or if it waits on nothing and its last product came back less than a
+  window ago (its client is computing its next request; a session idle for longer, e.g. a chat
+  waiting for its user, is not waited for). So a lone session never waits;
 - when ``max_rows`` would be exceeded (the batch goes, the new rows start the next one);
 - at the latest ``window`` seconds after its first rows arrived.
 
@@ -24,14 +25,16 @@ an error in the product reaches every session of the batch as :class:`BatchError
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 import trio
 
 
-# serve's defaults: a few ms, about one client-side step between two units of a decode step; rows
-# enough for every session's decode row plus a prefill chunk (masked.CHUNK_ROWS)
-DEFAULT_WINDOW = 0.005
+# serve's defaults: 20 ms, a few client-side steps between two units of a decode step on a loaded
+# machine (an idle session is waited for at most once); rows enough for every session's decode
+# row plus a prefill chunk (masked.CHUNK_ROWS)
+DEFAULT_WINDOW = 0.02
 DEFAULT_MAX_ROWS = 64
 
 
@@ -75,12 +78,14 @@ class Batcher:
         self._open: dict[object, _Batch] = {}     # key -> the batch still taking rows
         self._sessions: set[str] = set()          # sessions that have used the batcher and not left
         self._busy: dict[str, int] = {}           # session -> order of the product it waits for
+        self._last: dict[str, float] = {}         # session -> when its last product came back (trio clock)
         # counters for info/health
         self.batches = 0
         self.requests = 0
         self.rows = 0
         self.shared = 0          # products that served more than one session
         self.early = 0           # batches dispatched before their window ended
+        self.immediate = 0       # of which without waiting at all (no other session could join)
         self.max_seen = 0
 
     @property
@@ -102,12 +107,13 @@ class Batcher:
         """The session ended: batches need not wait for it any more."""
         self._sessions.discard(session)
         self._busy.pop(session, None)
+        self._last.pop(session, None)
         self._check_open()
 
     def stats(self) -> dict:
         return {"enabled": self.enabled, "window_ms": self.window * 1e3, "max_rows": self.max_rows,
                 "batches": self.batches, "requests": self.requests, "rows": self.rows, "shared_batches": self.shared,
-                "early_dispatches": self.early,
+                "early_dispatches": self.early, "immediate_dispatches": self.immediate,
                 "mean_rows": round(self.rows / self.batches, 3) if self.batches else 0.0,
                 "mean_requests": round(self.requests / self.batches, 3) if self.batches else 0.0,
                 "max_rows_seen": self.max_seen}
@@ -137,19 +143,28 @@ class Batcher:
             await batch.done.wait()
         finally:
             self._busy.pop(session, None)
+            if session in self._sessions:
+                self._last[session] = trio.current_time()
         if batch.error is not None:
             raise BatchError(f"batched product of {len(batch.requests)} requests failed: "
                              f"{type(batch.error).__name__}: {batch.error}") from batch.error
         return batch.result[req.at:req.at + rows.shape[0]]
 
-    def _could_join(self, batch: _Batch) -> bool:
-        """Whether a session outside ``batch`` may still bring rows to it."""
+    def _expected_until(self, batch: _Batch) -> float:
+        """Until when a session outside ``batch`` may still bring rows to it (the trio clock;
+        in the past: no one will)."""
         inside = {r.session for r in batch.requests}
+        now, until = trio.current_time(), -math.inf
         for s in self._sessions - inside:
             order = self._busy.get(s)
-            if order is None or order < batch.order:  # free, or waiting on an earlier unit
-                return True
-        return False
+            if order is not None and order < batch.order:  # waiting on an earlier unit: it comes here next
+                return math.inf
+            if order is None:  # free: its client is making its next request, unless it went idle
+                until = max(until, self._last.get(s, now) + self.window)
+        return until
+
+    def _could_join(self, batch: _Batch) -> bool:
+        return self._expected_until(batch) > trio.current_time()
 
     def _check_open(self) -> None:
         for batch in list(self._open.values()):
@@ -162,12 +177,18 @@ class Batcher:
         batch.go.set()
 
     async def _drive(self, batch: _Batch) -> None:
-        with trio.move_on_after(self.window):
-            await batch.go.wait()
-        if not batch.go.is_set():
-            self._dispatch(batch)
-        else:
+        deadline = trio.current_time() + self.window
+        self.immediate += batch.go.is_set()  # gone before this task first ran: no wait at all
+        while not batch.go.is_set() and trio.current_time() < deadline:
+            # wake when the window ends or when the last session that might come has gone idle
+            with trio.move_on_at(min(deadline, self._expected_until(batch))):
+                await batch.go.wait()
+            if not self._could_join(batch):
+                self._dispatch(batch)
+        if batch.go.is_set():
             self.early += 1
+        else:
+            self._dispatch(batch)
         try:
             rows = [r.rows for r in batch.requests]
             stacked = rows[0] if len(rows) == 1 else torch.cat(rows)

@@ -98,7 +98,27 @@ def test_lone_session_is_dispatched_at_once(tiny):
         return batcher.stats()
 
     stats = trio.run(_with_batcher, batcher, body)
-    assert stats["batches"] == len(mats) == stats["early_dispatches"] and stats["shared_batches"] == 0
+    assert stats["batches"] == len(mats) == stats["immediate_dispatches"] and stats["shared_batches"] == 0
+
+
+def test_an_idle_session_is_waited_for_once(tiny):
+    """Session a has a product, then goes idle (a chat waiting for its user); session b's next
+    products wait for a at most once (a might still come), then go at once."""
+    _, model = tiny
+    mats = _matrices(model)
+    batcher = Batcher(trio.CapacityLimiter(1), window=0.3, max_rows=64)
+
+    async def body():
+        W = mats[0]
+        await batcher.product("a", W, W.matmul, ring.random_ring(1, W.in_dim))
+        await trio.sleep(0.01)
+        for W in mats * 2:
+            await batcher.product("b", W, W.matmul, ring.random_ring(1, W.in_dim))
+        return batcher.stats()
+
+    stats = trio.run(_with_batcher, batcher, body)
+    assert stats["batches"] == 1 + 2 * len(mats) and stats["shared_batches"] == 0
+    assert stats["immediate_dispatches"] == stats["batches"] - 1  # only b's first product waited
 
 
 def test_a_session_behind_is_waited_for_and_one_ahead_is_not(tiny):
