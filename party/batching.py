@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 
 import torch
 import trio
@@ -87,6 +88,7 @@ class Batcher:
         self.early = 0           # batches dispatched before their window ended
         self.immediate = 0       # of which without waiting at all (no other session could join)
         self.max_seen = 0
+        self.product_cpu = 0.0   # CPU seconds of the worker threads' products (the rest is per-request handling)
 
     @property
     def enabled(self) -> bool:
@@ -116,7 +118,7 @@ class Batcher:
                 "early_dispatches": self.early, "immediate_dispatches": self.immediate,
                 "mean_rows": round(self.rows / self.batches, 3) if self.batches else 0.0,
                 "mean_requests": round(self.requests / self.batches, 3) if self.batches else 0.0,
-                "max_rows_seen": self.max_seen}
+                "max_rows_seen": self.max_seen, "product_cpu_s": round(self.product_cpu, 6)}
 
     async def product(self, session: str, key, fn, rows: torch.Tensor, order: int = 0) -> torch.Tensor:
         """``fn(rows)``, possibly computed as part of ``fn(stacked rows)`` with other sessions'
@@ -124,7 +126,7 @@ class Batcher:
         key means one ``fn``). ``order``: the request's place in the session's schedule."""
         if not self.enabled or self._nursery is None:
             self._count(rows.shape[0], 1)
-            return await trio.to_thread.run_sync(fn, rows, limiter=self.limiter)
+            return await trio.to_thread.run_sync(self._timed, fn, rows, limiter=self.limiter)
         self._sessions.add(session)
         batch = self._open.get(key)
         if batch is not None and batch.rows + rows.shape[0] > self.max_rows:
@@ -193,13 +195,20 @@ class Batcher:
             rows = [r.rows for r in batch.requests]
             stacked = rows[0] if len(rows) == 1 else torch.cat(rows)
             self._count(batch.rows, len(rows))
-            batch.result = await trio.to_thread.run_sync(batch.fn, stacked, limiter=self.limiter)
+            batch.result = await trio.to_thread.run_sync(self._timed, batch.fn, stacked, limiter=self.limiter)
         except Exception as exc:  # every waiting session gets it (BatchError), none hangs
             batch.error = exc
         finally:
             if batch.result is None and batch.error is None:  # cancelled (the server is stopping)
                 batch.error = RuntimeError("the server stopped before the product ran")
             batch.done.set()
+
+    def _timed(self, fn, rows: torch.Tensor) -> torch.Tensor:
+        t0 = time.thread_time()  # this worker thread's CPU (torch runs one-thread products here)
+        try:
+            return fn(rows)
+        finally:
+            self.product_cpu += time.thread_time() - t0
 
     def _count(self, rows: int, requests: int) -> None:
         self.batches += 1

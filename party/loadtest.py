@@ -136,6 +136,10 @@ async def load_test(cfg: ClientConfig, model, spec: ProtocolSpec, prompt_ids: li
             "cpu_s_per_decode_token": round(cpu / decode_tokens, 5) if cpu is not None and decode_tokens else None,
             "cpu_s_per_position": round(cpu / positions, 5) if cpu is not None and positions else None,
             "rss_mb": rss, "rss_mb_max": max((r for _, r in rss), default=None),
+            # the products' own CPU (worker threads) per decode token: what batching shares; the rest
+            # of cpu_s is per-request handling (TLS, frames, checks), which it does not
+            "product_cpu_s_per_decode_token": round((batching1.get("product_cpu_s", 0) - batching0.get(
+                "product_cpu_s", 0)) / decode_tokens, 5) if decode_tokens else None,
             "batching": {"enabled": batching1.get("enabled"), "batches": batches,
                          "shared_batches": batching1.get("shared_batches", 0) - batching0.get("shared_batches", 0),
                          "mean_rows": round(rows / batches, 3) if batches else 0.0},

@@ -64,7 +64,9 @@ def _summary(rep: dict) -> dict:
     s = rep["server"]
     return {"clients": rep["clients"], "correct": rep["all_correct"], "tok_s": rep["aggregate_decode_tokens_per_s"],
             "p50_ms": rep["latency_ms"]["p50"], "p99_ms": rep["latency_ms"]["p99"],
-            "server_cpu_s_per_decode_token": s["cpu_s_per_decode_token"], "mean_rows": s["batching"]["mean_rows"],
+            "server_cpu_s_per_decode_token": s["cpu_s_per_decode_token"],
+            "product_cpu_s_per_decode_token": s.get("product_cpu_s_per_decode_token"),
+            "mean_rows": s["batching"]["mean_rows"],
             "rss_mb_max": s["rss_mb_max"], "load": rep["load_avg"]}
 
 
