@@ -162,14 +162,14 @@ def _loadavg() -> str | None:
 
 def table(reports: list[dict]) -> str:
     """One line per load test: what `bench --clients` prints without --json."""
-    lines = [f"{'clients':>7} {'correct':>9} {'tok/s':>7} {'p50 ms':>8} {'p99 ms':>8} {'srv cpu/tok':>11} "
+    lines = [f"{'protocol':<10} {'clients':>7} {'correct':>9} {'tok/s':>7} {'p50 ms':>8} {'p99 ms':>8} {'srv cpu/tok':>11} "
              f"{'batches':>8} {'rows/b':>6} {'rss MB':>7}"]
     for r in reports:
         s, lat = r["server"], r["latency_ms"]
         ok = sum(x["status"] == "ok" for x in r["sessions"])
-        lines.append(f"{r['clients']:>7} {ok:>4}/{len(r['sessions']):<4} {r['aggregate_decode_tokens_per_s']:>7.2f} "
+        lines.append(f"{r.get('version', r['protocol']):<10} {r['clients']:>7} {ok:>4}/{len(r['sessions']):<4} {r['aggregate_decode_tokens_per_s']:>7.2f} "
                      f"{lat['p50'] or 0:>8.1f} {lat['p99'] or 0:>8.1f} "
                      f"{s['cpu_s_per_decode_token'] if s['cpu_s_per_decode_token'] is not None else '-':>11} "
-                     f"{s['batching']['batches']:>8} {s['batching']['mean_rows']:>6} "
+                     f"{s['batching']['batches']:>8} {s['batching']['mean_rows']:>6.2f} "
                      f"{s['rss_mb_max'] if s['rss_mb_max'] is not None else '-':>7}")
     return "\n".join(lines)
