@@ -35,7 +35,7 @@ from ..wire import frames
 from ..wire.errors import ConnectionClosed, ErrorCode, PeerStalled, ProtocolError, RemoteError
 from ..wire.msgtypes import MsgType
 from . import handshake
-from .batching import DEFAULT_MAX_ROWS, DEFAULT_WINDOW, Batcher  # noqa: F401 (serve's defaults)
+from .batching import DEFAULT_MAX_ROWS, DEFAULT_WINDOW, Batcher
 from .channel import Channel, Message
 from .preload import Preloader
 from .spec import ProtocolSpec
