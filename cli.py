@@ -355,9 +355,19 @@ def _serve_forever(server, fp: str, as_json: bool, event: dict, human: str = "")
               envvar="SHARDLM_TP_TIMEOUT_SECS", show_envvar=True,
               help="Seconds a tensor-parallel operation may take before the rank group counts as failed (then "
                    "every product is refused with an error until the server is restarted).")
+@click.option("--batch-window-ms", envvar="SHARDLM_BATCH_WINDOW_MS", show_envvar=True, show_default=True,
+              type=click.FloatRange(min=0), default=server_mod.DEFAULT_WINDOW * 1e3,
+              help="Cross-session batching of the masked protocols' products (v2, v3, v3-2r): a product waits at "
+                   "most this long for other sessions' rows of the same matrix, then runs once over all of them "
+                   "(exact: each session's rows are bit for bit what it would get alone). It goes at once when "
+                   "no other session could join, so a lone session does not wait. 0 turns batching off.")
+@click.option("--batch-rows", envvar="SHARDLM_BATCH_ROWS", show_envvar=True, show_default=True,
+              type=click.IntRange(min=1), default=server_mod.DEFAULT_MAX_ROWS,
+              help="Rows in one batched product at most (a full batch goes at once).")
 @_json_option
 @_reports_errors
-def serve(record_transcript, model_spec, cc_provider, cc_key, preload, no_cache, tp, tp_timeout, as_json, **listener):
+def serve(record_transcript, model_spec, cc_provider, cc_key, preload, no_cache, tp, tp_timeout, batch_window_ms,
+          batch_rows, as_json, **listener):
     """Run a server until interrupted.
 
     Prints the address and the certificate fingerprint clients must pin (with --json, one JSON
@@ -377,7 +387,8 @@ def serve(record_transcript, model_spec, cc_provider, cc_key, preload, no_cache,
     threads = listener.get("threads")
     cache = None if no_cache else str(shardlm_home() / "ring-cache")
     config, ctx, fp = _server_config(listener, "certs", record_dir=record_transcript, cc_provider=cc_provider,
-                                     cc_key=cc_key, matrix_cache=cache)
+                                     cc_key=cc_key, matrix_cache=cache, batch_window=batch_window_ms / 1e3,
+                                     batch_rows=batch_rows)
     kernels = _kernel_check(config.device)
     model = load_model_for_cli(model_spec, config.device, tokenizer=False) if model_spec else None
     if model is not None and model.client_only:
@@ -1083,14 +1094,24 @@ def preprocess(model_spec, protocol, tokens, out_dir, threads, offline_mode, dea
 @click.option("--output", type=click.Path(dir_okay=False), help="Write the results JSON here.")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Draw prefill and decode bars to this PNG.")
 @click.option("--threads", type=int, envvar="SHARDLM_THREADS", show_envvar=True)
+@click.option("--clients", help="Load test instead: N concurrent sessions (a comma list, e.g. 1,2,4,8: one load "
+                                "test each), each running --runs generations back to back (or for --duration) and "
+                                "checking every output against the reference. The sessions are trio tasks in this "
+                                "process sharing one model, so their client work shares this process's CPU.")
+@click.option("--duration", type=click.FloatRange(min=0, min_open=True),
+              help="With --clients: run each session for this many seconds instead of --runs generations.")
+@click.option("--server-pid", type=int, help="With --clients: the server's process id on this machine, to read its "
+                                             "CPU seconds per served decode token and its RSS over time (/proc).")
 @protocol_options(exclude=("material",))
 @client_options
 @_json_option
 @_reports_errors
-def bench(model_spec, protocols, prompt, prompt_tokens, max_tokens, runs, warmup, output, plot, threads,
-          protocol_options, client_config, as_json):
+def bench(model_spec, protocols, prompt, prompt_tokens, max_tokens, runs, warmup, output, plot, threads, clients,
+          duration, server_pid, protocol_options, client_config, as_json):
     """Benchmark protocols side by side against a running server (seed JSON format, extended
-    with decode tokens/s, bytes, rounds, offline time and the ratio to plain)."""
+    with decode tokens/s, bytes, rounds, offline time and the ratio to plain). With --clients, a
+    load test: aggregate decode tokens/s, per-token latency p50/p99, the server's CPU per decode
+    token and RSS, and every session's outcome."""
     from .party import bench as bench_mod
 
     try:
@@ -1110,6 +1131,10 @@ def bench(model_spec, protocols, prompt, prompt_tokens, max_tokens, runs, warmup
     _check_prompt(model, ids, max_tokens)
     cfg = client_config()
     say = None if as_json else (lambda msg: click.echo(msg, err=True))
+    if clients:
+        _load_tests(cfg, model, entries, given, ids, max_tokens, runs, duration, server_pid, clients, output,
+                    as_json)
+        return
     results = []
     for (label, proto, options), defaults in zip(entries, given):
         r = trio.run(bench_mod.bench_protocol, cfg, model, proto, ids, max_tokens, runs, warmup,
@@ -1123,6 +1148,31 @@ def bench(model_spec, protocols, prompt, prompt_tokens, max_tokens, runs, warmup
     if plot:
         bench_mod.plot(results, plot)
     _emit(doc, as_json, human=bench_mod.table(results))
+
+
+def _load_tests(cfg, model, entries, given, ids, max_tokens, runs, duration, server_pid, clients: str, output,
+                as_json) -> None:
+    from .party import loadtest
+
+    try:
+        counts = [int(c) for c in clients.split(",") if c.strip()]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise click.BadParameter(f"{clients!r} is not a comma list of positive integers", param_hint="--clients")
+    reports = []
+    for (label, proto, options), defaults in zip(entries, given):
+        for n in counts:
+            r = trio.run(functools.partial(loadtest.load_test, cfg, model, proto, ids, max_tokens, n, runs=runs,
+                                           duration=duration, server_pid=server_pid, options={**defaults, **options}))
+            r["version"] = label
+            reports.append(r)
+    doc = {"load_tests": reports}
+    if output:
+        Path(output).write_text(json.dumps(doc, indent=2))
+    _emit(doc, as_json, human=loadtest.table(reports))
+    if not all(r["all_correct"] for r in reports):
+        raise Failure("a session's output differed from the reference or failed (see its outcome)", "failed")
 
 
 BENCH_TEXT = ("The history of cryptography begins with simple substitution ciphers and leads, through "

@@ -36,6 +36,7 @@ from ..wire import frames
 from ..wire.errors import ConnectionClosed, ErrorCode, PeerStalled, ProtocolError, RemoteError
 from ..wire.msgtypes import MsgType
 from . import handshake
+from .batching import DEFAULT_MAX_ROWS, DEFAULT_WINDOW, Batcher
 from .channel import Channel, Message
 from .preload import Preloader
 from .spec import ProtocolSpec
@@ -62,6 +63,8 @@ class ServerConfig:
     cc_provider: str = "software"  # v3-cc: software (simulated TEE) or nvidia
     cc_key: str | None = None      # v3-cc software provider's key file (default: $SHARDLM_HOME/cc)
     matrix_cache: str | None = None  # directory of the ring-matrix disk cache (protocols/matrix_cache); None: off
+    batch_window: float = DEFAULT_WINDOW  # seconds a product may wait for other sessions' rows (0: no batching)
+    batch_rows: int = DEFAULT_MAX_ROWS    # rows in one batched product at most
 
 
 @dataclasses.dataclass
@@ -131,12 +134,19 @@ class Server:
         self.sessions: dict[str, ServerSession] = {}
         self._protocol_state: dict[str, object] = {}
         self.compute_limiter = trio.CapacityLimiter(config.compute_slots)
+        # exact row-wise products of one matrix from several sessions run as one (party/batching.py)
+        self.batcher = Batcher(self.compute_limiter, config.batch_window, config.batch_rows)
         self.cut_off: collections.Counter = collections.Counter()  # connections ended by a limit, by reason
 
     async def compute(self, fn, *args):
         """Run ``fn(*args)`` in a worker thread behind the process-wide limiter: the event loop
         keeps serving other sessions (and their timeouts) while a product runs."""
         return await trio.to_thread.run_sync(fn, *args, limiter=self.compute_limiter)
+
+    async def batched(self, session: "ServerSession", key, fn, rows, order: int = 0):
+        """``fn(rows)`` like :meth:`compute`, for a row-wise exact ``fn`` (one per ``key``): stacked
+        with other sessions' rows of the same key when they come within the batch window."""
+        return await self.batcher.product(session.session_id, key, fn, rows, order)
 
     async def preloaded(self, protocol: str) -> None:
         """Wait until ``protocol``'s start-up build is over (at once if it has none)."""
@@ -184,6 +194,7 @@ class Server:
                 "session_ttl_secs": self.config.session_ttl, "idle_timeout_secs": self.config.idle_timeout,
                 "send_timeout_secs": self.config.send_timeout, "session_memory_mb": self.config.session_memory_mb,
             },
+            "batching": self.batcher.stats(),
         }
 
     def health(self) -> dict:
@@ -193,7 +204,7 @@ class Server:
         ready = self.preloader.ready
         out = {"status": "ready" if ready else "loading", "uptime_secs": round(time.time() - self.started, 3),
                "active_sessions": len(self.sessions), "connections": self.active, "served": self.served,
-               "cut_off": dict(self.cut_off)}
+               "cut_off": dict(self.cut_off), "batching": self.batcher.stats()}
         if not ready:
             out["loading"] = self.preloader.progress()
         out["protocols"] = {n: {**self.preloader.state.get(n, {"status": "on first use"}),
@@ -224,6 +235,7 @@ class Server:
                 nursery.start_soon(trio.serve_listeners, self._handle_tcp, [listener])
             if on_listening is not None:
                 on_listening(ports[0])
+            await nursery.start(self.batcher.run)
             task_status.started(ports[0])
             nursery.start_soon(self.preloader.run, on_ready)
             await trio.sleep_forever()
@@ -315,6 +327,7 @@ class Server:
                 session = self.sessions.get(session_id)  # it leaves self.sessions in handle_stream
                 if session is not None and hasattr(session.handler, "close"):
                     session.handler.close()  # e.g. free a per-session KV cache
+                self.batcher.leave(session_id)  # no batch waits for it any more
         if ttl.cancelled_caught:
             raise ProtocolError(ErrorCode.SESSION_EXPIRED, f"session exceeded its TTL of {cfg.session_ttl:g} s; "
                                                            "start a new one")

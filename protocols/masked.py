@@ -141,6 +141,7 @@ class MaskedServerHandler:
         self.session = session
         self.variant = variant
         self.units = units_for(session.server.model.plan, variant)
+        self.order = {name: i for i, name in enumerate(self.units)}  # the schedule's order, for batching
         self.matrices = None  # built (once per process) on first use, off the event loop
         self.ot_sender = None
         self.he_ready = False  # --offline he: after HE_SETUP agreed on the parameters
@@ -171,7 +172,9 @@ class MaskedServerHandler:
         self.session.check_memory(m.shape[0] * (W.in_dim + 2 * W.out_dim) * 8, f"{m.shape[0]} rows of {unit.name}")
         y = torch.empty((m.shape[0], W.out_dim), dtype=torch.int64)
         for at in range(0, m.shape[0], CHUNK_ROWS):
-            y[at:at + CHUNK_ROWS] = await server.compute(W.matmul, m[at:at + CHUNK_ROWS])
+            # exact mod 2^64 row by row: other sessions' rows of this matrix may share the product
+            y[at:at + CHUNK_ROWS] = await server.batched(self.session, W, W.matmul, m[at:at + CHUNK_ROWS],
+                                                         self.order[unit.name])
         await self.session.channel.send(MsgType.MASKED_LINEAR_OK, {"y": y.numpy()})
 
 

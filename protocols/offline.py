@@ -18,6 +18,7 @@ import time
 
 import numpy as np
 import torch
+import trio
 
 from ..wire.msgtypes import MsgType
 from . import preprocess
@@ -43,7 +44,9 @@ class ClientSource:
 
     async def deal(self, rows: dict[str, int], progress=None) -> preprocess.MaterialStore:
         t0 = time.process_time()  # the process's: torch may multiply on several threads
-        store = deal_locally(self.model, self.variant, rows, progress)
+        # in a worker thread: seconds of products must not stall this process's other sessions
+        # (the load test runs many in one event loop; a stalled one misses the handshake timeout)
+        store = await trio.to_thread.run_sync(deal_locally, self.model, self.variant, rows, progress)
         self.costs["client_cpu_s"] = self.costs.get("client_cpu_s", 0.0) + time.process_time() - t0
         return store
 
