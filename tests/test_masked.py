@@ -110,7 +110,9 @@ def test_server_view_structure_uniformity_and_no_plaintext(tiny_models, tmp_path
         hello = next(m for m in msgs if m.type == MsgType.HELLO).body
         assert set(hello) == {"version", "protocol", "model_fingerprint", "max_seq_len"}
         for m in _ring_view(msgs):
-            assert set(m.body) == {"unit", "m"} and m.body["m"].dtype == np.int64
+            # the reply's window (protocols/lowbits.py): public per unit, the same for every prompt
+            assert set(m.body) == {"unit", "m", "bits", "shift"} and m.body["m"].dtype == np.int64
+            assert m.body["bits"] < 64 and m.body["shift"] == 0
             assert m.body["unit"] in units.units_for(model.plan, protocol)
     # (2) uniformity of everything the server received in the ring
     assert_uniform_ring([m.body["m"] for v in views for m in _ring_view(v)])
