@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 
@@ -109,6 +110,8 @@ def main() -> None:
                     help="a flag for every client, e.g. --client-arg=--draft ... (repeatable)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    # SIGTERM unwinds like Ctrl-C, so the server and proxy processes are stopped on the way out
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     def show(row):
         if args.json:
