@@ -3,7 +3,8 @@
 Client, per linear step of the plan: encode the input rows ``x`` in fixed point, take fresh
 mask rows ``r`` and their product ``W r`` from the preprocessed material, send ``m = x - r``
 (uniform in Z_2^64, so it says nothing about ``x``), receive ``W m`` computed exactly mod
-2^64, and recover ``W x = W m + W r``. Biases, norms, RoPE, attention over the client's own
+2^64 (by default only the low bits that the unit's public bound needs: protocols/lowbits.py),
+and recover ``W x = W m + W r``. Biases, norms, RoPE, attention over the client's own
 KV cache, activations and residuals run on the client in the clear. The server's view is a
 unit name (public: the same schedule for every prompt) and uniform ring tensors.
 

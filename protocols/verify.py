@@ -127,15 +127,17 @@ class Verifier:
         self.setup_seconds = time.perf_counter() - t0
         self.check_seconds = 0.0
         self.replies = 0
+        self.bound_bits = BOUND_BITS  # the tightest range bound checked (low-bits replies: width - 2)
 
     def check(self, unit: str, m: torch.Tensor, y: torch.Tensor, z: torch.Tensor, bits: int = RING_BITS) -> None:
         t0 = time.perf_counter()
         reason = check(self.keys[unit], m, y, z, bits)
+        self.bound_bits = min(self.bound_bits, bits - (RING_BITS - BOUND_BITS))
         self.check_seconds += time.perf_counter() - t0
         self.replies += 1
         if reason is not None:
             raise VerificationError(unit, reason)
 
     def stats(self) -> dict:
-        return {"k": self.k, "bound_bits": BOUND_BITS,
+        return {"k": self.k, "bound_bits": self.bound_bits,
                 "replies": self.replies, "setup_ms": self.setup_seconds * 1e3, "check_ms": self.check_seconds * 1e3}
