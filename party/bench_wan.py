@@ -81,7 +81,7 @@ def run(model: str, protocols: list[str], rtts: list[str], rates: list[str], pro
     names = sorted({shlex.split(e)[0] for e in protocols} - {"plain", "split"})
     rows = []
     with launch.server(["--model", model, "--threads", "1", "--preload", ",".join(names) or "none", *server_args],
-                       env={**os.environ, "OMP_NUM_THREADS": "1"}, stderr=subprocess.DEVNULL) as server:
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}) as server:
         for bw in rates:
             for rtt in rtts:
                 with launch.proxy(server.address, rtt=rtt, bw=bw) as px:
