@@ -48,33 +48,37 @@ def pack(y: torch.Tensor, bits: int, shift: int = 0) -> np.ndarray:
     """(rows, out) int64 -> (rows, row_bytes) uint8: bits ``shift .. shift+bits-1`` of each entry."""
     rows, out = y.shape
     v = torch.bitwise_right_shift(y, shift) if shift else y  # arithmetic: the bits kept are below 64 - shift
-    b8 = np.ascontiguousarray(v.numpy().astype("<i8", copy=False)).view(np.uint8).reshape(rows, out, 8)
+    b8 = v.numpy().astype("<i8", copy=False).view(np.uint8).reshape(rows, out, 8)
     q, t = divmod(bits, 8)
-    whole = b8[:, :, :q].reshape(rows, out * q)
     if t == 0:
-        return np.ascontiguousarray(whole)
+        return np.ascontiguousarray(b8[:, :, :q]).reshape(rows, out * q)
+    packed = np.empty((rows, row_bytes(out, bits)), np.uint8)
+    packed[:, :out * q].reshape(rows, out, q)[:] = b8[:, :, :q]
     # the t-bit remainders of 8 products at a time fill t bytes: shift them into one word each
-    # (4x faster than unpackbits/packbits for the LM head's row)
-    rest = np.zeros((rows, -(-out // 8) * 8), np.uint64)
-    rest[:, :out] = b8[:, :, q] & ((1 << t) - 1)
-    words = np.bitwise_or.reduce(rest.reshape(rows, -1, 8) << _LANES * np.uint64(t), axis=2)
-    tail = words.astype("<u8").view(np.uint8).reshape(rows, -1, 8)[:, :, :t].reshape(rows, -1)
-    return np.concatenate([whole, tail[:, :-(-out * t // 8)]], axis=1)
+    groups = -(-out // 8)
+    rest = np.zeros((rows, groups * 8), np.uint64)
+    np.bitwise_and(b8[:, :, q], (1 << t) - 1, out=rest[:, :out], casting="unsafe")
+    words = (rest.reshape(rows, groups, 8) << _LANES * np.uint64(t)).sum(axis=2, dtype=np.uint64)  # disjoint bits
+    tail = words.astype("<u8", copy=False).view(np.uint8).reshape(rows, groups, 8)[:, :, :t].reshape(rows, -1)
+    packed[:, out * q:] = tail[:, :packed.shape[1] - out * q]
+    return packed
 
 
 def unpack(buf: np.ndarray, out: int, bits: int) -> torch.Tensor:
     """(rows, row_bytes) uint8 -> (rows, out) int64 holding the ``bits`` low bits (higher bits zero)."""
     rows = buf.shape[0]
     q, t = divmod(bits, 8)
+    if q == 8:
+        return torch.from_numpy(buf.view("<i8").astype(np.int64, copy=False).reshape(rows, out))
     b8 = np.zeros((rows, out, 8), np.uint8)
     b8[:, :, :q] = buf[:, :out * q].reshape(rows, out, q)
     if t:
         groups = -(-out // 8)
         tail = np.zeros((rows, groups, 8), np.uint8)
-        flat = np.zeros((rows, groups * t), np.uint8)
-        flat[:, :buf.shape[1] - out * q] = buf[:, out * q:]
-        tail[:, :, :t] = flat.reshape(rows, groups, t)
-        words = tail.view("<u8").reshape(rows, groups, 1)
+        tail.reshape(rows, -1)[:, :buf.shape[1] - out * q] = buf[:, out * q:]  # t bytes a group, then padding
+        tail[:, :, :t] = tail.reshape(rows, -1)[:, :groups * t].reshape(rows, groups, t).copy()
+        tail[:, :, t:] = 0
+        words = tail.view("<u8")  # (rows, groups, 1)
         b8[:, :, q] = ((words >> _LANES * np.uint64(t)) & np.uint64((1 << t) - 1)).reshape(rows, -1)[:, :out]
     return torch.from_numpy(b8.view("<i8").reshape(rows, out).astype(np.int64, copy=False))
 
@@ -83,5 +87,4 @@ def wrap(v: torch.Tensor, bits: int) -> torch.Tensor:
     """``v mod 2^bits`` read as a signed ``bits``-bit value (the identity at 64: int64 already wraps)."""
     if bits >= RING_BITS:
         return v
-    low = torch.bitwise_and(v, (1 << bits) - 1)
-    return torch.where(low >= 1 << (bits - 1), low - (1 << bits), low)
+    return torch.bitwise_right_shift(torch.bitwise_left_shift(v, RING_BITS - bits), RING_BITS - bits)
