@@ -6,8 +6,9 @@
 For the full reply and each ``--activation-bits`` value: the reply bytes of one decode token
 (every unit's row, the LM head's included), the fewest fractional bits each kind of unit's
 inputs kept, and against the plaintext reference the teacher-forced top-1 agreement and largest
-logit error over ``--tokens`` tokens of a fixed text (protocols/mpc/accuracy.TEXT), and whether a
-greedy generation of ``--greedy`` tokens from the demo prompt equals the reference's. The
+logit error over ``--tokens`` tokens of a fixed text (protocols/mpc/accuracy.TEXT), the
+milliseconds that packing and unpacking one decode step's replies take, and whether a greedy
+generation of ``--greedy`` tokens from the demo prompt equals the reference's. The
 client is the real MaskedClient; the server's products run in this process (no sockets: the
 figures are the arithmetic's), so the teacher-forced pass is one batch of all positions, whose
 shared fractional bits are the worst case a prefill meets.
@@ -24,7 +25,7 @@ import trio
 from ..models.executor import forward_steps, run_async
 from ..models.reference import Reference, generate
 from ..models.sampling import SamplingParams
-from . import lowbits, masked, offline
+from . import lowbits, masked, offline, ring
 from .mpc.accuracy import TEXT
 from .units import FUSED, PRECOMPOSED, matrices_for, rows_needed, units_for
 
@@ -59,6 +60,23 @@ def decode_bytes(client) -> int:
                for name, u in client.units.items())
 
 
+def codec_ms(client, reps: int = 5) -> float:
+    """Best-of-``reps`` milliseconds to pack, unpack and sign-extend one decode step's replies
+    (one row per unit) at the client's widths: the CPU the window costs the two parties."""
+    import time
+
+    widths = {name: client.window(name, client.material.shift) for name in client.units}
+    ys = {name: ring.random_ring(1, u.out_dim) for name, u in client.units.items()}
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for name, u in client.units.items():
+            lo, b = widths[name]
+            lowbits.wrap(lowbits.unpack(lowbits.pack(ys[name], b, lo), u.out_dim, b), b)
+        best = min(best, time.perf_counter() - t0)
+    return best * 1e3
+
+
 def teacher_forced(model, variant: str, mode: str, activation_bits: int | None, ids: list[int]) -> dict:
     c = client_for(model, variant, mode, activation_bits, {n: len(ids) for n in units_for(model.plan, variant)})
     cache = c.new_cache(len(ids))
@@ -70,7 +88,7 @@ def teacher_forced(model, variant: str, mode: str, activation_bits: int | None, 
     agree = got.argmax(-1) == want.argmax(-1)
     return {"top1": float(agree.float().mean()), "disagree": int((~agree).sum()),
             "err_max": float((got - want).abs().max()), "fraction_bits_min": c.protocol_stats["fraction_bits_min"],
-            "decode_reply_bytes": decode_bytes(c),
+            "decode_reply_bytes": decode_bytes(c), "codec_ms_per_decode_step": round(codec_ms(c), 2),
             "widths": sorted({c.window(n, 0)[1] for n in c.units})}
 
 
