@@ -3,7 +3,8 @@
 Client, per linear step of the plan: encode the input rows ``x`` in fixed point, take fresh
 mask rows ``r`` and their product ``W r`` from the preprocessed material, send ``m = x - r``
 (uniform in Z_2^64, so it says nothing about ``x``), receive ``W m`` computed exactly mod
-2^64, and recover ``W x = W m + W r``. Biases, norms, RoPE, attention over the client's own
+2^64 (by default only the low bits that the unit's public bound needs: protocols/lowbits.py),
+and recover ``W x = W m + W r``. Biases, norms, RoPE, attention over the client's own
 KV cache, activations and residuals run on the client in the clear. The server's view is a
 unit name (public: the same schedule for every prompt) and uniform ring tensors.
 
@@ -47,8 +48,8 @@ from ..party.spec import OptionError
 from ..wire.errors import ErrorCode, ProtocolError
 from ..wire.msgtypes import MsgType
 from ..wire.tls import peer_fingerprint
-from ..wire.schema import Schema, Str, Tensor
-from . import matrix_cache, offline, preprocess, ring, units
+from ..wire.schema import Int, Schema, Str, Tensor
+from . import lowbits, matrix_cache, offline, preprocess, ring, units
 from .he import bfv
 from .he import service as he
 from .ot import embedding
@@ -116,8 +117,12 @@ def matrices_built(spec, server) -> dict:
     return {"built": built, "total": len(units)}
 
 
-MASKED_LINEAR = Schema("MASKED_LINEAR", unit=Str(choices="units"), m=Tensor("int64", ("rows", "in_dim"), rows=0))
-MASKED_LINEAR_OK = Schema("MASKED_LINEAR_OK", y=Tensor("int64", ("rows", "out_dim")))
+# ``bits``/``shift``: the reply's window (protocols/lowbits.py), bits shift..shift+bits-1 of each product;
+# whatever the client asks, the reply is at most the 8 bytes per product of the full one.
+MASKED_LINEAR = Schema("MASKED_LINEAR", unit=Str(choices="units"), m=Tensor("int64", ("rows", "in_dim"), rows=0),
+                       bits=Int(1, lowbits.RING_BITS, default=lowbits.RING_BITS),
+                       shift=Int(0, "max_shift", default=0))
+MASKED_LINEAR_OK = Schema("MASKED_LINEAR_OK", y=Tensor("uint8", ("rows", "row_bytes")))
 
 
 # Rows per product call: bounds a request's transient working memory (the int8 digit GEMMs'
@@ -165,7 +170,7 @@ class MaskedServerHandler:
             await server.preloaded(self.variant)
             self.matrices = await trio.to_thread.run_sync(_server_matrices, server, self.variant)
         body = MASKED_LINEAR.check(msg.body, units=self.matrices, in_dim=lambda f: self.matrices[f["unit"]].in_dim,
-                                   rows=(1, self.session.max_seq_len))
+                                   rows=(1, self.session.max_seq_len), max_shift=lambda f: lowbits.RING_BITS - f["bits"])
         unit, m = self.units[body["unit"]], torch.from_numpy(body["m"])
         self.session.charge(unit.name, m.shape[0], per_request=MAX_DRAFT_LEN + 1 if unit.head else None)
         W = self.matrices[unit.name]
@@ -175,7 +180,7 @@ class MaskedServerHandler:
             # exact mod 2^64 row by row: other sessions' rows of this matrix may share the product
             y[at:at + CHUNK_ROWS] = await server.batched(self.session, W, W.matmul, m[at:at + CHUNK_ROWS],
                                                          self.order[unit.name])
-        await self.session.channel.send(MsgType.MASKED_LINEAR_OK, {"y": y.numpy()})
+        await self.session.channel.send(MsgType.MASKED_LINEAR_OK, {"y": lowbits.pack(y, body["bits"], body["shift"])})
 
 
     async def _handle_he(self, msg) -> None:
@@ -255,10 +260,13 @@ class MaskedClient:
 
     def __init__(self, channel, model, variant: str, store: preprocess.MaterialStore | None,
                  fx: ring.FixedPoint = FIXED_POINT, embedding_source: str = "local", verify: bool = False,
-                 streamed: range = range(0), source=None, first_rows: dict[str, int] | None = None):
+                 streamed: range = range(0), source=None, first_rows: dict[str, int] | None = None,
+                 reply_bits: str = "full"):
         """``store``: the material, or None to get ``first_rows`` from ``source`` (protocols/offline)
         in :meth:`setup`. ``streamed``: the prompt positions whose material is dealt chunk by chunk
-        by ``source`` as the prefill reaches them; their dealing time adds to offline_ms."""
+        by ``source`` as the prefill reaches them; their dealing time adds to offline_ms.
+        ``reply_bits``: ``low`` asks each unit's product for its public width only
+        (protocols/lowbits.py), ``full`` for all 64 bits."""
         self.channel = channel
         self.model = model
         self.variant = variant
@@ -273,6 +281,11 @@ class MaskedClient:
         self.units = units_for(model.plan, variant)
         self.unit_of = {u.ops[0].name: u for u in self.units.values()}
         self.encoding = encoding_for(model, variant)
+        if reply_bits not in lowbits.MODES:
+            raise ValueError(f"reply bits must be one of {', '.join(lowbits.MODES)}, not {reply_bits!r}")
+        self.reply_bits = reply_bits
+        self.activation_bits = lowbits.ACTIVATION_BITS  # part of the protocol; protocols/bench_lowbits varies it
+        self.fraction_bits: dict[str, int] = {}  # per unit, the fewest fractional bits its inputs were given
         if embedding_source not in ("local", "ot"):
             raise ValueError(f"embedding source must be 'local' or 'ot', not {embedding_source!r}")
         self.embedding_source = embedding_source
@@ -311,38 +324,68 @@ class MaskedClient:
         self.cache = self.ref.new_cache(capacity)
         return self.cache
 
+    def window(self, name: str, shift: int) -> tuple[int, int]:
+        """The bits of a unit's products to ask for, (lowest, count): all 64, or from above the
+        masks' zero bits as wide as the unit's public bound needs (protocols/lowbits.py)."""
+        if self.reply_bits == "full":
+            return 0, lowbits.RING_BITS
+        return shift, lowbits.reply_bits([l1 for _, l1 in self.encoding[name]], shift, self.activation_bits)
+
+    @property
+    def protocol_stats(self) -> dict:
+        """The reply width asked for, and the fewest fractional bits each kind of unit's inputs kept."""
+        kinds: dict[str, int] = {}
+        for name, f in self.fraction_bits.items():
+            kind = name.rsplit(".", 1)[-1]
+            kinds[kind] = min(f, kinds.get(kind, 64))
+        return {"reply_bits": self.reply_bits, "fraction_bits_min": kinds}
+
     async def linear(self, ops: tuple[Linear, ...] | Composite, x) -> list[torch.Tensor]:
         comp = ops if isinstance(ops, Composite) else None
         unit = self.unit_of[comp.first.name if comp else ops[0].name]
         assert unit.composite == comp and (comp or unit.ops == ops), "the executor's grouping and the unit table disagree"
         parts = self.encoding[unit.name]
-        # masks 2^shift r' (HE-made material): encode that many bits higher, the bound still |z| < 2^62
+        # masks 2^shift r' (HE-made material): encode that many bits higher; the reply's window
+        # (lo, width) gives 2^shift W x mod 2^(lo + width), so |2^shift W x| < 2^(lo + width - 2)
         shift = self.material.shift
+        lo, width = self.window(unit.name, shift)
+
+        def frac(v, l1):
+            try:
+                return self.fx.bits_for(float(v.abs().max()), l1 << shift, lo + width - 2)
+            except OverflowError as exc:
+                hint = "; run with --reply-bits full" if width < lowbits.RING_BITS else ""
+                raise OverflowError(f"{unit.name}: {exc} of a {width}-bit reply{hint}") from None
         if comp is None:
-            bits = [self.fx.bits_for(float(x.abs().max()), parts[0][1] << shift)]
+            bits = [frac(x, parts[0][1])]
             encoded = self.fx.encode(x, bits[0])
         else:  # input [a | res]: a meets the first and the cross products, res the T product
             a, res = x
-            bits_a = min(self.fx.bits_for(float(a.abs().max()), l1 << shift) for _, l1 in parts[:2])
-            bits = [bits_a, bits_a, self.fx.bits_for(float(res.abs().max()), parts[2][1] << shift)]
+            bits_a = min(frac(a, l1) for _, l1 in parts[:2])
+            bits = [bits_a, bits_a, frac(res, parts[2][1])]
             encoded = torch.cat([self.fx.encode(a, bits_a), self.fx.encode(res, bits[2])], dim=1)
+        self.fraction_bits[unit.name] = min(min(bits), self.fraction_bits.get(unit.name, 64))
         n = encoded.shape[0]
         r, wr = self.material.take(unit.name, n)
         m = encoded * (1 << shift) - r
         t0 = time.perf_counter()
-        reply = await self.channel.request(MsgType.MASKED_LINEAR, {"unit": unit.name, "m": m.numpy()},
+        window = {} if width == lowbits.RING_BITS else {"bits": width, "shift": lo}
+        reply = await self.channel.request(MsgType.MASKED_LINEAR, {"unit": unit.name, "m": m.numpy(), **window},
                                            MsgType.MASKED_LINEAR_OK)
         self.timings["wait"] = self.timings.get("wait", 0.0) + time.perf_counter() - t0
-        y = torch.from_numpy(MASKED_LINEAR_OK.check(reply, rows=n, out_dim=unit.out_dim)["y"])
-        z = y + wr  # W x
+        packed = MASKED_LINEAR_OK.check(reply, rows=n, row_bytes=lowbits.row_bytes(unit.out_dim, width))["y"]
+        y = lowbits.unpack(packed, unit.out_dim, width)  # W (m >> lo) mod 2^width: m's low lo bits are zero
+        if lo:
+            m, wr = torch.bitwise_right_shift(m, lo), torch.bitwise_right_shift(wr, lo)
+        z = lowbits.wrap(y + wr, width)  # 2^(shift - lo) W x
         if self.verifier is not None:
             try:
-                self.verifier.check(unit.name, m, y, z)
+                self.verifier.check(unit.name, m, y, z, width)
             except VerificationError as exc:  # nothing of this reply is used; the server is told why
                 await self.channel.send_error(exc.code, exc.message)
                 raise
-        if shift:  # z = 2^shift W x exactly (|z| < 2^62): the arithmetic shift is exact
-            z = torch.bitwise_right_shift(z, shift)
+        if shift > lo:  # z = 2^(shift - lo) W x exactly (within the bound): the arithmetic shift is exact
+            z = torch.bitwise_right_shift(z, shift - lo)
         decoded, at = [], 0
         for b, (scales, _) in zip(bits, parts):
             decoded.append(self.fx.decode_product(z[:, at:at + scales.numel()], b, scales))
@@ -417,14 +460,14 @@ def source_for(spec, channel, model, *, offline_mode: str, dealer: str | None = 
 def client(spec, channel, model, *, prompt_tokens: int, max_tokens: int, progress=None, session_id: str,
            embedding_source: str, material: str | None, verify: bool, offline_mode: str = "client",
            dealer: str | None = None, dealer_fingerprint: str | None = None, draft: str = "none",
-           draft_len: int | None = None) -> MaskedClient:
+           draft_len: int | None = None, reply_bits: str = "full") -> MaskedClient:
     """Online client with its material: loaded from a store (made ahead of time: offline_ms 0,
     the store's own dealing time reported as material_dealt_ms), or obtained in ``setup`` from the
     ``offline_mode`` source (the offline phase: the first prefill chunk and every decode step; a
     long prompt's later chunks are obtained as the prefill reaches them, so the material held at
     once follows the chunk, not the prompt). ``verify``: check every reply (protocols/verify.py);
     its keys count as offline time. ``draft``/``draft_len``: speculative decoding (party/speculative),
-    K+1 material rows per decode forward."""
+    K+1 material rows per decode forward. ``reply_bits``: protocols/lowbits.py."""
     rows = Drafting.from_options({"draft": draft, "draft_len": draft_len}).rows
     if verify and model.client_only:  # refused before any material is claimed
         raise ModelError(f"--verify checks replies against U W, which needs the linear weight matrices; {model.source} "
@@ -438,7 +481,8 @@ def client(spec, channel, model, *, prompt_tokens: int, max_tokens: int, progres
     t0 = time.perf_counter()
     if material:
         store = preprocess.MaterialStore.load(material)
-        c = MaskedClient(channel, model, spec.name, store, embedding_source=embedding_source, verify=verify)
+        c = MaskedClient(channel, model, spec.name, store, embedding_source=embedding_source, verify=verify,
+                         reply_bits=reply_bits)
         c.material_dealt_ms = store.meta["dealer_seconds"] * 1e3
         c.offline_ms = (c.verifier.setup_seconds if c.verifier is not None else 0.0) * 1e3
         return c
@@ -447,7 +491,8 @@ def client(spec, channel, model, *, prompt_tokens: int, max_tokens: int, progres
     first = min(prompt_tokens, PREFILL_CHUNK)  # the first prefill forward's positions
     c = MaskedClient(channel, model, spec.name, None, embedding_source=embedding_source, verify=verify,
                      streamed=range(first, prompt_tokens), source=source,
-                     first_rows=rows_needed(units_for(model.plan, spec.name), first, max_tokens, rows))
+                     first_rows=rows_needed(units_for(model.plan, spec.name), first, max_tokens, rows),
+                     reply_bits=reply_bits)
     c.progress = progress
     c.offline_ms = (time.perf_counter() - t0) * 1e3
     return c

@@ -77,12 +77,14 @@ class FixedPoint:
     max_bits: int = 40
     min_bits: int = 8
 
-    def bits_for(self, amax: float, l1_bound: int) -> int:
-        budget = 62 - math.log2(max(amax, 2.0**-60) * max(l1_bound, 1))
+    def bits_for(self, amax: float, l1_bound: int, log_bound: int = 62) -> int:
+        """``f`` with ``round(amax 2^f) l1_bound < 2^log_bound`` (62 for a full reply; ``b - 2`` for a
+        reply of ``b`` bits, protocols/lowbits.py)."""
+        budget = log_bound - math.log2(max(amax, 2.0**-60) * max(l1_bound, 1))
         bits = min(self.max_bits, math.floor(budget))
         # the float estimate may be one bit too generous at the edge; settle it in integers: the
         # largest encoded magnitude (at most amax * 2^f rounded half up) times L1
-        while bits >= self.min_bits and math.floor(amax * 2.0**bits + 0.5) * l1_bound >= 2**62:
+        while bits >= self.min_bits and math.floor(amax * 2.0**bits + 0.5) * l1_bound >= 2**log_bound:
             bits -= 1
         if bits < self.min_bits:
             raise OverflowError(f"activations up to {amax:.3g} leave only {bits} fractional bits in the ring")

@@ -24,7 +24,9 @@ are distinct mod ``2^8``, so at most one of them lies in that class when ``64 - 
 all ``K`` rows with ``<= 2^-K min(8, 64-v)``. (A full 64-bit ``u_j`` would do no better where it
 matters: for ``v = 62`` only ``u_j mod 4`` counts either way.) If ``v = 63`` every changed entry
 moved by ``2^63``: bit 63 of ``z`` flips, bit 62 does not, and the bound check refuses it always.
-If ``v <= 62`` Freivalds misses with probability at most ``2^-2K``. With ``K = 20`` a reply that
+If ``v <= 62`` Freivalds misses with probability at most ``2^-2K``. A low-bits reply of ``b`` bits
+(protocols/lowbits.py) is the same argument in ``Z_2^b``: the client's encoding keeps honest
+entries below ``2^(b-2)``, the check compares mod ``2^b``, and 64 reads ``b`` throughout. With ``K = 20`` a reply that
 alters any product passes with probability at most ``2^-40``. ``U`` stays secret: it is fresh per
 session, the server sees only ``m`` (independent of ``U``), and the first failed check ends the
 session, so the server learns nothing about ``U`` before it is caught. The bound check alone
@@ -48,7 +50,8 @@ from ..wire.errors import ErrorCode, ProtocolError
 from . import ring
 
 K = 20  # secret rows per unit: 2^-2K = 2^-40 per reply for every error the bound does not catch
-BOUND_BITS = 62  # honest unmasked entries satisfy |W x| < 2^62 (ring.FixedPoint.bits_for)
+BOUND_BITS = 62  # honest unmasked entries satisfy |W x| < 2^62 (ring.FixedPoint.bits_for); 2^(b-2) in b bits
+RING_BITS = 64
 
 
 class VerificationError(ProtocolError):
@@ -94,15 +97,22 @@ def _ring_products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a @ b.to(torch.int64).t()
 
 
-def check(key: Key, m: torch.Tensor, y: torch.Tensor, z: torch.Tensor) -> str | None:
-    """Why the reply ``y`` to ``m`` (with ``z = y + W r``, unmasked) is refused, or None if it passes."""
-    bad = (_ring_products(y, key.u) != _ring_products(m, key.uw)).any(dim=1)
+def check(key: Key, m: torch.Tensor, y: torch.Tensor, z: torch.Tensor, bits: int = RING_BITS) -> str | None:
+    """Why the reply ``y`` to ``m`` (with ``z = y + W r``, unmasked) is refused, or None if it passes.
+    A low-bits reply (protocols/lowbits.py) of ``bits`` bits: ``y`` and ``z`` mod ``2^bits``, ``z``
+    sign-extended from there; all of the above holds with ``bits`` for 64 (Freivalds mod
+    ``2^bits``, the bound ``2^(bits-2)``)."""
+    diff = _ring_products(y, key.u) - _ring_products(m, key.uw)
+    if bits < RING_BITS:
+        diff = torch.bitwise_and(diff, (1 << bits) - 1)
+    bad = (diff != 0).any(dim=1)
     if bad.any():
-        return f"row {int(bad.nonzero()[0])}: Freivalds check y U^T != m (U W)^T"
-    out = (z >= 2**BOUND_BITS) | (z < -2**BOUND_BITS)
+        return f"row {int(bad.nonzero()[0])}: Freivalds check y U^T != m (U W)^T mod 2^{bits}"
+    bound = bits - (RING_BITS - BOUND_BITS)
+    out = (z >= 2**bound) | (z < -2**bound)
     if out.any():
         row, col = (int(i) for i in out.nonzero()[0])
-        return f"row {row}, entry {col}: |W x| >= 2^{BOUND_BITS} after unmasking, beyond any honest product"
+        return f"row {row}, entry {col}: |W x| >= 2^{bound} after unmasking, beyond any honest product"
     return None
 
 
@@ -117,15 +127,17 @@ class Verifier:
         self.setup_seconds = time.perf_counter() - t0
         self.check_seconds = 0.0
         self.replies = 0
+        self.bound_bits = BOUND_BITS  # the tightest range bound checked (low-bits replies: width - 2)
 
-    def check(self, unit: str, m: torch.Tensor, y: torch.Tensor, z: torch.Tensor) -> None:
+    def check(self, unit: str, m: torch.Tensor, y: torch.Tensor, z: torch.Tensor, bits: int = RING_BITS) -> None:
         t0 = time.perf_counter()
-        reason = check(self.keys[unit], m, y, z)
+        reason = check(self.keys[unit], m, y, z, bits)
+        self.bound_bits = min(self.bound_bits, bits - (RING_BITS - BOUND_BITS))
         self.check_seconds += time.perf_counter() - t0
         self.replies += 1
         if reason is not None:
             raise VerificationError(unit, reason)
 
     def stats(self) -> dict:
-        return {"k": self.k, "bound_bits": BOUND_BITS,
+        return {"k": self.k, "bound_bits": self.bound_bits,
                 "replies": self.replies, "setup_ms": self.setup_seconds * 1e3, "check_ms": self.check_seconds * 1e3}

@@ -36,6 +36,7 @@ def fuzz_settings(examples: int, **kw) -> settings:
 def valid_bodies() -> dict[MsgType, dict]:
     """A well-formed body of every message type (what each protocol's code sends)."""
     from shardlm.party import handshake
+    from shardlm.protocols import lowbits
 
     rng = np.random.default_rng(0)
 
@@ -62,8 +63,8 @@ def valid_bodies() -> dict[MsgType, dict]:
         MsgType.BYE: {},
         MsgType.PLAIN_FORWARD: {"ids": np.array([1, 5, 9], dtype=np.int64), "start": 4, "all_rows": True},
         MsgType.PLAIN_LOGITS: {"logits": rng.standard_normal(VOCAB, dtype=np.float32)},
-        MsgType.MASKED_LINEAR: {"unit": "qkv", "m": ring(2, IN_DIM)},
-        MsgType.MASKED_LINEAR_OK: {"y": ring(2, OUT_DIM)},
+        MsgType.MASKED_LINEAR: {"unit": "qkv", "m": ring(2, IN_DIM), "bits": 45, "shift": 5},
+        MsgType.MASKED_LINEAR_OK: {"y": np.ascontiguousarray(ring(2, OUT_DIM).view(np.uint8)[:, :lowbits.row_bytes(OUT_DIM, 45)])},
         MsgType.OT_BASE_A: {"A": bytes(u8(32)), "n": 4},
         MsgType.OT_BASE_B: {"B": u8(4, 32)},
         MsgType.OT_EXT_U: {"u": u8(128, 16)},
@@ -105,7 +106,7 @@ def body_checks() -> dict:
     """MsgType -> the receiver's check of a decoded body (raises ProtocolError), for every type
     whose receiver checks a schema; the session-dependent bounds are those of a tiny model."""
     from shardlm.party import handshake, server
-    from shardlm.protocols import dealer, masked, plain, registry, split
+    from shardlm.protocols import dealer, lowbits, masked, plain, registry, split
     from shardlm.protocols.cc import service as cc
     from shardlm.protocols.he import service as he
     from shardlm.protocols.mpc import service as mpc
@@ -122,8 +123,10 @@ def body_checks() -> dict:
         MsgType.PLAIN_FORWARD: plain.PLAIN_FORWARD.check,
         MsgType.PLAIN_LOGITS: lambda b: plain.PLAIN_LOGITS.check(b, shape=(VOCAB,)),
         MsgType.MASKED_LINEAR: lambda b: masked.MASKED_LINEAR.check(
-            b, units={"qkv": IN_DIM, "o": IN_DIM}, in_dim=lambda f: IN_DIM, rows=(1, 16)),
-        MsgType.MASKED_LINEAR_OK: lambda b: masked.MASKED_LINEAR_OK.check(b, rows=2, out_dim=OUT_DIM),
+            b, units={"qkv": IN_DIM, "o": IN_DIM}, in_dim=lambda f: IN_DIM, rows=(1, 16),
+            max_shift=lambda f: lowbits.RING_BITS - f["bits"]),
+        MsgType.MASKED_LINEAR_OK: lambda b: masked.MASKED_LINEAR_OK.check(
+            b, rows=2, row_bytes=lowbits.row_bytes(OUT_DIM, 45)),
         MsgType.OT_REQ: ot.OT_REQ.check,
         MsgType.OT_EMB_REQ: embedding.OT_EMB_REQ.check,
         MsgType.MPC_SETUP: mpc.MPC_SETUP.check,

@@ -78,6 +78,23 @@ def assert_uniform_ring(arrays) -> None:
     assert abs(bits.mean() - 0.5) < 5 * 0.5 / math.sqrt(bits.size)
 
 
+def assert_uniform_below(arrays, bits: int) -> None:
+    """uint64 values that should be uniform in [0, 2^bits): chi-square per whole byte, bit balance per bit."""
+    import math
+
+    import numpy as np
+
+    u = np.concatenate([a.reshape(-1) for a in arrays])
+    assert not (u >> np.uint64(bits)).any()
+    by_pos = u.view(np.uint8).reshape(-1, 8)
+    for pos in range(bits // 8):
+        counts = np.bincount(by_pos[:, pos], minlength=256)
+        chi2 = ((counts - u.size / 256) ** 2 / (u.size / 256)).sum()
+        assert chi2 < 370, (pos, chi2)  # 255 dof: p < 1e-6 above 370
+    balance = ((u[:, None] >> np.arange(bits, dtype=np.uint64)) & np.uint64(1)).mean(axis=0)
+    assert np.abs(balance - 0.5).max() < 6 * 0.5 / math.sqrt(u.size)
+
+
 # -- mask reuse: every masked row the server received, hashed across sessions (DESIGN.md s6.4) --
 # The payload fields, per message type a client sends in the masked protocols (v2 / v3 / v3-2r,
 # with --embedding ot too), whose rows are one-time-padded and must never repeat: x - r rows of

@@ -27,7 +27,7 @@ from shardlm.protocols.units import block_matrices, blocks, matrices_for, units_
 from shardlm.wire.errors import RemoteError
 from shardlm.wire.msgtypes import MsgType
 
-from support import tls_server
+from support import assert_uniform_below, tls_server
 
 GREEDY = SamplingParams()
 PROMPT = [5, 77, 31, 200, 9, 14, 150]
@@ -189,19 +189,6 @@ def test_server_view_holds_parameters_ciphertexts_and_masked_rows_only(tiny_mode
     ms = [m.body["m"] for v in views for m in v if m.type == MsgType.MASKED_LINEAR]
     assert all(not (x & 31).any() for x in ms)
     assert_uniform_below([x.view(np.uint64) >> np.uint64(5) for x in ms], 59)
-
-
-def assert_uniform_below(arrays, bits: int) -> None:
-    """uint64 values that should be uniform in [0, 2^bits): chi-square per whole byte, bit balance per bit."""
-    u = np.concatenate([a.reshape(-1) for a in arrays])
-    assert not (u >> np.uint64(bits)).any()
-    by_pos = u.view(np.uint8).reshape(-1, 8)
-    for pos in range(bits // 8):
-        counts = np.bincount(by_pos[:, pos], minlength=256)
-        chi2 = ((counts - u.size / 256) ** 2 / (u.size / 256)).sum()
-        assert chi2 < 370, (pos, chi2)  # 255 dof: p < 1e-6 above 370
-    balance = ((u[:, None] >> np.arange(bits, dtype=np.uint64)) & np.uint64(1)).mean(axis=0)
-    assert np.abs(balance - 0.5).max() < 6 * 0.5 / math.sqrt(u.size)
 
 
 def test_the_ciphertext_check_fails_on_unencrypted_limbs():

@@ -110,6 +110,7 @@ def test_server_view_structure_uniformity_and_no_plaintext(tiny_models, tmp_path
         hello = next(m for m in msgs if m.type == MsgType.HELLO).body
         assert set(hello) == {"version", "protocol", "model_fingerprint", "max_seq_len"}
         for m in _ring_view(msgs):
+            # full replies by default (a --reply-bits low window is public per unit: tests/test_lowbits.py)
             assert set(m.body) == {"unit", "m"} and m.body["m"].dtype == np.int64
             assert m.body["unit"] in units.units_for(model.plan, protocol)
     # (2) uniformity of everything the server received in the ring

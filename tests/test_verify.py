@@ -14,7 +14,7 @@ from shardlm.models.load import load_model
 from shardlm.models.reference import generate as reference_generate
 from shardlm.models.sampling import SamplingParams
 from shardlm.party.run import run_generation
-from shardlm.protocols import masked, registry, ring, units, verify
+from shardlm.protocols import lowbits, masked, registry, ring, units, verify
 
 from support import tls_server
 
@@ -45,11 +45,11 @@ def _ints(W) -> torch.Tensor:
     return W.left_matmul(torch.eye(W.out_dim, dtype=torch.int64))
 
 
-def _honest_reply(W, rows: int = 3):
-    """(m, y, W r) for an honest product of inputs as the client encodes them (|W x| < 2^62)."""
+def _honest_reply(W, rows: int = 3, log_bound: int = 62):
+    """(m, y, W r) for an honest product of inputs as the client encodes them (|W x| < 2^log_bound)."""
     fx = units.FIXED_POINT
     x = torch.randn(rows, W.in_dim, generator=torch.Generator().manual_seed(4))
-    x_enc = fx.encode(x, fx.bits_for(float(x.abs().max()), int(_ints(W).abs().sum(1).max())))
+    x_enc = fx.encode(x, fx.bits_for(float(x.abs().max()), int(_ints(W).abs().sum(1).max()), log_bound))
     r = ring.random_ring(rows, W.in_dim)
     return x_enc - r, W.matmul(x_enc - r), W.matmul(r)
 
@@ -109,6 +109,31 @@ def test_the_bound_alone_catches_bit_63_and_tolerates_the_worst_honest_product()
         assert verify.check(blind, m, y, z) is None
         reason = verify.check(blind, m, y, _flip(z, 0, row, 63))
         assert reason is not None and "2^62" in reason
+
+
+def test_in_a_low_bits_reply_the_bound_catches_its_top_bit_and_freivalds_works_mod_2_b():
+    """A reply of b bits (protocols/lowbits.py): honest entries sit below 2^(b-2); flipping bit b-1
+    leaves the bound, and any other change fails Freivalds mod 2^b; bits above b are not compared."""
+    W = _random_matrix(16, 24, 7)
+    w, b = _ints(W), 50
+    row = int(w.abs().sum(1).argmax())
+    fx = units.FIXED_POINT
+    x = torch.sign(w[row]).to(torch.float32)[None] * 3.7
+    z = W.matmul(fx.encode(x, fx.bits_for(3.7, W.max_row_l1, b - 2)))
+    assert 2**(b - 3) < abs(int(z[0, row])) < 2**(b - 2)  # the worst honest product, inside
+    blind = verify.Key(torch.zeros(1, 16, dtype=torch.int64), torch.zeros(1, 24, dtype=torch.int64))
+    m = torch.zeros(1, 24, dtype=torch.int64)
+    assert verify.check(blind, m, torch.zeros(1, 16, dtype=torch.int64), z, b) is None
+    reason = verify.check(blind, m, torch.zeros(1, 16, dtype=torch.int64), lowbits.wrap(_flip(z, 0, row, b - 1), b), b)
+    assert reason is not None and f"2^{b - 2}" in reason
+    m, y, wr = _honest_reply(W, log_bound=b - 2)
+    key = verify.setup(W)
+    low = torch.bitwise_and(y, (1 << b) - 1)
+    assert verify.check(key, m, low, lowbits.wrap(low + wr, b), b) is None
+    assert verify.check(key, m, low + (1 << b), lowbits.wrap(low + wr, b), b) is None  # above the window: unseen
+    for bit in (0, 17, b - 2):
+        bad = _flip(low, 1, 5, bit)
+        assert "Freivalds" in verify.check(key, m, bad, lowbits.wrap(bad + wr, b), b)
 
 
 def test_a_single_secret_vector_misses_valuation_62_a_quarter_of_the_time():
@@ -173,15 +198,18 @@ def _cheat(monkeypatch, unit: str, bit: int) -> None:
 
 
 @pytest.mark.parametrize("protocol", ["v2", "v3", "v3-2r"])
-@pytest.mark.parametrize("bit", [0, 63])
-def test_a_cheating_server_is_caught_and_the_session_closed(model, tmp_path, monkeypatch, protocol, bit):
+@pytest.mark.parametrize("bit,reply_bits", [(0, "low"), ("top", "low"), (63, "full")])
+def test_a_cheating_server_is_caught_and_the_session_closed(model, tmp_path, monkeypatch, protocol, bit, reply_bits):
+    if bit == "top":  # the highest bit of a low-bits reply (protocols/lowbits.py), its bit 63
+        bit = lowbits.reply_bits([l1 for _, l1 in units.encoding_for(model, protocol)[TARGET[protocol]]]) - 1
+        assert bit < 63
     _cheat(monkeypatch, TARGET[protocol], bit)
 
     async def main():
         async with tls_server(tmp_path, model=model) as (server, cfg):
             with pytest.raises(verify.VerificationError) as e:
                 await run_generation(cfg, model, registry.get(protocol), [5, 77, 31, 200], 8, GREEDY,
-                                     ignore_eos=True, options={"verify": True})
+                                     ignore_eos=True, options={"verify": True, "reply_bits": reply_bits})
             with trio.fail_after(10):  # the server ended the session too
                 while server.active:
                     await trio.sleep(0.01)
