@@ -20,6 +20,7 @@ import time
 import torch
 
 from . import ring, units
+from .bench_ring import best_of
 
 LAYER = [(960, 576), (576, 576), (3072, 576), (576, 1536)]  # SmolLM2: qkv, o, gate+up, down
 SHAPES = LAYER * 30 + [(49152, 576)]
@@ -47,16 +48,6 @@ def trimmed_rss() -> int:
 def load() -> list[str]:
     with open("/proc/loadavg") as f:
         return f.read().split()[:3]
-
-
-def best_of(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def resident_run(model_spec: str, protocols: list[str], rows: list[int], reps: int) -> None:
