@@ -42,7 +42,7 @@ def test_undeclared_options_are_refused_not_dropped():
         v3.resolve_options({"triples": "ot"})
     assert v3.resolve_options({}) == {"embedding_source": "local", "material": None, "verify": False,
                                       "offline_mode": "client", "dealer": None, "dealer_fingerprint": None,
-                                      "draft": "none", "draft_len": 4}
+                                      "draft": "none", "draft_len": 4, "reply_bits": "full"}
     with pytest.raises(spec_mod.OptionError, match="not one of"):
         registry.get("v3-mpc").resolve_options({"triples": "nobody"})
     assert registry.get("v3-mpc").resolve_options({"triple_batch": "64"})["triple_batch"] == 64
