@@ -59,7 +59,6 @@ def run_cell(server: launch.ServerProcess, address: str, model: str, entry: str,
                           or [f"exit {done.returncode}"])[-1]}
     out = json.loads(done.stdout.strip().splitlines()[-1])
     per = out["per_decode_token"]
-    stats = out.get("protocol_stats") or {}
     row = {
         "generated": out["generated_tokens"],
         "decode_tok_s": out["timing"]["decode_tokens_per_s"],
@@ -69,16 +68,19 @@ def run_cell(server: launch.ServerProcess, address: str, model: str, entry: str,
         "bytes_down_per_token": per["bytes_received"],
         "offline_ms": out.get("offline_ms"),
     }
-    accepted = out.get("accepted_per_forward", stats.get("accepted_per_forward"))
-    if accepted is not None:
-        row["accepted_per_forward"] = accepted
+    drafting = out.get("drafting")
+    if drafting:
+        row["tokens_per_forward"] = drafting["tokens_per_forward"]
+    if "auto" in out:  # --protocol auto: what it chose
+        row["chose"] = f"{out['auto']['chose']['protocol']} K={out['auto']['chose']['draft_len']}"
     return row
 
 
 def run(model: str, protocols: list[str], rtts: list[str], rates: list[str], prompts: dict[str, str], tokens: int,
         client_args: list[str] = (), on_row=None, server_args: list[str] = ()) -> list[dict]:
     """The grid, one row per cell (``prompts``: label -> text); ``on_row(row)`` as each finishes."""
-    names = sorted({shlex.split(e)[0] for e in protocols} - {"plain", "split"})
+    names = {shlex.split(e)[0] for e in protocols} - {"plain", "split"}
+    names = sorted(names - {"auto"} | ({"v3", "v3-2r"} if "auto" in names else set()))  # what auto may choose
     rows = []
     with launch.server(["--model", model, "--threads", "1", "--preload", ",".join(names) or "none", *server_args],
                        env={**os.environ, "OMP_NUM_THREADS": "1"}) as server:
@@ -120,7 +122,8 @@ def main() -> None:
             print(f"{row['protocol']:<24} {row['rtt']:>5} {row['bw']:>8} {row['prompt']:<5} ERROR {row['error']}",
                   flush=True)
             return
-        acc = f" accepted/fwd {row['accepted_per_forward']:.2f}" if "accepted_per_forward" in row else ""
+        acc = f" tokens/fwd {row['tokens_per_forward'] or 0:.2f}" if "tokens_per_forward" in row else ""
+        acc += f" chose {row['chose']}" if "chose" in row else ""
         print(f"{row['protocol']:<24} {row['rtt']:>5} {row['bw']:>8} {row['prompt']:<5} "
               f"{row['decode_tok_s']:7.2f} tok/s  {row['rounds_per_token'] or 0:6.1f} rounds/tok  "
               f"{(row['bytes_per_token'] or 0) / 1e3:8.1f} kB/tok  prefill {row['prefill_ms']:7.0f} ms"
