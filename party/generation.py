@@ -49,6 +49,20 @@ class GenerationResult:
         return self.decode_steps / (self.decode_ms / 1e3) if self.decode_ms > 0 else 0.0
 
 
+async def prefill(client, ids: list[int], progress: Callable[[str, bool], None] | None = None):
+    """Run the prompt in chunks of PREFILL_CHUNK positions; the last position's logits.
+    ``progress(text, last)`` hears of each chunk of a prompt longer than one."""
+    t0 = time.perf_counter()
+    chunks = prefill_chunks(len(ids))
+    for start, stop in chunks:
+        logits = await client.forward(ids[start:stop])
+        if progress is not None and len(chunks) > 1:
+            left = (time.perf_counter() - t0) * (len(ids) - stop) / stop
+            progress(f"prefill: {stop}/{len(ids)} prompt positions"
+                     + (f", about {left:.0f} s left" if stop < len(ids) else ""), stop == len(ids))
+    return logits
+
+
 async def generate(client, prompt_ids: list[int], max_tokens: int, sampling: SamplingParams,
                    stop_ids: Iterable[int], on_token: Callable[[int], None] | None = None,
                    channel=None, pad_to_max: bool = False,
@@ -71,14 +85,8 @@ async def generate(client, prompt_ids: list[int], max_tokens: int, sampling: Sam
     t0 = t1 = time.perf_counter()
     try:
         ids = next(loop)
-        chunks = prefill_chunks(len(ids))
         with phase("prefill"):
-            for start, stop in chunks:
-                logits = await client.forward(ids[start:stop])
-                if progress is not None and len(chunks) > 1:
-                    left = (time.perf_counter() - t0) * (len(ids) - stop) / stop
-                    progress(f"prefill: {stop}/{len(ids)} prompt positions"
-                             + (f", about {left:.0f} s left" if stop < len(ids) else ""), stop == len(ids))
+            logits = await prefill(client, ids, progress)
         t1 = time.perf_counter()
         while True:
             ids = loop.send(logits)

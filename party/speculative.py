@@ -61,7 +61,7 @@ import torch
 
 from ..models.sampling import SamplingParams, draw, probabilities, sample
 from .drafting import Drafter, Drafting, decode_forwards
-from .generation import GenerationResult, prefill_chunks
+from .generation import GenerationResult, prefill
 
 
 def verify(logits: torch.Tensor, drafts: list[int], params: SamplingParams,
@@ -120,13 +120,8 @@ async def generate(client, prompt_ids: list[int], max_tokens: int, sampling: Sam
     out: list[int] = []
     reason = "max_tokens"
     t0 = time.perf_counter()
-    chunks = prefill_chunks(len(prompt_ids))
-    logits = None
     with phase("prefill"):
-        for start, stop in chunks:
-            logits = await client.forward(prompt_ids[start:stop])
-            if progress is not None and len(chunks) > 1:
-                progress(f"prefill: {stop}/{len(prompt_ids)} prompt positions", stop == len(prompt_ids))
+        logits = await prefill(client, prompt_ids, progress)
     t1 = time.perf_counter()
 
     def commit(tokens: list[int]) -> bool:
