@@ -22,7 +22,7 @@ from support import assert_uniform_ring
 
 # the module docstring's bounds: (absolute, relative) error over the documented range
 # (w max|f'| over two buckets, w the bucket width, plus the output's rounding)
-BOUNDS = {"exp": (4.0e-3, None), "sigmoid": (2.0e-3, None), "gelu_gate": (2.0e-3, None),
+BOUNDS = {"exp": (1.2e-2, None), "sigmoid": (8.0e-3, None), "gelu_gate": (2.0e-3, None),
           "reciprocal": (None, 1.6e-2), "rsqrt": (None, 3.2e-2)}
 
 
@@ -121,7 +121,7 @@ class _Tampering(Channel):
 
 @pytest.mark.parametrize("how", ["replay", "reorder"])
 def test_a_replayed_or_reordered_ot_message_is_refused(how):
-    t = lut.TABLES["sigmoid"]
+    t = lut.Table("tanh", np.tanh, -1.0, 1.0, 12)
     # 40 elements of 1-of-4096 x 8 bytes: two instances per 64 Ki-row message, 20 ciphertext messages
     v_s, v_r = lut.share(lut.encode(np.linspace(-1, 1, 40)))
 

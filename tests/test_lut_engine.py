@@ -35,13 +35,16 @@ def test_softmax_by_tables_times_values(eng):
     want_p = torch.softmax(x.double().masked_fill(~mask, -math.inf), -1)
     n0 = eng.lookups
     p = eng.reveal(eng.softmax(eng.share(x), mask=mask))
-    # exp's table: 4e-3 absolute in each numerator (and n of them in the sum), Newton's 1/s to 1e-4
-    assert ((p - want_p).abs() <= 5e-3 + 5e-3 * want_p).all(), (p - want_p).abs().max()
+    # exp's table: w = 1.2e-2 absolute in each numerator and n = 6 of them in the sum (s >= 1),
+    # Newton's 1/s to 1e-4: |p - want| <= w (1 + n want)
+    w = lut.TABLES["exp"].width
+    assert ((p - want_p).abs() <= w * (1 + 6 * want_p) + 1e-4).all(), (p - want_p).abs().max()
     assert (p[~mask].abs() <= 2.0 ** -eng.f).all()
     assert eng.lookups - n0 == x.numel() + 2 * 6  # one exp per score, one reciprocal per row
     y = eng.reveal(eng.softmax(eng.share(x), mask=mask, values=eng.share(v)))
     want = want_p @ v.double()
-    assert ((y - want).abs() <= 5e-3 * (1 + (want_p @ v.double().abs()))).all(), (y - want).abs().max()
+    assert ((y - want).abs() <= w * 7 * (want_p @ v.double().abs() + v.double().abs().amax(-2, keepdim=True))).all(), \
+        (y - want).abs().max()
 
 
 def test_silu_gate_and_gelu_by_tables_over_wide_inputs(eng):
@@ -50,8 +53,8 @@ def test_silu_gate_and_gelu_by_tables_over_wide_inputs(eng):
     x[0] = torch.linspace(-60, 60, 100)  # beyond the table: the clip handles it
     y = eng.reveal(eng.silu_gate(eng.share(x), eng.share(u)))
     want = F.silu(x.double()) * u.double()
-    # sigmoid's table: 2e-3 absolute, times |x up|
-    assert ((y - want).abs() <= 1e-3 + 2.1e-3 * (x.double() * u.double()).abs()).all(), (y - want).abs().max()
+    # sigmoid's table: 8e-3 absolute, times |x up| (and sigmoid(8) = 1 - 3.4e-4 at the clip)
+    assert ((y - want).abs() <= 1e-3 + 8.4e-3 * (x.double() * u.double()).abs()).all(), (y - want).abs().max()
     x = torch.linspace(-12, 12, 301)
     y = eng.reveal(eng.gelu_tanh(eng.share(x)))
     want = F.gelu(x.double(), approximate="tanh")

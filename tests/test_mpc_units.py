@@ -177,6 +177,12 @@ def test_ot_triples_are_correct_at_scale_and_single_use():
     m.take()
     with pytest.raises(beaver.TripleReuseError):
         m.take()
+    # a decode row against a long matrix is made transposed (cheaper Gilboa orientation)
+    bytes0 = p.ot_bytes
+    m = p.matmul((3, 1, 64), (3, 64, 40))
+    A, B, C = (x[0] + x[1] for x in (m.a, m.b, m.c))
+    assert A.shape == (3, 1, 64) and B.shape == (3, 64, 40) and torch.equal(C, torch.matmul(A, B))
+    assert p.ot_bytes - bytes0 < 3 * 2 * 64 * 64 * (16 + 8 * 40) * 1.1  # not 3 * 2 * 64 * 40 * 64 * 24
     t2 = p.mul((10,))  # the pool moves on: no element of a triple is handed out twice
     assert not torch.isin(t2.a[0], t.a[0]).any()
 

@@ -1,10 +1,11 @@
 """Teacher-forced SmolLM2 accuracy of the v3-mpc executor (two-party simulator).
 
-    SHARDLM_HOME=... python -m shardlm.protocols.mpc.accuracy [N_TOKENS] [THREADS] [ideal|beaver]
+    SHARDLM_HOME=... python -m shardlm.protocols.mpc.accuracy [N_TOKENS] [THREADS] [ideal|beaver|ot]
 
 One forward over the first N_TOKENS tokens of a fixed text (``Ranges.wide()``; by default with
 ideal products, :mod:`ideal`, which give the Beaver engine's values in a fraction of the time;
-``beaver`` runs the real engine with dealer triples)
+``beaver`` runs the real engine with dealer triples; ``ot`` is v3-ot's engine, approx_lut.py, with
+ideal products, comparisons and table lookups)
 with every position's logits revealed (``all_logits``, a simulator-only switch): position i sees
 exactly the ground-truth prefix, as i sequential decode steps would, for one forward's rounds.
 Reports top-1 agreement of the next-token prediction with the plaintext reference, the
@@ -20,6 +21,7 @@ from ...models.reference import Reference
 from .engine import Engine
 from .executor import MPCExecutor, Ranges
 from .ideal import IdealEngine
+from .approx_lut import IdealLutEngine
 
 TEXT = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg, a goldsmith "
         "from Mainz, combined movable metal type, oil-based ink and a wooden screw press into a system that could "
@@ -40,7 +42,7 @@ def teacher_forced(model, ids: list[int], engine: str = "ideal"):
     """(reference logits, v3-mpc logits, executor) for every position of ``ids``: (T, vocab) each."""
     ref = Reference.of(model)
     want = ref.forward(torch.tensor(ids), ref.new_cache(len(ids)), all_logits=True)
-    eng = {"ideal": IdealEngine, "beaver": Engine}[engine]()
+    eng = {"ideal": IdealEngine, "beaver": Engine, "ot": IdealLutEngine}[engine]()
     ex = MPCExecutor(model, eng, ranges=Ranges.wide())
     got = ex.forward(ids, all_logits=True).to(torch.float32)
     return want, got, ex

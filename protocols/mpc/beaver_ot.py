@@ -179,6 +179,15 @@ class Party:
         return at, b, (at & b) ^ _t(u ^ v)
 
     async def matmul(self, ch: Channel, m: int, k: int, n: int):
+        # Gilboa's vector form costs k n 64 OTs carrying m elements each (~ k n 64 (16 + 8 m) bytes
+        # per cross term); the transposed triple (B^T, A^T, C^T) costs k m 64 (16 + 8 n). A decode
+        # row (m = 1) against a long matrix is ~3x cheaper transposed (attention's q K^T and p V).
+        if k * m * (16 + 8 * n) < k * n * (16 + 8 * m):
+            Bt, At, Ct = await self._matmul(ch, n, k, m)
+            return At.T.contiguous(), Bt.T.contiguous(), Ct.T.contiguous()
+        return await self._matmul(ch, m, k, n)
+
+    async def _matmul(self, ch: Channel, m: int, k: int, n: int):
         A, B = self.prg.ring(m, k), self.prg.ring(k, n)
         cross = await self._cross(
             ch, _u64(A), _u64(B),

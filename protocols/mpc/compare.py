@@ -88,6 +88,13 @@ class Compare:
         stay in real units); a tensor: per element (with ``bound`` and ``slack``: B and k move
         with it, p does not), e.g. a linear layer's untruncated output with its per-column shifts."""
         zero = torch.zeros_like(real(x.c, x.s))  # a real 0: the other party's share of its own bit
+        bc, bs = self.ge_bits(x, bound, slack, scale)
+        return self._b2a(bc, bs, zero, also, lazy)
+
+    def ge_bits(self, x: Shared, bound: float | None = None, slack: float | None = None,
+                scale: int | torch.Tensor = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """XOR shares (client's, server's) of the bit ``x >= 0``, as :meth:`ltz` computes it before
+        its XOR-to-additive step (same ``bound``, ``slack``, ``scale``)."""
         F = self.f + scale  # an int, or a tensor (per element): B and k move with it, p does not
         per_element = isinstance(scale, torch.Tensor)
         if per_element and not (bound and slack):
@@ -106,8 +113,7 @@ class Compare:
         off = torch.bitwise_left_shift(torch.ones_like(torch.as_tensor(B)), B)  # 2^63 wraps to -2^63
         xc = _lsr(x.c + off, k) if per_element or k else x.c + off
         xs = _lsr(x.s, k) if per_element or k else x.s
-        bc, bs = self._sum_bit(xc, xs, p)
-        return self._b2a(bc, bs, zero, also, lazy)
+        return self._sum_bit(xc, xs, p)
 
     def _b2a(self, bc, bs, zero, also, lazy):
         """:meth:`ltz`'s last step: ``1 - (bc XOR bs)`` as an additive sharing (or its Poly)."""

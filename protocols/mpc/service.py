@@ -274,7 +274,8 @@ class MPCClient:
 
     def _counters(self) -> dict:
         p = self.provider
-        return {**vars(self.executor.e.stats), "lookups": getattr(self.executor.e, "lookups", 0),
+        e = self.executor.e
+        return {**vars(e.stats), "lookups": getattr(e, "lookups", 0), "lookup_bytes": getattr(e, "lookup_bytes", 0),
                 **{f"triples_{k}": v for k, v in p.issued.items()},
                 **{f"triple_elements_{k}": v for k, v in p.elements.items()}}
 

@@ -1,0 +1,68 @@
+"""``b x`` for a bit ``b = b_c XOR b_s`` (XOR-shared) and a value ``x = x_c + x_s`` (additively
+shared) by two 1-of-2 OTs per element (CrypTFlow2's multiplexer, Rathee et al. CCS 2020) instead
+of a Beaver product: v3-ot's ReLU, clip and comparisons' selections.
+
+``b x = b x_c + b x_s``. For ``b x_c`` the client is the OT sender: it draws a fresh ``r_c``
+(CSPRNG) and offers ``m_j = (b_c XOR j) x_c - r_c`` for j in {0, 1}; the server chooses
+``j = b_s`` and obtains ``b x_c - r_c``; the client keeps ``r_c``. ``b x_s`` the same way with
+the roles swapped. The client's output share is ``r_c + (b x_s - r_s)``, the server's
+``(b x_c - r_c) + r_s``.
+
+Privacy (semi-honest): each receiver sees one entry masked by a fresh uniform ``r`` (the other
+under a pad it cannot compute, protocols/ot/nofn.py), each sender only IKNP's columns,
+independent of the receiver's choice. Cost per element: one random OT (16 bytes of IKNP columns)
+and two 8-byte entries each way, 32 bytes each way, against ~3 KB of OT traffic for a Beaver
+triple made by Gilboa multiplication (beaver_ot.py). The two OTs run one after the other: three
+flights (the server's columns; the client's entries and columns; the server's entries).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..ot import nofn
+from . import lut
+from .beaver_ot import OTProvider
+from .shares import Shared
+
+
+def _u64(t: torch.Tensor) -> np.ndarray:
+    return t.contiguous().numpy().view(np.uint64).reshape(-1)
+
+
+async def offer(ch, sender, x: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The sender's half of ``(b XOR b_other) x`` for its own ``x`` and bit ``b``: its output share."""
+    r = lut.random_ring(x.size)
+    m = np.stack([b * x - r, (1 - b) * x - r], axis=1)  # entry j = (b XOR j) x - r
+    await nofn.send(ch, sender, m.view(np.uint8).reshape(x.size, 2, 8))
+    return r
+
+
+async def choose(ch, receiver, b: np.ndarray) -> np.ndarray:
+    """The receiver's half: the entry at its own bit."""
+    return (await nofn.receive(ch, receiver, b.astype(np.int64), 2, 8)).view(np.uint64).reshape(-1)
+
+
+def on_shares(engine, x: Shared, bc: torch.Tensor, bs: torch.Tensor) -> Shared:
+    """``(bc XOR bs) x`` as a :class:`Shared`, on the engine's OT provider (both parties' IKNP
+    extensions, in the same order on both sides like lut.on_shares: no request message)."""
+    p = engine.provider
+    if not isinstance(p, OTProvider):
+        raise ValueError("the OT multiplexer runs on the OT provider's IKNP extensions (--triples ot)")
+    engine.stats.rounds += 2
+
+    async def client(ch):
+        bits = _u64(bc) & np.uint64(1)
+        r_c = await offer(ch, p.client.sender, _u64(x.c), bits)
+        got = await choose(ch, p.client.receiver, bits)
+        return (torch.from_numpy((r_c + got).view(np.int64)).reshape(x.shape),)
+
+    async def server(ch):
+        bits = _u64(bs) & np.uint64(1)
+        got = await choose(ch, p.server.receiver, bits)
+        r_s = await offer(ch, p.server.sender, _u64(x.s), bits)
+        return (torch.from_numpy((got + r_s).view(np.int64)).reshape(x.shape),)
+
+    (c,), (s,) = p._run(client, server)
+    return Shared(c, s)
