@@ -16,8 +16,11 @@ layers and the plan executor included, is v3-mpc's):
   the clip points, so the clip costs no accuracy), one product ``x gate``.
 
 What stays v3-mpc's, plainly: the norms' rsqrt (comparisons + Newton) -- its range (d 1e-3 to
-d 1e6) needs an exponent/mantissa split that single uniform tables cannot give (lut.py) -- and
-the comparisons themselves (Kogge-Stone over AND triples from OT).
+d 1e6) needs an exponent/mantissa split that single uniform tables cannot give (lut.py).
+
+The comparisons' carry (``_sum_bit``, under ltz, relu, clip and the max) is the millionaires'
+protocol over 1-of-16 OT (millionaire.py), not v3-mpc's Kogge-Stone adder: fewer rounds and a
+small fraction of the AND triples.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import functools
 
 import torch
 
-from . import lut
+from . import lut, millionaire
 from .engine import Engine
 from .shares import LazySum, Shared
 
@@ -46,6 +49,11 @@ class LutEngine(Engine):
     def __init__(self, provider, **kw):
         super().__init__(provider, **kw)
         self.lookups = 0  # elements looked up (each one 1-of-2^k OT)
+
+    digit_bits = millionaire.DIGIT_BITS  # the comparisons' digits (millionaire.py)
+
+    def _sum_bit(self, xc: torch.Tensor, xs: torch.Tensor, p: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return millionaire.sum_bit(self, xc, xs, p, self.digit_bits)
 
     def table(self, x: Shared, t: lut.Table) -> Shared:
         self.lookups += x.numel()
