@@ -7,7 +7,7 @@ comparison of two private values, the millionaires' problem. Here it is solved a
 (Rathee et al., CCS 2020, section 3) instead of by a Kogge-Stone adder over AND triples:
 
 1. Both split their value into ``q = ceil(p / m)`` digits of ``w = ceil(p / q) <= m`` bits (least
-   significant first; the top digit may be shorter).
+   significant first; the top digit may be shorter, its OT still 1-of-2^w).
 2. Per digit one 1-of-2^w OT (nofn.py over IKNP), the server the sender: for every ``j`` it offers
    the byte ``([y_i < j] ^ r_lt) | ([y_i == j] ^ r_eq) << 1`` with fresh CSPRNG bits ``r_lt, r_eq``
    (per digit and element); the client chooses ``j = x_i``. So the two hold XOR shares of
@@ -31,9 +31,23 @@ comparison bits; tests/test_millionaire.py checks both views and fails on such a
 Cost per comparison (bytes of OT traffic, both directions; an AND bit costs 32 bytes of random
 OT to make, 16 each way, beaver_ot.py, and 1/8 byte each way to open): ``q (16 w + 2^w)`` for the
 OTs plus ``32 (2 (q - 1) - ceil(log2 q))`` for the AND triples. Kogge-Stone takes
-``1 + 2 ceil(log2 p) - 1`` whole AND words (64 bits each, 2 KiB to make) per comparison, whatever
-p. ``python -m shardlm.protocols.mpc.millionaire`` prints the table for m = 2..6 (the module
-``__main__``); at p = 16 (v3-ot's bounded comparisons) m = 4 is the cheapest.
+``2 ceil(log2 p)`` whole AND words (64 bits each, 2 KiB to make) per comparison. Counted by
+``python -m shardlm.protocols.mpc.millionaire`` (the OT bytes measured; the rounds include the OT):
+
+====  ===========================  ====================  ====================  ====================
+p     Kogge-Stone                  m = 2                 m = 4                 m = 6
+====  ===========================  ====================  ====================  ====================
+16    5 rounds, 16384 B            4 rounds, 640 B       3 rounds, 448 B       3 rounds, 544 B
+32    6 rounds, 20480 B            5 rounds, 1408 B      4 rounds, 992 B       4 rounds, 1184 B
+63    7 rounds, 24576 B            6 rounds, 2976 B      5 rounds, 2112 B      5 rounds, 2273 B
+====  ===========================  ====================  ====================  ====================
+
+(m = 3 and 5 lie between; m = 4 is the cheapest or within 1% at every p.) p = 16 is v3-ot's bounded
+comparison (the SiLU's clip, the softmax's floor), 32 the max's, 63 an unbounded ltz. CPU: the
+1-of-16 OTs of 1-byte entries cost ~10 us per comparison at p = 16 (both parties on one core,
+load ~2), most of it nofn's sender keys (16 entries x 4 hashes per digit, ~0.1 us per
+entry); with its AND triples made in the same run a comparison takes a quarter (p = 16) to a half
+(p = 63) of Kogge-Stone's time (whose triples are the bulk of its work).
 """
 
 from __future__ import annotations
@@ -198,13 +212,12 @@ def costs(p: int, m: int) -> dict:
 
 
 if __name__ == "__main__":  # the module docstring's table: bytes and time per comparison for m = 2..6
-    from .approx_lut import LutEngine
-    from .compare import Compare
+    from .engine import Engine
 
     torch.set_num_threads(1)
     n = 2048
     # one AND pool made beforehand for every run (the offline phase): online time and OT bytes only
-    e = LutEngine(OTProvider(batch=1 << 17, prefill_and=True))
+    e = Engine(OTProvider(batch=1 << 17, prefill_and=True))
     e.provider.prefill()
     print(f"{n} comparisons in one batch, in memory (both parties on this core), AND triples made beforehand;\n"
           "per comparison: the OT bytes (measured), the AND triples' (bits used x 32 B), online time")
@@ -213,7 +226,7 @@ if __name__ == "__main__":  # the module docstring's table: bytes and time per c
         for m in [None, *range(2, 7)]:  # None: Kogge-Stone, for reference
             xc, xs = e.prg.ring(n), e.prg.ring(n)
             b0, w0, r0, t0 = e.provider.ot_bytes, e.provider.elements.get("and", 0), e.stats.rounds, time.perf_counter()
-            got = Compare._sum_bit(e, xc, xs, p) if m is None else sum_bit(e, xc, xs, p, m)
+            got = e._sum_bit(xc, xs, p) if m is None else sum_bit(e, xc, xs, p, m)
             dt = time.perf_counter() - t0
             assert torch.equal(got[0] ^ got[1], torch.bitwise_right_shift(xc + xs, p) & 1)
             assert e.provider.elements["and"] <= 1 << 17, "the AND pool ran out: the OT bytes would hold a refill"
