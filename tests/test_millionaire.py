@@ -39,9 +39,9 @@ def eng():
 
 
 def _edge_addends(p: int, m: int, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """n (xc, xs) pairs as Python ints: random, and the edges of the comparison [y < x] with
-    x = xc mod 2^p, y = 2^p - 1 - (xs mod 2^p): x = 0, x = 2^p - 1, y = 0, y = 2^p - 1, y = x, and
-    y = x but for one digit (one more or one less there), all under random high bits."""
+    """n addends (xc, xs) as two int64 arrays: random, and (half of them) the edges of the comparison
+    [y < x] with x = xc mod 2^p, y = 2^p - 1 - (xs mod 2^p): x = 0, x = 2^p - 1, y = 0, y = 2^p - 1,
+    y = x, and y = x but for one digit (one more, one less, or mirrored there), under random high bits."""
     rng = np.random.default_rng(seed)
     q, w = millionaire.split(p, m)
     top = (1 << p) - 1

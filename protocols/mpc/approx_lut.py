@@ -46,11 +46,11 @@ def reciprocal_table(n: int) -> lut.Table:
 class LutEngine(Engine):
     """The v3-mpc engine with v3-ot's table lookups for exp, reciprocal, sigmoid and GELU."""
 
+    digit_bits = millionaire.DIGIT_BITS  # the comparisons' digits (millionaire.py)
+
     def __init__(self, provider, **kw):
         super().__init__(provider, **kw)
         self.lookups = 0  # elements looked up (each one 1-of-2^k OT)
-
-    digit_bits = millionaire.DIGIT_BITS  # the comparisons' digits (millionaire.py)
 
     def _sum_bit(self, xc: torch.Tensor, xs: torch.Tensor, p: int) -> tuple[torch.Tensor, torch.Tensor]:
         return millionaire.sum_bit(self, xc, xs, p, self.digit_bits)
