@@ -22,6 +22,8 @@ Modules:
 - ``lut``: v3-ot's core, nonlinear functions on shares by lookup tables over 1-of-N OT, and its
   tables (range, k, bytes, error); ``approx_lut``: :class:`LutEngine`, the engine with them
   (``v3-ot``: ``service_ot``, v3-mpc's session with that engine);
+- ``millionaire``: v3-ot's comparisons, the carry of a two-party sum by the millionaires' protocol
+  over 1-of-16 OT (CrypTFlow2), in :class:`LutEngine` instead of v3-mpc's Kogge-Stone adder;
 - ``ideal``, ``accuracy``: the simulator with ideal products, and teacher-forced SmolLM2
   accuracy (``python -m shardlm.protocols.mpc.accuracy``).
 """

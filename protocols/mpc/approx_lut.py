@@ -23,8 +23,11 @@ layers and the plan executor included, is v3-mpc's):
   the clip points, so the clip costs no accuracy), one product ``x gate``.
 
 What stays v3-mpc's, plainly: the norms' rsqrt (comparisons + Newton) -- its range (d 1e-3 to
-d 1e6) needs an exponent/mantissa split that single uniform tables cannot give (lut.py) -- and
-the comparisons themselves (Kogge-Stone over AND triples from OT).
+d 1e6) needs an exponent/mantissa split that single uniform tables cannot give (lut.py).
+
+The comparisons' carry (``_sum_bit``, under ltz, relu, clip and the max) is the millionaires'
+protocol over 1-of-16 OT (millionaire.py), not v3-mpc's Kogge-Stone adder: fewer rounds and a
+small fraction of the AND triples.
 
 :class:`IdealLutEngine` is the same engine with ideal functionalities (ideal.py), for accuracy
 runs on SmolLM2 (accuracy.py, tests/test_v3_ot_smollm2.py).
@@ -37,7 +40,7 @@ import functools
 import numpy as np
 import torch
 
-from . import lut, mux
+from . import lut, millionaire, mux
 from .engine import Engine
 from .ideal import IdealEngine
 from .shares import LazySum, Shared, cat
@@ -55,10 +58,15 @@ def reciprocal_table(n: int) -> lut.Table:
 class LutEngine(Engine):
     """The v3-mpc engine with v3-ot's table lookups for exp, reciprocal, sigmoid and GELU."""
 
+    digit_bits = millionaire.DIGIT_BITS  # the comparisons' digits (millionaire.py)
+
     def __init__(self, provider=None, **kw):
         super().__init__(provider, **kw)
         self.lookups = 0  # elements looked up (each one 1-of-2^k OT)
         self.lookup_bytes = 0  # their OT traffic, both ways (lut.Table.bytes_per_eval)
+
+    def _sum_bit(self, xc: torch.Tensor, xs: torch.Tensor, p: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return millionaire.sum_bit(self, xc, xs, p, self.digit_bits)
 
     def table(self, x: Shared, t: lut.Table) -> Shared:
         self.lookups += x.numel()
