@@ -15,7 +15,7 @@ from shardlm.protocols.mpc import beaver_ot, lut
 from shardlm.protocols.mpc.approx_lut import LutEngine
 
 REL = 1.9e-4  # the mantissa table's relative error (lut.py), plus the encodings'
-D = 576  # SmolLM2's width: x in [0.576, 5.76e8], 15 powers of four inside
+D = 576  # SmolLM2's width: x in [0.576, 5.76e8], 16 powers of four inside [lo/2, 2 hi]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -36,7 +36,7 @@ def _logspace(lo, hi, n, f):
 
 def test_rsqrt_by_tables_over_the_norms_range(eng):
     lo, hi = D * 1e-3, D * 1e6
-    x = _logspace(lo, hi, 400, eng.f)
+    x = _logspace(lo / 1.9, hi * 1.9, 400, eng.f)  # the range and the headroom either side
     want = torch.rsqrt(x)
     X = eng.share(x)
     r0, l0, and0 = eng.stats.rounds, eng.lookups, eng.provider.elements.get("and", 0)
@@ -44,8 +44,8 @@ def test_rsqrt_by_tables_over_the_norms_range(eng):
     # at scale 2^F 1/sqrt(5.76e8) = 4e-5 keeps ~42 units: the truncation's unit (and carry) is absolute
     assert ((y - want).abs() <= REL * want + 2 * 2.0 ** -eng.f).all(), ((y - want).abs() / want).max()
     assert eng.lookups - l0 == x.numel()  # one lookup per element
-    # 15 comparisons per element (v3-mpc's start: 478), each 12 words of AND triples (Kogge-Stone)
-    assert eng.provider.elements["and"] - and0 == 15 * 12 * x.numel()
+    # 16 comparisons per element (v3-mpc's start: 478), each 12 words of AND triples (Kogge-Stone)
+    assert eng.provider.elements["and"] - and0 == 16 * 12 * x.numel()
     assert eng.stats.rounds - r0 == 10  # 7 AND rounds, x b_i, rsqrt(m) 2^-j, its truncation
 
 
@@ -67,14 +67,6 @@ def test_rsqrt_times_with_extra_bits_as_the_norm_calls_it(eng):
     assert eng.stats.rounds - r0 == 11  # with times: its product and that product's truncation
 
 
-def test_rsqrt_one_interval_needs_no_comparison(eng):
-    x = _logspace(1.5, 3.9, 50, eng.f)
-    a0 = eng.provider.elements.get("and", 0)
-    y = eng.reveal(eng.rsqrt(eng.share(x), 1.5, 3.9))
-    assert ((y - torch.rsqrt(x)).abs() <= REL * torch.rsqrt(x) + 2 * 2.0 ** -eng.f).all()
-    assert eng.provider.elements.get("and", 0) == a0
-
-
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_norm_through_the_executor_equals_the_plaintext(tiny, family):
     """The executor's RMSNorm (llama) / LayerNorm (gpt2) on v3-ot's engine over rows whose mean
@@ -92,6 +84,8 @@ def test_norm_through_the_executor_equals_the_plaintext(tiny, family):
     w = model.weights[step.weight].double()
     want = nl.rms_norm(x, w, step.eps) if step.kind == "rms" else \
         nl.layer_norm(x, w, model.weights[step.bias].double(), step.eps)
+    # the executor's S (from x / 2^8 at scale 2^F) limits the smallest rows to ~1e-3; rsqrt's own
+    # 1.9e-4 is checked above
     assert ((y - want).abs() <= 1e-3 + 1e-3 * want.abs()).all(), (y - want).abs().max()
     assert ex.e.lookups - l0 == len(scales)  # one rsqrt lookup per row
 
