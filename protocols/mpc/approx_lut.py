@@ -17,14 +17,14 @@ layers and the plan executor included, is v3-mpc's):
 
 - ``rsqrt`` (the norms'; range d 1e-3 .. d 1e6, too wide for one uniform table): an exponent/
   mantissa split. The exponent by one batch of exact comparisons against the powers of four
-  ``4^i`` inside the range (15 for SmolLM2, where v3-mpc's start compares against 16 thresholds
+  ``4^i`` inside [lo/2, 2 hi] (16 for SmolLM2, where v3-mpc's start compares against 16 thresholds
   per octave: 478), so x lies in ``[4^j, 4^(j+1))``; the bits stay lazy and ride in the round of
   the products ``x b_i``, whose one-hot sum with the public ``c_j = 4^-j`` (exact: powers of two)
   is the mantissa ``m = x c_j`` in [1, 4), untruncated (the table's own local truncation takes
   any scale). ``rsqrt(m)`` by the table ``rsqrt_mantissa`` (k = 13: relative error < 1.9e-4),
   then ``1/sqrt(x) = rsqrt(m) 2^-j`` by one product with the one-hot ``2^-j`` (untruncated, at
   scale 2^(F+12): its smallest values keep their bits), and ``times`` by one product with that,
-  truncated. No Newton step: the table alone meets v3-mpc's accuracy. Per row: 15 comparisons,
+  truncated. No Newton step: the table alone meets v3-mpc's accuracy. Per row: 16 comparisons,
   one 1-of-8192 lookup, 11 opening rounds and one OT round (v3-mpc: 478 comparisons, 11 rounds);
   ``times`` costs three d-wide products (its truncation, the product, the product's truncation)
   instead of v3-mpc's fifteen.
@@ -111,15 +111,16 @@ class LutEngine(Engine):
     def rsqrt(self, x: Shared, lo: float, hi: float, iters: int | None = None, times: Shared | Poly | None = None,
               extra: int = 0, per_octave: int = 16) -> Shared:
         """``1/sqrt(x)`` (``times * 1/sqrt(x)`` with ``times``, broadcast over the last dim) for x in
-        [lo, hi] (in fact anywhere in [4^a, 4^b], the powers of four around them) at scale
+        [lo, hi] (in fact anywhere in [4^a, 4^b], the powers of four around [lo/2, 2 hi]) at scale
         2^(F + extra); the module docstring gives the steps. ``iters`` and ``per_octave`` (v3-mpc's
         Newton and thresholds) have no use here. Relative error < 1.9e-4 (the table's, lut.py);
         ``|times / sqrt(x)| < 2^10``. Rounds: 7 (the comparisons' AND rounds) + 1 (``x b_i``) +
         the lookup + 1 (``rsqrt(m) 2^-j``) + 2 with ``times`` (the product, its truncation; 1
         without: the truncation of 1/sqrt(x))."""
         f, G = self.f, _RSQRT_G
-        a, b = math.floor(math.log(lo, 4)), math.ceil(math.log(hi, 4))
-        b = max(b, a + 1)
+        # the powers of four around [lo/2, 2 hi]: a factor 2 of headroom either side (a row a little
+        # beyond the public range stays accurate; beyond 4^b or below 4^a the index wraps)
+        a, b = math.floor(math.log(lo / 2, 4)), math.ceil(math.log(2 * hi, 4))
         js = torch.arange(a, b, dtype=torch.float64)  # interval j: [4^j, 4^(j+1))
         Gc, Gs = 2 * max(b - 1, 0), max(b - 1, 0)  # fraction bits of 4^-j and 2^-j: both exact
         frac, out = f + extra + Gc, f + G - Gs  # m's scale; rsqrt(m)'s, so that rsqrt(m) 2^-j is at 2^(F+G)
@@ -127,25 +128,16 @@ class LutEngine(Engine):
             raise ValueError(f"rsqrt: [{lo:g}, {hi:g}] is too wide for the ring at {f + extra} fraction bits")
         cs, ss = torch.pow(2.0, Gc - 2 * js).to(torch.int64), torch.pow(2.0, Gs - js).to(torch.int64)
         force = [("force", times)] if isinstance(times, Poly) else []  # times' truncation, in a round of ours
-        if b - a > 1:
-            # [x < 4^i] for the inner powers, lazy: their last step rides in the round of x's products with them
-            bits = self.ltz(_minus_each(x, self.encode(torch.pow(4.0, js[1:]), f + extra)), lazy=True)
-            xe = x.map(lambda u: u.reshape(1, -1).expand(b - a - 1, -1).reshape(-1))  # threshold-major, as the bits
-            xb, bs, *tf = self.run([("mul", xe, bits, None), ("force", bits)] + force)
-            m = _interval_const(xb, cs, x.shape, base=self.mul_int(x, int(cs[-1])))
-            s = _interval_const(bs, ss, x.shape)
-            times, force = (tf[0] if force else times), []
-        else:  # one interval: m and 2^-a are public multiples
-            m, s = self.mul_int(x, int(cs[0])), None
+        # [x < 4^i] for the inner powers (at least one: b - a >= 2), lazy: their last step rides in the
+        # round of x's products with them
+        bits = self.ltz(_minus_each(x, self.encode(torch.pow(4.0, js[1:]), f + extra)), lazy=True)
+        xe = x.map(lambda u: u.reshape(1, -1).expand(b - a - 1, -1).reshape(-1))  # threshold-major, as the bits
+        xb, bs, *tf = self.run([("mul", xe, bits, None), ("force", bits)] + force)
+        times = tf[0] if force else times
+        m = _interval_const(xb, cs, x.shape, base=self.mul_int(x, int(cs[-1])))  # x 4^-j at 2^frac
         t = dataclasses.replace(lut.TABLES["rsqrt_mantissa"], frac=frac, out_frac=out)
-        y = self.table(m, t)  # rsqrt(m) at 2^out
-        if s is None:
-            r = self.mul_int(y, int(ss[0]))
-            if force:
-                (times,) = self.run(force)
-        else:  # rsqrt(m) 2^-j at 2^(out + Gs) = 2^(F+G): no truncation
-            r, *tf = self.run([("mul", y, s, None)] + force)
-            times = tf[0] if force else times
+        # rsqrt(m) (at 2^out) times the one-hot 2^-j (at 2^Gs): 1/sqrt(x) at 2^(F+G), no truncation
+        (r,) = self.run([("mul", self.table(m, t), _interval_const(bs, ss, x.shape), None)])
         if times is None:
             return self.trunc(r, G)
         (z,) = self.run([("mul", times, r.map(lambda u: u.expand(times.shape)), f + G)])
