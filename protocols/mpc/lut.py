@@ -50,7 +50,8 @@ gate ``x sigmoid(x)``, gelu_gate GPT-2's GELU ``x gelu_gate(x)`` (``gelu(x) / x`
 product; ltz a comparison (relu, the max) with an error zone of one bucket around 0;
 rsqrt_mantissa (``rsqrt_mant.``) the norms' rsqrt after the exponent is split off (approx_lut.py:
 the mantissa ``x 4^-j`` in [1, 4)), read at whatever scale the caller's product leaves it (its
-``frac``), so no truncation comes before the lookup; k = 13 for v3-mpc's 2e-4 without a Newton step.
+``frac``), so no truncation comes before the lookup; k = 13 for v3-mpc's 2e-4 without a Newton step
+(above the seeds' 48 KB, but one lookup per norm row: ~4 MB of a SmolLM2 token).
 
 The k were picked for accuracy first within the 48 KB per evaluation the seeds claim, then bytes;
 the errors scale as 2^-k, so one more bit halves them and doubles the bytes. (A table of SiLU
