@@ -40,13 +40,18 @@ sigmoid       [-8, 8]         9   4 KiB       144 B     3.1e-2   abs 7.8e-3   ab
 gelu_gate     [-8, 8]         12  32 KiB      192 B     3.9e-3   abs 1.5e-3   abs 2.0e-3
 reciprocal    [1, 64]         12  32 KiB      192 B     1.5e-2   rel 1.5e-2   rel 1.6e-2
 rsqrt         [0.25, 64]      12  32 KiB      192 B     1.6e-2   rel 2.8e-2   rel 3.2e-2
+rsqrt_mant.   [1, 4]          13  64 KiB      208 B     3.7e-4   rel 1.8e-4   rel 1.9e-4
 ltz (x < 0)   [-4000, 4000]   8   2 KiB       128 B     31.4     exact for |x| >= w (a 0/1 integer)
 ============  ==============  ==  ==========  ========  =======  ===========  ==========
 
 exp serves the softmax's ``x - max`` (exp(-12) = 6e-6 next to a row sum >= 1); reciprocal
 its row sum for up to 64 keys (the start of Newton's iteration: approx_lut.py); sigmoid the SiLU
 gate ``x sigmoid(x)``, gelu_gate GPT-2's GELU ``x gelu_gate(x)`` (``gelu(x) / x``), each then one
-product; ltz a comparison (relu, the max) with an error zone of one bucket around 0.
+product; ltz a comparison (relu, the max) with an error zone of one bucket around 0;
+rsqrt_mantissa (``rsqrt_mant.``) the norms' rsqrt after the exponent is split off (approx_lut.py:
+the mantissa ``x 4^-j`` in [1, 4)), read at whatever scale the caller's product leaves it (its
+``frac``), so no truncation comes before the lookup; k = 13 for v3-mpc's 2e-4 without a Newton step
+(above the seeds' 48 KB, but one lookup per norm row: ~4 MB of a SmolLM2 token).
 
 The k were picked for accuracy first, then bytes; the errors scale as 2^-k, so one more bit halves
 them and doubles the bytes. exp and sigmoid run per score and per MLP gate element (SmolLM2: 46080
@@ -61,9 +66,9 @@ itself needs k = 13, 64 KiB, for 4.3e-3 on [-16, 16], and grows with the range b
 a table of the bounded gate and one product is cheaper.) Uniform buckets are
 what limits reciprocal and rsqrt: their relative error is ``w / x`` (``w / 2x``), worst at lo.
 What single tables cannot do, stated plainly: reciprocal and rsqrt over the wide ranges v3-mpc serves (the norms' 1e9) need an
-exponent/mantissa split (a coarse table for the exponent, a product by it, a fine table for the
-mantissa), and inputs beyond a table's range need clipping first (the engine's comparisons); both
-are left for the v3-ot integration.
+exponent/mantissa split (the exponent by comparisons, a product by it, a fine table for the
+mantissa: approx_lut.py does this for rsqrt), and inputs beyond a table's range need clipping
+first (the engine's comparisons).
 """
 
 from __future__ import annotations
@@ -220,6 +225,7 @@ TABLES = {t.name: t for t in [
     Table("gelu_gate", _gelu_gate, -8.0, 8.0, 12),
     Table("reciprocal", lambda x: 1 / x, 1.0, 64.0, 12),
     Table("rsqrt", lambda x: 1 / np.sqrt(x), 0.25, 64.0, 12),
+    Table("rsqrt_mantissa", lambda x: 1 / np.sqrt(x), 1.0, 4.0, 13),
     Table("ltz", lambda x: (x < 0).astype(np.float64), -4000.0, 4000.0, 8, out_frac=0),
 ]}
 
