@@ -57,10 +57,11 @@ import torch
 
 from . import lut, millionaire, mux
 from .approx import _interval_const, _minus_each
-from .engine import Engine
+from .engine import _OFFSET, Engine
 from .ideal import IdealEngine
-from .poly import Poly
-from .shares import LazySum, Shared, cat
+from .poly import Poly, ring_int
+from .shares import Lazy, LazySum, Shared, _lsr, _msb, cat
+from .void import VOID, real
 
 # below 1e-4 relative after Newton: enough next to the tables' own errors
 _RECIPROCAL_REL = 1e-4
@@ -98,6 +99,86 @@ class LutEngine(Engine):
     def mux(self, x: Shared, bc: torch.Tensor, bs: torch.Tensor) -> Shared:
         """``(bc XOR bs) x`` by two 1-of-2 OTs per element (mux.py), not a Beaver product."""
         return mux.on_shares(self, x, bc, bs)
+
+    def bit_product(self, bc: torch.Tensor, bs: torch.Tensor, c) -> Shared:
+        """``bc bs c`` (the client's bit, the server's bit, a public constant) by one correlated OT."""
+        return mux.bit_product(self, bc, bs, c)
+
+    # -- truncations and comparisons' bits without polynomials -------------------------------
+    # v3-mpc keeps a truncation (and a comparison's bit) as an unevaluated polynomial multiplied out
+    # in the next product's round: with dealer triples its extra mask products are cheap, with OT
+    # each is a Gilboa product (~3 KB). v3-ot evaluates them at once instead, the private-bit
+    # product by one correlated OT (24 B): a round more, a small fraction of the bytes.
+    def trunc_many(self, items: list[tuple[Shared, int | torch.Tensor]]) -> list[Shared]:
+        """engine.py's truncation (offset 2^62, local shifts, wrap bit ``msb_c OR msb_s``), every
+        item's ``msb_c msb_s`` in one batch of correlated OTs: one round."""
+        if self.local_trunc or not items:
+            return super().trunc_many(items)
+        parts = []
+        for x, k in items:
+            if not isinstance(k, int):
+                k = torch.as_tensor(k, dtype=torch.int64)
+                k = int(k) if k.dim() == 0 else k.expand(real(x.c, x.s).shape)
+            uc, us = x.c + _OFFSET, x.s
+            if isinstance(k, int):
+                top, off = ring_int(1 << (64 - k)), 1 << (62 - k)
+            else:
+                top = torch.bitwise_left_shift(torch.ones_like(k), 64 - k)
+                off = torch.bitwise_left_shift(torch.ones_like(k), 62 - k)
+            shape = real(uc, us).shape
+            parts.append((uc, us, k, top, off, shape))
+        flat = lambda t, shape: t if t is VOID else t.reshape(-1)  # noqa: E731
+        mc = torch.cat([flat(_msb(uc), sh) for uc, _, _, _, _, sh in parts]) if self.role != "server" else VOID
+        ms = torch.cat([flat(_msb(us), sh) for _, us, _, _, _, sh in parts]) if self.role != "client" else VOID
+        tops = torch.cat([torch.as_tensor(top, dtype=torch.int64).expand(sh).reshape(-1) for *_, top, _, sh in parts])
+        w = self.bit_product(mc, ms, tops)  # msb_c msb_s 2^(64-k)
+        out, at = [], 0
+        for uc, us, k, top, off, shape in parts:
+            n = math.prod(shape)
+            wc, ws = (t if t is VOID else t[at:at + n].reshape(shape) for t in (w.c, w.s))
+            at += n
+            # u >> k = (u_c >> k) + (u_s >> k) - 2^(64-k) (msb_c + msb_s - msb_c msb_s), less the offset
+            out.append(Shared(_lsr(uc, k) - off - top * _msb(uc) + wc, _lsr(us, k) - top * _msb(us) + ws))
+        return out
+
+    def lazy_trunc(self, x: Shared, k: int | torch.Tensor) -> Shared:
+        return self.trunc_many([(x, k)])[0]
+
+    def _b2a(self, bc, bs, zero, also, lazy):
+        """The bit ``1 - (bc XOR bs) = 1 - bc - bs + 2 bc bs`` with ``bc bs`` by one correlated OT
+        (``lazy`` changes nothing: there is no polynomial to defer)."""
+        p = self.bit_product(bc, bs, 2)
+        bit = Shared(1 - bc + p.c, -bs + p.s)
+        return (bit, self.run(list(also))) if also else bit
+
+    def run(self, items: list[tuple]) -> list:
+        """engine.py's round with every truncation eager: ``Lazy(k)`` is ``k`` (a product's
+        truncation in the round after it), ``force`` of a value already computed is that value
+        (times ``v``, truncated by ``bits``), ``trunc`` items by :meth:`trunc_many`."""
+        out: list = [None] * len(items)
+        rest, at_rest, truncs, at_trunc = [], [], [], []
+        for i, it in enumerate(items):
+            it = tuple(a.k if isinstance(a, Lazy) else a for a in it)
+            kind, x = it[0], it[1]
+            if kind == "force" and not isinstance(x, Poly):
+                bits, v = (it[2] if len(it) > 2 else None), (it[3] if len(it) > 3 else None)
+                x = self.mul_int(x, v) if v is not None else x
+                if bits is None:
+                    out[i] = x
+                else:
+                    truncs.append((x, bits))
+                    at_trunc.append(i)
+            elif kind == "trunc" and not isinstance(x, Poly):
+                truncs.append((x, it[2]))
+                at_trunc.append(i)
+            else:
+                rest.append(it)
+                at_rest.append(i)
+        for i, z in zip(at_rest, super().run(rest) if rest else []):
+            out[i] = z
+        for i, z in zip(at_trunc, self.trunc_many(truncs)):
+            out[i] = z
+        return out
 
     def relu(self, x: Shared, bound: float | None = None, slack: float | None = None,
              also: list[tuple] = ()) -> Shared | tuple[Shared, list[Shared]]:
@@ -165,9 +246,10 @@ class LutEngine(Engine):
         [lo, hi] (in fact anywhere in [4^a, 4^b], the powers of four around [lo/2, 2 hi]) at scale
         2^(F + extra); the module docstring gives the steps. ``iters`` and ``per_octave`` (v3-mpc's
         Newton and thresholds) have no use here. Relative error < 1.9e-4 (the table's, lut.py);
-        ``|times / sqrt(x)| < 2^10``. Rounds: 7 (the comparisons' AND rounds) + 1 (``x b_i``) +
-        the lookup + 1 (``rsqrt(m) 2^-j``) + 2 with ``times`` (the product, its truncation; 1
-        without: the truncation of 1/sqrt(x))."""
+        ``|times / sqrt(x)| < 2^10``. Rounds: 5 (the comparisons: the millionaires' OT and 4 AND
+        levels) + 1 (their bits made additive) + 1 (``x b_i``) + the lookup + 1
+        (``rsqrt(m) 2^-j``) + 2 with ``times`` (the product, its truncation; 1 without: the
+        truncation of 1/sqrt(x))."""
         f, G = self.f, _RSQRT_G
         # the powers of four around [lo/2, 2 hi]: a factor 2 of headroom either side (a row a little
         # beyond the public range stays accurate; beyond 4^b or below 4^a the index wraps)
@@ -220,6 +302,10 @@ class IdealLutEngine(IdealEngine, LutEngine):
     def mux(self, x: Shared, bc: torch.Tensor, bs: torch.Tensor) -> Shared:
         self.stats.rounds += 2
         return self._fresh((bc ^ bs) * (x.c + x.s))
+
+    def bit_product(self, bc: torch.Tensor, bs: torch.Tensor, c) -> Shared:
+        self.stats.rounds += 1
+        return self._fresh(bc * bs * torch.as_tensor(c, dtype=torch.int64))
 
     def table(self, x: Shared, t: lut.Table) -> Shared:
         self.lookups += x.numel()
