@@ -65,3 +65,18 @@ def test_receiver_view_is_uniform_and_fails_without_a_fresh_mask(monkeypatch):
     broken = _received(monkeypatch, fixed=12345)  # a reused mask: the entries show b x
     with pytest.raises(AssertionError):
         assert_uniform_ring([broken.view(np.int64)])
+
+
+def test_bit_product_by_one_correlated_ot(eng):
+    """``bc bs c`` (a client bit, a server bit, a public constant): exact, 24 bytes each element,
+    and the client's outputs uniform; a zero pad (the correction sent as it is) shows b c."""
+    g = torch.Generator().manual_seed(5)
+    bc, bs = (torch.randint(0, 2, (20_000,), generator=g) for _ in range(2))
+    c = torch.randint(-(1 << 62), 1 << 62, (20_000,), generator=g)
+    b0 = eng.provider.ot_bytes
+    z = eng.bit_product(bc, bs, c)
+    assert torch.equal(z.c + z.s, bc * bs * c)
+    assert (eng.provider.ot_bytes - b0) / 20_000 <= 24 + 1
+    assert_uniform_ring([z.c.numpy()])
+    with pytest.raises(AssertionError):  # what the client would hold without the pad x (a broken variant)
+        assert_uniform_ring([(bc * bs * c).numpy()])
