@@ -28,8 +28,15 @@ every table entry (exp, sigmoid, GELU's gate, 1/x: in [0, 1]) -- which a uniform
 probability 2^-39 (~5e7 words here: 1e-4 in all); and none equals a prompt id or an encoded
 embedding entry of the prompt.
 
-Cost: tiny models, two or one prompt tokens, ``triple_batch`` 1024; the broken variants on a
-one-layer llama with one token and no decode step (the views' tests do not need more).
+Broken variants (monkeypatched, one session each): the client sending its input unmasked (the
+server's view fails (b) and (c)); the server's tables minus one s_out for all elements (the
+client's lookup outputs fail (b), its recorded bytes pass); tables with neither s_out nor 1-of-N
+pads (the client's recorded ciphertexts fail (b) and (c)); a prefill chunked by the prompt's
+content (both views fail (a)). A replayed or reordered OT frame of the client ends the session
+on the server's sequence-number check (test_lut.py has it at the table level).
+
+Cost: tiny models (gpt2 with two layers, llama with one), two prompt tokens, ``triple_batch``
+1024; the broken variants with one token and no decode step where that suffices.
 """
 from __future__ import annotations
 
@@ -95,9 +102,9 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    out = load_tiny_models(tmp_path_factory, ("llama", "gpt2"), 3)
-    out["llama1"] = load_tiny_models(tmp_path_factory, ("llama",), 3, {"llama": {"num_hidden_layers": 1}})["llama"]
-    return out
+    """gpt2 with its two layers (test_lut_engine runs llama's two); llama with one for the views
+    (every kind of step is in one layer) and the broken variants."""
+    return load_tiny_models(tmp_path_factory, ("llama", "gpt2"), 3, {"llama": {"num_hidden_layers": 1}})
 
 
 # -- running sessions ---------------------------------------------------------------------------
@@ -235,8 +242,11 @@ def check_uniform(v: View, lookups: bool = False) -> None:
 
 
 def check_no_plaintext(v: View) -> None:
-    """(c) only the protocol's message types; no payload word near 0; no prompt id or embedding."""
+    """(c) only the protocol's message types, no float tensor, no payload word near 0, no prompt
+    id or embedding entry."""
     assert v.types == TYPES[v.role], (v.role, v.types ^ TYPES[v.role])
+    floats = {m[0].name for m in v.structure for _, f in m[3] if isinstance(f, tuple) and "f" in f[0]}
+    assert not floats, (v.role, "float tensors in", floats)
     near = {k: n for k, n in v.small.items() if n}
     assert not near, (v.role, "words within 2^24 of 0", near, v.words)
     assert v.found == 0, (v.role, f"{v.found} words equal a prompt id or embedding entry")
@@ -257,8 +267,8 @@ def test_gpt2_greedy_over_tls_equals_the_reference(models, tmp_path):
 # -- 2. both parties' views ------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def views(models, tmp_path_factory):
-    """Two v3-ot sessions on a one-layer tiny llama, prompts of the same length: both views."""
-    model = models["llama1"]
+    """Two v3-ot sessions on tiny llama, prompts of the same length: both parties' views."""
+    model = models["llama"]
     reps, sdirs, cdirs, outs = _run(model, tmp_path_factory.mktemp("views"), PROMPTS, N)
     assert len(sdirs) == len(cdirs) == len(PROMPTS)
     return {"reps": reps, "model": model,
@@ -288,7 +298,7 @@ def test_view_structure_uniformity_and_no_plaintext(views, role):
 
 # -- broken variants: each check must be able to fail ----------------------------------------------
 def _broken_views(models, tmp_path, prompts=([5],), n=1):
-    model = models["llama1"]
+    model = models["llama"]
     reps, sdirs, cdirs, outs = _run(model, tmp_path, prompts, n)
     for rep, p in zip(reps, prompts):  # a broken privacy, not a broken computation
         assert rep.result.token_ids == reference_generate(model, p, n, GREEDY, stop_ids=())
@@ -311,6 +321,7 @@ def test_server_view_checks_fail_for_a_client_sending_its_input_unmasked(models,
         check_uniform(server)
     with pytest.raises(AssertionError, match="within 2"):
         check_no_plaintext(server)
+    assert server.found >= 64  # the prompt's embedding row, word for word
     check_uniform(client, lookups=True)  # the client's view does not change
     check_no_plaintext(client)
 
@@ -426,7 +437,7 @@ def test_a_replayed_or_reordered_ot_message_ends_the_session(models, tmp_path, m
     monkeypatch.setattr(_Tampering, "how", how)
     monkeypatch.setattr(client_mod, "Channel", _Tampering)
     with caplog.at_level(logging.INFO, logger="shardlm.server"):
-        (err,) = _run(models["llama1"], tmp_path, [[5, 77]], 1, record=False)
+        (err,) = _run(models["llama"], tmp_path, [[5, 77]], 1, record=False)
     if isinstance(err, RemoteError):
         assert err.code == "malformed" and "sequence number" in err.message, err
     else:
