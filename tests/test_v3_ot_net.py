@@ -44,6 +44,7 @@ import collections
 import dataclasses
 import logging
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -146,6 +147,18 @@ def _run(model, tmp_path, prompts, n, record=True):
         return reps
     return reps, session_dirs(tmp_path / "server"), session_dirs(tmp_path / "client"), \
         [np.concatenate(o) for o in outputs]
+
+
+def _views(model, tmp_path, prompts, n) -> tuple[list, list, list]:
+    """:func:`_run`'s sessions digested: (reports, server views, client views). The transcripts
+    (~100 MB per view) are deleted once read."""
+    reps, sdirs, cdirs, outs = _run(model, tmp_path, prompts, n)
+    assert len(sdirs) == len(cdirs) == len(prompts)
+    servers = [digest(d, _plaintext(model, p)) for d, p in zip(sdirs, prompts)]
+    clients = [digest(d, _plaintext(model, p), o) for d, p, o in zip(cdirs, prompts, outs)]
+    for d in ("server", "client"):
+        shutil.rmtree(tmp_path / d)
+    return reps, servers, clients
 
 
 # -- a view, digested -------------------------------------------------------------------------------
@@ -269,11 +282,8 @@ def test_gpt2_greedy_over_tls_equals_the_reference(models, tmp_path):
 def views(models, tmp_path_factory):
     """Two v3-ot sessions on tiny llama, prompts of the same length: both parties' views."""
     model = models["llama"]
-    reps, sdirs, cdirs, outs = _run(model, tmp_path_factory.mktemp("views"), PROMPTS, N)
-    assert len(sdirs) == len(cdirs) == len(PROMPTS)
-    return {"reps": reps, "model": model,
-            "server": [digest(d, _plaintext(model, p)) for d, p in zip(sdirs, PROMPTS)],
-            "client": [digest(d, _plaintext(model, p), o) for d, p, o in zip(cdirs, PROMPTS, outs)]}
+    reps, servers, clients = _views(model, tmp_path_factory.mktemp("views"), PROMPTS, N)
+    return {"reps": reps, "model": model, "server": servers, "client": clients}
 
 
 def test_llama_greedy_over_tls_equals_the_reference_for_two_prompts(views):
@@ -299,11 +309,10 @@ def test_view_structure_uniformity_and_no_plaintext(views, role):
 # -- broken variants: each check must be able to fail ----------------------------------------------
 def _broken_views(models, tmp_path, prompts=([5],), n=1):
     model = models["llama"]
-    reps, sdirs, cdirs, outs = _run(model, tmp_path, prompts, n)
+    reps, servers, clients = _views(model, tmp_path, prompts, n)
     for rep, p in zip(reps, prompts):  # a broken privacy, not a broken computation
         assert rep.result.token_ids == reference_generate(model, p, n, GREEDY, stop_ids=())
-    return ([digest(d, _plaintext(model, p)) for d, p in zip(sdirs, prompts)],
-            [digest(d, _plaintext(model, p), o) for d, p, o in zip(cdirs, prompts, outs)])
+    return servers, clients
 
 
 def test_server_view_checks_fail_for_a_client_sending_its_input_unmasked(models, tmp_path, monkeypatch):
