@@ -24,7 +24,7 @@ MPC_SETUP and BYE (public scalars): the structure test holds these equal across 
 
 'No plaintext': no 64-bit word of any payload (nor of the client's lookup outputs) lies within
 2^24 of 0 -- where plaintext lives: token ids, embeddings and activations with |x| < 16 at 2^-20,
-every table entry (exp, sigmoid, GELU's gate, 1/x: in [0, 1]) -- which a uniform word does with
+every table entry (exp, sigmoid, GELU's gate, 1/x: within [0, 1.01]) -- which a uniform word does with
 probability 2^-39 (~6e7 words here: 1e-4 in all); and none equals a prompt id or an encoded
 embedding entry of the prompt.
 
