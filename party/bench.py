@@ -144,6 +144,16 @@ def table(results: list[dict]) -> str:
                          f"{o['client_cpu_s_per_token'] * 1e3:.0f} ms, server CPU {o['server_cpu_s_per_token'] * 1e3:.0f} ms, "
                          f"{o['bytes_sent_per_token'] / 1e6:.2f} MB up, {o['bytes_received_per_token'] / 1e6:.2f} MB down; "
                          f"client peak RSS {r['results']['client_peak_rss_mb']:.0f} MB")
+    for r in results:  # v3-mpc / v3-ot: OTs and table lookups per decode forward (the prompt's forward left out)
+        fw = ((r.get("protocol_stats") or {}).get("forwards") or [])[1:]
+        if fw and any(f.get("ots") for f in fw):
+            n = len(fw)
+            ots, looks = sum(f.get("ots", 0) for f in fw) / n, sum(f.get("lookups", 0) for f in fw) / n
+            line = f"ot ({r['version']}): per decode forward {ots:,.0f} OTs (this party's IKNP extensions)"
+            if looks:
+                per = sum(f.get("lookup_bytes", 0) for f in fw) / n / looks
+                line += f", {looks:,.0f} table lookups of {per / 1024:.1f} KiB each on average (the seeds claim 48 KB)"
+            lines.append(line)
     lines += [f"note ({r['version']}): {n}" for r in results for n in r.get("notes", [])]
     exposed = [r["version"] for r in results if not r["private"]]
     if exposed:

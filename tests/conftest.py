@@ -103,3 +103,16 @@ def smollm2(smollm2_dir):
     from shardlm.models.load import load_model
 
     return load_model("smollm2")
+
+
+@pytest.fixture(scope="module")
+def lut_engine():
+    """v3-ot's engine (protocols/mpc/approx_lut.py) with both parties' OT in memory, on one torch
+    thread; one per test module (its OT pools and counters are that module's)."""
+    import torch
+
+    from shardlm.protocols.mpc import beaver_ot
+    from shardlm.protocols.mpc.approx_lut import LutEngine
+
+    torch.set_num_threads(1)
+    return LutEngine(beaver_ot.OTProvider(batch=1 << 12, prefill_and=True))

@@ -8,18 +8,12 @@ import torch
 import torch.nn.functional as F
 
 from shardlm.protocols import mpc
-from shardlm.protocols.mpc import beaver_ot, lut
-from shardlm.protocols.mpc.approx_lut import LutEngine
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    torch.set_num_threads(1)
+from shardlm.protocols.mpc import lut
 
 
 @pytest.fixture(scope="module")
-def eng():
-    return LutEngine(beaver_ot.OTProvider(batch=1 << 12, prefill_and=True))
+def eng(lut_engine):
+    return lut_engine
 
 
 def test_lookups_need_the_ot_provider():
@@ -89,6 +83,8 @@ def test_v3_ot_greedy_over_tls_equals_the_reference(tiny_llama, tmp_path):
     assert rep.result.token_ids == reference_generate(tiny_llama, prompt, n, SamplingParams(), stop_ids=())
     fw = rep.protocol_stats["forwards"]
     assert all(f["lookups"] > 0 and f["triples_and"] > 0 for f in fw)
+    # every lookup is one 1-of-2^k OT made of k random OTs: the IKNP count covers at least those
+    assert all(f["ots"] >= 9 * f["lookups"] and f["lookup_bytes"] >= 4096 * f["lookups"] for f in fw)
     (view,) = [load_transcript(x)[1] for x in session_dirs(rec)]
     assert sum(m.type == MsgType.OT_NOFN_CT for m in view) >= len(fw)
 

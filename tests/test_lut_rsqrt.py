@@ -18,14 +18,9 @@ REL = 1.9e-4  # the mantissa table's relative error (lut.py), plus the encodings
 D = 576  # SmolLM2's width: x in [0.576, 5.76e8], 16 powers of four inside [lo/2, 2 hi]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    torch.set_num_threads(1)
-
-
 @pytest.fixture(scope="module")
-def eng():
-    return LutEngine(beaver_ot.OTProvider(batch=1 << 12, prefill_and=True))
+def eng(lut_engine):
+    return lut_engine
 
 
 def _logspace(lo, hi, n, f):

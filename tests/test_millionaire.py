@@ -28,14 +28,9 @@ from support import assert_uniform_ring
 MASK64 = (1 << 64) - 1
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    torch.set_num_threads(1)
-
-
 @pytest.fixture(scope="module")
-def eng():
-    return LutEngine(beaver_ot.OTProvider(batch=1 << 13, prefill_and=True))
+def eng(lut_engine):
+    return lut_engine
 
 
 def _edge_addends(p: int, m: int, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

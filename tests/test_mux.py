@@ -11,16 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-from shardlm.protocols.mpc import beaver_ot, lut, mux
-from shardlm.protocols.mpc.approx_lut import LutEngine
+from shardlm.protocols.mpc import lut, mux
 
 from ot_support import run_ext
 from support import assert_uniform_ring
 
 
 @pytest.fixture(scope="module")
-def eng():
-    return LutEngine(beaver_ot.OTProvider(batch=1 << 12, prefill_and=True))
+def eng(lut_engine):
+    return lut_engine
 
 
 def test_mux_is_exact_at_scale_and_cheap(eng):

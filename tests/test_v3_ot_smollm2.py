@@ -14,7 +14,7 @@ import torch
 from shardlm.protocols.mpc.accuracy import TEXT, summary, teacher_forced
 
 N_TEXT = 200
-FLOOR = 0.98      # the seeds' claim; measured 198/200 with the tables as documented in lut.py
+FLOOR = 0.99      # the seeds claim 0.98; measured 199/200 (the miss a reference tie of 0.0017)
 TIE = 0.3         # reference top-2 gaps below this are ties: about the largest logit error seen
 GREEDY_TOKENS = 8
 

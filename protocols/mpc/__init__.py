@@ -24,8 +24,10 @@ Modules:
   (``v3-ot``: ``service_ot``, v3-mpc's session with that engine);
 - ``millionaire``: v3-ot's comparisons, the carry of a two-party sum by the millionaires' protocol
   over 1-of-16 OT (CrypTFlow2), in :class:`LutEngine` instead of v3-mpc's Kogge-Stone adder;
+- ``mux``: v3-ot's OT multiplexer (a shared bit times a shared value by two 1-of-2 OTs) and the
+  product of a client bit and a server bit by one correlated OT (truncations' wrap bits);
 - ``ideal``, ``accuracy``: the simulator with ideal products, and teacher-forced SmolLM2
-  accuracy (``python -m shardlm.protocols.mpc.accuracy``).
+  accuracy (``python -m shardlm.protocols.mpc.accuracy [N] [THREADS] ideal|beaver|ot``).
 """
 
 from .engine import FRAC_BITS, Engine, Stats

@@ -127,9 +127,9 @@ class LutEngine(Engine):
                 off = torch.bitwise_left_shift(torch.ones_like(k), 62 - k)
             shape = real(uc, us).shape
             parts.append((uc, us, k, top, off, shape))
-        flat = lambda t, shape: t if t is VOID else t.reshape(-1)  # noqa: E731
-        mc = torch.cat([flat(_msb(uc), sh) for uc, _, _, _, _, sh in parts]) if self.role != "server" else VOID
-        ms = torch.cat([flat(_msb(us), sh) for _, us, _, _, _, sh in parts]) if self.role != "client" else VOID
+        # each party's own MSBs (a party engine has VOID for the other's)
+        mc = torch.cat([_msb(uc).reshape(-1) for uc, *_ in parts]) if self.role != "server" else VOID
+        ms = torch.cat([_msb(us).reshape(-1) for _, us, *_ in parts]) if self.role != "client" else VOID
         tops = torch.cat([torch.as_tensor(top, dtype=torch.int64).expand(sh).reshape(-1) for *_, top, _, sh in parts])
         w = self.bit_product(mc, ms, tops)  # msb_c msb_s 2^(64-k)
         out, at = [], 0

@@ -275,7 +275,9 @@ class MPCClient:
     def _counters(self) -> dict:
         p = self.provider
         e = self.executor.e
-        return {**vars(e.stats), "lookups": getattr(e, "lookups", 0), "lookup_bytes": getattr(e, "lookup_bytes", 0),
+        party = getattr(p, "client", None)  # with OT: this party's two IKNP extensions
+        ots = sum(x.count for x in (party.sender, party.receiver) if x is not None) if party is not None else 0
+        return {**vars(e.stats), "ots": ots, "lookups": getattr(e, "lookups", 0), "lookup_bytes": getattr(e, "lookup_bytes", 0),
                 **{f"triples_{k}": v for k, v in p.issued.items()},
                 **{f"triple_elements_{k}": v for k, v in p.elements.items()}}
 
