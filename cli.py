@@ -249,7 +249,9 @@ def listener_options(env: str, port: int, cert_home: str):
                      help="Require client certificates signed by this CA (mutual TLS)."),
         click.option("--max-sessions", envvar=f"{env}MAX_SESSIONS", default=16, show_default=True, show_envvar=True),
         click.option("--session-ttl", envvar=f"{env}SESSION_TTL_SECS", default=300.0, show_default=True,
-                     show_envvar=True, help="Seconds a session may live."),
+                     show_envvar=True,
+                     help="Seconds a session may live; v3-mpc and v3-ot sessions 20 times this (their tokens "
+                          "take seconds to minutes)."),
         click.option("--handshake-timeout", envvar=f"{env}HANDSHAKE_TIMEOUT_SECS", default=10.0, show_default=True,
                      show_envvar=True, help="Seconds from connect to the first message."),
         click.option("--idle-timeout", envvar=f"{env}IDLE_TIMEOUT_SECS", default=300.0, show_default=True,

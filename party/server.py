@@ -11,7 +11,8 @@ carrying a code and a human message, then that connection is closed; other conne
 unaffected. Timeouts: ``handshake_timeout`` covers TLS plus the first message,
 ``idle_timeout`` any later wait for the client (a client trickling a frame byte by byte
 included), ``send_timeout`` each message the server sends (a client that stops reading),
-``session_ttl`` the whole session, handler work included (a cancel scope).
+``session_ttl`` the whole session, handler work included (a cancel scope), times the protocol's
+``session_ttl_scale`` (v3-mpc and v3-ot: 20).
 
 Resources: products run in worker threads behind one process-wide limiter
 (``compute_slots``), never on the event loop; a protocol charges the rows a session asks for
@@ -132,6 +133,7 @@ class Server:
         # Open sessions by id; a session leaves (and its handler's close() runs) when its
         # connection ends for any reason: BYE, error, expiry, disconnect.
         self.sessions: dict[str, ServerSession] = {}
+        self._ttl: dict[str, float] = {}  # session id -> its TTL in seconds (--session-ttl x the protocol's scale)
         self._protocol_state: dict[str, object] = {}
         self.compute_limiter = trio.CapacityLimiter(config.compute_slots)
         # exact row-wise products of one matrix from several sessions run as one (party/batching.py)
@@ -328,9 +330,9 @@ class Server:
                 if session is not None and hasattr(session.handler, "close"):
                     session.handler.close()  # e.g. free a per-session KV cache
                 self.batcher.leave(session_id)  # no batch waits for it any more
+                secs = self._ttl.pop(session_id, cfg.session_ttl)
         if ttl.cancelled_caught:
-            raise ProtocolError(ErrorCode.SESSION_EXPIRED, f"session exceeded its TTL of {cfg.session_ttl:g} s; "
-                                                           "start a new one")
+            raise ProtocolError(ErrorCode.SESSION_EXPIRED, f"session exceeded its TTL of {secs:g} s; start a new one")
 
     async def _loop(self, channel: Channel, session_id: str, deadline: float, ttl: trio.CancelScope,
                     peer: str) -> None:
@@ -360,7 +362,8 @@ class Server:
                     handler = spec.server_handler(session)
                     session.handler = handler
                     self.sessions[session_id] = session
-                    ttl.deadline = trio.current_time() + cfg.session_ttl
+                    self._ttl[session_id] = cfg.session_ttl * spec.session_ttl_scale
+                    ttl.deadline = trio.current_time() + self._ttl[session_id]
                     log.info("%s [%s]: %s session started, capacity %d positions", peer, session_id,
                              protocol, session.max_seq_len)
                     if channel.recorder is not None:

@@ -122,6 +122,9 @@ class ProtocolSpec:
     # offered only by `shardlm dealer`, never by `serve`, and generates nothing: a server that
     # dealt the masks would know r and could unmask every x - r it receives
     dealer: bool = False
+    # the server's --session-ttl times this for the protocol's sessions (v3-mpc's and v3-ot's tokens
+    # take seconds to a minute: a default 300 s TTL would end a 16-token generation)
+    session_ttl_scale: float = 1.0
 
     @property
     def warning(self) -> str | None:

@@ -82,6 +82,9 @@ TRIPLE_BATCH = Option(
          "128 random OTs each).")
 
 _MASKED = "shardlm.protocols.masked"
+# v3-mpc's and v3-ot's sessions live this many times the server's --session-ttl (SmolLM2: 5-250 s
+# per token on loopback, ~55 s for v3-ot over 20 ms)
+MPC_TTL_SCALE = 20.0
 SPECS: tuple[ProtocolSpec, ...] = (
     ProtocolSpec("echo", private=True,  # carries no model data at all
                  summary="no inference: PING/PONG only, for connectivity, latency and throughput checks"),
@@ -99,15 +102,15 @@ SPECS: tuple[ProtocolSpec, ...] = (
                          "(o with gate/up, down with the next q/k/v): 2L+2 rounds/token for ~1.9x the server's "
                          "weight traffic; pays off when round trips are slow"),
     ProtocolSpec("v3-mpc", private=True, needs_model=True, module="shardlm.protocols.mpc.service",
-                 options=(TRIPLES, MPC_RANGES, TRIPLE_BATCH, MATERIAL),
+                 options=(TRIPLES, MPC_RANGES, TRIPLE_BATCH, MATERIAL), session_ttl_scale=MPC_TTL_SCALE,
                  summary="every activation additively shared over Z_2^64; linear layers on the server's share "
                          "with preprocessed masks, nonlinear layers by Beaver-triple MPC (--triples dealer|ot); "
                          "approximate"),
     ProtocolSpec("v3-ot", private=True, needs_model=True, module="shardlm.protocols.mpc.service_ot",
-                 options=(TRIPLE_BATCH, MATERIAL),
-                 summary="as v3-mpc with nothing from a dealer (products and comparisons by OT triples) and "
-                         "exp, the softmax's 1/x start, sigmoid and GELU by lookup tables over 1-of-N OT; "
-                         "approximate"),
+                 options=(TRIPLE_BATCH, MATERIAL), session_ttl_scale=MPC_TTL_SCALE,
+                 summary="as v3-mpc with nothing from a dealer: exp, the softmax's 1/x start, sigmoid, GELU and "
+                         "the norms' rsqrt by lookup tables over 1-of-N OT, comparisons by the millionaires' "
+                         "protocol over 1-of-16 OT, products by OT triples; approximate"),
     ProtocolSpec("v3-cc", private=True, needs_model=True, module="shardlm.protocols.cc.service",
                  options=(CC_TRUST, CC_WINDOW),
                  summary="whole model inside an attested enclave boundary (signed report over the client's nonce; "

@@ -458,3 +458,21 @@ def test_a_replayed_or_reordered_ot_message_ends_the_session(models, tmp_path, m
     (ended,) = [r.getMessage() for r in caplog.records if "session ended" in r.getMessage()]
     got, want = map(int, re.search(r"\(error .*sequence number (\d+), expected (\d+)\)", ended).groups())
     assert got == want + (1 if how == "reorder" else -1), ended  # the frame after, or the one before, again
+
+
+# -- 4. the session TTL ------------------------------------------------------------------------------
+def test_a_v3_ot_session_lives_its_protocols_longer_ttl(models, tmp_path):
+    """A server with a 0.3 s TTL: a v3-ot session, which takes longer than that on the tiny model
+    (~0.6 s), lives 6 s (``session_ttl_scale``; a SmolLM2 token takes 15-55 s) and completes."""
+    model, prompt = models["llama"], [5, 77]
+
+    async def main():
+        async with tls_server(tmp_path, model=model, session_ttl=0.3) as (server, cfg):
+            t0 = trio.current_time()
+            rep = await run_generation(cfg, model, registry.get("v3-ot"), prompt, N, GREEDY, ignore_eos=True,
+                                       options=OPTS)
+            return rep, trio.current_time() - t0
+
+    rep, took = trio.run(main)
+    assert rep.result.token_ids == reference_generate(model, prompt, N, GREEDY, stop_ids=())
+    assert took > 0.3  # the server's own TTL alone would have ended it
