@@ -70,6 +70,16 @@ def build_tiny(family: str, d: Path, seed: int = 0, **overrides):
     return model
 
 
+def tiny_llama_dir(tmp_path_factory, seed: int):
+    """(directory, loaded model) of a tiny llama built for a module's fixture (servers started as
+    processes need the directory, the in-process side the model)."""
+    from shardlm.models.load import load_model
+
+    d = tmp_path_factory.mktemp("tiny-llama")
+    build_tiny("llama", d, seed=seed)
+    return d, load_model(str(d))
+
+
 def load_tiny_models(tmp_path_factory, families, seed: int, overrides=None) -> dict:
     """{family: loaded tiny model} for a module's fixture; ``overrides`` maps a family to its
     build_tiny overrides."""

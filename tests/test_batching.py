@@ -11,9 +11,8 @@ import pytest
 import torch
 import trio
 
-from conftest import build_tiny
+from conftest import tiny_llama_dir
 from support import tls_server
-from shardlm.models.load import load_model
 from shardlm.models.reference import generate
 from shardlm.models.sampling import SamplingParams
 from shardlm.party import launch, loadtest
@@ -27,9 +26,7 @@ PROMPT = "hello"
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny-batch")
-    build_tiny("llama", d, seed=5)
-    return d, load_model(str(d))
+    return tiny_llama_dir(tmp_path_factory, seed=5)
 
 
 def _matrices(model, variant="v3") -> list[ring.RingMatrix]:

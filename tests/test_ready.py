@@ -9,8 +9,7 @@ import time
 import pytest
 import trio
 
-from conftest import build_tiny
-from shardlm.models.load import load_model
+from conftest import tiny_llama_dir
 from shardlm.models.reference import generate
 from shardlm.models.sampling import SamplingParams
 from shardlm.party import launch
@@ -24,9 +23,7 @@ PROMPT = "hello"
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny")
-    build_tiny("llama", d, seed=11)
-    return d, load_model(str(d))
+    return tiny_llama_dir(tmp_path_factory, seed=11)
 
 
 def _env(home, **extra):

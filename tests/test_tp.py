@@ -10,8 +10,7 @@ import pytest
 import torch
 import trio
 
-from conftest import build_tiny
-from shardlm.models.load import load_model
+from conftest import build_tiny, tiny_llama_dir
 from shardlm.models.reference import generate
 from shardlm.models.sampling import SamplingParams
 from shardlm.party import launch
@@ -26,9 +25,7 @@ PROMPT = "hello"
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny-tp")
-    build_tiny("llama", d, seed=21)
-    return d, load_model(str(d))
+    return tiny_llama_dir(tmp_path_factory, seed=21)
 
 
 def _env(**extra):

@@ -24,17 +24,16 @@ layers and the plan executor included, is v3-mpc's):
 - ``rsqrt`` (the norms'; range d 1e-3 .. d 1e6, too wide for one uniform table): an exponent/
   mantissa split. The exponent by one batch of exact comparisons against the powers of four
   ``4^i`` inside [lo/2, 2 hi] (16 for SmolLM2, where v3-mpc's start compares against 16 thresholds
-  per octave: 478), so x lies in ``[4^j, 4^(j+1))``; the bits stay lazy and ride in the round of
-  the products ``x b_i``, whose one-hot sum with the public ``c_j = 4^-j`` (exact: powers of two)
-  is the mantissa ``m = x c_j`` in [1, 4), untruncated (the table's own local truncation takes
+  per octave: 478), so x lies in ``[4^j, 4^(j+1))``; the products ``x b_i`` with the bits, whose
+  one-hot sum with the public ``c_j = 4^-j`` (exact: powers of two) is the mantissa ``m = x c_j`` in [1, 4), untruncated (the table's own local truncation takes
   any scale). ``rsqrt(m)`` by the table ``rsqrt_mantissa`` (k = 13: relative error < 1.9e-4),
   then ``1/sqrt(x) = rsqrt(m) 2^-j`` by one product with the one-hot ``2^-j`` (untruncated, at
   scale 2^(F+12): its smallest values keep their bits), and ``times`` by one product with that,
   truncated. No Newton step: the table alone meets v3-mpc's accuracy. Per row: 16 comparisons,
-  one 1-of-8192 lookup, 11 opening rounds and one OT round (v3-mpc: 478 comparisons, 11 rounds);
-  ``times`` costs three d-wide products (its truncation, the product, the product's truncation)
-  instead of v3-mpc's fifteen. Measured per SmolLM2 norm row (d = 576, ``OTProvider.ot_bytes``):
-  5.97 MB instead of 39.8 MB, 5.3 MB of it the d-wide products. (Tables for all 16 intervals,
+  one 1-of-8192 lookup, 11 rounds with ``times`` (v3-mpc: 478 comparisons); ``times`` costs
+  three d-wide products (its truncation, the product, the product's truncation) instead of
+  v3-mpc's fifteen. Measured per SmolLM2 norm row (d = 576, ``OTProvider.ot_bytes``, with
+  Kogge-Stone comparisons and lazy truncations still): 5.97 MB instead of 39.8 MB. (Tables for all 16 intervals,
   looked up on x itself before the comparisons, would save the OT round for ~1 MiB more per row;
   a smaller table plus a Newton step would cost two more rounds.)
 
@@ -56,11 +55,12 @@ import numpy as np
 import torch
 
 from . import lut, millionaire, mux
+from .beaver_ot import ring_words
 from .approx import _interval_const, _minus_each
-from .engine import _OFFSET, Engine
+from .engine import Engine
 from .ideal import IdealEngine
-from .poly import Poly, ring_int
-from .shares import Lazy, LazySum, Shared, _lsr, _msb, cat
+from .poly import Poly
+from .shares import Lazy, LazySum, Shared, cat
 from .void import VOID, real
 
 # below 1e-4 relative after Newton: enough next to the tables' own errors
@@ -94,6 +94,9 @@ class LutEngine(Engine):
         self.lookups += x.numel()
         self.lookup_bytes += x.numel() * sum(t.bytes_per_eval)
         self.stats.rounds += 1  # the OT's round trip
+        return self._lookup(x, t)
+
+    def _lookup(self, x: Shared, t: lut.Table) -> Shared:
         return lut.on_shares(self, x, t)
 
     def mux(self, x: Shared, bc: torch.Tensor, bs: torch.Tensor) -> Shared:
@@ -114,31 +117,21 @@ class LutEngine(Engine):
         item's ``msb_c msb_s`` in one batch of correlated OTs: one round."""
         if self.local_trunc or not items:
             return super().trunc_many(items)
-        parts = []
-        for x, k in items:
-            if not isinstance(k, int):
-                k = torch.as_tensor(k, dtype=torch.int64)
-                k = int(k) if k.dim() == 0 else k.expand(real(x.c, x.s).shape)
-            uc, us = x.c + _OFFSET, x.s
-            if isinstance(k, int):
-                top, off = ring_int(1 << (64 - k)), 1 << (62 - k)
-            else:
-                top = torch.bitwise_left_shift(torch.ones_like(k), 64 - k)
-                off = torch.bitwise_left_shift(torch.ones_like(k), 62 - k)
-            shape = real(uc, us).shape
-            parts.append((uc, us, k, top, off, shape))
-        # each party's own MSBs (a party engine has VOID for the other's)
-        mc = torch.cat([_msb(uc).reshape(-1) for uc, *_ in parts]) if self.role != "server" else VOID
-        ms = torch.cat([_msb(us).reshape(-1) for _, us, *_ in parts]) if self.role != "client" else VOID
-        tops = torch.cat([torch.as_tensor(top, dtype=torch.int64).expand(sh).reshape(-1) for *_, top, _, sh in parts])
-        w = self.bit_product(mc, ms, tops)  # msb_c msb_s 2^(64-k)
+        parts = [self._trunc_terms(x, k) for x, k in items]
+        # every item's msb_c msb_s 2^(64-k) in one batch (a party engine has VOID for the other's bits)
+        mc = torch.cat([p[1].reshape(-1) for p in parts]) if self.role != "server" else VOID
+        ms = torch.cat([p[2].reshape(-1) for p in parts]) if self.role != "client" else VOID
+        shapes = [real(L.c, L.s).shape for L, *_ in parts]
+        tops = torch.cat([torch.as_tensor(top, dtype=torch.int64).expand(sh).reshape(-1)
+                          for (*_, top), sh in zip(parts, shapes)])
+        w = self.bit_product(mc, ms, tops)
         out, at = [], 0
-        for uc, us, k, top, off, shape in parts:
+        for (L, mc_, ms_, top), shape in zip(parts, shapes):
             n = math.prod(shape)
             wc, ws = (t if t is VOID else t[at:at + n].reshape(shape) for t in (w.c, w.s))
             at += n
-            # u >> k = (u_c >> k) + (u_s >> k) - 2^(64-k) (msb_c + msb_s - msb_c msb_s), less the offset
-            out.append(Shared(_lsr(uc, k) - off - top * _msb(uc) + wc, _lsr(us, k) - top * _msb(us) + ws))
+            # L - top (mc + ms - mc ms): each party its own bit's term, the product from the OT
+            out.append(Shared(L.c - top * mc_ + wc, L.s - top * ms_ + ws))
         return out
 
     def lazy_trunc(self, x: Shared, k: int | torch.Tensor) -> Shared:
@@ -240,7 +233,7 @@ class LutEngine(Engine):
             return self.mul(e, y.map(lambda t_: t_.expand(x.shape)))
         return self.mul(ev, y.map(lambda t_: t_.expand(ev.shape)))
 
-    def rsqrt(self, x: Shared, lo: float, hi: float, iters: int | None = None, times: Shared | Poly | None = None,
+    def rsqrt(self, x: Shared, lo: float, hi: float, iters: int | None = None, times: Shared | None = None,
               extra: int = 0, per_octave: int = 16) -> Shared:
         """``1/sqrt(x)`` (``times * 1/sqrt(x)`` with ``times``, broadcast over the last dim) for x in
         [lo, hi] (in fact anywhere in [4^a, 4^b], the powers of four around [lo/2, 2 hi]) at scale
@@ -260,13 +253,10 @@ class LutEngine(Engine):
         if frac > 60 or out < 16:
             raise ValueError(f"rsqrt: [{lo:g}, {hi:g}] is too wide for the ring at {f + extra} fraction bits")
         cs, ss = torch.pow(2.0, Gc - 2 * js).to(torch.int64), torch.pow(2.0, Gs - js).to(torch.int64)
-        force = [("force", times)] if isinstance(times, Poly) else []  # times' truncation, in a round of ours
-        # [x < 4^i] for the inner powers (at least one: b - a >= 2), lazy: their last step rides in the
-        # round of x's products with them
-        bits = self.ltz(_minus_each(x, self.encode(torch.pow(4.0, js[1:]), f + extra)), lazy=True)
+        # [x < 4^i] for the inner powers (at least one: b - a >= 2)
+        bs = self.ltz(_minus_each(x, self.encode(torch.pow(4.0, js[1:]), f + extra)))
         xe = x.map(lambda u: u.reshape(1, -1).expand(b - a - 1, -1).reshape(-1))  # threshold-major, as the bits
-        xb, bs, *tf = self.run([("mul", xe, bits, None), ("force", bits)] + force)
-        times = tf[0] if force else times
+        (xb,) = self.run([("mul", xe, bs, None)])
         m = _interval_const(xb, cs, x.shape, base=self.mul_int(x, int(cs[-1])))  # x 4^-j at 2^frac
         t = dataclasses.replace(lut.TABLES["rsqrt_mantissa"], frac=frac, out_frac=out)
         # rsqrt(m) (at 2^out) times the one-hot 2^-j (at 2^Gs): 1/sqrt(x) at 2^(F+G), no truncation
@@ -278,16 +268,17 @@ class LutEngine(Engine):
 
     def silu_gate(self, x: Shared | LazySum, up: Shared | LazySum) -> Shared:
         x, up = self._value(x), self._value(up)
-        # the bounded clip lets through up to CMP_SLACK more: the table's [-16, 16] then still holds
+        # the bounded clip lets through up to CMP_SLACK more: the table's range then still holds
         t = lut.TABLES["sigmoid"]
         lim = t.hi - self.CMP_SLACK
         xc, (xu,) = self.clip(x, -lim, lim, bounded=True, also=[("mul", x, up, self.f)])
         return self.mul(self.table(xc, t), xu)
 
     def gelu_tanh(self, x: Shared) -> Shared:
-        lim = 8.0 - self.CMP_SLACK
+        t = lut.TABLES["gelu_gate"]
+        lim = t.hi - self.CMP_SLACK
         xc = self.clip(x, -lim, lim, bounded=True)
-        return self.mul(self.table(xc, lut.TABLES["gelu_gate"]), x)
+        return self.mul(self.table(xc, t), x)
 
 
 class IdealLutEngine(IdealEngine, LutEngine):
@@ -307,14 +298,7 @@ class IdealLutEngine(IdealEngine, LutEngine):
         self.stats.rounds += 1
         return self._fresh(bc * bs * torch.as_tensor(c, dtype=torch.int64))
 
-    def table(self, x: Shared, t: lut.Table) -> Shared:
-        self.lookups += x.numel()
-        self.lookup_bytes += x.numel() * sum(t.bytes_per_eval)
-        self.stats.rounds += 1
-
-        def u64(a):
-            return a.contiguous().numpy().view(np.uint64).reshape(-1)
-
-        i = lut.lut_plain_index(t, u64(x.s), u64(x.c))  # the server is the sender (no offset)
+    def _lookup(self, x: Shared, t: lut.Table) -> Shared:
+        i = lut.lut_plain_index(t, ring_words(x.s), ring_words(x.c))  # the server is the sender (no offset)
         v = torch.from_numpy(t.entries()[i].view(np.int64).reshape(x.shape).copy())
         return self._fresh(v)

@@ -196,6 +196,19 @@ class Party:
         return A, B, torch.matmul(A, B) + _t(cross)
 
 
+def ot_provider(engine, what: str) -> "OTProvider":
+    """The engine's OT provider, on whose IKNP extensions ``what`` runs (v3-ot's tables, comparisons
+    and multiplexers; both parties in the same order, so no request message is needed)."""
+    if not isinstance(engine.provider, OTProvider):
+        raise ValueError(f"{what} run on the OT provider's IKNP extensions (--triples ot)")
+    return engine.provider
+
+
+def ring_words(t: torch.Tensor) -> np.ndarray:
+    """A tensor of ring elements as a flat uint64 array (an OT step's input)."""
+    return t.contiguous().numpy().view(np.uint64).reshape(-1)
+
+
 def run_both(fn_client, fn_server):
     """Run the two parties' coroutines over an in-memory stream pair; return both results."""
     out = {}

@@ -231,25 +231,29 @@ class Engine(Compare, Approx):
         """The truncation of ``x`` by ``k`` as a polynomial whose one product (the wrap bit's) is not
         yet done: ``L - 2^(64-k) (mc + ms - mc ms)`` (module docstring). Forcing it is one round; a
         product that takes it as a factor does that product in its own round (protocols/mpc/poly.py)."""
+        L, mc, ms, top = self._trunc_terms(x, k)
+        zero = torch.zeros_like(real(mc, ms))  # a real 0: the other party's share of its own bit
+        # wrap bit w = mc OR ms = mc + ms - mc ms (known MSB 0 of the offset value)
+        return Poly([L, ClientBit(mc, zero), ServerBit(zero.clone(), ms)],
+                    {(0,): 1, (1,): -top, (2,): -top, (1, 2): top}, source=(x, k))
+
+    def _trunc_terms(self, x: Shared, k: int | torch.Tensor):
+        """The truncation of ``x`` by ``k`` as ``L - top (mc + ms - mc ms)`` (module docstring):
+        ``(L, mc, ms, top)`` with L the shifted shares less the offset, mc / ms each party's own MSB
+        (VOID in the other party's engine) and top = 2^(64-k) (an int, or per element)."""
         if not isinstance(k, int):
             k = torch.as_tensor(k, dtype=torch.int64)
-            if k.dim() == 0:
-                k = int(k)
+            k = int(k) if k.dim() == 0 else k
         # the client adds 2^62: the value is now in [0, 2^63) (a party engine on the server adds it to
         # its don't-care c slot only)
         uc = x.c + _OFFSET
         us = x.s
-        mc, ms = _msb(uc), _msb(us)
-        zero = torch.zeros_like(real(mc, ms))  # a real 0: the other party's share of its own bit
         if isinstance(k, int):
             top, off = ring_int(1 << (64 - k)), 1 << (62 - k)
         else:
             top = torch.bitwise_left_shift(torch.ones_like(k), 64 - k)
             off = torch.bitwise_left_shift(torch.ones_like(k), 62 - k)
-        L = Shared(_lsr(uc, k) - off, _lsr(us, k))
-        # wrap bit w = mc OR ms = mc + ms - mc ms (known MSB 0 of the offset value)
-        return Poly([L, ClientBit(mc, zero), ServerBit(zero.clone(), ms)],
-                    {(0,): 1, (1,): -top, (2,): -top, (1, 2): top}, source=(x, k))
+        return Shared(_lsr(uc, k) - off, _lsr(us, k)), _msb(uc), _msb(us), top
 
     def add_public(self, x: Shared | Poly, v: torch.Tensor | float) -> Shared | Poly:
         v = self.encode(torch.as_tensor(v))

@@ -82,7 +82,7 @@ import torch
 
 from ..ot import nofn, prims
 from ..ot.iknp import IknpReceiver, IknpSender
-from .beaver_ot import OTProvider
+from .beaver_ot import ot_provider, ring_words
 from .shares import Shared
 
 FRAC_BITS = 20
@@ -237,21 +237,16 @@ def on_shares(engine, x, table: Table):
     of the engine's OT provider (``--triples ot``: beaver_ot's parties, over the session channel
     when networked, in memory in the simulator), in the same order on both sides like its triples,
     so no request message is needed. One round for the whole tensor."""
-    p = engine.provider
-    if not isinstance(p, OTProvider):
-        raise ValueError("table lookups run on the OT provider's IKNP extensions (--triples ot)")
-
-    def u64(t):
-        return t.contiguous().numpy().view(np.uint64).reshape(-1)
+    p = ot_provider(engine, "table lookups")
 
     def ring(a):
         return torch.from_numpy(a.view(np.int64).reshape(x.shape))
 
     async def client(ch):
-        return (ring(await lut_recv(ch, p.client.receiver, table, u64(x.c))),)
+        return (ring(await lut_recv(ch, p.client.receiver, table, ring_words(x.c))),)
 
     async def server(ch):
-        return (ring(await lut_send(ch, p.server.sender, table, u64(x.s))),)
+        return (ring(await lut_send(ch, p.server.sender, table, ring_words(x.s))),)
 
     (c,), (s,) = p._run(client, server)  # a party gets VOID for the other's
     return Shared(c, s)

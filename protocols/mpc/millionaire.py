@@ -60,7 +60,7 @@ import torch
 
 from ..ot import nofn, prims
 from ..ot.iknp import IknpReceiver, IknpSender
-from .beaver_ot import OTProvider
+from .beaver_ot import OTProvider, ot_provider, ring_words
 from .shares import Shared, cat
 from .void import real
 
@@ -179,22 +179,17 @@ def sum_bit(engine, xc: torch.Tensor, xs: torch.Tensor, p: int, m: int = DIGIT_B
 
     if p < 1:  # nothing carries into bit 0
         return bit_p(xc), bit_p(xs)
-    prov = engine.provider
-    if not isinstance(prov, OTProvider):
-        raise ValueError("the millionaires' comparisons run on the OT provider's IKNP extensions (--triples ot)")
+    prov = ot_provider(engine, "the millionaires' comparisons")
     shape = real(xc, xs).shape
-
-    def u64(t):
-        return t.contiguous().numpy().view(np.uint64).reshape(-1)
 
     def ring(a):
         return torch.from_numpy(a.astype(np.int64))
 
     async def client(ch):
-        return tuple(map(ring, await choose(ch, prov.client.receiver, u64(xc), p, m)))
+        return tuple(map(ring, await choose(ch, prov.client.receiver, ring_words(xc), p, m)))
 
     async def server(ch):  # y = 2^p - 1 - (xs mod 2^p) = ~xs mod 2^p
-        return tuple(map(ring, await offer(ch, prov.server.sender, ~u64(xs), p, m)))
+        return tuple(map(ring, await offer(ch, prov.server.sender, ~ring_words(xs), p, m)))
 
     (lc, ec), (ls, es) = prov._run(client, server)  # a party gets VOID for the other's
     engine.stats.rounds += 1  # the OT: IKNP columns to the server, its tables back

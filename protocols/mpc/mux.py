@@ -32,13 +32,9 @@ import torch
 
 from ..ot import nofn
 from . import lut
-from .beaver_ot import OTProvider
+from .beaver_ot import ot_provider, ring_words
 from .shares import Shared
 from .void import real
-
-
-def _u64(t: torch.Tensor) -> np.ndarray:
-    return t.contiguous().numpy().view(np.uint64).reshape(-1)
 
 
 async def offer(ch, sender, x: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -57,21 +53,19 @@ async def choose(ch, receiver, b: np.ndarray) -> np.ndarray:
 def on_shares(engine, x: Shared, bc: torch.Tensor, bs: torch.Tensor) -> Shared:
     """``(bc XOR bs) x`` as a :class:`Shared`, on the engine's OT provider (both parties' IKNP
     extensions, in the same order on both sides like lut.on_shares: no request message)."""
-    p = engine.provider
-    if not isinstance(p, OTProvider):
-        raise ValueError("the OT multiplexer runs on the OT provider's IKNP extensions (--triples ot)")
+    p = ot_provider(engine, "the OT multiplexer's OTs")
     engine.stats.rounds += 2
 
     async def client(ch):
-        bits = _u64(bc) & np.uint64(1)
-        r_c = await offer(ch, p.client.sender, _u64(x.c), bits)
+        bits = ring_words(bc) & np.uint64(1)
+        r_c = await offer(ch, p.client.sender, ring_words(x.c), bits)
         got = await choose(ch, p.client.receiver, bits)
         return (torch.from_numpy((r_c + got).view(np.int64)).reshape(x.shape),)
 
     async def server(ch):
-        bits = _u64(bs) & np.uint64(1)
+        bits = ring_words(bs) & np.uint64(1)
         got = await choose(ch, p.server.receiver, bits)
-        r_s = await offer(ch, p.server.sender, _u64(x.s), bits)
+        r_s = await offer(ch, p.server.sender, ring_words(x.s), bits)
         return (torch.from_numpy((got + r_s).view(np.int64)).reshape(x.shape),)
 
     (c,), (s,) = p._run(client, server)
@@ -81,19 +75,17 @@ def on_shares(engine, x: Shared, bc: torch.Tensor, bs: torch.Tensor) -> Shared:
 def bit_product(engine, bc: torch.Tensor, bs: torch.Tensor, c) -> Shared:
     """``bc bs c`` as a :class:`Shared` (bc the client's 0/1 tensor, bs the server's, c a public
     int or int64 tensor broadcast to their shape) by one correlated OT per element."""
-    p = engine.provider
-    if not isinstance(p, OTProvider):
-        raise ValueError("the OT bit product runs on the OT provider's IKNP extensions (--triples ot)")
+    p = ot_provider(engine, "the OT bit products")
     shape = real(bc, bs).shape
     engine.stats.rounds += 1
 
     async def client(ch):
-        y = await p.client.receiver.correlated(ch, (_u64(bc) & np.uint64(1)).astype(np.uint8))
+        y = await p.client.receiver.correlated(ch, (ring_words(bc) & np.uint64(1)).astype(np.uint8))
         return (torch.from_numpy(y.view(np.int64)).reshape(shape),)
 
     async def server(ch):
         cs = torch.as_tensor(c, dtype=torch.int64).expand(shape)
-        delta = (_u64(bs) & np.uint64(1)) * _u64(cs)
+        delta = (ring_words(bs) & np.uint64(1)) * ring_words(cs)
         x = await p.server.sender.correlated(ch, delta)
         return (torch.from_numpy((-x).view(np.int64)).reshape(shape),)
 
